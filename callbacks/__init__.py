@@ -1,0 +1,3 @@
+"""Lightning callbacks of skillbank, installed as ``skillbank.callbacks``."""
+
+__all__: list[str] = []

@@ -1,0 +1,84 @@
+"""Crash-safe file writes and an inter-process write lock (POSIX)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from skillbank.errors import BankError, BankLockedError
+
+__all__ = ["TMP_PREFIX", "atomic_write", "exclusive_lock", "fsync_dir"]
+
+#: Temporary files in a bank start with this; a writer holding the lock removes
+#: leftovers of crashed writers.
+TMP_PREFIX = ".tmp-"
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one.
+
+    Temporary file in the same directory, fsync, rename over ``path``, fsync the
+    directory.
+    """
+    tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}"
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+@contextmanager
+def exclusive_lock(lock_path: Path, timeout: float = 60.0) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if missing) for the block.
+
+    The kernel drops the lock when its holder dies, so a crashed writer never
+    wedges the bank.
+    """
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError as exc:
+        raise BankError(
+            f"cannot write to {lock_path.parent}: permission denied (read-only bank). "
+            "Reading still works; to add or remove skills, use a writable copy of the bank."
+        ) from exc
+    except OSError as exc:
+        if exc.errno == errno.EROFS:
+            raise BankError(f"{lock_path.parent} is on a read-only file system; copy the bank elsewhere to write.") from exc
+        raise
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise BankLockedError(
+                        f"another process has held the write lock {lock_path} for over {timeout:.0f}s; "
+                        "wait for it to finish, or raise lock_timeout."
+                    ) from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,46 @@
+"""The errors skillbank raises: each says what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BankError",
+    "BaseMismatchError",
+    "BankLockedError",
+    "SkillFileError",
+    "SkillbankError",
+    "SkillNameError",
+    "StitchError",
+    "TaskVectorError",
+]
+
+
+class SkillbankError(ValueError):
+    """Base class of every error skillbank raises on bad input."""
+
+
+class TaskVectorError(SkillbankError):
+    """The base and finetuned weights cannot form a valid task vector."""
+
+
+class BaseMismatchError(SkillbankError):
+    """A skill, model or bank comes from a different base model."""
+
+
+class SkillFileError(SkillbankError):
+    """A skill file is corrupted, truncated, not a skill, or from a newer format."""
+
+
+class SkillNameError(SkillbankError):
+    """A skill name is unsafe, unknown, or already taken."""
+
+
+class BankError(SkillbankError):
+    """The bank directory cannot be opened or written."""
+
+
+class BankLockedError(BankError):
+    """Another process holds the bank's write lock for too long."""
+
+
+class StitchError(SkillbankError):
+    """A skill cannot be stitched onto (or removed from) the model."""

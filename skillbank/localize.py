@@ -1,0 +1,81 @@
+"""Dataless localization: a skill is the global top-k of ``|τ|`` over the shared parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from skillbank.errors import TaskVectorError
+from skillbank.skill import VALUE_DTYPES, Region, Skill, SkillMetadata
+from skillbank.sparse import check_sparsity, global_topk, num_selected
+from skillbank.task_vector import TaskVector, matches
+
+__all__ = ["localize_dataless", "skill_from_mask"]
+
+
+def skill_from_mask(
+    tv: TaskVector,
+    indices: Mapping[str, Tensor],
+    *,
+    name: str,
+    sparsity: float,
+    method: str,
+    task: str = "",
+    settings: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    source: Mapping[str, Any] | None = None,
+    value_dtype: str = "float32",
+) -> Skill:
+    """Build a :class:`Skill` from a task vector and chosen flat ``indices`` per parameter."""
+    if value_dtype not in VALUE_DTYPES:
+        raise TaskVectorError(f"value_dtype must be one of {sorted(VALUE_DTYPES)}, got {value_dtype!r}.")
+    empty = torch.empty(0, dtype=torch.int64)
+    regions = {}
+    for pname, tau in tv.shared.items():
+        idx = indices.get(pname, empty).to("cpu", torch.int64)
+        regions[pname] = Region(idx, tau.reshape(-1)[idx.to(tau.device)].to("cpu", torch.float32))
+    metadata = SkillMetadata(
+        name=name,
+        base_fingerprint=tv.base_fingerprint,
+        sparsity=sparsity,
+        shapes={p: list(t.shape) for p, t in tv.shared.items()},
+        task=task or name,
+        method=method,
+        settings=dict(settings or {}),
+        metrics=dict(metrics or {}),
+        source=dict(source or {}),
+        value_dtype=value_dtype,
+    )
+    return Skill(metadata=metadata, regions=regions, head={k: v.to("cpu") for k, v in tv.head.items()})
+
+
+def localize_dataless(
+    tv: TaskVector,
+    sparsity: float = 0.01,
+    *,
+    name: str,
+    exclude: Sequence[str] = (),
+    **skill_fields: Any,
+) -> Skill:
+    """The dataless mask: the top ``ceil(s·P)`` entries of ``|τ|`` over all shared parameters.
+
+    Args:
+        tv: the task vector.
+        sparsity: fraction ``s`` in (0, 1] of the eligible entries to keep.
+        name: the skill's name.
+        exclude: regexes of parameter names never selected (e.g. ``"embeddings"``);
+            ``P`` counts only the eligible entries.
+        **skill_fields: ``task``, ``metrics``, ``source``, ``value_dtype``, as in
+            :func:`skill_from_mask`.
+    """
+    check_sparsity(sparsity)
+    eligible = {p: t.abs() for p, t in tv.shared.items() if not matches(p, exclude)}
+    if not eligible:
+        raise TaskVectorError(f"exclude={list(exclude)} leaves no shared parameter to localize.")
+    k = num_selected(sparsity, sum(t.numel() for t in eligible.values()))
+    indices = global_topk(eligible, k)
+    settings = {"k": k, "exclude": list(exclude), "tie_break": "earliest position"}
+    return skill_from_mask(tv, indices, name=name, sparsity=sparsity, method="dataless", settings=settings, **skill_fields)

@@ -1,0 +1,186 @@
+"""A ``Skill``: one task's sparse region of the base model, its dense head, and metadata.
+
+On disk a skill is one safetensors file: per shared parameter with a non-empty
+region, its sorted flat indices (compact code, see :mod:`skillbank.sparse`) and
+the task-vector values there; the head tensors; and a JSON metadata header.
+Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from skillbank.errors import SkillFileError
+from skillbank.sparse import decode_indices, encode_indices
+
+__all__ = ["FORMAT_VERSION", "Region", "Skill", "SkillMetadata", "VALUE_DTYPES"]
+
+#: Version of the skill file and manifest layout this release writes and reads.
+FORMAT_VERSION = 1
+_HEADER_KEY = "skillbank"
+#: Value dtypes a skill may store its task-vector entries in.
+VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Region:
+    """A skill's entries in one parameter: ascending flat ``indices`` and τ ``values`` there."""
+
+    indices: Tensor
+    values: Tensor
+
+    def __len__(self) -> int:
+        return self.indices.numel()
+
+
+@dataclass
+class SkillMetadata:
+    """What a skill is and how it was made; round-trips through JSON.
+
+    ``shapes`` lists every shared parameter (base names) the skill was
+    localized over, also those where its region is empty: the base
+    fingerprint covers exactly these.
+    """
+
+    name: str
+    base_fingerprint: str
+    sparsity: float
+    shapes: dict[str, list[int]]
+    task: str = ""
+    method: str = "dataless"
+    settings: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    value_dtype: str = "float32"
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        """Serialize to a JSON string."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> SkillMetadata:
+        """Parse :meth:`to_json` output, refusing newer formats."""
+        data = json.loads(text)
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise SkillFileError(
+                f"skill format version {version!r} is newer than this skillbank reads ({FORMAT_VERSION}); "
+                "upgrade skillbank (pip install -U skillbank)."
+            )
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class Skill:
+    """One task's skill: sparse regions (base names), dense head (finetuned names), metadata."""
+
+    metadata: SkillMetadata
+    regions: dict[str, Region]
+    head: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The skill's unique name in a bank."""
+        return self.metadata.name
+
+    @property
+    def num_entries(self) -> int:
+        """How many task-vector entries the skill carries (``k``)."""
+        return sum(len(r) for r in self.regions.values())
+
+    @property
+    def num_shared(self) -> int:
+        """How many entries its shared parameters hold (``P``)."""
+        return sum(math.prod(s) for s in self.metadata.shapes.values())
+
+    def to_bytes(self) -> bytes:
+        """Serialize to safetensors bytes (values in ``metadata.value_dtype``)."""
+        value_dtype = VALUE_DTYPES[self.metadata.value_dtype]
+        tensors: dict[str, Tensor] = {}
+        for name, region in self.regions.items():
+            if not len(region):
+                continue
+            numel = math.prod(self.metadata.shapes[name])
+            for part, code in encode_indices(region.indices, numel).items():
+                tensors[f"region/{name}/{part}"] = code.contiguous()
+            tensors[f"region/{name}/val"] = region.values.detach().to("cpu", value_dtype).contiguous()
+        for name, tensor in self.head.items():
+            tensors[f"head/{name}"] = tensor.detach().to("cpu").contiguous().clone()
+        return st_save(tensors, metadata={_HEADER_KEY: self.metadata.to_json()})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, origin: str = "skill") -> Skill:
+        """Parse safetensors bytes written by :meth:`to_bytes`.
+
+        Raises:
+            SkillFileError: naming ``origin``, when the bytes are not a valid
+                safetensors file, not a skill, or from a newer format.
+        """
+        try:
+            tensors = st_load(data)
+            header = _read_header(data)
+        except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
+            raise SkillFileError(f"{origin} is not a readable safetensors file ({exc}); it is truncated or corrupted.") from exc
+        if _HEADER_KEY not in header:
+            raise SkillFileError(f"{origin} is a safetensors file but not a skill (no {_HEADER_KEY!r} metadata).")
+        try:
+            metadata = SkillMetadata.from_json(header[_HEADER_KEY])
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise SkillFileError(f"{origin} has an unreadable skill header ({exc}).") from exc
+        parts: dict[str, dict[str, Tensor]] = {}
+        head: dict[str, Tensor] = {}
+        for key, tensor in tensors.items():
+            kind, _, rest = key.partition("/")
+            if kind == "head":
+                head[rest] = tensor
+            elif kind == "region":
+                name, _, part = rest.rpartition("/")
+                parts.setdefault(name, {})[part] = tensor
+            else:
+                raise SkillFileError(f"{origin} holds an unexpected tensor {key!r}.")
+        regions = {}
+        for name, shape in metadata.shapes.items():
+            codes = parts.pop(name, None)
+            if codes is None:
+                regions[name] = Region(torch.empty(0, dtype=torch.int64), torch.empty(0))
+                continue
+            values = codes.pop("val", None)
+            try:
+                indices = decode_indices(codes, math.prod(shape))
+            except ValueError as exc:
+                raise SkillFileError(f"{origin}: region {name!r} is damaged: {exc}") from exc
+            if values is None or values.numel() != indices.numel():
+                raise SkillFileError(f"{origin}: region {name!r} has {indices.numel()} indices but no matching values.")
+            regions[name] = Region(indices, values.float())
+        if parts:
+            raise SkillFileError(f"{origin} has regions for parameters its header does not list: {sorted(parts)[:5]}.")
+        return cls(metadata=metadata, regions=regions, head=head)
+
+    def save(self, path: str | Path) -> None:
+        """Write the skill to ``path`` (not atomic; a :class:`SkillBank` writes atomically)."""
+        Path(path).write_bytes(self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Skill:
+        """Read a skill file written by :meth:`save`."""
+        return cls.from_bytes(Path(path).read_bytes(), origin=str(path))
+
+
+def _read_header(data: bytes) -> dict[str, str]:
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length].decode("utf-8"))
+    return header.get("__metadata__", {}) or {}

@@ -1,0 +1,99 @@
+"""Task vectors: a finetuned model split against its base into shared deltas and a head."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from skillbank.errors import TaskVectorError
+from skillbank.weights import WeightsSource, align_names, base_fingerprint, is_float, load_state_dict
+
+__all__ = ["TaskVector", "matches", "task_vector"]
+
+
+@dataclass
+class TaskVector:
+    """``τ = θ_ft − θ_pre`` over the shared parameters, plus the dense head.
+
+    Attributes:
+        shared: ``{base name: τ}`` in float32, for every floating-point tensor the
+            base and the finetuned model both hold with the same shape.
+        head: ``{finetuned name: tensor}``: everything else the finetuned model
+            holds (a new classifier, resized embeddings), kept dense.
+        base_fingerprint: identifies the base over the shared parameters.
+        names: ``{base name: finetuned name}`` for the shared parameters.
+    """
+
+    shared: dict[str, Tensor]
+    head: dict[str, Tensor]
+    base_fingerprint: str
+    names: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_shared(self) -> int:
+        """How many scalar entries the shared parameters hold (``P``)."""
+        return sum(t.numel() for t in self.shared.values())
+
+
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """Whether ``name`` matches any of the regexes ``patterns``."""
+    return any(re.search(p, name) for p in patterns)
+
+
+def _check_finite(tensors: dict[str, Tensor], what: str) -> None:
+    for name, tensor in tensors.items():
+        bad = ~torch.isfinite(tensor)
+        if bool(bad.any()):
+            raise TaskVectorError(
+                f"{what} {name!r} has {int(bad.sum())} NaN/Inf entries; the finetune diverged "
+                "or the checkpoint is damaged. Re-run or pick an earlier checkpoint."
+            )
+
+
+def task_vector(
+    base: WeightsSource,
+    finetuned: WeightsSource,
+    *,
+    head_patterns: Sequence[str] = (),
+) -> TaskVector:
+    """Split ``finetuned`` against ``base``.
+
+    Args:
+        base: the pretrained weights (folder, file, module or state dict).
+        finetuned: the finetuned weights, named like the base or with a wrapper
+            prefix (``bert.``); the prefix is found automatically.
+        head_patterns: regexes of shared names to treat as head anyway (e.g. a
+            classifier both models have but that is task specific).
+
+    Raises:
+        TaskVectorError: no shared floating-point parameters, or NaN/Inf values.
+    """
+    base_state = {k: v for k, v in load_state_dict(base).items() if is_float(v)}
+    ft_state = {k: v for k, v in load_state_dict(finetuned).items() if is_float(v)}
+    names = align_names(base_state, ft_state)
+    shared_names = {
+        b: f
+        for b, f in names.items()
+        if base_state[b].shape == ft_state[f].shape and not matches(b, head_patterns) and not matches(f, head_patterns)
+    }
+    if not shared_names:
+        raise TaskVectorError(
+            "the base and finetuned models share no floating-point parameter with the same name and shape "
+            f"(base has e.g. {sorted(base_state)[:3]}, finetuned has e.g. {sorted(ft_state)[:3]}); "
+            "is this the base the model was finetuned from?"
+        )
+    used = set(shared_names.values())
+    shared = {b: ft_state[f].detach().float() - base_state[b].detach().float() for b, f in shared_names.items()}
+    head = {f: t.detach() for f, t in ft_state.items() if f not in used}
+    _check_finite(shared, "task vector of")
+    _check_finite(head, "head tensor")
+    return TaskVector(
+        shared=shared,
+        head=head,
+        base_fingerprint=base_fingerprint(base_state, shared),
+        names=shared_names,
+    )
