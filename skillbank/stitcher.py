@@ -70,10 +70,9 @@ class _Union:
         self.total[slots] -= values.double()
         self.count[slots] -= 1
         count = self.count[slots]
-        empty = count == 0
-        self.total[slots[empty]] = 0.0
-        merged = (self.base[slots].double() + self.total[slots] / count.clamp(min=1)).to(flat.dtype)
-        flat[idx] = torch.where(empty, self.base[slots], merged)
+        # An uncovered entry's sum is reset to exactly 0, so base + 0 restores the base bit for bit.
+        self.total[slots[count == 0]] = 0.0
+        flat[idx] = (self.base[slots].double() + self.total[slots] / count.clamp(min=1)).to(flat.dtype)
 
     def covered(self) -> int:
         return int((self.count[: self.size] > 0).sum())

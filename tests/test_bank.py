@@ -1,0 +1,175 @@
+"""SkillBank: registry operations, durability rules and bad input."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import stat
+
+import pytest
+import torch
+
+from conftest import make_skill, tiny_config
+from skillbank import BankError, BaseMismatchError, SkillBank, SkillFileError, SkillNameError
+from transformers import BertModel
+
+
+def test_add_get_list_remove_verify(tmp_path, base_model):
+    bank = SkillBank(tmp_path / "bank")
+    skills = [make_skill(base_model, f"t{i}", seed=i) for i in range(3)]
+    entries = [bank.add(s) for s in skills]
+    assert bank.names() == ["t0", "t1", "t2"] and len(bank) == 3 and "t1" in bank
+    assert entries[0].entries == skills[0].num_entries and entries[0].sha256
+    reopened = SkillBank(tmp_path / "bank", create=False)
+    got = reopened.get("t1")
+    for name, region in skills[1].regions.items():
+        assert torch.equal(got.regions[name].indices, region.indices)
+    assert reopened.verify() == {"t0": "ok", "t1": "ok", "t2": "ok"}
+    reopened.remove("t1")
+    assert bank.names() == ["t0", "t2"]
+    assert not (tmp_path / "bank" / "t1.safetensors").exists()
+    assert bank.base_fingerprint == skills[0].metadata.base_fingerprint
+
+
+def test_duplicate_and_unknown_names(tmp_path, base_model):
+    bank = SkillBank(tmp_path)
+    bank.add(make_skill(base_model, "t", seed=1))
+    with pytest.raises(SkillNameError, match="already in"):
+        bank.add(make_skill(base_model, "t", seed=2))
+    with pytest.raises(SkillNameError, match=r"no skill named 'nope'.*\['t'\]"):
+        bank.get("nope")
+    with pytest.raises(SkillNameError, match="no skill named"):
+        bank.remove("nope")
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "", ".hidden", "has space", "x" * 200])
+def test_unsafe_names_are_refused(tmp_path, base_model, name):
+    with pytest.raises(SkillNameError, match="invalid skill name"):
+        SkillBank(tmp_path).add(make_skill(base_model, name, seed=1))
+    assert not any(p.suffix == ".safetensors" for p in tmp_path.rglob("*"))
+
+
+def test_skill_from_another_base_is_refused(tmp_path, base_model):
+    bank = SkillBank(tmp_path)
+    bank.add(make_skill(base_model, "t", seed=1))
+    torch.manual_seed(99)
+    other = BertModel(tiny_config()).eval()
+    with pytest.raises(BaseMismatchError, match="another base"):
+        bank.add(make_skill(other, "alien", seed=1))
+    assert bank.names() == ["t"]
+
+
+def test_nan_and_empty_skills_are_refused(tmp_path, base_model):
+    skill = make_skill(base_model, "t", seed=1)
+    name = next(n for n, r in skill.regions.items() if len(r))
+    skill.regions[name].values[0] = float("nan")
+    with pytest.raises(SkillFileError, match="NaN"):
+        SkillBank(tmp_path).add(skill)
+    empty = make_skill(base_model, "e", seed=1)
+    for region in empty.regions.values():
+        region.indices, region.values = region.indices[:0], region.values[:0]
+    with pytest.raises(SkillFileError, match="empty mask"):
+        SkillBank(tmp_path).add(empty)
+
+
+def test_bank_path_that_is_a_file(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(BankError, match="is a file"):
+        SkillBank(path)
+
+
+def test_non_bank_directory_is_not_clobbered(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(BankError, match="not a skill bank"):
+        SkillBank(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_missing_bank_without_create(tmp_path):
+    with pytest.raises(BankError, match="no skill bank"):
+        SkillBank(tmp_path / "none", create=False)
+
+
+def test_read_only_bank_reads_but_refuses_writes(tmp_path, base_model):
+    bank = SkillBank(tmp_path / "bank")
+    bank.add(make_skill(base_model, "t", seed=1))
+    mode = (tmp_path / "bank").stat().st_mode
+    os.chmod(tmp_path / "bank", stat.S_IREAD | stat.S_IEXEC)
+    try:
+        ro = SkillBank(tmp_path / "bank")
+        assert ro.get("t").name == "t" and ro.verify() == {"t": "ok"}
+        with pytest.raises(BankError, match="read-only"):
+            ro.add(make_skill(base_model, "u", seed=2))
+        with pytest.raises(BankError, match="read-only"):
+            ro.remove("t")
+        assert ro.names() == ["t"]
+    finally:
+        os.chmod(tmp_path / "bank", mode)
+
+
+def test_corrupted_and_truncated_skill_files_are_named(tmp_path, base_model):
+    bank = SkillBank(tmp_path)
+    for i in range(3):
+        bank.add(make_skill(base_model, f"t{i}", seed=i))
+    data = bytearray((tmp_path / "t1.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "t1.safetensors").write_bytes(bytes(data))
+    raw = (tmp_path / "t2.safetensors").read_bytes()
+    (tmp_path / "t2.safetensors").write_bytes(raw[:-10])
+    with pytest.raises(SkillFileError, match="t1.*sha256"):
+        bank.get("t1")
+    with pytest.raises(SkillFileError, match="t2.*truncated"):
+        bank.get("t2")
+    report = bank.verify()
+    assert report["t0"] == "ok" and "sha256" in report["t1"] and "truncated" in report["t2"]
+    assert bank.get("t0").name == "t0"
+
+
+def test_damaged_or_newer_manifest_is_refused(tmp_path, base_model):
+    bank = SkillBank(tmp_path)
+    bank.add(make_skill(base_model, "t", seed=1))
+    manifest = tmp_path / "manifest.json"
+    good = manifest.read_bytes()
+    manifest.write_bytes(good.replace(b'"t"', b'"u"', 1))
+    with pytest.raises(BankError, match="checksum"):
+        SkillBank(tmp_path)
+    manifest.write_bytes(good[:-20])
+    with pytest.raises(BankError, match="not valid JSON"):
+        SkillBank(tmp_path)
+    body = json.loads(good)
+    body["format_version"] = 7
+    manifest.write_text(json.dumps(body))
+    with pytest.raises(BankError, match="newer.*upgrade"):
+        SkillBank(tmp_path)
+
+
+def test_leftover_temporary_files_are_cleaned_on_open(tmp_path, base_model):
+    bank = SkillBank(tmp_path)
+    bank.add(make_skill(base_model, "t", seed=1))
+    (tmp_path / ".tmp-deadbeef-x.safetensors").write_bytes(b"half a skill")
+    SkillBank(tmp_path)
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert SkillBank(tmp_path).verify() == {"t": "ok"}
+
+
+def _writer(path: str, worker: int, count: int) -> None:
+    torch.manual_seed(0)
+    base = BertModel(tiny_config()).eval()
+    bank = SkillBank(path)
+    for i in range(count):
+        bank.add(make_skill(base, f"w{worker}-{i}", seed=worker * 100 + i))
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), w, 4)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    bank = SkillBank(tmp_path)
+    assert sorted(bank.names()) == sorted(f"w{w}-{i}" for w in range(3) for i in range(4))
+    assert set(bank.verify().values()) == {"ok"}
