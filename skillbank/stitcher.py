@@ -95,8 +95,8 @@ class Stitcher:
     """Stitches skills onto ``model`` in place, one at a time, in any order.
 
     Args:
-        model: the live model, holding the base weights when the stitcher is
-            made. It may wrap the base (``BertForSequenceClassification`` over a
+        model: the live model (or a ``{name: tensor}`` mapping, written in
+            place), holding the base weights when the stitcher is made. It may wrap the base (``BertForSequenceClassification`` over a
             ``BertModel`` base): names are matched automatically.
         base: optional base weights (folder, file, module or state dict). When
             given, the model is checked against them now, and skills are
@@ -122,10 +122,13 @@ class Stitcher:
     [0.0, 6.0, 0.0, 1.0]
     """
 
-    def __init__(self, model: nn.Module, base: WeightsSource | None = None, *, bank: SkillBank | None = None) -> None:
+    def __init__(
+        self, model: nn.Module | Mapping[str, Tensor], base: WeightsSource | None = None, *, bank: SkillBank | None = None
+    ) -> None:
         self.model = model
         self.bank = bank
-        self._tensors = {k: v for k, v in model.state_dict(keep_vars=True).items() if v.is_floating_point()}
+        tensors = model.state_dict(keep_vars=True) if isinstance(model, nn.Module) else model
+        self._tensors = {k: v for k, v in tensors.items() if v.is_floating_point()}
         self._digests: dict[str, str] = {}
         self._unions: dict[str, _Union] = {}
         self._stitched: dict[str, _Stitched] = {}
@@ -205,6 +208,8 @@ class Stitcher:
         """Context manager: the model with skill ``name``'s head swapped in."""
         if name not in self._stitched:
             raise StitchError(f"skill {name!r} is not stitched, so its head is not available.")
+        if not isinstance(self.model, nn.Module):
+            raise StitchError("heads can be swapped into an nn.Module only, not into a state dict.")
         return use_head(self.model, self._stitched[name].head)
 
     # -- internals ---------------------------------------------------------

@@ -1,0 +1,87 @@
+"""Write a stitched model to disk as a Hugging Face folder, heads and model card beside it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from skillbank.bank import SkillBank
+from skillbank.errors import SkillbankError
+from skillbank.stitcher import Stitcher
+
+__all__ = ["load_base_model", "stitch_to_folder"]
+
+
+def load_base_model(base: str | Path) -> nn.Module:
+    """Load a ``save_pretrained`` folder with the architecture its config names (``AutoModel`` otherwise)."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    config = transformers.AutoConfig.from_pretrained(base)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    return (cls or transformers.AutoModel).from_pretrained(base).eval()
+
+
+def _model_card(bank: SkillBank, names: Sequence[str], base: str | Path) -> str:
+    lines = [
+        "---", "library_name: transformers", "tags: [skillbank, localize-and-stitch, model-merging]", "---", "",
+        "# Stitched model", "",
+        f"Base model `{base}` with {len(names)} skills from the skillbank bank `{bank.path}` stitched on:",
+        "θ = θ_pre + Σ_i γ'_i ⊙ τ_i (where skills overlap, their task-vector entries are averaged).", "",
+        "| skill | task | method | sparsity | entries | source |", "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in names:
+        e = bank.entry(name)
+        lines.append(f"| {e.name} | {e.task} | {e.method} | {e.sparsity:g} | {e.entries:,} | {e.file} |")
+    lines += ["", "Each skill's task head is in `heads/<skill>.safetensors`, named as in its finetuned model.", ""]
+    return "\n".join(lines)
+
+
+def stitch_to_folder(
+    base: str | Path,
+    bank: SkillBank,
+    names: Sequence[str],
+    out: str | Path,
+    progress: Callable[[Iterable[str]], Iterable[str]] = lambda it: it,
+) -> Path:
+    """Stitch ``names`` from ``bank`` onto ``base`` and write the result to ``out``.
+
+    ``base`` is a ``save_pretrained`` folder (``out`` is then a folder that
+    ``AutoModel.from_pretrained`` loads) or a ``.safetensors`` file (``out``
+    then holds ``model.safetensors``). Every name is checked before anything
+    is written.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SkillbankError(f"--out {out} already exists and is not an empty directory; pick a new folder.")
+    if not names:
+        raise SkillbankError(f"no skills to stitch: {bank.path} is empty.")
+    if len(set(names)) != len(names):
+        raise SkillbankError(f"skill names repeat in {list(names)}.")
+    for name in names:
+        bank.entry(name)
+    base_path = Path(base)
+    if base_path.is_dir():
+        model: nn.Module | dict = load_base_model(base_path)
+        stitcher = Stitcher(model, base_path, bank=bank)
+    else:
+        model = load_file(str(base_path))
+        stitcher = Stitcher(model, bank=bank)
+    for name in progress(names):
+        stitcher.add(name)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, nn.Module):
+        model.save_pretrained(out)
+    else:
+        save_file({k: v.contiguous() for k, v in model.items()}, str(out / "model.safetensors"))
+    (out / "heads").mkdir(exist_ok=True)
+    for name, head in stitcher.heads.items():
+        if head:
+            save_file({k: v.contiguous().clone() for k, v in head.items()}, str(out / "heads" / f"{name}.safetensors"))
+    (out / "README.md").write_text(_model_card(bank, names, base))
+    return out

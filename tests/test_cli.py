@@ -1,0 +1,106 @@
+"""The skillbank command line, driven as a user would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+from conftest import finetune_like, live_copy
+from skillbank import SkillBank, Stitcher
+from skillbank.cli import main
+
+
+@pytest.fixture
+def folders(tmp_path, base_model):
+    base_model.save_pretrained(tmp_path / "base")
+    for i in range(2):
+        finetune_like(base_model, seed=i, num_labels=2 + i).save_pretrained(tmp_path / f"ft{i}")
+    return tmp_path
+
+
+def test_localize_list_show_verify_stitch_remove(folders, base_model, capsys):
+    bank = folders / "bank"
+    for i in range(2):
+        assert main(["localize", "--base", str(folders / "base"), "--finetuned", str(folders / f"ft{i}"),
+                     "--bank", str(bank), "--name", f"t{i}", "--sparsity", "0.02"]) == 0
+    assert "added 't1'" in capsys.readouterr().out
+    assert main(["list", str(bank)]) == 0
+    out = capsys.readouterr().out
+    assert "t0" in out and "t1" in out and "dataless" in out
+    assert main(["show", str(bank), "t1"]) == 0
+    out = capsys.readouterr().out
+    assert "classifier.weight" in out and "sparsity" in out
+    assert main(["verify", str(bank)]) == 0
+    assert "all 2 skills ok" in capsys.readouterr().out
+
+    assert main(["stitch", "--base", str(folders / "base"), "--bank", str(bank), "--out", str(folders / "out")]) == 0
+    reloaded = AutoModel.from_pretrained(folders / "out").eval()
+    live = live_copy(base_model)
+    stitcher = Stitcher(live, bank=SkillBank(bank))
+    stitcher.add("t0")
+    stitcher.add("t1")
+    ids = torch.tensor([[1, 4, 9, 16, 25]])
+    torch.testing.assert_close(reloaded(ids).last_hidden_state, live.bert(ids).last_hidden_state, rtol=0, atol=0)
+    head = load_file(folders / "out" / "heads" / "t1.safetensors")
+    assert head["classifier.weight"].shape == (3, 16)
+    assert "| t0 |" in (folders / "out" / "README.md").read_text()
+
+    assert main(["remove", str(bank), "t0"]) == 0
+    assert SkillBank(bank).names() == ["t1"]
+
+
+def test_stitch_a_subset_from_a_safetensors_file(folders, capsys):
+    bank = folders / "bank"
+    for i in range(2):
+        main(["localize", "--base", str(folders / "base"), "--finetuned", str(folders / f"ft{i}"), "--bank", str(bank), "--name", f"t{i}"])
+    assert main(["stitch", "--base", str(folders / "base" / "model.safetensors"), "--bank", str(bank),
+                 "--skills", "t1", "--out", str(folders / "o")]) == 0
+    assert (folders / "o" / "model.safetensors").is_file() and not (folders / "o" / "heads" / "t0.safetensors").exists()
+
+
+def test_bad_input_exits_2_with_a_reason(folders, capsys):
+    (folders / "afile").write_text("x")
+    code = main(["localize", "--base", str(folders / "base"), "--finetuned", str(folders / "ft0"), "--bank", str(folders / "afile"), "--name", "a"])
+    assert code == 2 and "is a file" in capsys.readouterr().err
+    assert main(["show", str(folders / "nobank"), "x"]) == 2
+    assert "no skill bank" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["localize", "--base", "b", "--finetuned", "f", "--bank", "k", "--name", "n", "--sparsity", "1.5"])
+    assert exit_info.value.code == 2 and "(0, 1]" in capsys.readouterr().err
+    main(["localize", "--base", str(folders / "base"), "--finetuned", str(folders / "ft0"), "--bank", str(folders / "bank"), "--name", "t0"])
+    assert main(["stitch", "--base", str(folders / "base"), "--bank", str(folders / "bank"), "--skills", "t0,zz", "--out", str(folders / "o")]) == 2
+    assert "no skill named 'zz'" in capsys.readouterr().err and not (folders / "o").exists()
+
+
+def test_verify_exits_1_and_names_damaged_skills(folders, capsys):
+    bank = folders / "bank"
+    for i in range(2):
+        main(["localize", "--base", str(folders / "base"), "--finetuned", str(folders / f"ft{i}"), "--bank", str(bank), "--name", f"t{i}"])
+    data = bytearray((bank / "t1.safetensors").read_bytes())
+    data[-1] ^= 1
+    (bank / "t1.safetensors").write_bytes(bytes(data))
+    assert main(["verify", str(bank)]) == 1
+    captured = capsys.readouterr()
+    assert "sha256" in captured.out and "t1" in captured.err
+
+
+@pytest.mark.parametrize("command", ["", "demo", "localize", "list", "show", "remove", "verify", "stitch"])
+def test_help_explains_every_command(command):
+    args = [sys.executable, "-m", "skillbank.cli", *([command] if command else []), "--help"]
+    result = subprocess.run(args, capture_output=True, text=True, check=True)
+    usage, description, *rest = result.stdout.split("\n\n")
+    assert usage.startswith("usage: skillbank") and len(description) > 60 and rest
+
+
+def test_demo_runs_end_to_end_and_stitching_recovers_the_finetunes(tmp_path, capsys):
+    assert main(["demo", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    average = next(line for line in out.splitlines() if line.startswith("average")).split()
+    base, finetuned, alone, stitched = map(float, average[1:])
+    assert finetuned >= 0.95 and alone >= 0.9 and stitched >= 0.9 and base < 0.7
+    assert SkillBank(tmp_path / "bank").names() == ["sentiment", "topic", "urgency"]
