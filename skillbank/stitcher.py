@@ -61,18 +61,19 @@ class _Union:
             self.slot[fresh] = allocated.int()
             slots[new] = allocated
             self.size += fresh.numel()
-        self.total[slots] += values.double()
-        self.count[slots] += 1
-        flat[idx] = (self.base[slots].double() + self.total[slots] / self.count[slots]).to(flat.dtype)
+        self._write(flat, idx, slots, self.total[slots] + values.double(), self.count[slots] + 1)
 
     def remove(self, flat: Tensor, idx: Tensor, values: Tensor) -> None:
         slots = self.slot[idx].long()
-        self.total[slots] -= values.double()
-        self.count[slots] -= 1
-        count = self.count[slots]
+        count = self.count[slots] - 1
         # An uncovered entry's sum is reset to exactly 0, so base + 0 restores the base bit for bit.
-        self.total[slots[count == 0]] = 0.0
-        flat[idx] = (self.base[slots].double() + self.total[slots] / count.clamp(min=1)).to(flat.dtype)
+        total = torch.where(count == 0, 0.0, self.total[slots] - values.double())
+        self._write(flat, idx, slots, total, count)
+
+    def _write(self, flat: Tensor, idx: Tensor, slots: Tensor, total: Tensor, count: Tensor) -> None:
+        self.total[slots] = total
+        self.count[slots] = count
+        flat[idx] = (self.base[slots].double() + total / count.clamp(min=1)).to(flat.dtype)
 
     def covered(self) -> int:
         return int((self.count[: self.size] > 0).sum())

@@ -1,0 +1,189 @@
+"""Stitching at RoBERTa-base size: incremental add time vs skills stitched, dense re-merge, file size, memory.
+
+    python benchmarks/bench_stitch.py [--device cuda] [--skills 100] [--out results.json]
+
+A RoBERTa-base-sized model (about 125M parameters, random init from the default
+``RobertaConfig``) and 1% skills with random masks (a uniform 1% per tensor: the
+worst case for union growth, since real skills overlap more). Measures:
+
+* the time of ``Stitcher.add`` for the n-th skill, n = 1 … ``--skills``;
+* a dense re-merge of 8 skills as the paper's code does it: dense masks and dense
+  task vectors over all parameters, ``θ_pre + Σ (γ_i / Σγ) ⊙ τ_i`` (the masks and
+  task vectors are built beforehand and not timed);
+* skill file bytes (float32 and bfloat16 values) over the dense float32 checkpoint;
+* peak memory of stitching 8 skills from a bank (a child process; RSS on CPU,
+  ``max_memory_allocated`` on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import RobertaConfig, RobertaModel
+
+from skillbank import Region, Skill, SkillBank, SkillMetadata, Stitcher, base_fingerprint
+
+
+def make_base(device: str) -> RobertaModel:
+    torch.manual_seed(0)
+    return RobertaModel(RobertaConfig(), add_pooling_layer=True).eval().to(device)
+
+
+def random_skill(state: dict, fingerprint: str, name: str, seed: int, sparsity: float = 0.01) -> Skill:
+    gen = torch.Generator().manual_seed(seed)
+    regions = {}
+    for pname, tensor in state.items():
+        k = math.ceil(sparsity * tensor.numel())
+        scores = torch.rand(tensor.numel(), generator=gen)
+        idx = scores.topk(k).indices.sort().values
+        regions[pname] = Region(idx, torch.randn(k, generator=gen) * 1e-3)
+    meta = SkillMetadata(name, fingerprint, sparsity, {k: list(v.shape) for k, v in state.items()})
+    return Skill(meta, regions)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def dense_remerge(base: dict, masks: list[dict], taus: list[dict]) -> dict:
+    """The paper's stitch: dense masks normalised by their sum, applied to dense task vectors."""
+    out = {}
+    for name, theta in base.items():
+        count = sum(m[name].float() for m in masks)
+        merged = sum(m[name] * t[name] for m, t in zip(masks, taus))
+        out[name] = theta + torch.nan_to_num(merged / count)
+    return out
+
+
+def bench_add_and_dense(device: str, n_skills: int, n_dense: int) -> dict:
+    model = make_base(device)
+    state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    cpu_state = {k: v.detach().cpu() for k, v in state.items()}
+    params = sum(v.numel() for v in state.values())
+    fingerprint = base_fingerprint(cpu_state)
+    stitcher = Stitcher(model)
+    add_s = []
+    sizes = {}
+    dense_inputs = ([], [])
+    for i in range(n_skills):
+        skill = random_skill(cpu_state, fingerprint, f"s{i}", seed=i)
+        if i == 0:
+            sizes["fp32"] = len(skill.to_bytes())
+            skill.metadata.value_dtype = "bfloat16"
+            sizes["bf16"] = len(skill.to_bytes())
+            skill.metadata.value_dtype = "float32"
+        if i < n_dense:
+            masks, taus = {}, {}
+            for pname, region in skill.regions.items():
+                mask = torch.zeros(state[pname].numel(), dtype=torch.bool, device=device)
+                mask[region.indices.to(device)] = True
+                tau = torch.zeros(state[pname].numel(), device=device)
+                tau[region.indices.to(device)] = region.values.to(device)
+                masks[pname], taus[pname] = mask.view_as(state[pname]), tau.view_as(state[pname])
+            dense_inputs[0].append(masks)
+            dense_inputs[1].append(taus)
+        sync(device)
+        start = time.perf_counter()
+        stitcher.add(skill)
+        sync(device)
+        add_s.append(time.perf_counter() - start)
+        print(f"add #{i + 1}: {add_s[-1] * 1e3:.1f} ms, covered {stitcher.covered / params:.2%}", file=sys.stderr)
+    base_clone = {k: v.detach().clone() for k, v in state.items()}
+    dense_s = []
+    for _ in range(3):
+        sync(device)
+        start = time.perf_counter()
+        dense_remerge(base_clone, *dense_inputs)
+        sync(device)
+        dense_s.append(time.perf_counter() - start)
+    return {
+        "params": params,
+        "add_ms": [t * 1e3 for t in add_s],
+        "dense_remerge_8_ms": statistics.median(dense_s) * 1e3,
+        "skill_bytes_fp32": sizes["fp32"],
+        "skill_bytes_bf16": sizes["bf16"],
+        "dense_checkpoint_bytes": params * 4,
+        "state_bytes_after": stitcher.state_nbytes,
+    }
+
+
+def bench_memory(device: str, bank_dir: str) -> dict:
+    """Child process: peak memory of stitching the bank's 8 skills onto the base, one skill in memory at a time."""
+    model = make_base(device)
+    bank = SkillBank(bank_dir)
+    stitcher = Stitcher(model, bank=bank)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _rss_bytes()
+    for name in bank.names():
+        stitcher.add(name)
+    sync(device)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    return {"model_bytes": model_bytes, "before_bytes": before, "peak_bytes": peak, "state_bytes": stitcher.state_nbytes}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skills", type=int, default=100)
+    parser.add_argument("--dense-skills", type=int, default=8)
+    parser.add_argument("--out", help="write the figures as JSON here")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        print(json.dumps(bench_memory(args.device, args.memory_child)))
+        return
+    result = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    result.update(bench_add_and_dense(args.device, args.skills, args.dense_skills))
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_base("cpu")
+        state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        fingerprint = base_fingerprint(state)
+        bank = SkillBank(Path(tmp) / "bank")
+        for i in range(8):
+            bank.add(random_skill(state, fingerprint, f"s{i}", seed=i))
+        del model, state
+        child = subprocess.run([sys.executable, __file__, "--device", args.device, "--memory-child", str(bank.path)],
+                               capture_output=True, text=True, check=True)
+        result["memory_8"] = json.loads(child.stdout.strip().splitlines()[-1])
+    add = result["add_ms"]
+    summary = {
+        "add_ms_first_8_median": statistics.median(add[:8]),
+        "add_ms_last_8_median": statistics.median(add[-8:]),
+        "add_ms_max": max(add),
+        "speedup_vs_dense_at_8": result["dense_remerge_8_ms"] / statistics.median(add[:8]),
+        "speedup_vs_dense_last": result["dense_remerge_8_ms"] / statistics.median(add[-8:]),
+        "file_ratio_fp32": result["skill_bytes_fp32"] / result["dense_checkpoint_bytes"],
+        "file_ratio_bf16": result["skill_bytes_bf16"] / result["dense_checkpoint_bytes"],
+    }
+    result["summary"] = summary
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
