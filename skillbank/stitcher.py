@@ -6,12 +6,15 @@ and the count of covering skills; adding or removing a skill rewrites only the
 entries in that skill's mask, so every other entry stays bitwise identical, and
 an entry no skill covers any more gets its stored base value back, bit for bit.
 
-Position → slot lookup goes through one int32 map per touched tensor, so an add
-costs O(skill size) whatever the number of skills already stitched.
+All float tensors share one flat address space; position → entry lookup goes
+through one int32 map over it, so an add costs O(skill size) whatever the
+number of skills already stitched, and each tensor sees one gather and one
+scatter per skill.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -29,57 +32,80 @@ __all__ = ["Stitcher"]
 
 
 class _Union:
-    """Union-support state of one tensor: base value, τ sum and cover count per covered entry."""
+    """Union-support state over one flat address space of all of a model's float tensors.
 
-    def __init__(self, tensor: Tensor) -> None:
-        device = tensor.device
-        self.slot = torch.full((tensor.numel(),), -1, dtype=torch.int32, device=device)
-        self.base = torch.empty(0, dtype=tensor.dtype, device=device)
-        self.total = torch.empty(0, dtype=torch.float64, device=device)
-        self.count = torch.empty(0, dtype=torch.int32, device=device)
+    ``rows[e] = (base value, τ sum, cover count)`` in float64 (exact for the
+    base of every float dtype and for counts) for every covered entry ``e``;
+    ``slot`` maps a flat position to its row. One table means one gather and
+    one scatter per skill.
+    """
+
+    def __init__(self, numel: int, device: torch.device) -> None:
+        self.slot = torch.full((numel,), -1, dtype=torch.int32, device=device)
+        self.rows = torch.zeros((0, 3), dtype=torch.float64, device=device)
         self.size = 0
 
     def _reserve(self, extra: int) -> None:
         needed = self.size + extra
-        if needed <= self.base.numel():
+        if needed <= self.rows.shape[0]:
             return
-        capacity = max(needed, 2 * self.base.numel())
-        for attr in ("base", "total", "count"):
-            old = getattr(self, attr)
-            grown = torch.zeros(capacity, dtype=old.dtype, device=old.device)
-            grown[: self.size] = old[: self.size]
-            setattr(self, attr, grown)
+        grown = torch.zeros((max(needed, 2 * self.rows.shape[0]), 3), dtype=torch.float64, device=self.rows.device)
+        grown[: self.size] = self.rows[: self.size]
+        self.rows = grown
 
-    def add(self, flat: Tensor, idx: Tensor, values: Tensor) -> None:
-        slots = self.slot[idx].long()
-        new = slots < 0
-        fresh = idx[new]
+    def add(self, positions: Tensor, current: Tensor, values: Tensor) -> Tensor:
+        """Cover ``positions`` (whose live values are ``current``) with ``values``; returns the new values."""
+        slots = self.slot.index_select(0, positions).long()
+        fresh = torch.nonzero(slots < 0).squeeze(1)
         if fresh.numel():
             self._reserve(fresh.numel())
-            allocated = torch.arange(self.size, self.size + fresh.numel(), device=idx.device)
-            self.base[allocated] = flat[fresh]
-            self.slot[fresh] = allocated.int()
-            slots[new] = allocated
+            allocated = torch.arange(self.size, self.size + fresh.numel(), device=slots.device)
+            self.rows[self.size : self.size + fresh.numel(), 0] = current.index_select(0, fresh).double()
+            self.slot.index_copy_(0, positions.index_select(0, fresh), allocated.int())
+            slots.index_copy_(0, fresh, allocated)
             self.size += fresh.numel()
-        self._write(flat, idx, slots, self.total[slots] + values.double(), self.count[slots] + 1)
+        rows = self.rows.index_select(0, slots)
+        rows[:, 1] += values.double()
+        rows[:, 2] += 1
+        return self._write(slots, rows)
 
-    def remove(self, flat: Tensor, idx: Tensor, values: Tensor) -> None:
-        slots = self.slot[idx].long()
-        count = self.count[slots] - 1
+    def remove(self, positions: Tensor, values: Tensor) -> Tensor:
+        """Uncover ``positions`` by ``values``; returns the new values."""
+        slots = self.slot.index_select(0, positions).long()
+        rows = self.rows.index_select(0, slots)
+        rows[:, 2] -= 1
         # An uncovered entry's sum is reset to exactly 0, so base + 0 restores the base bit for bit.
-        total = torch.where(count == 0, 0.0, self.total[slots] - values.double())
-        self._write(flat, idx, slots, total, count)
+        rows[:, 1] = torch.where(rows[:, 2] == 0, 0.0, rows[:, 1] - values.double())
+        return self._write(slots, rows)
 
-    def _write(self, flat: Tensor, idx: Tensor, slots: Tensor, total: Tensor, count: Tensor) -> None:
-        self.total[slots] = total
-        self.count[slots] = count
-        flat[idx] = (self.base[slots].double() + total / count.clamp(min=1)).to(flat.dtype)
+    def _write(self, slots: Tensor, rows: Tensor) -> Tensor:
+        # index_select / index_copy_ rather than x[i]: about 3x faster on CPU.
+        self.rows.index_copy_(0, slots, rows)
+        return rows[:, 0] + rows[:, 1] / rows[:, 2].clamp(min=1)
 
     def covered(self) -> int:
-        return int((self.count[: self.size] > 0).sum())
+        return int((self.rows[: self.size, 2] > 0).sum())
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.slot, self.base, self.total, self.count))
+        return self.slot.numel() * self.slot.element_size() + self.rows.numel() * self.rows.element_size()
+
+
+def _per_entry(per_span: list[int], spans: list[tuple[str, int, int]], total: int, device: torch.device) -> Tensor:
+    """Spread one value per span over its entries (a cumsum of jumps: far faster than repeat_interleave on CPU)."""
+    jumps = torch.zeros(total, dtype=torch.int64, device=device)
+    if spans:
+        steps = torch.tensor(per_span, dtype=torch.int64).diff(prepend=torch.zeros(1, dtype=torch.int64))
+        jumps[torch.tensor([s for _, s, _ in spans], device=device)] = steps.to(device)
+    return jumps.cumsum(0)
+
+
+@dataclass
+class _Batch:
+    """One skill's entries, concatenated: ``spans`` are (tensor name, start, length) into ``local``/``values``."""
+
+    spans: list[tuple[str, int, int]]
+    local: Tensor
+    values: Tensor
 
 
 @dataclass
@@ -130,8 +156,11 @@ class Stitcher:
         self.bank = bank
         tensors = model.state_dict(keep_vars=True) if isinstance(model, nn.Module) else model
         self._tensors = {k: v for k, v in tensors.items() if v.is_floating_point()}
+        sizes = [t.numel() for t in self._tensors.values()]
+        self._offsets = dict(zip(self._tensors, itertools.accumulate([0, *sizes[:-1]])))
         self._digests: dict[str, str] = {}
-        self._unions: dict[str, _Union] = {}
+        self._names: dict[tuple[str, ...], dict[str, str]] = {}
+        self._union: _Union | None = None
         self._stitched: dict[str, _Stitched] = {}
         if base is not None:
             self._adopt_base(load_state_dict(base))
@@ -151,12 +180,12 @@ class Stitcher:
     @property
     def covered(self) -> int:
         """How many entries at least one stitched skill covers (the union support)."""
-        return sum(u.covered() for u in self._unions.values())
+        return self._union.covered() if self._union is not None else 0
 
     @property
     def state_nbytes(self) -> int:
         """Bytes of union-support state the stitcher holds (slot maps included)."""
-        return sum(u.nbytes() for u in self._unions.values())
+        return self._union.nbytes() if self._union is not None else 0
 
     def __contains__(self, name: object) -> bool:
         return name in self._stitched
@@ -182,8 +211,9 @@ class Stitcher:
         if skill.name in self._stitched:
             raise StitchError(f"skill {skill.name!r} is already stitched; remove it first to re-apply it.")
         names = self._match(skill)
-        self._check(skill, names)
-        self._apply(skill.regions, names, _Union.add)
+        batch = self._flatten(skill.name, skill.regions, names)
+        self._check_base(skill, names)
+        self._apply(batch, adding=True)
         self._stitched[skill.name] = _Stitched(
             names=names,
             regions=None if sha is not None else skill.regions,
@@ -202,7 +232,7 @@ class Stitcher:
             if bank.entry(name).sha256 != record.sha256:
                 raise StitchError(f"skill {name!r} changed in the bank since it was stitched; cannot remove it exactly.")
             regions = bank.get(name).regions
-        self._apply(regions, record.names, _Union.remove)
+        self._apply(self._flatten(name, regions, record.names), adding=False)
         del self._stitched[name]
 
     def use_head(self, name: str) -> AbstractContextManager[nn.Module]:
@@ -234,7 +264,10 @@ class Stitcher:
 
     def _match(self, skill: Skill) -> dict[str, str]:
         shapes = skill.metadata.shapes
-        names = align_names(shapes, self._tensors)
+        key = tuple(shapes)
+        if key not in self._names:  # skills of one base share their layout: match names once
+            self._names[key] = align_names(shapes, self._tensors)
+        names = self._names[key]
         missing = sorted(set(shapes) - set(names))
         if missing:
             raise StitchError(
@@ -249,21 +282,7 @@ class Stitcher:
                 )
         return names
 
-    def _check(self, skill: Skill, names: dict[str, str]) -> None:
-        for src, region in skill.regions.items():
-            if src not in names:
-                raise StitchError(f"skill {skill.name!r} has a region for {src!r}, which its header does not list.")
-            if not len(region):
-                continue
-            tensor = self._tensors[names[src]]
-            if not tensor.is_contiguous():
-                raise StitchError(f"{names[src]!r} is not contiguous; stitching writes into a flat view of it.")
-            if region.values.numel() != region.indices.numel():
-                raise StitchError(f"skill {skill.name!r}: {src!r} has {len(region)} indices but {region.values.numel()} values.")
-            if int(region.indices.min()) < 0 or int(region.indices.max()) >= tensor.numel():
-                raise StitchError(f"skill {skill.name!r}: indices of {src!r} fall outside its {tensor.numel()} entries.")
-            if not bool(torch.isfinite(region.values).all()):
-                raise StitchError(f"skill {skill.name!r} has NaN/Inf values in {src!r}; it cannot be stitched.")
+    def _check_base(self, skill: Skill, names: dict[str, str]) -> None:
         digests = {}
         for src, dst in names.items():
             if dst not in self._digests:  # first use: the tensor still holds its base value
@@ -275,18 +294,60 @@ class Stitcher:
                 "(base fingerprints differ); stitch it onto its own base."
             )
 
-    def _apply(self, regions: Mapping[str, Region], names: Mapping[str, str], step) -> None:  # noqa: ANN001
+    def _flatten(self, skill: str, regions: Mapping[str, Region], names: Mapping[str, str]) -> _Batch:
+        """Concatenate a skill's regions into one batch, checking them all in a few vector ops."""
+        spans, start = [], 0
+        for src, region in regions.items():
+            if src not in names:
+                raise StitchError(f"skill {skill!r} has a region for {src!r}, which its header does not list.")
+            if region.values.numel() != region.indices.numel():
+                raise StitchError(f"skill {skill!r}: {src!r} has {len(region)} indices but {region.values.numel()} values.")
+            if len(region):
+                if not self._tensors[names[src]].is_contiguous():
+                    raise StitchError(f"{names[src]!r} is not contiguous; stitching writes into a flat view of it.")
+                spans.append((names[src], start, len(region)))
+                start += len(region)
+        parts = [r for r in regions.values() if len(r)]
+        local = torch.cat([r.indices.reshape(-1) for r in parts]).to(torch.int64) if parts else torch.empty(0, dtype=torch.int64)
+        values = torch.cat([r.values.reshape(-1) for r in parts]).float() if parts else torch.empty(0)
+        numels = _per_entry([self._tensors[d].numel() for d, _, _ in spans], spans, local.numel(), local.device)
+        first = torch.zeros(local.numel(), dtype=torch.bool)
+        first[[s for _, s, _ in spans]] = True
+        ascending = (local[1:] > local[:-1]) | first[1:]
+        bad = ~((local >= 0) & (local < numels) & torch.cat([torch.ones(min(1, local.numel()), dtype=torch.bool), ascending]))
+        if bool(bad.any()):
+            at = int(torch.nonzero(bad)[0])
+            dst = next(d for d, s, n in spans if s <= at < s + n)
+            raise StitchError(
+                f"skill {skill!r}: indices of {dst!r} fall outside its {self._tensors[dst].numel()} entries "
+                "or are not strictly ascending; the skill is damaged."
+            )
+        if not bool(torch.isfinite(values).all()):
+            at = int(torch.nonzero(~torch.isfinite(values))[0])
+            dst = next(d for d, s, n in spans if s <= at < s + n)
+            raise StitchError(f"skill {skill!r} has NaN/Inf values in {dst!r}; it cannot be stitched.")
+        return _Batch(spans, local, values)
+
+    def _apply(self, batch: _Batch, *, adding: bool) -> None:
+        if not batch.spans:
+            return
+        device = self._tensors[batch.spans[0][0]].device
+        if any(self._tensors[dst].device != device for dst, _, _ in batch.spans):
+            raise StitchError("stitching needs every tensor of a skill on one device; move the model first.")
+        if self._union is None:
+            self._union = _Union(sum(t.numel() for t in self._tensors.values()), device)
+        local = batch.local.to(device)  # one transfer per skill
+        values = batch.values.to(device)
+        positions = local + _per_entry([self._offsets[d] for d, _, _ in batch.spans], batch.spans, local.numel(), device)
         with torch.no_grad():
-            for src, region in regions.items():
-                if not len(region):
-                    continue
-                dst = names[src]
-                tensor = self._tensors[dst]
-                union = self._unions.get(dst)
-                if union is None:
-                    union = self._unions[dst] = _Union(tensor)
-                flat = tensor.data.view(-1)
-                step(union, flat, region.indices.to(flat.device), region.values.to(flat.device))
+            flats = [(self._tensors[dst].data.view(-1), local[start : start + n], start, n) for dst, start, n in batch.spans]
+            if adding:
+                current = torch.cat([flat.index_select(0, idx) for flat, idx, _, _ in flats])
+                merged = self._union.add(positions, current, values)
+            else:
+                merged = self._union.remove(positions, values)
+            for flat, idx, start, n in flats:
+                flat.index_copy_(0, idx, merged[start : start + n].to(flat.dtype))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.stitched)

@@ -204,6 +204,8 @@ def test_out_of_range_and_nan_regions_are_refused_before_any_write():
     ok = Region(torch.tensor([0, 1]), torch.tensor([1.0, 1.0]))
     for bad, match in [
         (Region(torch.tensor([0, 10_000]), torch.tensor([1.0, 1.0])), "outside"),
+        (Region(torch.tensor([-1, 3]), torch.tensor([1.0, 1.0])), "outside"),
+        (Region(torch.tensor([4, 4]), torch.tensor([1.0, 1.0])), "ascending"),
         (Region(torch.tensor([0, 1]), torch.tensor([1.0, float("nan")])), "NaN"),
     ]:
         skill = Skill(SkillMetadata("bad", FINGERPRINT, 0.1, shapes), {"embeddings.LayerNorm.bias": ok, name: bad})
