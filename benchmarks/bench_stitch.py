@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,8 +44,10 @@ def random_skill(state: dict, fingerprint: str, name: str, seed: int, sparsity: 
     regions = {}
     for pname, tensor in state.items():
         k = math.ceil(sparsity * tensor.numel())
-        scores = torch.rand(tensor.numel(), generator=gen)
-        idx = scores.topk(k).indices.sort().values
+        drawn = torch.unique(torch.randint(0, tensor.numel(), (k + k // 10 + 16,), generator=gen))
+        if drawn.numel() < k:
+            drawn = torch.randperm(tensor.numel(), generator=gen)[:k]
+        idx = drawn[torch.randperm(drawn.numel(), generator=gen)[:k]].sort().values
         regions[pname] = Region(idx, torch.randn(k, generator=gen) * 1e-3)
     meta = SkillMetadata(name, fingerprint, sparsity, {k: list(v.shape) for k, v in state.items()})
     return Skill(meta, regions)
@@ -155,21 +156,22 @@ def bench_memory(device: str, bank_dir: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        before = _rss_bytes()
+        before = _status_bytes("VmRSS")
     for name in bank.names():
         stitcher.add(name)
     sync(device)
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = _status_bytes("VmHWM")  # this address space's peak RSS (ru_maxrss would carry the parent's across exec)
     model_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     return {"model_bytes": model_bytes, "before_bytes": before, "peak_bytes": peak, "state_bytes": stitcher.state_nbytes}
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize()
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 
 def main() -> None:

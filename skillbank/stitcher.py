@@ -184,7 +184,7 @@ class Stitcher:
 
     @property
     def state_nbytes(self) -> int:
-        """Bytes of union-support state the stitcher holds (slot maps included)."""
+        """Bytes of union-support state the stitcher holds (its position → entry map included)."""
         return self._union.nbytes() if self._union is not None else 0
 
     def __contains__(self, name: object) -> bool:
@@ -206,8 +206,9 @@ class Stitcher:
         """
         sha = None
         if isinstance(skill, str):
-            sha = self._require_bank(skill).entry(skill).sha256
-            skill = self._require_bank(skill).get(skill)
+            bank = self._require_bank(skill)
+            sha = bank.entry(skill).sha256
+            skill = bank.get(skill)
         if skill.name in self._stitched:
             raise StitchError(f"skill {skill.name!r} is already stitched; remove it first to re-apply it.")
         names = self._match(skill)
@@ -311,10 +312,10 @@ class Stitcher:
         local = torch.cat([r.indices.reshape(-1) for r in parts]).to(torch.int64) if parts else torch.empty(0, dtype=torch.int64)
         values = torch.cat([r.values.reshape(-1) for r in parts]).float() if parts else torch.empty(0)
         numels = _per_entry([self._tensors[d].numel() for d, _, _ in spans], spans, local.numel(), local.device)
-        first = torch.zeros(local.numel(), dtype=torch.bool)
-        first[[s for _, s, _ in spans]] = True
-        ascending = (local[1:] > local[:-1]) | first[1:]
-        bad = ~((local >= 0) & (local < numels) & torch.cat([torch.ones(min(1, local.numel()), dtype=torch.bool), ascending]))
+        ascending = torch.ones(local.numel(), dtype=torch.bool)  # within each span; a span's first entry is free
+        ascending[1:] = local[1:] > local[:-1]
+        ascending[[s for _, s, _ in spans]] = True
+        bad = ~((local >= 0) & (local < numels) & ascending)
         if bool(bad.any()):
             at = int(torch.nonzero(bad)[0])
             dst = next(d for d, s, n in spans if s <= at < s + n)
