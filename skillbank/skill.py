@@ -74,6 +74,8 @@ class SkillMetadata:
     def from_json(cls, text: str) -> SkillMetadata:
         """Parse :meth:`to_json` output, refusing newer formats."""
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise SkillFileError("the skill header is not a JSON object; the file is not a skill or is damaged.")
         version = data.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise SkillFileError(

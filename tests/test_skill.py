@@ -46,6 +46,11 @@ def test_plain_safetensors_is_not_a_skill():
         Skill.from_bytes(save({"w": torch.ones(2)}))
 
 
+def test_header_that_is_not_an_object_is_refused():
+    with pytest.raises(SkillFileError, match="not a JSON object"):
+        Skill.from_bytes(save({"w": torch.ones(2)}, metadata={"skillbank": "[1, 2]"}))
+
+
 def test_newer_format_version_is_refused(base_model):
     skill = make_skill(base_model, "t", seed=1)
     skill.metadata.format_version = 99

@@ -179,23 +179,19 @@ def test_already_modified_model_fails_fingerprint_check():
         Stitcher(model).add(make_skill(BASE, "t", seed=1))
 
 
-def test_shape_mismatch_is_refused_before_touching_the_model():
+@pytest.mark.parametrize(
+    "other_config, match",
+    [({"vocab_size": 80}, "shape"), ({"num_hidden_layers": 1}, "does not have")],
+    ids=["shape-mismatch", "missing-parameter"],
+)
+def test_other_architecture_is_refused_before_touching_the_model(other_config, match):
     skill = make_skill(BASE, "t", seed=1)
     torch.manual_seed(0)
-    wider = live_copy(BertModel(tiny_config(vocab_size=80)).eval())
-    before = copy.deepcopy(wider.state_dict())
-    with pytest.raises(StitchError, match="shape"):
-        Stitcher(wider).add(skill)
-    assert_untouched(wider, before)
-
-
-def test_missing_parameter_is_refused_and_model_untouched():
-    skill = make_skill(BASE, "t", seed=1)
-    shallow = live_copy(BertModel(tiny_config(num_hidden_layers=1)).eval())
-    before = copy.deepcopy(shallow.state_dict())
-    with pytest.raises(StitchError, match="does not have"):
-        Stitcher(shallow).add(skill)
-    assert_untouched(shallow, before)
+    other = live_copy(BertModel(tiny_config(**other_config)).eval())
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(StitchError, match=match):
+        Stitcher(other).add(skill)
+    assert_untouched(other, before)
 
 
 def test_out_of_range_and_nan_regions_are_refused_before_any_write():
