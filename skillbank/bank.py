@@ -71,6 +71,10 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _manifest_bytes(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, indent=1, sort_keys=True).encode()
+
+
 def _manifest_checksum(body: dict[str, Any]) -> str:
     return _sha256(json.dumps({k: v for k, v in body.items() if k != "checksum"}, sort_keys=True).encode())
 
@@ -238,9 +242,11 @@ class SkillBank:
     def _read_manifest(self) -> dict[str, Any]:
         path = self.path / _MANIFEST
         try:
-            body = json.loads(path.read_bytes())
+            raw = path.read_bytes()
         except FileNotFoundError as exc:
             raise BankError(f"{path} is missing: {self.path} is not (or no longer) a skill bank.") from exc
+        try:
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BankError(f"{path} is damaged (not valid JSON: {exc}); restore it from a backup.") from exc
         version = body.get("format_version") if isinstance(body, dict) else None
@@ -249,14 +255,15 @@ class SkillBank:
                 f"{path} has format version {version}, newer than this skillbank reads ({FORMAT_VERSION}); "
                 "upgrade skillbank (pip install -U skillbank)."
             )
-        if not isinstance(body, dict) or body.get("checksum") != _manifest_checksum(body):
-            raise BankError(f"{path} is damaged (its checksum does not match its content); restore it from a backup.")
+        # The checksum covers the content; comparing with the canonical bytes catches any other flipped byte.
+        if not isinstance(body, dict) or body.get("checksum") != _manifest_checksum(body) or raw != _manifest_bytes(body):
+            raise BankError(f"{path} is damaged (its checksum does not match its bytes); restore it from a backup.")
         return body
 
     def _write_manifest(self, body: dict[str, Any]) -> None:
         body = {k: v for k, v in body.items() if k != "checksum"}
         body["checksum"] = _manifest_checksum(body)
-        atomic_write(self.path / _MANIFEST, json.dumps(body, indent=1, sort_keys=True).encode())
+        atomic_write(self.path / _MANIFEST, _manifest_bytes(body))
 
     def _load(self, entry: SkillEntry, base: str | None) -> Skill:
         path = self.path / entry.file

@@ -48,6 +48,7 @@ def skill_from_mask(
         metrics=dict(metrics or {}),
         source=dict(source or {}),
         value_dtype=value_dtype,
+        dtypes=dict(tv.dtypes),
     )
     return Skill(metadata=metadata, regions=regions, head={k: v.to("cpu") for k, v in tv.head.items()})
 

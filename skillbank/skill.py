@@ -50,7 +50,7 @@ class SkillMetadata:
 
     ``shapes`` lists every shared parameter (base names) the skill was
     localized over, also those where its region is empty: the base
-    fingerprint covers exactly these.
+    fingerprint covers exactly these. ``dtypes`` records their base dtypes.
     """
 
     name: str
@@ -63,6 +63,7 @@ class SkillMetadata:
     metrics: dict[str, float] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     value_dtype: str = "float32"
+    dtypes: dict[str, str] = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
 

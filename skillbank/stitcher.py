@@ -31,6 +31,17 @@ from skillbank.weights import WeightsSource, align_names, fingerprint_from_diges
 __all__ = ["Stitcher"]
 
 
+@dataclass
+class _Plan:
+    """An add or remove worked out but not yet applied."""
+
+    slots: Tensor
+    rows: Tensor
+    fresh_positions: Tensor
+    allocated: Tensor
+    merged: Tensor
+
+
 class _Union:
     """Union-support state over one flat address space of all of a model's float tensors.
 
@@ -53,35 +64,36 @@ class _Union:
         grown[: self.size] = self.rows[: self.size]
         self.rows = grown
 
-    def add(self, positions: Tensor, current: Tensor, values: Tensor) -> Tensor:
-        """Cover ``positions`` (whose live values are ``current``) with ``values``; returns the new values."""
+    def plan(self, positions: Tensor, current: Tensor, values: Tensor, sign: int) -> _Plan:
+        """The rows after adding (``sign=1``) or removing (``-1``) ``values`` at ``positions``; nothing changes yet.
+
+        ``current`` holds the live values at ``positions`` (the base where an entry is new).
+        """
         slots = self.slot.index_select(0, positions).long()
-        fresh = torch.nonzero(slots < 0).squeeze(1)
+        fresh = torch.nonzero(slots < 0).squeeze(1) if sign > 0 else slots[:0]
+        allocated = torch.arange(self.size, self.size + fresh.numel(), device=slots.device)
         if fresh.numel():
-            self._reserve(fresh.numel())
-            allocated = torch.arange(self.size, self.size + fresh.numel(), device=slots.device)
-            self.rows[self.size : self.size + fresh.numel(), 0] = current.index_select(0, fresh).double()
-            self.slot.index_copy_(0, positions.index_select(0, fresh), allocated.int())
+            self._reserve(fresh.numel())  # the only allocation: done before the model is written
             slots.index_copy_(0, fresh, allocated)
-            self.size += fresh.numel()
         rows = self.rows.index_select(0, slots)
-        rows[:, 1] += values.double()
-        rows[:, 2] += 1
-        return self._write(slots, rows)
+        if fresh.numel():
+            rows[fresh, 0] = current.index_select(0, fresh).double()
+        rows[:, 2] += sign
+        if sign > 0:
+            rows[:, 1] += values.double()
+        else:
+            # An uncovered entry's sum is reset to exactly 0, so base + 0 restores the base bit for bit.
+            rows[:, 1] = torch.where(rows[:, 2] == 0, 0.0, rows[:, 1] - values.double())
+        merged = rows[:, 0] + rows[:, 1] / rows[:, 2].clamp(min=1)
+        return _Plan(slots, rows, positions.index_select(0, fresh), allocated, merged)
 
-    def remove(self, positions: Tensor, values: Tensor) -> Tensor:
-        """Uncover ``positions`` by ``values``; returns the new values."""
-        slots = self.slot.index_select(0, positions).long()
-        rows = self.rows.index_select(0, slots)
-        rows[:, 2] -= 1
-        # An uncovered entry's sum is reset to exactly 0, so base + 0 restores the base bit for bit.
-        rows[:, 1] = torch.where(rows[:, 2] == 0, 0.0, rows[:, 1] - values.double())
-        return self._write(slots, rows)
-
-    def _write(self, slots: Tensor, rows: Tensor) -> Tensor:
+    def commit(self, plan: _Plan) -> None:
+        """Make ``plan`` the state (index_copy_ into preallocated memory: nothing left to fail)."""
         # index_select / index_copy_ rather than x[i]: about 3x faster on CPU.
-        self.rows.index_copy_(0, slots, rows)
-        return rows[:, 0] + rows[:, 1] / rows[:, 2].clamp(min=1)
+        self.rows.index_copy_(0, plan.slots, plan.rows)
+        if plan.allocated.numel():
+            self.slot.index_copy_(0, plan.fresh_positions, plan.allocated.int())
+            self.size += plan.allocated.numel()
 
     def covered(self) -> int:
         return int((self.rows[: self.size, 2] > 0).sum())
@@ -276,10 +288,17 @@ class Stitcher:
                 f"{' …' if len(missing) > 5 else ''}; is this the architecture the skill was made for?"
             )
         for src, dst in names.items():
-            if list(self._tensors[dst].shape) != list(shapes[src]):
+            tensor = self._tensors[dst]
+            if list(tensor.shape) != list(shapes[src]):
                 raise StitchError(
                     f"skill {skill.name!r}: {src!r} has shape {list(shapes[src])} in the skill but "
-                    f"{list(self._tensors[dst].shape)} in the model ({dst!r})."
+                    f"{list(tensor.shape)} in the model ({dst!r}); stitch it onto the architecture it was localized on."
+                )
+            expected = skill.metadata.dtypes.get(src)
+            if expected is not None and str(tensor.dtype) != expected:
+                raise StitchError(
+                    f"skill {skill.name!r} was localized on a {expected} base but the model's {dst!r} is "
+                    f"{tensor.dtype}; load the model in {expected.replace('torch.', '')} (e.g. torch_dtype=...) to stitch it."
                 )
         return names
 
@@ -342,13 +361,16 @@ class Stitcher:
         positions = local + _per_entry([self._offsets[d] for d, _, _ in batch.spans], batch.spans, local.numel(), device)
         with torch.no_grad():
             flats = [(self._tensors[dst].data.view(-1), local[start : start + n], start, n) for dst, start, n in batch.spans]
-            if adding:
-                current = torch.cat([flat.index_select(0, idx) for flat, idx, _, _ in flats])
-                merged = self._union.add(positions, current, values)
-            else:
-                merged = self._union.remove(positions, values)
-            for flat, idx, start, n in flats:
-                flat.index_copy_(0, idx, merged[start : start + n].to(flat.dtype))
+            current = torch.cat([flat.index_select(0, idx).double() for flat, idx, _, _ in flats])
+            plan = self._union.plan(positions, current, values, 1 if adding else -1)
+            try:
+                for flat, idx, start, n in flats:
+                    flat.index_copy_(0, idx, plan.merged[start : start + n].to(flat.dtype))
+            except BaseException:  # an interrupt or OOM mid-write: put every touched entry back
+                for flat, idx, start, n in flats:
+                    flat.index_copy_(0, idx, current[start : start + n].to(flat.dtype))
+                raise
+            self._union.commit(plan)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.stitched)

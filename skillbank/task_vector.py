@@ -26,12 +26,14 @@ class TaskVector:
             holds (a new classifier, resized embeddings), kept dense.
         base_fingerprint: identifies the base over the shared parameters.
         names: ``{base name: finetuned name}`` for the shared parameters.
+        dtypes: ``{base name: dtype}`` of the base's shared parameters (``"torch.float32"``).
     """
 
     shared: dict[str, Tensor]
     head: dict[str, Tensor]
     base_fingerprint: str
     names: dict[str, str] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_shared(self) -> int:
@@ -96,4 +98,5 @@ def task_vector(
         head=head,
         base_fingerprint=base_fingerprint(base_state, shared),
         names=shared_names,
+        dtypes={b: str(base_state[b].dtype) for b in shared_names},
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import stat
 
@@ -152,24 +151,3 @@ def test_leftover_temporary_files_are_cleaned_on_open(tmp_path, base_model):
     SkillBank(tmp_path)
     assert not list(tmp_path.glob(".tmp-*"))
     assert SkillBank(tmp_path).verify() == {"t": "ok"}
-
-
-def _writer(path: str, worker: int, count: int) -> None:
-    torch.manual_seed(0)
-    base = BertModel(tiny_config()).eval()
-    bank = SkillBank(path)
-    for i in range(count):
-        bank.add(make_skill(base, f"w{worker}-{i}", seed=worker * 100 + i))
-
-
-def test_concurrent_writers_lose_nothing(tmp_path):
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(str(tmp_path), w, 4)) for w in range(3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
-    bank = SkillBank(tmp_path)
-    assert sorted(bank.names()) == sorted(f"w{w}-{i}" for w in range(3) for i in range(4))
-    assert set(bank.verify().values()) == {"ok"}
