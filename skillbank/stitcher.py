@@ -170,6 +170,7 @@ class Stitcher:
         self._tensors = {k: v for k, v in tensors.items() if v.is_floating_point()}
         sizes = [t.numel() for t in self._tensors.values()]
         self._offsets = dict(zip(self._tensors, itertools.accumulate([0, *sizes[:-1]])))
+        self._numel = sum(sizes)
         self._digests: dict[str, str] = {}
         self._names: dict[tuple[str, ...], dict[str, str]] = {}
         self._union: _Union | None = None
@@ -355,7 +356,7 @@ class Stitcher:
         if any(self._tensors[dst].device != device for dst, _, _ in batch.spans):
             raise StitchError("stitching needs every tensor of a skill on one device; move the model first.")
         if self._union is None:
-            self._union = _Union(sum(t.numel() for t in self._tensors.values()), device)
+            self._union = _Union(self._numel, device)
         local = batch.local.to(device)  # one transfer per skill
         values = batch.values.to(device)
         positions = local + _per_entry([self._offsets[d] for d, _, _ in batch.spans], batch.spans, local.numel(), device)
