@@ -18,6 +18,8 @@ from skillbank.errors import (
 )
 from skillbank.heads import use_head
 from skillbank.localize import localize_dataless, skill_from_mask
+from skillbank.mask_learner import MaskLearner
+from skillbank.mask_recipes import RECIPES, MaskRecipe
 from skillbank.skill import Region, Skill, SkillMetadata
 from skillbank.stitcher import Stitcher
 from skillbank.task_vector import TaskVector, task_vector
@@ -29,6 +31,9 @@ __all__ = [
     "BankError",
     "BankLockedError",
     "BaseMismatchError",
+    "MaskLearner",
+    "MaskRecipe",
+    "RECIPES",
     "Region",
     "Skill",
     "SkillBank",

@@ -36,7 +36,8 @@ def skill_from_mask(
     regions = {}
     for pname, tau in tv.shared.items():
         idx = indices.get(pname, empty).to("cpu", torch.int64)
-        regions[pname] = Region(idx, tau.reshape(-1)[idx.to(tau.device)].to("cpu", torch.float32))
+        values = tau.reshape(-1)[idx.to(tau.device)] if idx.numel() else torch.empty(0)
+        regions[pname] = Region(idx, values.to("cpu", torch.float32))
     metadata = SkillMetadata(
         name=name,
         base_fingerprint=tv.base_fingerprint,

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-__all__ = ["DEMO_TASKS", "PRETEXT_TASK", "SyntheticTask", "TokenDataset", "make_splits"]
+from skillbank.errors import SkillbankError
+from skillbank.fewshot import balanced_indices
+
+__all__ = ["DEMO_TASKS", "PRETEXT_TASK", "DemoTaskData", "SyntheticTask", "TokenDataset", "make_splits"]
 
 VOCAB_SIZE = 64
 SEQ_LEN = 16
@@ -89,3 +93,39 @@ def make_splits(task: SyntheticTask, sizes: tuple[int, int, int] = (2000, 500, 5
         ids, labels = task.sample(n, generator)
         loaders.append(DataLoader(TokenDataset(ids, labels), batch_size=batch_size, shuffle=split == 0, generator=torch.Generator().manual_seed(seed)))
     return loaders[0], loaders[1], loaders[2]
+
+
+class DemoTaskData(pl.LightningDataModule):
+    """One demo task as a LightningDataModule, with the same splits as ``skillbank demo --seed``.
+
+    Args:
+        task: a name from :data:`DEMO_TASKS`.
+        shots_per_class: train on this many examples per class (class-balanced,
+            seeded), e.g. 64 for mask learning; ``None`` for the whole train split.
+        seed: the demo's seed (task ``i`` uses ``seed + i``, as the demo does).
+        batch_size: batch size of every loader.
+    """
+
+    def __init__(self, task: str = "sentiment", shots_per_class: int | None = None, seed: int = 0, batch_size: int = 32) -> None:
+        super().__init__()
+        names = [t.name for t in DEMO_TASKS]
+        if task not in names:
+            raise SkillbankError(f"unknown demo task {task!r}; choose one of {names}.")
+        self.task, self.index = DEMO_TASKS[names.index(task)], names.index(task)
+        self.shots_per_class, self.seed, self.batch_size = shots_per_class, seed, batch_size
+
+    def setup(self, stage: str | None = None) -> None:
+        train, val, test = make_splits(self.task, seed=self.seed + self.index, batch_size=self.batch_size)
+        train_set = train.dataset
+        if self.shots_per_class is not None:
+            train_set = Subset(train_set, balanced_indices(train_set.labels, self.shots_per_class, seed=self.seed))
+        self.train_set, self.val_set, self.test_set = train_set, val.dataset, test.dataset
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(self.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=self.batch_size)

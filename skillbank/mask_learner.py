@@ -1,0 +1,331 @@
+"""Learned localization: a LightningModule that learns which entries of ``τ`` carry a skill.
+
+The model is evaluated at ``θ_pre + σ(S) ⊙ τ`` through
+:func:`torch.func.functional_call`; ``θ_pre`` lives in the model's own (frozen)
+parameters, ``τ`` is one frozen flat tensor, and the flat scores ``S`` are the
+only trainable tensor, so DDP all-reduces mask gradients and nothing else.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.func import functional_call
+from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy
+
+from skillbank.bank import SkillBank
+from skillbank.errors import SkillbankError, TaskVectorError
+from skillbank.localize import skill_from_mask
+from skillbank.mask_recipes import MaskRecipe, resolve_recipe
+from skillbank.skill import Skill
+from skillbank.sparse import check_sparsity, global_topk, num_selected
+from skillbank.task_vector import TaskVector, matches, task_vector
+from skillbank.weights import WeightsSource, align_names, load_state_dict
+
+__all__ = ["MaskLearner", "load_model"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def load_model(model: nn.Module | str, num_labels: int | None = None) -> nn.Module:
+    """``model`` itself, or a Hugging Face sequence classifier loaded from a local folder."""
+    if isinstance(model, nn.Module):
+        return model
+    from transformers import AutoModelForSequenceClassification
+
+    extra = {} if num_labels is None else {"num_labels": num_labels}
+    return AutoModelForSequenceClassification.from_pretrained(model, local_files_only=True, **extra)
+
+
+class MaskLearner(pl.LightningModule):
+    """Learns a skill's mask on a few labelled examples, then returns it as a :class:`Skill`.
+
+    Args:
+        model: the finetuned model (module, or a local Hugging Face folder loaded
+            as a sequence classifier). Its shared parameters are reset to the
+            base in place; its head keeps the finetuned values.
+        base: the base weights (folder, file, module or state dict).
+        finetuned: where ``τ`` comes from if not ``model``'s own weights: weights or a
+            :class:`TaskVector` (its head is then loaded into ``model``).
+        sparsity: target fraction of the eligible entries in the final mask.
+        recipe: ``"topk"`` (default) or ``"paper"``; see :data:`~skillbank.mask_recipes.RECIPES`.
+        lr, l1, init_scale, init_sparsity, binarize, full_batch: override the recipe's value when given.
+        exclude: regexes of shared parameter names that get no score (never in
+            the mask, kept at the base), e.g. ``"embeddings"``.
+        loss_fn: ``loss_fn(logits, target)``; without it the model's own loss is
+            used (Hugging Face: ``labels`` in the batch -> ``outputs.loss``).
+        metric: a torchmetrics metric of ``(logits, target)``; default accuracy over
+            ``num_labels`` classes (taken from ``model.config`` when not given).
+        bank, skill_name, task: when ``bank`` is set, the skill is added to it at
+            the end of fitting, by rank 0 only.
+        value_dtype: dtype of the stored skill values.
+
+    Batches are mappings (the target under ``"labels"``) or ``(inputs, target)`` pairs.
+    The wrapped model always runs in eval mode (no dropout), as in the paper,
+    so the mask gradient does not depend on the process or device count.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | str,
+        base: WeightsSource,
+        finetuned: WeightsSource | TaskVector | None = None,
+        sparsity: float = 0.01,
+        *,
+        recipe: str | MaskRecipe = "topk",
+        lr: float | None = None,
+        l1: float | None = None,
+        init_scale: float | None = None,
+        init_sparsity: float | None = None,
+        binarize: str | None = None,
+        full_batch: bool | None = None,
+        exclude: Sequence[str] = (),
+        loss_fn: LossFn | None = None,
+        metric: Metric | None = None,
+        num_labels: int | None = None,
+        bank: str | None = None,
+        skill_name: str | None = None,
+        task: str = "",
+        value_dtype: str = "float32",
+    ) -> None:
+        super().__init__()
+        self.sparsity = check_sparsity(sparsity)
+        self.recipe = resolve_recipe(
+            recipe, lr=lr, l1=l1, init_scale=init_scale, init_sparsity=init_sparsity,
+            binarize=binarize, full_batch=full_batch,
+        )
+        if bank is not None and not skill_name:
+            raise SkillbankError("bank is set but skill_name is not: name the skill the learner should add.")
+        self.exclude = tuple(exclude)
+        self.loss_fn = loss_fn
+        self.bank, self.skill_name, self.task, self.value_dtype = bank, skill_name, task, value_dtype
+        self.automatic_optimization = False
+        self.save_hyperparameters(
+            {"sparsity": self.sparsity, "recipe": self.recipe.to_dict(), "exclude": list(self.exclude),
+             "skill_name": skill_name, "bank": bank}
+        )
+
+        self.model = load_model(model, num_labels)
+        self.model.requires_grad_(False)
+        tv = finetuned if isinstance(finetuned, TaskVector) else task_vector(base, self.model if finetuned is None else finetuned)
+        self._names = self._reset_to_base(tv, base, finetuned is not None)
+        self._tv, self._layout, tau = self._flatten(tv)
+        self.tau = nn.Parameter(tau, requires_grad=False)
+        self.scores = nn.Parameter(self._initial_scores(tau))
+        self.k = num_selected(self.sparsity, tau.numel())
+        self.val_acc = metric if metric is not None else self._default_metric(num_labels)
+        self.val_acc_soft = copy.deepcopy(self.val_acc)
+        self.skill: Skill | None = None
+        self._updates = 0
+        self._binary: Tensor | None = None
+
+    # ---- set-up -------------------------------------------------------------------------------
+
+    def _reset_to_base(self, tv: TaskVector, base: WeightsSource, load_head: bool) -> dict[str, str]:
+        """Write ``θ_pre`` into the model's shared parameters (and the head if ``τ`` came from elsewhere)."""
+        params = dict(self.model.named_parameters())
+        names = align_names(list(tv.names.values()), params)
+        missing = [f for f in tv.names.values() if f not in names]
+        if missing:
+            raise TaskVectorError(
+                f"the model has no parameter for {len(missing)} shared tensor(s) of the task vector, e.g. {missing[:3]}; "
+                "give the architecture the finetune was made with."
+            )
+        base_state = load_state_dict(base)
+        model_names = {b: names[f] for b, f in tv.names.items()}
+        with torch.no_grad():
+            for b, m in model_names.items():
+                if params[m].shape != tv.shared[b].shape:
+                    raise TaskVectorError(f"model parameter {m!r} has shape {tuple(params[m].shape)}, τ has {tuple(tv.shared[b].shape)}.")
+                params[m].copy_(base_state[b])
+            if load_head:
+                head_names = align_names(list(tv.head), params)
+                for h, t in tv.head.items():
+                    if h not in head_names or params[head_names[h]].shape != t.shape:
+                        raise TaskVectorError(f"head tensor {h!r} {tuple(t.shape)} has no same-shaped parameter in the model.")
+                    params[head_names[h]].copy_(t)
+        return model_names
+
+    def _flatten(self, tv: TaskVector) -> tuple[TaskVector, list[tuple[str, int, int]], Tensor]:
+        """One flat ``τ`` over the eligible shared tensors, their layout, and ``tv`` without its tensors."""
+        eligible = [b for b in tv.shared if not matches(b, self.exclude)]
+        if not eligible:
+            raise TaskVectorError(
+                f"no shared floating-point parameter is left to score (exclude={list(self.exclude)}); "
+                "check the base model and the exclude patterns."
+            )
+        tau = torch.cat([tv.shared[b].reshape(-1) for b in eligible])
+        layout, start = [], 0
+        for b in eligible:
+            layout.append((b, start, tv.shared[b].numel()))
+            start += tv.shared[b].numel()
+        shapes = {b: torch.empty(t.shape, device="meta") for b, t in tv.shared.items()}
+        return replace(tv, shared=shapes), layout, tau
+
+    def _initial_scores(self, tau: Tensor) -> Tensor:
+        start = self.recipe.init_sparsity or self.sparsity
+        chosen = global_topk({"tau": tau.abs()}, num_selected(start, tau.numel()))["tau"]
+        scores = torch.full_like(tau, -self.recipe.init_scale)
+        scores[chosen] = self.recipe.init_scale
+        return scores
+
+    def _default_metric(self, num_labels: int | None) -> Metric:
+        num_labels = num_labels or getattr(getattr(self.model, "config", None), "num_labels", None)
+        if not num_labels:
+            raise SkillbankError("cannot tell the number of classes: pass num_labels= or metric=.")
+        return MulticlassAccuracy(num_classes=num_labels, average="micro")
+
+    def train(self, mode: bool = True) -> MaskLearner:
+        """Switch the learner; the wrapped model stays in eval mode (no dropout)."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    # ---- the masked model ---------------------------------------------------------------------
+
+    def masked_weights(self, gate: Tensor) -> dict[str, Tensor]:
+        """``{model name: θ_pre + gate ⊙ τ}`` for every scored tensor (``gate`` is flat)."""
+        delta = gate * self.tau
+        params = dict(self.model.named_parameters())
+        out = {}
+        for b, start, numel in self._layout:
+            p = params[self._names[b]]
+            out[self._names[b]] = (p.float() + delta[start : start + numel].view(p.shape)).to(p.dtype)
+        return out
+
+    def forward(self, batch: Any, gate: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(loss, logits, target)`` of the model at ``θ_pre + gate ⊙ τ`` (default gate ``σ(S)``)."""
+        gate = torch.sigmoid(self.scores) if gate is None else gate
+        weights = self.masked_weights(gate)
+        if isinstance(batch, Mapping):
+            target = batch.get("labels")
+            inputs = dict(batch) if self.loss_fn is None else {k: v for k, v in batch.items() if k != "labels"}
+            out = functional_call(self.model, weights, args=(), kwargs=inputs, strict=False)
+        else:
+            *inputs, target = batch
+            out = functional_call(self.model, weights, args=tuple(inputs), strict=False)
+        logits = getattr(out, "logits", out)
+        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        if self.loss_fn is not None:
+            loss = self.loss_fn(logits, target)
+        else:
+            loss = getattr(out, "loss", None)
+            if loss is None:
+                raise SkillbankError(
+                    "the model returned no loss: put the target under 'labels' in the batch of a Hugging Face "
+                    "model, or pass loss_fn= (e.g. torch.nn.CrossEntropyLoss())."
+                )
+        return loss, logits, target
+
+    def regularizer(self) -> Tensor:
+        """The recipe's penalty on the scores."""
+        gate = torch.sigmoid(self.scores)
+        if self.recipe.regularizer == "mean_sigmoid":
+            return self.recipe.l1 * gate.mean()
+        # d/dS |σ(S) - ½| = sign(S)·σ'(S): one plain step of lr on this term is the paper's S += λ·sign(S)·σ'(S).
+        return -(self.recipe.l1 / self.recipe.lr) * (gate - 0.5).abs().sum()
+
+    def binary_mask(self) -> dict[str, Tensor]:
+        """Sorted flat indices per base name of the final mask (top-k of ``S``, or ``S > 0``)."""
+        views = {b: self.scores.detach()[s : s + n] for b, s, n in self._layout}
+        if self.recipe.binarize == "topk":
+            return global_topk(views, self.k)
+        return {b: torch.nonzero(v > 0).squeeze(1) for b, v in views.items()}
+
+    def _gate_of(self, indices: Mapping[str, Tensor]) -> Tensor:
+        gate = torch.zeros_like(self.tau)
+        for b, start, _ in self._layout:
+            gate[indices[b] + start] = 1.0
+        return gate
+
+    # ---- training -----------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.recipe.optimizer == "adam":
+            return torch.optim.Adam([self.scores], lr=self.recipe.lr)
+        return torch.optim.SGD([self.scores], lr=self.recipe.lr)
+
+    def _group_size(self, batch_idx: int) -> tuple[int, bool]:
+        """How many batches the current update averages, and whether this batch closes it."""
+        total = self.trainer.num_training_batches
+        if not self.recipe.full_batch:
+            return 1, True
+        if total == float("inf"):
+            raise SkillbankError("the full-batch recipe needs a few-shot loader with a length (a map-style dataset).")
+        return int(total), batch_idx + 1 == int(total)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        task_loss, _, _ = self(batch)
+        loss = task_loss + self.regularizer()
+        size, last = self._group_size(batch_idx)
+        self.manual_backward(loss / size)
+        if last:
+            optimizer = self.optimizers()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            self._updates += 1
+        self.log("train_loss", task_loss, prog_bar=True)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._binary = self._gate_of(self.binary_mask())
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        with torch.no_grad():
+            _, soft_logits, target = self(batch)
+            _, logits, _ = self(batch, gate=self._binary)
+        self.val_acc_soft(soft_logits, target)
+        self.val_acc(logits, target)
+        self.log("val_acc_soft", self.val_acc_soft, prog_bar=True)
+        self.log("val_acc", self.val_acc, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self.scores.detach()
+        self.log("mask_density", float(self._binary.mean()), rank_zero_only=True)
+        self.log("mask_density_round", float((scores > 0).float().mean()), rank_zero_only=True)
+        self._binary = None
+
+    # ---- result -------------------------------------------------------------------------------
+
+    def on_fit_end(self) -> None:
+        if self._updates == 0:
+            raise SkillbankError(
+                "no update was made to the mask: the few-shot dataloader yielded no batches "
+                "(is the dataset empty, or limit_train_batches=0?)."
+            )
+        self.skill = self.to_skill(self.skill_name or "learned")
+        if self.bank is not None:
+            if self.trainer.is_global_zero:
+                SkillBank(self.bank).add(self.skill)
+                rank_zero_info(f"added skill {self.skill_name!r} to {self.bank}")
+            self.trainer.strategy.barrier("skillbank.MaskLearner.add")
+
+    def to_skill(self, name: str, **skill_fields: Any) -> Skill:
+        """The learned mask as a :class:`Skill`, with the recipe and the last validation metrics."""
+        indices = self.binary_mask()
+        chosen = sum(int(i.numel()) for i in indices.values())
+        if chosen == 0:
+            raise SkillbankError("the learned mask is empty (every score is below 0); use the 'topk' binarization.")
+        metrics = {}
+        if self._trainer is not None:
+            metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(("val_", "mask_"))}
+        settings = {
+            **self.recipe.to_dict(), "k": chosen, "exclude": list(self.exclude),
+            "updates": self._updates, "target_sparsity": self.sparsity,
+        }
+        fields = {"task": self.task, "metrics": metrics, "value_dtype": self.value_dtype, **skill_fields}
+        sparsity = self.sparsity if self.recipe.binarize == "topk" else chosen / self.tau.numel()
+        indices = {b: i.cpu() for b, i in indices.items()}
+        tau = self.tau.detach().cpu()
+        shared = {b: torch.zeros((), dtype=torch.float32).expand(t.shape) for b, t in self._tv.shared.items()}
+        shared.update({b: tau[s : s + n].view(self._tv.shared[b].shape) for b, s, n in self._layout})
+        tv = replace(self._tv, shared=shared)
+        return skill_from_mask(tv, indices, name=name, sparsity=sparsity, method="learned", settings=settings, **fields)

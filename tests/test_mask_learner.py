@@ -1,0 +1,214 @@
+"""MaskLearner: the masked forward, the recipes' updates, learned vs dataless, DDP, bad input."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from transformers import BertForSequenceClassification, BertModel
+
+from conftest import finetune_like, live_copy, tiny_config
+from skillbank import MaskLearner, SkillBank, SkillbankError, Stitcher, TaskVectorError, localize_dataless, task_vector
+from skillbank.classifier import accuracy
+from skillbank.fewshot import balanced_indices
+from skillbank.demo import _classifier, _finetune, _quiet, pretrained_base
+from skillbank.synthetic import DEMO_TASKS, TokenDataset, make_splits
+
+TESTS = Path(__file__).parent
+
+
+def trainer(**overrides) -> pl.Trainer:
+    settings = dict(
+        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    settings.update(overrides)
+    warnings.filterwarnings("ignore", ".*(num_workers|eval mode|LeafSpec|does not have many workers).*")
+    return pl.Trainer(**settings)
+
+
+def token_loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader:
+    ids, labels = DEMO_TASKS[0].sample(n, torch.Generator().manual_seed(seed))
+    return DataLoader(TokenDataset(ids, labels), batch_size=batch_size)
+
+
+def entries(skill) -> set[tuple[str, int]]:
+    return {(name, i) for name, region in skill.regions.items() for i in region.indices.tolist()}
+
+
+def test_masked_forward_spans_base_to_finetuned(base_model):
+    finetuned = finetune_like(base_model, seed=3, scale=0.05)
+    learner = MaskLearner(copy.deepcopy(finetuned), base_model, sparsity=0.1)
+    batch = next(iter(token_loader()))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    _, full, _ = learner(batch, gate=torch.ones_like(learner.tau))
+    _, none, _ = learner(batch, gate=torch.zeros_like(learner.tau))
+    base_with_head = live_copy(base_model)
+    base_with_head.classifier.load_state_dict(finetuned.classifier.state_dict())
+    torch.testing.assert_close(full, finetuned(**inputs).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(none, base_with_head(**inputs).logits, atol=1e-5, rtol=1e-5)
+    # the model now holds θ_pre, not a second copy of the finetune
+    torch.testing.assert_close(learner.model.bert.state_dict(), base_model.state_dict())
+
+
+def test_only_the_scores_train_and_start_at_the_dataless_mask(base_model):
+    finetuned = finetune_like(base_model, seed=3)
+    learner = MaskLearner(copy.deepcopy(finetuned), base_model, sparsity=0.05)
+    assert [n for n, p in learner.named_parameters() if p.requires_grad] == ["scores"]
+    assert learner.configure_optimizers().param_groups[0]["params"] == [learner.scores]
+    tv = task_vector(base_model, finetuned)
+    assert learner.tau.numel() == learner.scores.numel() == tv.num_shared
+    assert entries(learner.to_skill("init")) == entries(localize_dataless(tv, 0.05, name="d"))
+    assert set(learner.scores.detach().unique().tolist()) == {-1.0, 1.0}
+
+
+def test_exclude_keeps_parameters_out_of_the_scores(base_model):
+    finetuned = finetune_like(base_model, seed=3)
+    learner = MaskLearner(finetuned, base_model, sparsity=0.05, exclude=["embeddings"])
+    tv = task_vector(base_model, finetune_like(base_model, seed=3))
+    eligible = sum(t.numel() for n, t in tv.shared.items() if "embeddings" not in n)
+    assert learner.scores.numel() == eligible
+    skill = learner.to_skill("x")
+    assert skill.num_shared == tv.num_shared  # the skill still describes every shared tensor
+    assert all(r.indices.numel() == 0 for n, r in skill.regions.items() if "embeddings" in n)
+    assert skill.num_entries == learner.k
+
+
+def test_paper_recipe_takes_the_released_codes_full_batch_step(base_model):
+    """One epoch = one step: S ← S − lr·mean_b ∂L_b/∂S + λ·sign(S)·σ'(S), as in Localizer.train_graft."""
+    learner = MaskLearner(finetune_like(base_model, seed=3, scale=0.05), base_model, sparsity=0.05,
+                          recipe="paper", lr=1e4, init_sparsity=0.05)
+    loader = token_loader(n=48, batch_size=16)
+    start = learner.scores.detach().clone()
+    grads = [torch.autograd.grad(learner(batch)[0], learner.scores)[0] for batch in loader]
+    sig = torch.sigmoid(start)
+    expected = start - 1e4 * torch.stack(grads).mean(0) + 10.0 * torch.sign(start) * sig * (1 - sig)
+    trainer().fit(learner, loader)
+    assert learner._updates == 1
+    torch.testing.assert_close(learner.scores.detach(), expected, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(learner.scores.detach(), start)
+    skill = learner.skill
+    positive = int((learner.scores > 0).sum())
+    assert skill.num_entries == positive  # round(σ(S)): size not controlled
+    assert skill.metadata.sparsity == pytest.approx(positive / learner.tau.numel())
+    assert skill.metadata.method == "learned" and skill.metadata.settings["binarize"] == "round"
+
+
+def test_any_module_with_a_loss_function():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    finetuned = copy.deepcopy(base)
+    x = torch.randn(96, 8)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
+    optimizer = torch.optim.SGD(finetuned.parameters(), lr=0.5)
+    for _ in range(100):
+        nn.functional.cross_entropy(finetuned(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    loader = DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    learner = MaskLearner(copy.deepcopy(finetuned), base.state_dict(), sparsity=0.2,
+                          loss_fn=nn.CrossEntropyLoss(), num_labels=3)
+    trainer(max_epochs=5).fit(learner, loader, loader)
+    assert learner.skill.num_entries == learner.k == 39  # ceil(0.2 · 195 entries)
+    assert 0.0 <= learner.skill.metadata.metrics["val_acc"] <= 1.0
+    assert set(learner.skill.metadata.metrics) >= {"val_acc", "val_acc_soft", "mask_density"}
+
+
+@pytest.fixture(scope="module")
+def adam_finetune():
+    """The demo's pretrained base and an Adam finetune of its sentiment task: dataless masks fail on it."""
+    _quiet()
+    base = pretrained_base(steps=400, seed=0)
+    finetuned, test = _finetune(base, DEMO_TASKS[0], 200, seed=0, lr=1e-3, optimizer="adamw")
+    return base, finetuned, make_splits(DEMO_TASKS[0], seed=0)[0].dataset, test
+
+
+def test_learned_mask_beats_dataless_on_an_adam_finetune(adam_finetune, tmp_path):
+    base, finetuned, train, test = adam_finetune
+    few = DataLoader(Subset(train, balanced_indices(train.labels, 64, seed=0)), batch_size=32, shuffle=True,
+                     generator=torch.Generator().manual_seed(0))
+    pl.seed_everything(0, verbose=False)
+    learner = MaskLearner(copy.deepcopy(finetuned), base, sparsity=0.01, bank=str(tmp_path / "bank"), skill_name="sentiment")
+    trainer(max_epochs=learner.recipe.epochs).fit(learner, few)
+    dataless = localize_dataless(task_vector(base, finetuned), 0.01, name="sentiment")
+    scores = {}
+    for kind, skill in (("dataless", dataless), ("learned", SkillBank(tmp_path / "bank").get("sentiment"))):
+        stitcher = Stitcher(_classifier(base, 2).eval(), base)
+        stitcher.add(skill)
+        with stitcher.use_head("sentiment") as model:
+            scores[kind] = accuracy(model, test)
+    finetuned_acc = accuracy(finetuned, test)
+    assert learner.skill.num_entries == dataless.num_entries
+    assert scores["learned"] >= scores["dataless"] + 0.15, scores
+    assert scores["learned"] >= 0.95 * finetuned_acc, (scores, finetuned_acc)
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_ddp_learns_the_same_mask_and_writes_the_bank_once(tmp_path):
+    script = str(TESTS / "mask_ddp_run.py")
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    subprocess.run([sys.executable, script, "prepare", one], check=True, cwd=TESTS, capture_output=True)
+    shutil.copytree(one + ".finetuned", two + ".finetuned")
+    for devices, bank in ((1, one), (2, two)):
+        done = subprocess.run([sys.executable, script, str(devices), bank], cwd=TESTS, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    single, ddp = SkillBank(one), SkillBank(two)
+    assert ddp.names() == ["sentiment"] and ddp.verify() == {"sentiment": "ok"}  # written once, by rank 0
+    a, b = single.get("sentiment"), ddp.get("sentiment")
+    assert entries(a) == entries(b)
+    torch.testing.assert_close(torch.load(two + ".scores.pt"), torch.load(one + ".scores.pt"), atol=1e-4, rtol=0)
+    # the mask did move away from where it started, so agreeing is not trivial
+    torch.manual_seed(0)
+    start = localize_dataless(
+        task_vector(BertModel(tiny_config()), BertForSequenceClassification.from_pretrained(one + ".finetuned")),
+        0.05, name="start",
+    )
+    assert len(entries(a) & entries(start)) < 0.9 * len(entries(a))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(sparsity=0.0), SkillbankError, "sparsity must be a fraction in (0, 1]"),
+        (dict(sparsity=1.5), SkillbankError, "sparsity must be a fraction in (0, 1]"),
+        (dict(exclude=[".*"]), TaskVectorError, "no shared floating-point parameter is left"),
+        (dict(recipe="fast"), SkillbankError, "unknown recipe 'fast'"),
+        (dict(bank="somewhere"), SkillbankError, "skill_name is not"),
+        (dict(lr=-1.0), SkillbankError, "need lr > 0"),
+    ],
+)
+def test_bad_arguments_are_refused(base_model, kwargs, error, words):
+    with pytest.raises(error, match=re.escape(words)):
+        MaskLearner(finetune_like(base_model, seed=1), base_model, **kwargs)
+
+
+def test_a_finetune_of_another_base_is_refused(base_model):
+    torch.manual_seed(0)
+    other = BertModel(tiny_config(hidden_size=32, intermediate_size=64))
+    with pytest.raises(TaskVectorError, match="share no floating-point parameter"):
+        MaskLearner(finetune_like(base_model, seed=1), other)
+
+
+def test_an_empty_dataloader_is_refused(base_model):
+    learner = MaskLearner(finetune_like(base_model, seed=1), base_model)
+    empty = DataLoader(TokenDataset(torch.zeros(0, 16, dtype=torch.long), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    with pytest.raises(SkillbankError, match="yielded no batches"):
+        trainer().fit(learner, empty)
+
+
+def test_a_model_without_a_loss_needs_loss_fn():
+    base = nn.Linear(4, 2)
+    learner = MaskLearner(copy.deepcopy(base), base.state_dict(), num_labels=2)
+    with pytest.raises(SkillbankError, match="pass loss_fn="):
+        learner((torch.randn(3, 4), torch.zeros(3, dtype=torch.long)))
