@@ -1,3 +1,10 @@
-"""Lightning callbacks of skillbank, installed as ``skillbank.callbacks``."""
+"""Lightning callbacks for continual skill composition, installed as ``skillbank.callbacks``.
 
-__all__: list[str] = []
+* :class:`SkillHarvester`: at the end of a finetuning run, localize its skill and add it to a bank.
+* :class:`SkillStitcher`: while a Trainer runs, stitch each new skill of a bank into the model.
+"""
+
+from skillbank.callbacks.skill_harvester import SkillHarvester
+from skillbank.callbacks.skill_stitcher import SkillStitcher
+
+__all__ = ["SkillHarvester", "SkillStitcher"]

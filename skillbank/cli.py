@@ -1,4 +1,4 @@
-"""The ``skillbank`` command line: demo, localize, list, show, remove, verify, stitch."""
+"""The ``skillbank`` command line: demo, fit, localize, list, show, remove, verify, stitch."""
 
 from __future__ import annotations
 
@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(run=_demo)
 
+    sub.add_parser("fit", help="train from a LightningCLI YAML, e.g. learn a mask: skillbank fit --config configs/mask_demo.yaml",
+                   description="LightningCLI's fit: see `skillbank fit --help` and configs/.", add_help=False)
+
     p = sub.add_parser("localize", help="localize a finetuned model's skill and add it to a bank",
                        description="Compute the task vector of --finetuned against --base, keep the top ceil(s*P) "
                        "entries of |tau| over all shared parameters (dataless localization), and add the skill (plus the "
@@ -230,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``skillbank`` command; returns the exit code (2 on bad input, with the reason on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fit"]:
+        from skillbank.fit import run_fit
+
+        try:
+            return run_fit(argv[1:])
+        except SkillbankError as exc:
+            print(f"skillbank fit: error: {exc}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.apply_func import move_data_to_device
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -33,6 +34,10 @@ from skillbank.weights import WeightsSource, align_names, load_state_dict
 __all__ = ["MaskLearner", "load_model"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+_NO_UPDATES = (
+    "no update was made to the mask: the few-shot dataloader yielded no batches "
+    "(is the dataset empty, or limit_train_batches=0?)."
+)
 
 
 def load_model(model: nn.Module | str, num_labels: int | None = None) -> nn.Module:
@@ -253,27 +258,48 @@ class MaskLearner(pl.LightningModule):
             return torch.optim.Adam([self.scores], lr=self.recipe.lr)
         return torch.optim.SGD([self.scores], lr=self.recipe.lr)
 
-    def _group_size(self, batch_idx: int) -> tuple[int, bool]:
+    def _group_size(self, batch_idx: int, total: float) -> tuple[int, bool]:
         """How many batches the current update averages, and whether this batch closes it."""
-        total = self.trainer.num_training_batches
         if not self.recipe.full_batch:
             return 1, True
         if total == float("inf"):
             raise SkillbankError("the full-batch recipe needs a few-shot loader with a length (a map-style dataset).")
         return int(total), batch_idx + 1 == int(total)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def _step(self, batch: Any, batch_idx: int, total: float, optimizer: Any, backward: Callable[[Tensor], None]) -> Tensor:
+        """Loss and backward of one batch; an optimizer step when it closes the update's group."""
         task_loss, _, _ = self(batch)
-        loss = task_loss + self.regularizer()
-        size, last = self._group_size(batch_idx)
-        self.manual_backward(loss / size)
+        size, last = self._group_size(batch_idx, total)
+        backward((task_loss + self.regularizer()) / size)
         if last:
-            optimizer = self.optimizers()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             self._updates += 1
+        return task_loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        task_loss = self._step(batch, batch_idx, self.trainer.num_training_batches, self.optimizers(), self.manual_backward)
         self.log("train_loss", task_loss, prog_bar=True)
-        return loss
+        return task_loss
+
+    def learn(self, loader: Iterable[Any], epochs: int | None = None, name: str | None = None) -> Skill:
+        """Fit in this process without a Trainer (e.g. inside another run's callback) and return the skill.
+
+        Same updates as under a Trainer, on the learner's current device; no
+        validation, no logging. Use a Trainer for multi-device runs.
+        """
+        optimizer = self.configure_optimizers()
+        device = self.scores.device
+        total = len(loader) if hasattr(loader, "__len__") else float("inf")
+        self.train()
+        for _ in range(self.recipe.epochs if epochs is None else epochs):
+            for batch_idx, batch in enumerate(loader):
+                batch = move_data_to_device(batch, device)
+                self._step(batch, batch_idx, total, optimizer, lambda loss: loss.backward())
+        if self._updates == 0:
+            raise SkillbankError(_NO_UPDATES)
+        self.skill = self.to_skill(name or self.skill_name or "learned")
+        return self.skill
 
     def on_validation_epoch_start(self) -> None:
         self._binary = self._gate_of(self.binary_mask())
@@ -297,10 +323,7 @@ class MaskLearner(pl.LightningModule):
 
     def on_fit_end(self) -> None:
         if self._updates == 0:
-            raise SkillbankError(
-                "no update was made to the mask: the few-shot dataloader yielded no batches "
-                "(is the dataset empty, or limit_train_batches=0?)."
-            )
+            raise SkillbankError(_NO_UPDATES)
         self.skill = self.to_skill(self.skill_name or "learned")
         if self.bank is not None:
             if self.trainer.is_global_zero:

@@ -98,6 +98,11 @@ class _Union:
     def covered(self) -> int:
         return int((self.rows[: self.size, 2] > 0).sum())
 
+    def touched(self) -> tuple[Tensor, Tensor]:
+        """Flat positions of every entry ever covered, ascending, and their base values (float64)."""
+        positions = torch.nonzero(self.slot >= 0).squeeze(1)
+        return positions, self.rows.index_select(0, self.slot.index_select(0, positions).long())[:, 0]
+
     def nbytes(self) -> int:
         return self.slot.numel() * self.slot.element_size() + self.rows.numel() * self.rows.element_size()
 
@@ -199,6 +204,24 @@ class Stitcher:
     def state_nbytes(self) -> int:
         """Bytes of union-support state the stitcher holds (its position → entry map included)."""
         return self._union.nbytes() if self._union is not None else 0
+
+    def base_values(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{tensor name: (flat indices, base values)}`` of every entry a skill has touched.
+
+        Everywhere else the model holds its base already, so writing these back
+        returns a stitched model (say, one restored from a checkpoint) to its base
+        bit for bit, e.g. to stitch the same skills again with a new ``Stitcher``.
+        """
+        if self._union is None:
+            return {}
+        positions, values = self._union.touched()
+        out = {}
+        for name, tensor in self._tensors.items():
+            start = self._offsets[name]
+            lo, hi = torch.searchsorted(positions, torch.tensor([start, start + tensor.numel()], device=positions.device)).tolist()
+            if hi > lo:
+                out[name] = ((positions[lo:hi] - start).cpu(), values[lo:hi].to(tensor.dtype).cpu())
+        return out
 
     def __contains__(self, name: object) -> bool:
         return name in self._stitched

@@ -1,0 +1,153 @@
+"""SkillHarvester: at the end of a finetuning run, localize what the run learned and add it to a bank."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from typing_extensions import override
+
+from skillbank.bank import SkillBank
+from skillbank.callbacks._model import wrapped_model
+from skillbank.errors import SkillbankError, SkillNameError
+from skillbank.localize import localize_dataless
+from skillbank.mask_learner import MaskLearner
+from skillbank.skill import Skill
+from skillbank.sparse import check_sparsity
+from skillbank.task_vector import task_vector
+from skillbank.weights import WeightsSource, is_float
+
+__all__ = ["SkillHarvester"]
+
+METHODS = ("dataless", "learned")
+
+
+class SkillHarvester(Callback):
+    """Turn a finetuning run into a skill in a :class:`~skillbank.SkillBank` when fitting ends.
+
+    Args:
+        bank: the bank directory (created if missing).
+        name: the skill's name; checked to be free when fitting starts, so a
+            clash fails before the run rather than after it.
+        base: the base weights (folder, file, module or state dict). ``None``
+            captures the model's weights when fitting is set up, before any
+            checkpoint is restored: right when the module is built from the base.
+            Of a Hugging Face model only the backbone (``model.base_model``) is
+            captured, so its task head becomes the skill's head; for other modules
+            give ``head_patterns`` to keep a new head out of the task vector.
+        sparsity: fraction of the shared entries in the mask.
+        method: ``"dataless"`` (top-|τ|) or ``"learned"`` (:class:`~skillbank.MaskLearner`
+            on ``few_shot``, on rank 0's device, without a Trainer).
+        few_shot: the labelled few-shot batches for ``"learned"`` (64 per class in the paper).
+        model_attr: the LightningModule attribute holding the model (dots allowed);
+            ``None``, or a module without ``model``, means the LightningModule itself.
+        task, exclude, head_patterns, value_dtype: as in :func:`~skillbank.localize_dataless`
+            and :func:`~skillbank.task_vector`.
+        learner_kwargs: more :class:`~skillbank.MaskLearner` arguments (``recipe``, ``lr``, …).
+
+    The run's final ``trainer.callback_metrics`` (validation accuracy, …) go into the
+    skill's metadata. Under DDP rank 0 localizes and writes; every rank waits for
+    it and raises the same error if it fails. The skill is kept as ``self.skill`` on rank 0.
+    """
+
+    def __init__(
+        self,
+        bank: str | Path,
+        name: str,
+        base: WeightsSource | None = None,
+        sparsity: float = 0.01,
+        method: str = "dataless",
+        few_shot: Iterable[Any] | None = None,
+        model_attr: str | None = "model",
+        task: str = "",
+        exclude: Sequence[str] = (),
+        head_patterns: Sequence[str] = (),
+        value_dtype: str = "float32",
+        learner_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        check_sparsity(sparsity)
+        if method not in METHODS:
+            raise SkillbankError(f"method must be one of {METHODS}, got {method!r}.")
+        if method == "learned" and few_shot is None:
+            raise SkillbankError("method='learned' needs few_shot=: a dataloader of labelled examples (e.g. 64 per class).")
+        if not name:
+            raise SkillNameError("name the skill the harvester should add (name=...).")
+        self.bank, self.name, self.base, self.sparsity, self.method = Path(bank), name, base, sparsity, method
+        self.few_shot, self.model_attr, self.task = few_shot, model_attr, task
+        self.exclude, self.head_patterns, self.value_dtype = tuple(exclude), tuple(head_patterns), value_dtype
+        self.learner_kwargs = dict(learner_kwargs or {})
+        self.skill: Skill | None = None
+        self._captured: dict[str, Tensor] | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(bank=str(self.bank), name=self.name)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        error = None
+        if trainer.is_global_zero:
+            try:
+                if self.name in SkillBank(self.bank).names():
+                    raise SkillNameError(f"bank {self.bank} already has a skill {self.name!r}; pick another name= before training.")
+                if self.base is None:
+                    model = wrapped_model(pl_module, self.model_attr)
+                    # a Hugging Face model's head (outside .base_model) is task specific, not part of the base
+                    state = getattr(model, "base_model", model).state_dict()
+                    self._captured = {k: v.detach().to("cpu", copy=True) for k, v in state.items() if is_float(v)}
+            except SkillbankError as exc:
+                error = exc
+        self._raise_everywhere(trainer, error)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        error = None
+        if trainer.is_global_zero:
+            try:
+                self.skill = self.harvest(trainer, pl_module)
+                SkillBank(self.bank).add(self.skill)
+                rank_zero_info(f"SkillHarvester: added {self.name!r} ({self.skill.num_entries} entries) to {self.bank}")
+            except Exception as exc:  # noqa: BLE001 - shared with every rank below, then raised
+                error = exc
+        self._raise_everywhere(trainer, error)
+
+    def harvest(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Skill:
+        """Localize the finetuned model (this process only) and return the skill, not yet banked."""
+        model = wrapped_model(pl_module, self.model_attr)
+        base = self.base if self.base is not None else self._captured
+        if base is None:
+            raise SkillbankError("no base weights: pass base=, or let the harvester capture them (fit set-up ran on another rank?).")
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+        source = {"kind": "full finetune", "module": type(pl_module).__name__, "global_step": trainer.global_step,
+                  "epochs": trainer.current_epoch}
+        if self.method == "dataless":
+            tv = task_vector(base, model, head_patterns=self.head_patterns)
+            return localize_dataless(tv, self.sparsity, name=self.name, exclude=self.exclude, task=self.task,
+                                     metrics=metrics, source=source, value_dtype=self.value_dtype)
+        learner = MaskLearner(
+            copy.deepcopy(model), base, task_vector(base, model, head_patterns=self.head_patterns), self.sparsity,
+            exclude=self.exclude, task=self.task, value_dtype=self.value_dtype, **self.learner_kwargs,
+        )
+        skill = learner.learn(self.few_shot, name=self.name)
+        skill.metadata.metrics.update(metrics)
+        skill.metadata.source.update(source)
+        return skill
+
+    @staticmethod
+    def _raise_everywhere(trainer: pl.Trainer, error: BaseException | None) -> None:
+        """Share rank 0's outcome: every rank raises (the same message) or none does."""
+        message = trainer.strategy.broadcast(None if error is None else f"{type(error).__name__}: {error}", src=0)
+        if error is not None:
+            raise error
+        if message is not None:
+            raise SkillbankError(f"SkillHarvester failed on rank 0: {message}")

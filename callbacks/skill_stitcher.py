@@ -1,0 +1,204 @@
+"""SkillStitcher: stitch every new skill of a bank into a running model, as the skills arrive."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from typing_extensions import override
+
+from skillbank.bank import SkillBank
+from skillbank.callbacks._model import wrapped_model
+from skillbank.errors import SkillbankError
+from skillbank.stitcher import Stitcher
+from skillbank.weights import WeightsSource
+
+__all__ = ["SkillStitcher"]
+
+
+class SkillStitcher(Callback):
+    """Looks at a bank at set moments of a fit, validate, test or predict run and stitches what is new.
+
+    Each skill is stitched once, in bank order, with :class:`~skillbank.Stitcher`:
+    entries outside its mask stay bitwise unchanged, earlier skills are never
+    re-applied or re-localized. The stitched parameters must not be trained by
+    the run (freeze the backbone; train heads or nothing).
+
+    Args:
+        bank: the bank directory to watch (another process may be adding to it).
+        base: the base weights, to check the model against once; ``None`` trusts
+            that the model starts as the base (each skill's base fingerprint is
+            still checked against it).
+        every_n_steps: also look after every ``n`` training steps (and every ``n``
+            predict batches); ``None``: only at the start of each stage.
+        on_validation_start: look at the start of every validation run.
+        skills: stitch only these names (in bank order); ``None``: every skill.
+        model_attr: the LightningModule attribute holding the model; ``None``, or a
+            module without ``model``, means the LightningModule itself.
+
+    Heads: ``pl_module.skill_heads`` is set to ``{name: head tensors}`` and
+    :meth:`use_head` swaps one in, so each task is evaluated with its own head.
+    Resumable: the checkpoint records which skills are stitched and the base
+    values under them, so a resumed run carries on without stitching twice.
+    Under DDP rank 0 reads the manifest and broadcasts it: all ranks stitch the
+    same skills in the same order.
+    """
+
+    def __init__(
+        self,
+        bank: str | Path,
+        base: WeightsSource | None = None,
+        every_n_steps: int | None = None,
+        on_validation_start: bool = True,
+        skills: Sequence[str] | None = None,
+        model_attr: str | None = "model",
+    ) -> None:
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps < 1):
+            raise SkillbankError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}.")
+        if Path(bank).exists() and not Path(bank).is_dir():
+            raise SkillbankError(f"bank path {bank} is a file, not a directory.")
+        self.bank, self.base, self.every_n_steps = Path(bank), base, every_n_steps
+        self.look_on_validation_start = on_validation_start
+        self.skills = None if skills is None else list(skills)
+        self.model_attr = model_attr
+        self.history: list[tuple[str, int]] = []  # (skill, global step) as stitched
+        self._stitcher: Stitcher | None = None
+        self._restored: list[str] = []
+        self._restored_base: dict[str, dict[str, Tensor]] | None = None
+
+    # -- public ------------------------------------------------------------
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(bank=str(self.bank))
+
+    @property
+    def stitched(self) -> list[str]:
+        """Names of the stitched skills, in order."""
+        return self._stitcher.stitched if self._stitcher is not None else list(self._restored)
+
+    @property
+    def heads(self) -> dict[str, dict[str, Tensor]]:
+        """Each stitched skill's head tensors."""
+        return self._stitcher.heads if self._stitcher is not None else {}
+
+    def use_head(self, name: str) -> AbstractContextManager[nn.Module]:
+        """Context manager: the model with skill ``name``'s head swapped in."""
+        if self._stitcher is None:
+            raise SkillbankError("no skill is stitched yet.")
+        return self._stitcher.use_head(name)
+
+    def should_update(self, step_idx: int, epoch_idx: int) -> bool:
+        """Whether to look at the bank after training step ``step_idx`` (override for other schedules)."""
+        return self.every_n_steps is not None and step_idx > 0 and step_idx % self.every_n_steps == 0
+
+    def update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+        """Stitch every skill of the bank not stitched yet; returns their names (the same on every rank)."""
+        stitcher = self._ensure_stitcher(pl_module)
+        new, error = None, None
+        if trainer.is_global_zero:
+            try:
+                wanted = SkillBank(self.bank).names()
+                new = [n for n in wanted if n not in stitcher and (self.skills is None or n in self.skills)]
+            except SkillbankError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        new, error = trainer.strategy.broadcast((new, error), src=0)
+        if error is not None:
+            raise SkillbankError(f"SkillStitcher could not read {self.bank}: {error}")
+        for name in new:
+            stitcher.add(name)
+            self.history.append((name, trainer.global_step))
+            rank_zero_info(f"SkillStitcher: stitched {name!r} at step {trainer.global_step} ({len(stitcher)} skills)")
+        if new:
+            pl_module.skill_heads = stitcher.heads
+        return new
+
+    # -- moments -------------------------------------------------------------
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.update(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.should_update(trainer.global_step, trainer.current_epoch):
+            self.update(trainer, pl_module)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.look_on_validation_start:
+            self.update(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.update(trainer, pl_module)
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.update(trainer, pl_module)
+
+    @override
+    def on_predict_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.should_update(batch_idx + 1, trainer.current_epoch):
+            self.update(trainer, pl_module)
+
+    # -- resuming ------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"stitched": self.stitched, "bank": str(self.bank)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = list(state_dict["stitched"])
+        self._stitcher = None  # the restored weights already hold these skills; rebuilt at the next look
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._stitcher is not None and len(self._stitcher):
+            values = self._stitcher.base_values()
+            checkpoint[self._base_key] = {n: {"indices": i, "values": v} for n, (i, v) in values.items()}
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._restored_base = checkpoint.get(self._base_key)
+
+    @property
+    def _base_key(self) -> str:
+        return f"{self.state_key}:base_values"
+
+    def _ensure_stitcher(self, pl_module: pl.LightningModule) -> Stitcher:
+        """The stitcher; after a restore, the model is first put back to its base and the skills re-stitched in order."""
+        if self._stitcher is not None:
+            return self._stitcher
+        model = wrapped_model(pl_module, self.model_attr)
+        if self._restored and self._restored_base is None:
+            raise SkillbankError(
+                "the checkpoint lists stitched skills but not the base values under them; it was not written by SkillStitcher."
+            )
+        if self._restored_base:
+            state = model.state_dict(keep_vars=True)
+            with torch.no_grad():
+                for name, saved in self._restored_base.items():
+                    flat = state[name].data.view(-1)
+                    flat.index_copy_(0, saved["indices"].to(flat.device), saved["values"].to(flat.device, flat.dtype))
+        self._stitcher = Stitcher(model, self.base, bank=SkillBank(self.bank))
+        for name in self._restored:
+            self._stitcher.add(name)
+        if self._restored:
+            pl_module.skill_heads = self._stitcher.heads
+        self._restored, self._restored_base = [], None
+        return self._stitcher

@@ -1,0 +1,53 @@
+"""``skillbank fit``: LightningCLI over any LightningModule and DataModule, configured from ``configs/``.
+
+``skillbank fit --config configs/mask_demo.yaml`` learns a mask with
+:class:`~skillbank.mask_learner.MaskLearner`; the same command runs an ordinary
+finetune with callbacks (``configs/finetune_callbacks.yaml``). ``--print_config``
+shows every setting with its default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningCLI
+
+from skillbank.errors import SkillbankError
+
+__all__ = ["run_fit"]
+
+
+def run_fit(argv: Sequence[str]) -> int:
+    """Run ``fit`` with the LightningCLI arguments ``argv`` (e.g. ``["--config", "configs/mask_demo.yaml"]``)."""
+    try:
+        _cli(argv)
+    except ValueError as exc:  # jsonargparse wraps errors raised while building the classes
+        cause = _skillbank_cause(exc)
+        if cause is None:
+            raise
+        raise cause from None
+    return 0
+
+
+def _skillbank_cause(exc: BaseException) -> SkillbankError | None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, SkillbankError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _cli(argv: Sequence[str]) -> LightningCLI:
+    return LightningCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,  # MaskLearner and SequenceClassifier bring their own
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        args=["fit", *argv],
+        parser_kwargs={"prog": "skillbank", "description": "Train a LightningModule (e.g. skillbank.MaskLearner) from a YAML config in configs/."},
+    )

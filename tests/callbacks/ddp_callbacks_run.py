@@ -1,0 +1,54 @@
+"""Child script of the callbacks' DDP test: ``python ddp_callbacks_run.py harvest|stitch WORKDIR``.
+
+``harvest``: a 2-process finetune with SkillHarvester (bank ``WORKDIR/bank``).
+``stitch``: a 2-process run of a frozen model with SkillStitcher over the bank the
+test filled; each rank writes what it stitched, in order, and a digest of its
+weights to ``WORKDIR/rank<r>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from transformers import BertModel
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from conftest import live_copy, tiny_config  # noqa: E402
+from helpers import Watcher, quiet_trainer, task_loader  # noqa: E402
+from skillbank.callbacks import SkillHarvester, SkillStitcher  # noqa: E402
+from skillbank.classifier import SequenceClassifier  # noqa: E402
+from skillbank.weights import tensor_digest  # noqa: E402
+
+
+class Report(pl.Callback):
+    def __init__(self, workdir: Path, stitcher: SkillStitcher) -> None:
+        self.workdir, self.stitcher = workdir, stitcher
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        digest = {k: tensor_digest(v) for k, v in pl_module.model.state_dict().items()}
+        report = {"stitched": self.stitcher.stitched, "history": self.stitcher.history, "digest": digest}
+        (self.workdir / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+def main(mode: str, workdir: Path) -> None:
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    base = BertModel(tiny_config()).eval()
+    ddp = dict(devices=2, strategy="ddp", enable_checkpointing=False)
+    if mode == "harvest":
+        module = SequenceClassifier(live_copy(base), num_labels=2, lr=0.05, optimizer="sgd")
+        harvester = SkillHarvester(workdir / "bank", "sentiment", sparsity=0.05)
+        quiet_trainer(max_steps=4, callbacks=[harvester], **ddp).fit(module, task_loader(), task_loader(n=32, seed=1))
+    else:
+        stitcher = SkillStitcher(workdir / "bank", base=base, every_n_steps=2)
+        module = Watcher(live_copy(base))
+        quiet_trainer(max_steps=4, callbacks=[stitcher, Report(workdir, stitcher)], **ddp).fit(module, task_loader())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))

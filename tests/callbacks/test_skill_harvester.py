@@ -1,0 +1,96 @@
+"""SkillHarvester: a finetuning run leaves a verified skill in the bank."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import live_copy
+from helpers import quiet_trainer, task_loader
+from skillbank import SkillBank, SkillNameError, localize_dataless, task_vector
+from skillbank.callbacks import SkillHarvester
+from skillbank.classifier import SequenceClassifier
+from skillbank.errors import SkillbankError
+
+
+def finetune(base_model, callback, steps: int = 12) -> SequenceClassifier:
+    module = SequenceClassifier(live_copy(base_model), num_labels=2, lr=0.05, optimizer="sgd")
+    trainer = quiet_trainer(max_steps=steps, callbacks=[callback], enable_checkpointing=False,
+                            val_check_interval=steps, check_val_every_n_epoch=None)
+    trainer.fit(module, task_loader(), task_loader(n=64, seed=1))
+    return module
+
+
+def test_a_finetune_leaves_a_verified_dataless_skill(base_model, tmp_path):
+    harvester = SkillHarvester(tmp_path / "bank", "sentiment", sparsity=0.05, task="sentiment")
+    module = finetune(base_model, harvester)
+    bank = SkillBank(tmp_path / "bank")
+    assert bank.names() == ["sentiment"] and bank.verify() == {"sentiment": "ok"}
+    skill = bank.get("sentiment")
+    # base captured at set-up = the base model: same mask as localizing the finished finetune by hand
+    expected = localize_dataless(task_vector(base_model, module.model), 0.05, name="sentiment")
+    assert skill.metadata.base_fingerprint == expected.metadata.base_fingerprint
+    for name, region in expected.regions.items():
+        assert torch.equal(skill.regions[name].indices, region.indices)
+        assert torch.equal(skill.regions[name].values, region.values)
+    assert set(skill.head) == {"classifier.weight", "classifier.bias"}
+    assert {"val_acc", "val_loss", "train_loss"} <= set(skill.metadata.metrics)
+    assert skill.metadata.source["global_step"] == 12
+
+
+def test_learned_harvest_uses_the_few_shot_loader(base_model, tmp_path):
+    harvester = SkillHarvester(tmp_path / "bank", "s", base=copy.deepcopy(base_model), sparsity=0.05, method="learned",
+                               few_shot=task_loader(n=64), learner_kwargs={"recipe": "topk"})
+    finetune(base_model, harvester)
+    skill = SkillBank(tmp_path / "bank").get("s")
+    assert skill.metadata.method == "learned" and skill.metadata.settings["updates"] == 40 * 4
+    assert "val_acc" in skill.metadata.metrics and skill.num_entries == harvester.skill.num_entries
+
+
+def test_a_taken_name_fails_before_training(base_model, tmp_path):
+    finetune(base_model, SkillHarvester(tmp_path / "bank", "s", sparsity=0.05))
+    module = SequenceClassifier(live_copy(base_model), num_labels=2)
+    trainer = quiet_trainer(max_steps=5, callbacks=[SkillHarvester(tmp_path / "bank", "s")], enable_checkpointing=False)
+    with pytest.raises(SkillNameError, match="already has a skill 's'"):
+        trainer.fit(module, task_loader())
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(sparsity=0.0), "sparsity must be a fraction"),
+        (dict(method="magic"), "method must be one of"),
+        (dict(method="learned"), "needs few_shot="),
+        (dict(name=""), "name the skill"),
+    ],
+)
+def test_bad_arguments_fail_fast(tmp_path, kwargs, words):
+    settings = {"bank": tmp_path / "bank", "name": "s", **kwargs}
+    with pytest.raises(SkillbankError, match=words):
+        SkillHarvester(**settings)
+
+
+def test_a_missing_model_attribute_is_named(base_model, tmp_path):
+    module = SequenceClassifier(live_copy(base_model), num_labels=2)
+    trainer = quiet_trainer(max_steps=2, callbacks=[SkillHarvester(tmp_path / "b", "s", model_attr="backbone")],
+                            enable_checkpointing=False)
+    with pytest.raises(SkillbankError, match="has no attribute 'backbone'"):
+        trainer.fit(module, task_loader())
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_ddp_finetune_is_harvested_once(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("ddp_callbacks_run.py")
+    done = subprocess.run([sys.executable, str(script), "harvest", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    bank = SkillBank(tmp_path / "bank")
+    assert bank.names() == ["sentiment"] and bank.verify() == {"sentiment": "ok"}
+    assert bank.get("sentiment").metadata.source["global_step"] == 4

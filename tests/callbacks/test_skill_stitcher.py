@@ -1,0 +1,119 @@
+"""SkillStitcher: new skills are stitched at the configured moments, exactly once, and survive a resume."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from conftest import live_copy, make_skill, reference_stitch
+from helpers import Watcher, quiet_trainer, task_loader
+from skillbank import SkillBank, SkillbankError, Stitcher
+from skillbank.callbacks import SkillStitcher
+
+
+@pytest.fixture
+def skills(base_model):
+    return [make_skill(base_model, name, seed) for name, seed in (("a", 1), ("b", 2))]
+
+
+def flat_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class AddFromAnotherProcess(pl.Callback):
+    """After training step ``at``, another Python process adds the skill saved at ``path`` to ``bank``."""
+
+    def __init__(self, bank, path, at: int) -> None:  # noqa: ANN001
+        self.bank, self.path, self.at, self.before = str(bank), str(path), at, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
+        if trainer.global_step == self.at:
+            self.before = flat_state(pl_module.model)
+            code = "import sys; from skillbank import SkillBank, Skill; SkillBank(sys.argv[1]).add(Skill.load(sys.argv[2]))"
+            subprocess.run([sys.executable, "-c", code, self.bank, self.path], check=True)
+
+
+def test_a_skill_added_mid_run_is_stitched_at_the_next_moment(base_model, skills, tmp_path):
+    a, b = skills
+    SkillBank(tmp_path / "bank").add(a)
+    b.save(tmp_path / "b.safetensors")
+    adder = AddFromAnotherProcess(tmp_path / "bank", tmp_path / "b.safetensors", at=3)
+    stitcher = SkillStitcher(tmp_path / "bank", base=base_model, every_n_steps=2, on_validation_start=False)
+    module = Watcher(live_copy(base_model))
+    quiet_trainer(max_steps=6, callbacks=[adder, stitcher], enable_checkpointing=False).fit(module, task_loader())
+    assert stitcher.history == [("a", 0), ("b", 4)]
+    after = flat_state(module.model)
+    inside_b = {f"bert.{n}": set(r.indices.tolist()) for n, r in b.regions.items()}
+    for name, tensor in after.items():
+        changed = torch.nonzero(tensor.view(-1) != adder.before[name].view(-1)).squeeze(1).tolist()
+        assert set(changed) <= inside_b.get(name, set()), name  # bits outside b's mask untouched
+    expected = reference_stitch(base_model.state_dict(), [a, b])
+    for name, tensor in expected.items():
+        torch.testing.assert_close(after[f"bert.{name}"], tensor.to(torch.float32), rtol=0, atol=1e-6)
+    assert sorted(module.skill_heads) == ["a", "b"]
+
+
+def test_a_resumed_run_does_not_stitch_twice(base_model, skills, tmp_path):
+    a, b = skills
+    bank = SkillBank(tmp_path / "bank")
+    bank.add(a)
+    first = Watcher(live_copy(base_model))
+    trainer = quiet_trainer(max_steps=3, callbacks=[SkillStitcher(tmp_path / "bank")], enable_checkpointing=False)
+    trainer.fit(first, task_loader())
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    bank.add(b)
+
+    resumed = Watcher(live_copy(base_model))
+    stitcher = SkillStitcher(tmp_path / "bank")
+    quiet_trainer(max_steps=6, callbacks=[stitcher], enable_checkpointing=False).fit(
+        resumed, task_loader(), ckpt_path=tmp_path / "run.ckpt"
+    )
+    assert stitcher.stitched == ["a", "b"] and stitcher.history == [("b", 3)]
+    reference = live_copy(base_model)
+    by_hand = Stitcher(reference, base_model)
+    by_hand.add(a)
+    by_hand.add(b)
+    for name, tensor in reference.bert.state_dict().items():
+        assert torch.equal(resumed.model.bert.state_dict()[name], tensor), name  # bitwise: a applied once, then b
+
+
+def test_validation_runs_see_every_skill_with_its_head(base_model, skills, tmp_path):
+    bank = SkillBank(tmp_path / "bank")
+    for skill in skills:
+        bank.add(skill)
+    module = Watcher(live_copy(base_model))
+    stitcher = SkillStitcher(tmp_path / "bank", skills=["b"])
+    quiet_trainer(callbacks=[stitcher]).validate(module, task_loader(n=32))
+    assert stitcher.stitched == ["b"] and module.seen_heads[0] == ["b"]
+    with stitcher.use_head("b") as model:
+        assert torch.equal(model.classifier.weight, skills[1].head["classifier.weight"])
+
+
+@pytest.mark.parametrize("kwargs, words", [(dict(every_n_steps=0), "every_n_steps must be"), (dict(file=True), "is a file")])
+def test_bad_arguments_fail_fast(tmp_path, kwargs, words):
+    bank = tmp_path / "bank"
+    if kwargs.pop("file", False):
+        bank.write_text("not a bank")
+    with pytest.raises(SkillbankError, match=words):
+        SkillStitcher(bank, **kwargs)
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_ddp_ranks_stitch_the_same_skills_in_the_same_order(base_model, skills, tmp_path):
+    import json
+    from pathlib import Path
+
+    bank = SkillBank(tmp_path / "bank")
+    for skill in reversed(skills):  # bank order is b, a: every rank must follow it
+        bank.add(skill)
+    script = Path(__file__).with_name("ddp_callbacks_run.py")
+    done = subprocess.run([sys.executable, str(script), "stitch", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert reports[0]["stitched"] == reports[1]["stitched"] == ["b", "a"]
+    assert reports[0]["digest"] == reports[1]["digest"]
