@@ -12,8 +12,9 @@ memory (RSS on CPU, ``max_memory_allocated`` on CUDA).
 
 ``demo``: the demo's pretrained base, each demo task finetuned with SGD (the
 demo's recipe) and with AdamW; test accuracy of the dataless 1% mask, of the
-learned 1% mask (default ``topk`` recipe) and of the paper's recipe, with the
-final mask density of each.
+learned 1% mask (default ``topk`` recipe, best validation epoch kept) and of the
+paper's recipe, with the final mask density of each. Masks learn on 64 training
+examples per class and validate on the task's validation split.
 """
 
 from __future__ import annotations
@@ -114,11 +115,12 @@ def demo_report(args: argparse.Namespace) -> None:
     base = pretrained_base()
     print(f"{'finetune':<9}{'task':<11}{'finetuned':>10}{'dataless':>10}{'learned':>9}{'paper':>8}{'paper density':>15}")
     finetunes = []  # all finetunes first, in the demo's order, so the SGD ones are the demo's own
-    for optimizer, lr in (("sgd", 0.02), ("adamw", 1e-3)):
+    for optimizer, lr in (("sgd", 0.01), ("adamw", 1e-3)):
         for i, task in enumerate(DEMO_TASKS):
             finetunes.append((optimizer, i, task, *_finetune(base, task, 500, seed=i, lr=lr, optimizer=optimizer)))
     for optimizer, i, task, finetuned, test in finetunes:
-        train = make_splits(task, seed=i)[0].dataset
+        train_loader, val_loader, _ = make_splits(task, seed=i)
+        train = train_loader.dataset
         few = torch.utils.data.Subset(train, balanced_indices(train.labels, 64, seed=0))
 
         def stitched_accuracy(skill) -> float:  # noqa: ANN001
@@ -134,7 +136,7 @@ def demo_report(args: argparse.Namespace) -> None:
             loader = torch.utils.data.DataLoader(few, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
             epochs = args.epochs if recipe == "topk" else learner.recipe.epochs
             pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                       enable_progress_bar=False, enable_model_summary=False).fit(learner, loader)
+                       enable_progress_bar=False, enable_model_summary=False).fit(learner, loader, val_loader)
             row[recipe] = stitched_accuracy(learner.skill)
             row[f"{recipe}_density"] = learner.skill.num_entries / learner.tau.numel()
         print(f"{optimizer:<9}{task.name:<11}{row['finetuned']:>10.3f}{row['dataless']:>10.3f}{row['topk']:>9.3f}"

@@ -9,6 +9,10 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from skillbank.errors import SkillbankError
+from skillbank.heads import use_head
+from skillbank.mask_learner import load_model
+
 __all__ = ["SequenceClassifier", "accuracy"]
 
 
@@ -16,7 +20,8 @@ class SequenceClassifier(pl.LightningModule):
     """Finetunes ``model`` (any module taking ``**batch`` with ``labels`` and returning ``.loss``/``.logits``).
 
     Args:
-        model: e.g. a ``BertForSequenceClassification``; kept as ``self.model``.
+        model: e.g. a ``BertForSequenceClassification``, or a local Hugging Face
+            folder loaded as one with ``num_labels`` classes; kept as ``self.model``.
         num_labels: number of classes, for the validation accuracy.
         lr: learning rate.
         weight_decay: weight decay.
@@ -24,15 +29,24 @@ class SequenceClassifier(pl.LightningModule):
             vector proportional to the accumulated gradient, which concentrates
             it on the parameters that matter; Adam's normalized steps spread it
             evenly, so dataless top-|τ| masks localize SGD finetunes far better.
+        skill_head: evaluate with this skill's head from ``self.skill_heads``
+            (set by :class:`~skillbank.callbacks.SkillStitcher`) instead of the model's own.
     """
 
     def __init__(
-        self, model: nn.Module, num_labels: int, lr: float = 1e-3, weight_decay: float = 0.0, optimizer: str = "adamw"
+        self,
+        model: nn.Module | str,
+        num_labels: int,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        optimizer: str = "adamw",
+        skill_head: str | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}.")
-        self.model = model
+        self.model = load_model(model, num_labels)
+        self.skill_head = skill_head
         self.lr = lr
         self.weight_decay = weight_decay
         self.optimizer = optimizer
@@ -47,7 +61,14 @@ class SequenceClassifier(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        out = self.model(**batch)
+        if self.skill_head is None:
+            out = self.model(**batch)
+        else:
+            heads = getattr(self, "skill_heads", {})
+            if self.skill_head not in heads:
+                raise SkillbankError(f"skill {self.skill_head!r} is not stitched (stitched: {sorted(heads) or 'none'}).")
+            with use_head(self.model, heads[self.skill_head]) as model:
+                out = model(**batch)
         self.val_acc(out.logits.argmax(-1), batch["labels"])
         self.log("val_loss", out.loss, sync_dist=True)
         self.log("val_acc", self.val_acc, prog_bar=True)

@@ -1,4 +1,4 @@
-"""The ``skillbank`` command line: demo, fit, localize, list, show, remove, verify, stitch."""
+"""The ``skillbank`` command line: demo, fit, validate, localize, list, show, remove, verify, stitch."""
 
 from __future__ import annotations
 
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("fit", help="train from a LightningCLI YAML, e.g. learn a mask: skillbank fit --config configs/mask_demo.yaml",
                    description="LightningCLI's fit: see `skillbank fit --help` and configs/.", add_help=False)
+    sub.add_parser("validate", help="validate from a LightningCLI YAML, e.g. stitch bank skills: skillbank validate --config configs/serve_stitch.yaml",
+                   description="LightningCLI's validate: see `skillbank validate --help` and configs/.", add_help=False)
 
     p = sub.add_parser("localize", help="localize a finetuned model's skill and add it to a bank",
                        description="Compute the task vector of --finetuned against --base, keep the top ceil(s*P) "
@@ -234,13 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``skillbank`` command; returns the exit code (2 on bad input, with the reason on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["fit"]:
-        from skillbank.fit import run_fit
+    if argv[:1] in (["fit"], ["validate"]):
+        from skillbank.fit import run_lightning
 
         try:
-            return run_fit(argv[1:])
+            return run_lightning(argv[0], argv[1:])
         except SkillbankError as exc:
-            print(f"skillbank fit: error: {exc}", file=sys.stderr)
+            print(f"skillbank {argv[0]}: error: {exc}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
     try:

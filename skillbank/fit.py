@@ -1,8 +1,10 @@
-"""``skillbank fit``: LightningCLI over any LightningModule and DataModule, configured from ``configs/``.
+"""``skillbank fit`` / ``skillbank validate``: LightningCLI over any LightningModule and DataModule, configured from ``configs/``.
 
 ``skillbank fit --config configs/mask_demo.yaml`` learns a mask with
 :class:`~skillbank.mask_learner.MaskLearner`; the same command runs an ordinary
-finetune with callbacks (``configs/finetune_callbacks.yaml``). ``--print_config``
+finetune that banks its skill (``configs/finetune_harvest.yaml``), and
+``skillbank validate`` evaluates a model with bank skills stitched in
+(``configs/serve_stitch.yaml``). ``--print_config``
 shows every setting with its default.
 """
 
@@ -15,13 +17,13 @@ from lightning.pytorch.cli import LightningCLI
 
 from skillbank.errors import SkillbankError
 
-__all__ = ["run_fit"]
+__all__ = ["run_lightning"]
 
 
-def run_fit(argv: Sequence[str]) -> int:
-    """Run ``fit`` with the LightningCLI arguments ``argv`` (e.g. ``["--config", "configs/mask_demo.yaml"]``)."""
+def run_lightning(subcommand: str, argv: Sequence[str]) -> int:
+    """Run LightningCLI's ``subcommand`` (``fit``, ``validate``) with ``argv`` (e.g. ``["--config", "configs/mask_demo.yaml"]``)."""
     try:
-        _cli(argv)
+        _cli([subcommand, *argv])
     except ValueError as exc:  # jsonargparse wraps errors raised while building the classes
         cause = _skillbank_cause(exc)
         if cause is None:
@@ -48,6 +50,6 @@ def _cli(argv: Sequence[str]) -> LightningCLI:
         auto_configure_optimizers=False,  # MaskLearner and SequenceClassifier bring their own
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        args=["fit", *argv],
+        args=list(argv),
         parser_kwargs={"prog": "skillbank", "description": "Train a LightningModule (e.g. skillbank.MaskLearner) from a YAML config in configs/."},
     )

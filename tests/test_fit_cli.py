@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,41 @@ def test_print_config_shows_every_setting(demo_like, capsys):
 def test_fit_reports_bad_settings_plainly(demo_like, capsys):
     assert main(["fit", *mask_args(demo_like), "--model.init_args.sparsity", "1.5"]) == 2
     assert "sparsity must be a fraction in (0, 1]" in capsys.readouterr().err
+
+
+def config_with_paths(name: str, paths: dict[str, str], tmp_path: Path, **trainer) -> str:
+    """The shipped config ``name`` with the demo folders pointed at the test's tiny ones."""
+    text = (CONFIGS / name).read_text()
+    for folder, key in (("skillbank-demo/base", "base"), ("skillbank-demo/bank", "bank"), ("skillbank-demo/runs", "root")):
+        text = text.replace(folder, paths[key])
+    config = yaml.safe_load(text)
+    config["trainer"].update({"accelerator": "cpu", "enable_progress_bar": False, **trainer})
+    out = tmp_path / name
+    out.write_text(yaml.safe_dump(config))
+    return str(out)
+
+
+def test_finetune_harvest_then_serve_stitch(demo_like, tmp_path):
+    harvest = config_with_paths("finetune_harvest.yaml", demo_like, tmp_path, max_steps=5, val_check_interval=5)
+    assert main(["fit", "--config", harvest]) == 0
+    bank = SkillBank(demo_like["bank"])
+    assert bank.names() == ["topic-harvested"] and bank.verify() == {"topic-harvested": "ok"}
+    assert "val_acc" in bank.get("topic-harvested").metadata.metrics
+
+    serve = yaml.safe_load(Path(config_with_paths("serve_stitch.yaml", demo_like, tmp_path)).read_text())
+    serve["trainer"]["callbacks"][0]["init_args"]["skills"] = ["topic-harvested"]
+    serve["model"]["init_args"]["skill_head"] = "topic-harvested"
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve))
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.INFO)  # setLevel, not assignment: it clears the children's cached levels
+    lightning_log.addHandler(handler)
+    try:
+        assert main(["validate", "--config", str(tmp_path / "serve.yaml")]) == 0
+    finally:
+        lightning_log.removeHandler(handler)
+        lightning_log.setLevel(level)
+    assert "SkillStitcher: stitched 'topic-harvested' at step 0 (1 skills)" in messages

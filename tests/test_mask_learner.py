@@ -118,8 +118,19 @@ def test_any_module_with_a_loss_function():
     loader = DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
     learner = MaskLearner(copy.deepcopy(finetuned), base.state_dict(), sparsity=0.2,
                           loss_fn=nn.CrossEntropyLoss(), num_labels=3)
-    trainer(max_epochs=5).fit(learner, loader, loader)
+    seen = []
+
+    class Record(pl.Callback):
+        def on_validation_epoch_end(self, trainer, module):  # noqa: ANN001
+            if not trainer.sanity_checking:
+                seen.append(float(module.val_acc.compute()))
+
+    trainer(max_epochs=5, callbacks=[Record()]).fit(learner, loader, loader)
     assert learner.skill.num_entries == learner.k == 39  # ceil(0.2 · 195 entries)
+    # keep_best: the mask of the (last) best validation epoch
+    best = max(seen)
+    assert learner.skill.metadata.metrics["val_acc"] == pytest.approx(best)
+    assert learner.skill.metadata.settings["selected_epoch"] == len(seen) - 1 - seen[::-1].index(best)
     assert 0.0 <= learner.skill.metadata.metrics["val_acc"] <= 1.0
     assert set(learner.skill.metadata.metrics) >= {"val_acc", "val_acc_soft", "mask_density"}
 
