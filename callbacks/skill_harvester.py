@@ -19,6 +19,7 @@ from skillbank.callbacks._model import wrapped_model
 from skillbank.errors import SkillbankError, SkillNameError
 from skillbank.localize import localize_dataless
 from skillbank.mask_learner import MaskLearner
+from skillbank.ranks import raise_everywhere
 from skillbank.skill import Skill
 from skillbank.sparse import check_sparsity
 from skillbank.task_vector import task_vector
@@ -107,7 +108,7 @@ class SkillHarvester(Callback):
                     self._captured = {k: v.detach().to("cpu", copy=True) for k, v in state.items() if is_float(v)}
             except SkillbankError as exc:
                 error = exc
-        self._raise_everywhere(trainer, error)
+        raise_everywhere(trainer.strategy, error, "SkillHarvester")
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -119,7 +120,7 @@ class SkillHarvester(Callback):
                 rank_zero_info(f"SkillHarvester: added {self.name!r} ({self.skill.num_entries} entries) to {self.bank}")
             except Exception as exc:  # noqa: BLE001 - shared with every rank below, then raised
                 error = exc
-        self._raise_everywhere(trainer, error)
+        raise_everywhere(trainer.strategy, error, "SkillHarvester")
 
     def harvest(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Skill:
         """Localize the finetuned model (this process only) and return the skill, not yet banked."""
@@ -142,12 +143,3 @@ class SkillHarvester(Callback):
         skill.metadata.metrics.update(metrics)
         skill.metadata.source.update(source)
         return skill
-
-    @staticmethod
-    def _raise_everywhere(trainer: pl.Trainer, error: BaseException | None) -> None:
-        """Share rank 0's outcome: every rank raises (the same message) or none does."""
-        message = trainer.strategy.broadcast(None if error is None else f"{type(error).__name__}: {error}", src=0)
-        if error is not None:
-            raise error
-        if message is not None:
-            raise SkillbankError(f"SkillHarvester failed on rank 0: {message}")

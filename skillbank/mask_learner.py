@@ -26,6 +26,7 @@ from skillbank.bank import SkillBank
 from skillbank.errors import SkillbankError, TaskVectorError
 from skillbank.localize import skill_from_mask
 from skillbank.mask_recipes import MaskRecipe, resolve_recipe
+from skillbank.ranks import raise_everywhere
 from skillbank.skill import Skill
 from skillbank.sparse import check_sparsity, global_topk, num_selected
 from skillbank.task_vector import TaskVector, matches, task_vector
@@ -340,10 +341,14 @@ class MaskLearner(pl.LightningModule):
             raise SkillbankError(_NO_UPDATES)
         self.skill = self.to_skill(self.skill_name or "learned")
         if self.bank is not None:
+            error = None
             if self.trainer.is_global_zero:
-                SkillBank(self.bank).add(self.skill)
-                rank_zero_info(f"added skill {self.skill_name!r} to {self.bank}")
-            self.trainer.strategy.barrier("skillbank.MaskLearner.add")
+                try:
+                    SkillBank(self.bank).add(self.skill)
+                    rank_zero_info(f"added skill {self.skill_name!r} to {self.bank}")
+                except Exception as exc:  # noqa: BLE001 - shared with every rank, then raised
+                    error = exc
+            raise_everywhere(self.trainer.strategy, error, "MaskLearner")
 
     def to_skill(self, name: str, **skill_fields: Any) -> Skill:
         """The learned mask as a :class:`Skill`, with the recipe and the validation metrics."""
