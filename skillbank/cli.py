@@ -1,4 +1,4 @@
-"""The ``skillbank`` command line: demo, fit, validate, localize, list, show, remove, verify, stitch."""
+"""The ``skillbank`` command line: demo, fit, validate, localize, list, show, remove, verify, stitch, plot."""
 
 from __future__ import annotations
 
@@ -150,6 +150,25 @@ def _stitch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from skillbank import plots
+
+    names = [n.strip() for n in args.skills.split(",") if n.strip()] if args.skills else None
+    if args.kind == "overlap":
+        matrix = plots.plot_overlap(args.source, args.out, names)
+        print(f"pairwise Jaccard overlap, largest off the diagonal {float(matrix.fill_diagonal_(0).max()):.4f}")
+    elif args.kind == "layers":
+        shares = plots.plot_layers(args.source, args.out, names)
+        for name, cells in shares.items():
+            top = sorted(cells.items(), key=lambda kv: -kv[1])[:3]
+            print(f"{name}: " + ", ".join(f"{k} {v:.1%}" for k, v in top))
+    else:
+        for method, points in plots.plot_recovery(args.source, args.out).items():
+            print(f"{method}: " + ", ".join(f"{100 * s:g}% {r:.3f}" for s, r in sorted(points.items())))
+    print(f"wrote {args.out}")
+    return 0
+
+
 # -- parser ------------------------------------------------------------------
 
 
@@ -230,6 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skills", default="", help="comma-separated skill names (default: every skill, in bank order)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.set_defaults(run=_stitch)
+
+    p = sub.add_parser("plot", help="plot a bank's skills: mask overlap, where masks live, sparsity vs recovery",
+                       description="Write a PNG. overlap: heatmap of the pairwise Jaccard overlap of the skills' masks. "
+                       "layers: per skill, the share of its entries in each layer and component (embeddings, attention, "
+                       "FFN, LayerNorm, bias). recovery: mean recovery (skill alone / finetuned accuracy) against "
+                       "sparsity, from a JSON file mapping '<method> <sparsity>' to {task: recovery} "
+                       "(benchmarks/bench_real.py writes curve.json).")
+    p.add_argument("kind", choices=("overlap", "layers", "recovery"), help="which plot")
+    p.add_argument("source", help="the bank directory (overlap, layers) or the recovery JSON file (recovery)")
+    p.add_argument("--out", required=True, help="the PNG file to write")
+    p.add_argument("--skills", default="", help="comma-separated skill names (default: every skill, in bank order)")
+    p.set_defaults(run=_plot)
     return parser
 
 

@@ -1,0 +1,206 @@
+"""Plots of a bank's skills (matplotlib, PNG): mask overlap, where masks live, sparsity vs recovery.
+
+The numbers behind each plot come from pure functions (:func:`jaccard`,
+:func:`placement`), so they can be tested and printed without matplotlib.
+
+>>> component("bert.encoder.layer.3.attention.self.query.weight"), layer_of("bert.encoder.layer.3.output.dense.weight")
+('attention', 'layer 3')
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from skillbank.bank import SkillBank
+from skillbank.errors import SkillbankError
+from skillbank.skill import Skill
+
+__all__ = ["COMPONENTS", "component", "jaccard", "layer_of", "placement", "plot_layers", "plot_overlap", "plot_recovery"]
+
+#: Parameter groups of a transformer, in plotting order.
+COMPONENTS = ("embeddings", "attention", "FFN", "LayerNorm", "bias", "other")
+
+_LAYER = re.compile(r"(?:layer|layers|h|block|blocks)\.(\d+)\.")
+
+
+def component(name: str) -> str:
+    """The group of a parameter name: embeddings, attention, FFN, LayerNorm, bias or other (e.g. pooler)."""
+    lowered = name.lower()
+    if "layernorm" in lowered or "layer_norm" in lowered or re.search(r"(^|\.)ln_?\w*\.", lowered):
+        return "LayerNorm"
+    if lowered.endswith("bias"):
+        return "bias"
+    if "embed" in lowered:
+        return "embeddings"
+    if "attention" in lowered or "attn" in lowered:
+        return "attention"
+    if "intermediate" in lowered or ".output." in lowered or "mlp" in lowered or "ffn" in lowered:
+        return "FFN"
+    return "other"
+
+
+def layer_of(name: str) -> str:
+    """``"layer N"`` for a block's parameter, ``"embeddings"`` or ``"other"`` otherwise."""
+    match = _LAYER.search(name)
+    if match:
+        return f"layer {int(match.group(1))}"
+    return "embeddings" if "embed" in name.lower() else "other"
+
+
+def _flat_masks(skills: Sequence[Skill]) -> list[Tensor]:
+    """One boolean vector per skill over the first skill's parameters, in its order."""
+    shapes = skills[0].metadata.shapes
+    offsets, total = {}, 0
+    for name, shape in shapes.items():
+        offsets[name] = total
+        total += int(torch.tensor(shape).prod()) if shape else 1
+    masks = []
+    for skill in skills:
+        if skill.metadata.shapes != shapes:
+            raise SkillbankError(f"skill {skill.name!r} covers other parameters than {skills[0].name!r}; compare skills of one base.")
+        mask = torch.zeros(total, dtype=torch.bool)
+        for name, region in skill.regions.items():
+            mask[offsets[name] + region.indices] = True
+        masks.append(mask)
+    return masks
+
+
+def jaccard(skills: Sequence[Skill]) -> Tensor:
+    """Pairwise ``|A ∩ B| / |A ∪ B|`` of the skills' masks (a symmetric matrix, 1 on the diagonal)."""
+    masks = _flat_masks(skills)
+    n = len(masks)
+    out = torch.ones(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i + 1, n):
+            union = int((masks[i] | masks[j]).sum())
+            out[i, j] = out[j, i] = int((masks[i] & masks[j]).sum()) / union if union else 1.0
+    return out
+
+
+def placement(skill: Skill) -> dict[tuple[str, str], int]:
+    """How many of the skill's entries fall in each ``(layer, component)``."""
+    counts: dict[tuple[str, str], int] = {}
+    for name, region in skill.regions.items():
+        if len(region):
+            key = (layer_of(name), component(name))
+            counts[key] = counts.get(key, 0) + len(region)
+    return counts
+
+
+def _load(bank: SkillBank | str | Path, names: Sequence[str] | None) -> list[Skill]:
+    bank = bank if isinstance(bank, SkillBank) else SkillBank(bank, create=False)
+    names = list(names) if names else bank.names()
+    if not names:
+        raise SkillbankError(f"{bank.path} holds no skills to plot.")
+    return [bank.get(n) for n in names]
+
+
+def _pyplot():  # noqa: ANN202
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_overlap(bank: SkillBank | str | Path, out: str | Path, names: Sequence[str] | None = None) -> Tensor:
+    """Heatmap of the pairwise Jaccard overlap of the skills' masks; returns the matrix."""
+    skills = _load(bank, names)
+    matrix = jaccard(skills)
+    plt = _pyplot()
+    labels = [s.name for s in skills]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(labels), 1.0 + 0.8 * len(labels)))
+    off_diagonal = matrix.clone().fill_diagonal_(0)
+    im = ax.imshow(matrix.numpy(), vmin=0, vmax=max(float(off_diagonal.max()), 1e-3), cmap="viridis")  # colours for the overlaps
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, f"{float(matrix[i, j]):.3f}", ha="center", va="center", color="w" if i != j else "k", fontsize=8)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_title("mask overlap (Jaccard)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return matrix
+
+
+def _layer_order(key: str) -> tuple[int, int]:
+    if key == "embeddings":
+        return (0, 0)
+    if key.startswith("layer "):
+        return (1, int(key.split()[1]))
+    return (2, 0)
+
+
+def plot_layers(bank: SkillBank | str | Path, out: str | Path, names: Sequence[str] | None = None) -> dict[str, dict]:
+    """One panel per skill: the share of its entries in each layer × component; returns the shares."""
+    skills = _load(bank, names)
+    counts = {s.name: placement(s) for s in skills}
+    layers = sorted({k[0] for c in counts.values() for k in c} | {"embeddings"}, key=_layer_order)
+    plt = _pyplot()
+    cols = min(3, len(skills))
+    rows = -(-len(skills) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 0.35 * len(layers) * rows + 1.2), squeeze=False)
+    shares = {}
+    for ax, skill in zip(axes.flat, skills):
+        total = max(sum(counts[skill.name].values()), 1)
+        grid = torch.tensor([[counts[skill.name].get((l, c), 0) / total for c in COMPONENTS] for l in layers])
+        shares[skill.name] = {f"{l} / {c}": float(grid[i, j]) for i, l in enumerate(layers) for j, c in enumerate(COMPONENTS) if grid[i, j]}
+        ax.imshow(grid.numpy(), cmap="magma", vmin=0, aspect="auto")
+        ax.set_xticks(range(len(COMPONENTS)), COMPONENTS, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(layers)), layers, fontsize=8)
+        ax.set_title(f"{skill.name}: share of its {total:,} entries", fontsize=9)
+    for ax in list(axes.flat)[len(skills):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return shares
+
+
+def plot_recovery(curve: str | Path | Mapping[str, Mapping[str, float]], out: str | Path) -> dict[str, dict[float, float]]:
+    """Mean recovery (skill alone / finetuned accuracy) against sparsity, one line per method.
+
+    ``curve`` maps ``"<method> <sparsity>"`` to ``{task: recovery}`` (other keys are
+    ignored), or is a JSON file of that (``benchmarks/bench_real.py`` writes one).
+    Means are over the tasks every point has, so methods are compared on the
+    same tasks. Returns ``{method: {sparsity: mean recovery}}``.
+    """
+    data = json.loads(Path(curve).read_text()) if isinstance(curve, (str, Path)) else curve
+    points: dict[tuple[str, float], Mapping[str, float]] = {}
+    for key, per_task in data.items():
+        method, _, value = key.rpartition(" ")
+        if method and isinstance(per_task, Mapping) and per_task and re.fullmatch(r"[0-9.eE+-]+", value):
+            points[(method, float(value))] = per_task
+    if not points:
+        raise SkillbankError("no '<method> <sparsity>' entries to plot in the recovery data.")
+    tasks = sorted(set.intersection(*(set(p) for p in points.values())))
+    if not tasks:
+        raise SkillbankError("the recovery points share no task; evaluate the same tasks at every sparsity.")
+    lines: dict[str, dict[float, float]] = {}
+    for (method, sparsity), per_task in points.items():
+        lines.setdefault(method, {})[sparsity] = sum(per_task[t] for t in tasks) / len(tasks)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for method, points in sorted(lines.items()):
+        xs = sorted(points)
+        ax.plot([100 * x for x in xs], [points[x] for x in xs], marker="o", label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("entries kept (% of parameters)")
+    ax.set_ylabel("recovery (skill alone / finetuned)")
+    ax.set_title(f"mean over {', '.join(tasks)}", fontsize=8)
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return lines
