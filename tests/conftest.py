@@ -67,3 +67,13 @@ def reference_stitch(base: Mapping[str, Tensor], skills: Sequence[Skill]) -> dic
         merged = theta.reshape(-1).double() + torch.where(count > 0, total / count.clamp(min=1), 0.0)
         out[name] = merged.to(theta.dtype).reshape(theta.shape)
     return out
+
+
+def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
+    """Tests marked ``real`` (real model and data, minutes of CPU, a registry download) run only with ``-m real``."""
+    if "real" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="real-data experiment: opt in with -m real")
+    for item in items:
+        if item.get_closest_marker("real"):
+            item.add_marker(skip)

