@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
+from skillbank.adapters import find_peft_model, merged_finetune
 from skillbank.bank import SkillBank
 from skillbank.callbacks._model import wrapped_model
 from skillbank.errors import SkillbankError, SkillNameError
@@ -103,6 +104,8 @@ class SkillHarvester(Callback):
                     raise SkillNameError(f"bank {self.bank} already has a skill {self.name!r}; pick another name= before training.")
                 if self.base is None:
                     model = wrapped_model(pl_module, self.model_attr)
+                    if find_peft_model(model) is not None:  # a LoRA model: its weights as a plain model (B = 0 here)
+                        model = merged_finetune(model).weights
                     # a Hugging Face model's head (outside .base_model) is task specific, not part of the base
                     state = getattr(model, "base_model", model).state_dict()
                     self._captured = {k: v.detach().to("cpu", copy=True) for k, v in state.items() if is_float(v)}
@@ -131,15 +134,15 @@ class SkillHarvester(Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
         source = {"kind": "full finetune", "module": type(pl_module).__name__, "global_step": trainer.global_step,
                   "epochs": trainer.current_epoch}
+        tv = task_vector(base, model, head_patterns=self.head_patterns)  # a LoRA model is merged on a copy
         if self.method == "dataless":
-            tv = task_vector(base, model, head_patterns=self.head_patterns)
             return localize_dataless(tv, self.sparsity, name=self.name, exclude=self.exclude, task=self.task,
                                      metrics=metrics, source=source, value_dtype=self.value_dtype)
         learner = MaskLearner(
-            copy.deepcopy(model), base, task_vector(base, model, head_patterns=self.head_patterns), self.sparsity,
+            copy.deepcopy(model), base, tv, self.sparsity,
             exclude=self.exclude, task=self.task, value_dtype=self.value_dtype, **self.learner_kwargs,
         )
         skill = learner.learn(self.few_shot, name=self.name)
         skill.metadata.metrics.update(metrics)
-        skill.metadata.source.update(source)
+        skill.metadata.source.update({**source, **tv.source})
         return skill

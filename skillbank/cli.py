@@ -1,4 +1,4 @@
-"""The ``skillbank`` command line: demo, fit, validate, pull, localize, list, show, remove, verify, stitch, plot."""
+"""The ``skillbank`` command line: demo, fit, validate, pull, localize, list, show, remove, verify, stitch, export, plot."""
 
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _localize(args: argparse.Namespace) -> int:
+    from skillbank.adapters import is_adapter_folder
     from skillbank.localize import localize_dataless
     from skillbank.task_vector import task_vector
     from skillbank.weights import load_state_dict
@@ -65,7 +66,9 @@ def _localize(args: argparse.Namespace) -> int:
         raise SkillbankError(f"a skill named {args.name!r} is already in {bank.path}; pick another --name.")
     with tqdm(total=4, desc=f"localize {args.name}", unit="step") as bar:
         bar.set_postfix_str("loading weights")
-        base, finetuned = load_state_dict(args.base), load_state_dict(args.finetuned)
+        adapter = is_adapter_folder(args.finetuned)  # merged onto the base model itself, so both stay paths
+        base = args.base if adapter else load_state_dict(args.base)
+        finetuned = args.finetuned if adapter else load_state_dict(args.finetuned)
         bar.update()
         bar.set_postfix_str("task vector")
         tv = task_vector(base, finetuned, head_patterns=args.head_pattern)
@@ -150,6 +153,15 @@ def _stitch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from skillbank.stitch_out import export_skill
+
+    bank = SkillBank(args.bank, create=False)
+    out = export_skill(args.base, bank, args.name, args.out)
+    print(f"exported {args.name!r} as a dense single-task model -> {out}")
+    return 0
+
+
 def _pull(args: argparse.Namespace) -> int:
     from skillbank.pull import MODELS, PACKAGES, PULLED, package_root, pull, resolve_model
 
@@ -231,9 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compute the task vector of --finetuned against --base, keep the top ceil(s*P) "
                        "entries of |tau| over all shared parameters (dataless localization), and add the skill (plus the "
                        "finetuned model's own head) to --bank. Models are Hugging Face folders (save_pretrained) or "
-                       ".safetensors files; wrapper prefixes such as 'bert.' are matched automatically.")
+                       ".safetensors files; wrapper prefixes such as 'bert.' are matched automatically. A PEFT LoRA adapter "
+                       "folder (adapter_config.json) as --finetuned is merged onto --base (a model folder) with PEFT's "
+                       "merge_and_unload; its modules_to_save (the classifier) become the skill's head.")
     p.add_argument("--base", required=True, help="the pretrained base model (folder or .safetensors)")
-    p.add_argument("--finetuned", required=True, help="the finetuned model (folder or .safetensors)")
+    p.add_argument("--finetuned", required=True, help="the finetuned model (folder or .safetensors) or a PEFT adapter folder")
     p.add_argument("--bank", required=True, help="the bank directory (created if missing)")
     p.add_argument("--name", required=True, help="the skill's unique name (letters, digits, '.', '_', '-')")
     p.add_argument("--task", default="", help="task description stored with the skill (default: the name)")
@@ -279,6 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skills", default="", help="comma-separated skill names (default: every skill, in bank order)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.set_defaults(run=_stitch)
+
+    p = sub.add_parser("export", help="write one skill as a dense single-task Hugging Face model folder",
+                       description="Stitch only NAME onto --base (theta_pre + gamma * tau) with its own head and write "
+                       "--out, a folder AutoModelForSequenceClassification.from_pretrained loads without skillbank, "
+                       "with a short model card.")
+    p.add_argument("bank", help="the bank directory")
+    p.add_argument("name", help="the skill to export")
+    p.add_argument("--base", required=True, help="the base model folder (save_pretrained) or pulled:<alias>")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.set_defaults(run=_export)
 
     p = sub.add_parser("plot", help="plot a bank's skills: mask overlap, where masks live, sparsity vs recovery",
                        description="Write a PNG. overlap: heatmap of the pairwise Jaccard overlap of the skills' masks. "

@@ -47,7 +47,7 @@ def skill_from_mask(
         method=method,
         settings=dict(settings or {}),
         metrics=dict(metrics or {}),
-        source=dict(source or {}),
+        source={**dict(source or {}), **tv.source},  # the task vector knows whether an adapter was merged
         value_dtype=value_dtype,
         dtypes=dict(tv.dtypes),
     )

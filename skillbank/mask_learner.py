@@ -22,6 +22,7 @@ from torch.func import functional_call
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from skillbank.adapters import find_peft_model, is_adapter_folder, merged_finetune
 from skillbank.bank import SkillBank
 from skillbank.errors import SkillbankError, TaskVectorError
 from skillbank.localize import skill_from_mask
@@ -127,9 +128,11 @@ class MaskLearner(pl.LightningModule):
              "skill_name": skill_name, "bank": bank}
         )
 
-        self.model = load_model(model, num_labels)
+        adapter = merged_finetune(model, base) if is_adapter_folder(model) or find_peft_model(model) is not None else None
+        self.model = load_model(adapter.weights if adapter else model, num_labels)  # a PEFT model: its merged copy
         self.model.requires_grad_(False)
-        tv = finetuned if isinstance(finetuned, TaskVector) else task_vector(base, self.model if finetuned is None else finetuned)
+        own = adapter or self.model
+        tv = finetuned if isinstance(finetuned, TaskVector) else task_vector(base, own if finetuned is None else finetuned)
         self._names = self._reset_to_base(tv, base, finetuned is not None)
         self._tv, self._layout, tau = self._flatten(tv)
         self.tau = nn.Parameter(tau, requires_grad=False)

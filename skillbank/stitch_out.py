@@ -6,13 +6,14 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
+import torch
 from torch import nn
 
 from skillbank.bank import SkillBank
 from skillbank.errors import SkillbankError
 from skillbank.stitcher import Stitcher
 
-__all__ = ["load_base_model", "stitch_to_folder"]
+__all__ = ["export_skill", "load_base_model", "stitch_to_folder"]
 
 
 def load_base_model(base: str | Path) -> nn.Module:
@@ -37,9 +38,23 @@ def _model_card(bank: SkillBank, names: Sequence[str], base: str | Path) -> str:
     ]
     for name in names:
         e = bank.entry(name)
-        lines.append(f"| {e.name} | {e.task} | {e.method} | {e.sparsity:g} | {e.entries:,} | {e.file} |")
+        lines.append(f"| {e.name} | {e.task} | {e.method} | {e.sparsity:g} | {e.entries:,} | {_source(bank, name)} |")
     lines += ["", "Each skill's task head is in `heads/<skill>.safetensors`, named as in its finetuned model.", ""]
     return "\n".join(lines)
+
+
+def _source(bank: SkillBank, name: str) -> str:
+    source = bank.get(name).metadata.source
+    kind = source.get("kind", "unrecorded")
+    if kind == "lora adapter":
+        config = source.get("adapter_config", {})
+        return f"LoRA adapter (r={config.get('r')}, {source.get('adapter_folder') or source.get('origin', '')})"
+    return f"{kind} ({source['finetuned']})" if "finetuned" in source else kind
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SkillbankError(f"--out {out} already exists and is not an empty directory; pick a new folder.")
 
 
 def stitch_to_folder(
@@ -57,8 +72,7 @@ def stitch_to_folder(
     is written.
     """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SkillbankError(f"--out {out} already exists and is not an empty directory; pick a new folder.")
+    _check_out(out)
     if not names:
         raise SkillbankError(f"no skills to stitch: {bank.path} is empty.")
     if len(set(names)) != len(names):
@@ -84,4 +98,58 @@ def stitch_to_folder(
         if head:
             save_file({k: v.contiguous().clone() for k, v in head.items()}, str(out / "heads" / f"{name}.safetensors"))
     (out / "README.md").write_text(_model_card(bank, names, base))
+    return out
+
+
+def _labels_of(head: dict) -> int | None:
+    for name, tensor in head.items():
+        if name.endswith(("classifier.weight", "score.weight", "out_proj.weight")) and tensor.dim() == 2:
+            return int(tensor.shape[0])
+    return None
+
+
+def export_skill(base: str | Path, bank: SkillBank, name: str, out: str | Path) -> Path:
+    """Write skill ``name`` as a dense single-task model: ``θ_pre + γ ⊙ τ`` with the skill's head, in a folder
+    ``AutoModelForSequenceClassification.from_pretrained`` (or the base's own class) loads without skillbank.
+
+    ``base`` is the base model's ``save_pretrained`` folder (or ``pulled:<alias>``).
+    """
+    import transformers
+
+    from skillbank.pull import resolve_model
+    from skillbank.weights import align_names
+
+    out = Path(out)
+    _check_out(out)
+    skill = bank.get(name)
+    base_path = Path(resolve_model(str(base)))
+    if not base_path.is_dir():
+        raise SkillbankError(f"--base {base} is not a model folder; export needs the base's save_pretrained folder.")
+    labels = _labels_of(skill.head)
+    if labels is not None:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=labels).eval()
+    else:
+        model = load_base_model(base_path)
+    stitcher = Stitcher(model, base_path, bank=bank)
+    stitcher.add(skill)
+    params = dict(model.state_dict(keep_vars=True))
+    names = align_names(skill.head, params)
+    missing = sorted(set(skill.head) - set(names))
+    if missing:
+        raise SkillbankError(f"the base's architecture has no tensor for head entries {missing[:3]}.")
+    with torch.no_grad():
+        for src, dst in names.items():
+            if params[dst].shape != skill.head[src].shape:
+                raise SkillbankError(f"head tensor {src!r} {tuple(skill.head[src].shape)} does not fit {dst!r} {tuple(params[dst].shape)}.")
+            params[dst].copy_(skill.head[src])
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    meta = skill.metadata
+    (out / "README.md").write_text("\n".join([
+        "---", "library_name: transformers", "tags: [skillbank, localize-and-stitch]", "---", "",
+        f"# {meta.name}: a single-task model exported from skillbank", "",
+        f"Base `{base}` plus the skill `{meta.name}` (task `{meta.task}`, {meta.method} mask, "
+        f"{skill.num_entries:,} of {skill.num_shared:,} entries = {skill.num_entries / skill.num_shared:.2%}) "
+        f"and its own head, from the bank `{bank.path}`. Source: {_source(bank, name)}.", "",
+    ]))
     return out

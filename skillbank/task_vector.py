@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from skillbank.adapters import Finetune, merged_finetune
 from skillbank.errors import TaskVectorError
 from skillbank.weights import WeightsSource, align_names, base_fingerprint, is_float, load_state_dict
 
@@ -27,6 +29,8 @@ class TaskVector:
         base_fingerprint: identifies the base over the shared parameters.
         names: ``{base name: finetuned name}`` for the shared parameters.
         dtypes: ``{base name: dtype}`` of the base's shared parameters (``"torch.float32"``).
+        source: where the finetune came from when that is not a plain full finetune
+            (a merged LoRA adapter: its kind and config); copied into skills' metadata.
     """
 
     shared: dict[str, Tensor]
@@ -34,6 +38,7 @@ class TaskVector:
     base_fingerprint: str
     names: dict[str, str] = field(default_factory=dict)
     dtypes: dict[str, str] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_shared(self) -> int:
@@ -58,7 +63,7 @@ def _check_finite(tensors: dict[str, Tensor], what: str) -> None:
 
 def task_vector(
     base: WeightsSource,
-    finetuned: WeightsSource,
+    finetuned: WeightsSource | Finetune,
     *,
     head_patterns: Sequence[str] = (),
 ) -> TaskVector:
@@ -67,15 +72,20 @@ def task_vector(
     Args:
         base: the pretrained weights (folder, file, module or state dict).
         finetuned: the finetuned weights, named like the base or with a wrapper
-            prefix (``bert.``); the prefix is found automatically.
+            prefix (``bert.``); the prefix is found automatically. A PEFT LoRA
+            adapter folder, a ``PeftModel`` or a module holding one is merged
+            with PEFT's ``merge_and_unload`` on a copy; its ``modules_to_save``
+            become the head (:func:`skillbank.adapters.merged_finetune`).
         head_patterns: regexes of shared names to treat as head anyway (e.g. a
             classifier both models have but that is task specific).
 
     Raises:
         TaskVectorError: no shared floating-point parameters, or NaN/Inf values.
     """
+    finetune = merged_finetune(finetuned, base)
+    head_patterns = (*head_patterns, *finetune.head_patterns)
     base_state = {k: v for k, v in load_state_dict(base).items() if is_float(v)}
-    ft_state = {k: v for k, v in load_state_dict(finetuned).items() if is_float(v)}
+    ft_state = {k: v for k, v in load_state_dict(finetune.weights).items() if is_float(v)}
     names = align_names(base_state, ft_state)
     shared_names = {
         b: f
@@ -99,4 +109,5 @@ def task_vector(
         base_fingerprint=base_fingerprint(base_state, shared),
         names=shared_names,
         dtypes={b: str(base_state[b].dtype) for b in shared_names},
+        source=dict(finetune.source),
     )
