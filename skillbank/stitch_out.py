@@ -79,7 +79,9 @@ def stitch_to_folder(
         raise SkillbankError(f"skill names repeat in {list(names)}.")
     for name in names:
         bank.entry(name)
-    base_path = Path(base)
+    from skillbank.pull import resolve_model
+
+    base_path = Path(resolve_model(str(base)))
     if base_path.is_dir():
         model: nn.Module | dict = load_base_model(base_path)
         stitcher = Stitcher(model, base_path, bank=bank)

@@ -39,6 +39,9 @@ def test_two_task_miniature_end_to_end(tmp_path: Path) -> None:
     assert results["order independence"]["bitwise_equal"] == 1.0
     assert (work / "plots" / "overlap-learned.png").stat().st_size > 0
     assert (work / "plots" / "recovery.png").stat().st_size > 0
+    lora = json.loads((work / "lora.json").read_text())
+    assert lora["dataless source"] == lora["learned source"] == "lora adapter"
+    assert 0.5 < lora["finetuned"] <= 1.0 and set(lora) >= {"dataless alone", "learned stitched with the other 1"}
     curve = json.loads((work / "curve.json").read_text())
     assert set(curve["learned 0.01"]) == {"spam"} and len([k for k in curve if k.startswith("dataless")]) == 7
     _bench().main(args)  # a re-run resumes: every stage is cached

