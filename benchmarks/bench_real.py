@@ -20,6 +20,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -36,7 +37,7 @@ from skillbank.mask_learner import MaskLearner
 from skillbank.pull import package_root, pull
 from skillbank.text_tasks import TASKS, TextTask, load_task, task_loader
 
-STAGES = ("pull", "finetune", "localize", "evaluate", "lora", "curve", "report")
+STAGES = ("pull", "finetune", "localize", "evaluate", "lora", "pooler", "curve", "report")
 CURVE = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 
 
@@ -350,6 +351,25 @@ def _orders(b: Bench, live: nn.Module, base: dict, bank: SkillBank, count: int =
     return {"orders": len(orders), "max_abs_difference": diff, "bitwise_equal": float(equal)}
 
 
+def stage_pooler(b: Bench) -> None:
+    """Diagnosis: the dataless skills again with the pooler (which only feeds the classifier) kept as dense head."""
+    results = b.read("results.json")
+    live = b.classifier()
+    base = b.base_state(live)
+    bank = SkillBank(b.work / "banks" / "dataless-pooler-head")
+    for name in b.tasks:
+        if name not in bank:
+            tv = task_vector(base, b.finetuned_dir(name), head_patterns=[r"(^|\.)pooler\."])
+            bank.add(localize_dataless(tv, b.args.sparsity, name=name, task=name))
+    for key, fn in (("L&S dataless, pooler as head, skill alone", _alone), ("L&S dataless, pooler as head", _stitched)):
+        if key not in results:
+            start = time.perf_counter()
+            results[key] = fn(b, live, base, bank)
+            b.timed(f"evaluate {key}", time.perf_counter() - start)
+            b.write("results.json", results)
+            print(f"  {key}: " + json.dumps({t: round(v, 3) for t, v in results[key].items()}))
+
+
 def stage_lora(b: Bench) -> None:
     """One task finetuned with LoRA (rank 8, PEFT): its accuracy vs its skill alone and stitched with the other tasks'."""
     from peft import LoraConfig, get_peft_model
@@ -428,6 +448,10 @@ def stage_curve(b: Bench) -> None:
                     continue
                 skill_name = f"{name}-{s:g}"
                 start = time.perf_counter()
+                main_bank = SkillBank(b.work / "banks" / method)
+                if s == a.sparsity and name in main_bank and skill_name not in bank:  # the main run's skill
+                    skill = main_bank.get(name)
+                    bank.add(replace(skill, metadata=replace(skill.metadata, name=skill_name)))
                 if skill_name not in bank:
                     if method == "dataless":
                         if name not in taus:
@@ -461,9 +485,12 @@ def stage_report(b: Bench) -> None:
     short = {"sentiment": "sent", "subjectivity": "subj", "spam": "spam", "newsgroups": "20ng", "reuters": "r8", "tweets": "tweets"}
     head = "| method | " + " | ".join(short.get(t, t) for t in b.tasks) + " | avg | norm. avg |"
     lines = [head, "|" + "---|" * (len(b.tasks) + 3)]
-    for key, accs in results.items():
-        if key in ("chosen scales", "order independence"):
-            continue
+    order = ["finetuned", "base + finetuned head", "linear probe", "simple averaging", "task arithmetic",
+             "TIES (top-20%)", "consensus (TALL, k=2)", "L&S dataless, skill alone", "L&S dataless",
+             "L&S learned, skill alone", "L&S learned", "L&S dataless, pooler as head, skill alone",
+             "L&S dataless, pooler as head"]
+    for key in [k for k in order if k in results]:
+        accs = results[key]
         norm = sum(accs[t] / ft[t] for t in b.tasks) / len(b.tasks)
         lines.append(f"| {key} | " + " | ".join(f"{accs[t]:.3f}" for t in b.tasks) + f" | {_mean(accs, b.tasks):.3f} | {norm:.3f} |")
     print("\n".join(lines))
@@ -472,7 +499,11 @@ def stage_report(b: Bench) -> None:
         sizes = [bank.entry(n).bytes for n in b.tasks]
         print(f"\n{method} skills: {sum(sizes):,} bytes for {len(sizes)} skills ({sum(sizes) / len(sizes) / 1e6:.2f} MB each)")
     dense = sum(p.stat().st_size for p in b.finetuned_dir(b.tasks[0]).glob("*.safetensors"))
-    print(f"one finetuned model: {dense:,} bytes")
+    print(f"one finetuned model: {dense:,} bytes (a skill is {sizes[0] / dense:.2%} of it)")
+    lora = b.read("lora.json")
+    if lora:
+        print(f"\nLoRA ({b.args.lora_task}, rank 8): " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                                                   for k, v in lora.items()}))
     print("\nchosen scales:", json.dumps(results.get("chosen scales", {})))
     print("order independence:", json.dumps(results.get("order independence", {})))
     print("\ntimings (s):", json.dumps(timings, indent=1))
