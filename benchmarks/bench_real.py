@@ -13,9 +13,7 @@ Everything runs on the CPU by default (``--device cuda`` uses a GPU).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import logging
 import random
 import time
 import warnings
@@ -27,11 +25,11 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from transformers.utils import logging as hf_logging
 
 from skillbank import SkillBank, Stitcher, localize_dataless, task_vector, use_head
 from skillbank.baselines import apply_delta, average, consensus, task_arithmetic, ties
 from skillbank.classifier import SequenceClassifier, accuracy
+from skillbank.demo import _quiet as quiet_demo
 from skillbank.fewshot import balanced_indices
 from skillbank.mask_learner import MaskLearner
 from skillbank.pull import package_root, pull
@@ -42,11 +40,7 @@ CURVE = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 
 
 def _quiet() -> None:
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    quiet_demo()  # the demo's silencing of Hugging Face and Lightning chatter
     warnings.filterwarnings("ignore", ".*LOAD REPORT.*")
 
 
@@ -195,7 +189,6 @@ def stage_localize(b: Bench) -> None:
     base = b.base_state(b.classifier())
     for method in ("dataless", "learned"):
         bank = SkillBank(b.work / "banks" / method)
-        total = 0.0
         for name in b.tasks:
             if name in bank:
                 continue
@@ -207,7 +200,6 @@ def stage_localize(b: Bench) -> None:
                 seconds = time.perf_counter() - start
             else:
                 seconds = learn_skill(b, name, b.args.sparsity, bank, name, base)
-            total += seconds
             b.timed(f"localize {method} {name}", seconds)
             print(f"  {method} skill {name:<13} {bank.entry(name).bytes:,} bytes  ({seconds:.0f} s)")
 
@@ -294,13 +286,14 @@ def stage_evaluate(b: Bench) -> None:
     run("linear probe", lambda: {n: _linear_probe(b, live, n) for n in b.tasks})
     run("simple averaging", lambda: (apply_delta(live, base, average(shared_taus())),
                                      _eval_heads(b, live, heads, b.test), apply_delta(live, base, {}))[1])
-    for label, make, grid in (
-        ("task arithmetic", lambda s: task_arithmetic(shared_taus(), s), (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)),
-        ("TIES (top-20%)", lambda s: ties(shared_taus(), 0.2, s), (0.3, 0.5, 0.7, 1.0, 1.5)),
-        ("consensus (TALL, k=2)", lambda s: consensus(shared_taus(), 2, 0.4, s), (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)),
+    for label, build, grid in (
+        ("task arithmetic", lambda: task_arithmetic(shared_taus(), 1.0), (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)),
+        ("TIES (top-20%)", lambda: ties(shared_taus(), 0.2, 1.0), (0.3, 0.5, 0.7, 1.0, 1.5)),
+        ("consensus (TALL, k=2)", lambda: consensus(shared_taus(), 2, 0.4, 1.0), (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)),
     ):
-        def swept(make=make, grid=grid, label=label) -> dict:  # noqa: ANN001
-            scale, test = _sweep(b, live, base, heads, make, grid)
+        def swept(build=build, grid=grid, label=label) -> dict:  # noqa: ANN001
+            unit = build()  # each baseline is linear in its scale: merge once, scale per grid point
+            scale, test = _sweep(b, live, base, heads, lambda s: {n: s * t for n, t in unit.items()}, grid)
             results.setdefault("chosen scales", {})[label] = scale
             return test
         run(label, swept)
@@ -436,7 +429,6 @@ def stage_curve(b: Bench) -> None:
     curve = b.read("curve.json")
     live = b.classifier()
     base = b.base_state(live)
-    finetune = b.read("finetune.json")
     taus = {}
     for method, sparsities, tasks in (("dataless", CURVE, b.tasks), ("learned", a.curve_learned, a.curve_tasks)):
         bank = SkillBank(b.work / "banks" / f"curve-{method}")
