@@ -134,12 +134,13 @@ class SkillHarvester(Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
         source = {"kind": "full finetune", "module": type(pl_module).__name__, "global_step": trainer.global_step,
                   "epochs": trainer.current_epoch}
-        tv = task_vector(base, model, head_patterns=self.head_patterns)  # a LoRA model is merged on a copy
+        finetune = merged_finetune(model)  # a LoRA model is merged on a copy, once
+        tv = task_vector(base, finetune, head_patterns=self.head_patterns)
         if self.method == "dataless":
             return localize_dataless(tv, self.sparsity, name=self.name, exclude=self.exclude, task=self.task,
                                      metrics=metrics, source=source, value_dtype=self.value_dtype)
         learner = MaskLearner(
-            copy.deepcopy(model), base, tv, self.sparsity,
+            finetune.weights if finetune.source else copy.deepcopy(model), base, tv, self.sparsity,  # merged: already a copy
             exclude=self.exclude, task=self.task, value_dtype=self.value_dtype, **self.learner_kwargs,
         )
         skill = learner.learn(self.few_shot, name=self.name)

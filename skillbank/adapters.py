@@ -61,12 +61,13 @@ def _head_patterns(modules_to_save: list[str] | None) -> tuple[str, ...]:
     return tuple(rf"(^|\.){re.escape(m)}\." for m in (modules_to_save or []))
 
 
-def _merge(peft_model: nn.Module, origin: str) -> Finetune:
+def _merge(peft_model: nn.Module, origin: str, *, own: bool = False) -> Finetune:
+    """Merge ``peft_model``: on a copy, unless ``own`` (a model built here, nobody else holds it)."""
     config = peft_model.peft_config[peft_model.active_adapter]
     peft_type = getattr(config, "peft_type", "LORA")
     if getattr(peft_type, "value", peft_type) != "LORA":
         raise SkillbankError(f"{origin}: only LoRA adapters can be merged into a task vector, got {config.peft_type}.")
-    merged = copy.deepcopy(peft_model).merge_and_unload()  # PEFT's own merge, on a copy: the caller's model is untouched
+    merged = (peft_model if own else copy.deepcopy(peft_model)).merge_and_unload()  # PEFT's own merge; the caller's model is untouched
     saved = sorted(set(getattr(config, "modules_to_save", None) or []))
     source = {"kind": "lora adapter", "origin": origin, "adapter_config": _json_safe(config.to_dict()), "modules_to_save": saved}
     return Finetune(merged.eval(), source, _head_patterns(saved))
@@ -95,12 +96,11 @@ def _base_for_adapter(base: Any, folder: Path, config: dict[str, Any]) -> nn.Mod
     seq_cls = config.get("task_type") == "SEQ_CLS"
     labels = _labels_in_adapter(folder) if seq_cls else None
     extra = {"num_labels": labels} if labels else {}
+    auto = AutoModelForSequenceClassification if seq_cls else AutoModel
     base = resolve_model(base)
     if isinstance(base, (str, Path)) and Path(base).is_dir():
-        auto = AutoModelForSequenceClassification if seq_cls else AutoModel
         return auto.from_pretrained(base, local_files_only=True, **extra)
     if isinstance(base, nn.Module) and hasattr(base, "config"):
-        auto = AutoModelForSequenceClassification if seq_cls else AutoModel
         model = auto.from_config(copy.deepcopy(base.config), **extra)
         state = load_state_dict(base)
         target = dict(model.state_dict(keep_vars=True))
@@ -127,7 +127,7 @@ def _load_adapter(folder: Path, base: Any) -> Finetune:
             f"{config.get('base_model_name_or_path') or 'an unrecorded base'}): {str(exc).splitlines()[0][:300]} "
             "Pass the base model the adapter was trained from."
         ) from exc
-    finetune = _merge(peft_model, str(folder))
+    finetune = _merge(peft_model, str(folder), own=True)
     finetune.source["adapter_folder"] = str(folder)
     return finetune
 
