@@ -17,6 +17,7 @@ from typing_extensions import override
 from skillbank.bank import SkillBank
 from skillbank.callbacks._model import wrapped_model
 from skillbank.errors import SkillbankError
+from skillbank.overlap import get_rule
 from skillbank.stitcher import Stitcher
 from skillbank.weights import WeightsSource
 
@@ -42,6 +43,8 @@ class SkillStitcher(Callback):
         skills: stitch only these names (in bank order); ``None``: every skill.
         model_attr: the LightningModule attribute holding the model; ``None``, or a
             module without ``model``, means the LightningModule itself.
+        rule: how overlapping skills combine (``"mean"``, ``"sum"``, ``"sign_mean"``;
+            see :mod:`skillbank.overlap`), checked here.
 
     Heads: ``pl_module.skill_heads`` is set to ``{name: head tensors}`` and
     :meth:`use_head` swaps one in, so each task is evaluated with its own head.
@@ -59,6 +62,7 @@ class SkillStitcher(Callback):
         on_validation_start: bool = True,
         skills: Sequence[str] | None = None,
         model_attr: str | None = "model",
+        rule: str = "mean",
     ) -> None:
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps < 1):
             raise SkillbankError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}.")
@@ -68,6 +72,7 @@ class SkillStitcher(Callback):
         self.look_on_validation_start = on_validation_start
         self.skills = None if skills is None else list(skills)
         self.model_attr = model_attr
+        self.rule = get_rule(rule).name  # fail fast on an unknown name
         self.history: list[tuple[str, int]] = []  # (skill, global step) as stitched
         self._stitcher: Stitcher | None = None
         self._restored: list[str] = []
@@ -159,10 +164,16 @@ class SkillStitcher(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"stitched": self.stitched, "bank": str(self.bank)}
+        return {"stitched": self.stitched, "bank": str(self.bank), "rule": self.rule}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_rule = state_dict.get("rule", "mean")
+        if state_dict["stitched"] and saved_rule != self.rule:
+            raise SkillbankError(
+                f"the checkpoint's skills were stitched with rule {saved_rule!r}, this SkillStitcher uses {self.rule!r}; "
+                f"resume with SkillStitcher(rule={saved_rule!r})."
+            )
         self._restored = list(state_dict["stitched"])
         self._stitcher = None  # the restored weights already hold these skills; rebuilt at the next look
 
@@ -195,7 +206,7 @@ class SkillStitcher(Callback):
                 for name, saved in self._restored_base.items():
                     flat = state[name].data.view(-1)
                     flat.index_copy_(0, saved["indices"].to(flat.device), saved["values"].to(flat.device, flat.dtype))
-        self._stitcher = Stitcher(model, self.base, bank=SkillBank(self.bank))
+        self._stitcher = Stitcher(model, self.base, bank=SkillBank(self.bank), rule=self.rule)
         for name in self._restored:
             self._stitcher.add(name)
         if self._restored:

@@ -148,8 +148,9 @@ def _stitch(args: argparse.Namespace) -> int:
 
     bank = SkillBank(args.bank, create=False)
     names = [n.strip() for n in args.skills.split(",") if n.strip()] if args.skills else bank.names()
-    out = stitch_to_folder(args.base, bank, names, args.out, progress=lambda it: tqdm(it, desc="stitch", unit="skill"))
-    print(f"stitched {len(names)} skills ({', '.join(names)}) onto {args.base} -> {out}")
+    out = stitch_to_folder(args.base, bank, names, args.out, progress=lambda it: tqdm(it, desc="stitch", unit="skill"),
+                           rule=args.rule)
+    print(f"stitched {len(names)} skills ({', '.join(names)}) onto {args.base} with rule {args.rule!r} -> {out}")
     return 0
 
 
@@ -196,6 +197,18 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 # -- parser ------------------------------------------------------------------
+
+
+def _rule_names() -> list[str]:
+    from skillbank.overlap import RULES
+
+    return sorted(RULES)
+
+
+def _rule_help() -> str:
+    from skillbank.overlap import RULES
+
+    return "; ".join(f"{name}: {RULES[name].summary}" for name in sorted(RULES))
 
 
 def _pull_names() -> list[str]:
@@ -285,13 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_verify)
 
     p = sub.add_parser("stitch", help="stitch skills onto the base and write a Hugging Face model folder",
-                       description="Stitch the bank's skills (or --skills) onto --base with overlaps averaged, and write "
+                       description="Stitch the bank's skills (or --skills) onto --base, overlaps combined by --rule, and write "
                        "--out: a folder AutoModel.from_pretrained loads (config, model.safetensors), each skill's head "
                        "in heads/<name>.safetensors, and a README.md model card listing the skills.")
     p.add_argument("--base", required=True, help="the base model folder (save_pretrained) or .safetensors file")
     p.add_argument("--bank", required=True, help="the bank directory")
     p.add_argument("--skills", default="", help="comma-separated skill names (default: every skill, in bank order)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--rule", choices=_rule_names(), default="mean",
+                   help="how overlapping skills combine (default: mean, the paper's). " + _rule_help())
     p.set_defaults(run=_stitch)
 
     p = sub.add_parser("export", help="write one skill as a dense single-task Hugging Face model folder",

@@ -11,6 +11,7 @@ from torch import nn
 
 from skillbank.bank import SkillBank
 from skillbank.errors import SkillbankError
+from skillbank.overlap import OverlapRule, get_rule
 from skillbank.stitcher import Stitcher
 
 __all__ = ["export_skill", "load_base_model", "stitch_to_folder"]
@@ -28,12 +29,13 @@ def load_base_model(base: str | Path) -> nn.Module:
     return (cls or transformers.AutoModel).from_pretrained(base).eval()
 
 
-def _model_card(bank: SkillBank, names: Sequence[str], base: str | Path) -> str:
+def _model_card(bank: SkillBank, names: Sequence[str], base: str | Path, rule: OverlapRule) -> str:
     lines = [
         "---", "library_name: transformers", "tags: [skillbank, localize-and-stitch, model-merging]", "---", "",
         "# Stitched model", "",
         f"Base model `{base}` with {len(names)} skills from the skillbank bank `{bank.path}` stitched on:",
-        "θ = θ_pre + Σ_i γ'_i ⊙ τ_i (where skills overlap, their task-vector entries are averaged).", "",
+        "θ = θ_pre + Σ_i γ'_i ⊙ τ_i, where skills overlap combined by the overlap rule below.", "",
+        f"Overlap rule: `{rule.name}` — {rule.summary}.", "",
         "| skill | task | method | sparsity | entries | source |", "| --- | --- | --- | --- | --- | --- |",
     ]
     for name in names:
@@ -63,14 +65,17 @@ def stitch_to_folder(
     names: Sequence[str],
     out: str | Path,
     progress: Callable[[Iterable[str]], Iterable[str]] = lambda it: it,
+    rule: str | OverlapRule = "mean",
 ) -> Path:
     """Stitch ``names`` from ``bank`` onto ``base`` and write the result to ``out``.
 
     ``base`` is a ``save_pretrained`` folder (``out`` is then a folder that
     ``AutoModel.from_pretrained`` loads) or a ``.safetensors`` file (``out``
     then holds ``model.safetensors``). Every name is checked before anything
-    is written.
+    is written. ``rule`` combines overlapping skills (see :mod:`skillbank.overlap`)
+    and is recorded in the model card.
     """
+    rule = get_rule(rule)
     out = Path(out)
     _check_out(out)
     if not names:
@@ -84,10 +89,10 @@ def stitch_to_folder(
     base_path = Path(resolve_model(str(base)))
     if base_path.is_dir():
         model: nn.Module | dict = load_base_model(base_path)
-        stitcher = Stitcher(model, base_path, bank=bank)
+        stitcher = Stitcher(model, base_path, bank=bank, rule=rule)
     else:
         model = load_file(str(base_path))
-        stitcher = Stitcher(model, bank=bank)
+        stitcher = Stitcher(model, bank=bank, rule=rule)
     for name in progress(names):
         stitcher.add(name)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +104,7 @@ def stitch_to_folder(
     for name, head in stitcher.heads.items():
         if head:
             save_file({k: v.contiguous().clone() for k, v in head.items()}, str(out / "heads" / f"{name}.safetensors"))
-    (out / "README.md").write_text(_model_card(bank, names, base))
+    (out / "README.md").write_text(_model_card(bank, names, base, rule))
     return out
 
 

@@ -1,10 +1,12 @@
 """``Stitcher``: apply and remove skills on a live model, incrementally and exactly.
 
-``θ = θ_pre + Σ_i γ'_i ⊙ τ_i`` with overlaps averaged. For every entry covered
-by at least one skill it keeps the base value, the running sum of τ (float64)
-and the count of covering skills; adding or removing a skill rewrites only the
-entries in that skill's mask, so every other entry stays bitwise identical, and
-an entry no skill covers any more gets its stored base value back, bit for bit.
+``θ = θ_pre + Σ_i γ'_i ⊙ τ_i`` with overlaps averaged (or combined by another
+:mod:`overlap rule <skillbank.overlap>`). For every entry covered by at least one
+skill it keeps the base value, the count of covering skills and the rule's
+running accumulators (float64; the mean's is the sum of τ); adding or removing a
+skill rewrites only the entries in that skill's mask, so every other entry stays
+bitwise identical, and an entry no skill covers any more gets its stored base
+value back, bit for bit.
 
 All float tensors share one flat address space; position → entry lookup goes
 through one int32 map over it, so an add costs O(skill size) whatever the
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 from skillbank.bank import SkillBank
 from skillbank.errors import BaseMismatchError, StitchError
 from skillbank.heads import use_head
+from skillbank.overlap import OverlapRule, get_rule
 from skillbank.skill import Region, Skill
 from skillbank.weights import WeightsSource, align_names, fingerprint_from_digests, load_state_dict, tensor_digest
 
@@ -45,22 +48,23 @@ class _Plan:
 class _Union:
     """Union-support state over one flat address space of all of a model's float tensors.
 
-    ``rows[e] = (base value, τ sum, cover count)`` in float64 (exact for the
-    base of every float dtype and for counts) for every covered entry ``e``;
-    ``slot`` maps a flat position to its row. One table means one gather and
-    one scatter per skill.
+    ``rows[e] = (base value, cover count, the rule's accumulators…)`` in float64
+    (exact for the base of every float dtype and for counts) for every covered
+    entry ``e``; ``slot`` maps a flat position to its row. One table means one
+    gather and one scatter per skill.
     """
 
-    def __init__(self, numel: int, device: torch.device) -> None:
+    def __init__(self, numel: int, device: torch.device, rule: OverlapRule) -> None:
+        self.rule = rule
         self.slot = torch.full((numel,), -1, dtype=torch.int32, device=device)
-        self.rows = torch.zeros((0, 3), dtype=torch.float64, device=device)
+        self.rows = torch.zeros((0, 2 + rule.columns), dtype=torch.float64, device=device)
         self.size = 0
 
     def _reserve(self, extra: int) -> None:
         needed = self.size + extra
         if needed <= self.rows.shape[0]:
             return
-        grown = torch.zeros((max(needed, 2 * self.rows.shape[0]), 3), dtype=torch.float64, device=self.rows.device)
+        grown = torch.zeros((max(needed, 2 * self.rows.shape[0]), self.rows.shape[1]), dtype=torch.float64, device=self.rows.device)
         grown[: self.size] = self.rows[: self.size]
         self.rows = grown
 
@@ -78,13 +82,13 @@ class _Union:
         rows = self.rows.index_select(0, slots)
         if fresh.numel():
             rows[fresh, 0] = current.index_select(0, fresh).double()
-        rows[:, 2] += sign
-        if sign > 0:
-            rows[:, 1] += values.double()
-        else:
-            # An uncovered entry's sum is reset to exactly 0, so base + 0 restores the base bit for bit.
-            rows[:, 1] = torch.where(rows[:, 2] == 0, 0.0, rows[:, 1] - values.double())
-        merged = rows[:, 0] + rows[:, 1] / rows[:, 2].clamp(min=1)
+        rows[:, 1] += sign
+        self.rule.update(rows[:, 2:], values.double(), sign)
+        covered = rows[:, 1] > 0
+        if sign < 0:
+            # An uncovered entry's accumulators are reset to exactly 0, so it restores the base bit for bit.
+            rows[:, 2:] = torch.where(covered.unsqueeze(1), rows[:, 2:], 0.0)
+        merged = torch.where(covered, rows[:, 0] + self.rule.delta(rows[:, 2:], rows[:, 1].clamp(min=1)), rows[:, 0])
         return _Plan(slots, rows, positions.index_select(0, fresh), allocated, merged)
 
     def commit(self, plan: _Plan) -> None:
@@ -96,7 +100,7 @@ class _Union:
             self.size += plan.allocated.numel()
 
     def covered(self) -> int:
-        return int((self.rows[: self.size, 2] > 0).sum())
+        return int((self.rows[: self.size, 1] > 0).sum())
 
     def touched(self) -> tuple[Tensor, Tensor]:
         """Flat positions of every entry ever covered, ascending, and their base values (float64)."""
@@ -148,6 +152,9 @@ class Stitcher:
         bank: optional bank. Skills stitched by name are read from it and not
             kept in memory; removing them reads them again (checked by sha256).
             Skills passed as objects are kept in memory until removed.
+        rule: how overlapping skills combine: ``"mean"`` (the paper's, default),
+            ``"sum"``, ``"sign_mean"`` (TIES-style), or an
+            :class:`~skillbank.overlap.OverlapRule`; see :mod:`skillbank.overlap`.
 
     >>> import torch
     >>> from skillbank.skill import Region, Skill, SkillMetadata
@@ -167,10 +174,16 @@ class Stitcher:
     """
 
     def __init__(
-        self, model: nn.Module | Mapping[str, Tensor], base: WeightsSource | None = None, *, bank: SkillBank | None = None
+        self,
+        model: nn.Module | Mapping[str, Tensor],
+        base: WeightsSource | None = None,
+        *,
+        bank: SkillBank | None = None,
+        rule: str | OverlapRule = "mean",
     ) -> None:
         self.model = model
         self.bank = bank
+        self.rule = get_rule(rule)
         tensors = model.state_dict(keep_vars=True) if isinstance(model, nn.Module) else model
         self._tensors = {k: v for k, v in tensors.items() if v.is_floating_point()}
         sizes = [t.numel() for t in self._tensors.values()]
@@ -379,7 +392,7 @@ class Stitcher:
         if any(self._tensors[dst].device != device for dst, _, _ in batch.spans):
             raise StitchError("stitching needs every tensor of a skill on one device; move the model first.")
         if self._union is None:
-            self._union = _Union(self._numel, device)
+            self._union = _Union(self._numel, device, self.rule)
         local = batch.local.to(device)  # one transfer per skill
         values = batch.values.to(device)
         positions = local + _per_entry([self._offsets[d] for d, _, _ in batch.spans], batch.spans, local.numel(), device)

@@ -54,6 +54,27 @@ def test_localize_list_show_verify_stitch_remove(folders, base_model, capsys):
     assert SkillBank(bank).names() == ["t1"]
 
 
+def test_stitch_with_another_rule_records_it_in_the_card(folders, base_model, capsys):
+    bank = folders / "bank"
+    for i in range(2):
+        main(["localize", "--base", str(folders / "base"), "--finetuned", str(folders / f"ft{i}"), "--bank", str(bank),
+              "--name", f"t{i}", "--sparsity", "0.3"])
+    assert main(["stitch", "--base", str(folders / "base"), "--bank", str(bank), "--out", str(folders / "out"),
+                 "--rule", "sign_mean"]) == 0
+    assert "rule 'sign_mean'" in capsys.readouterr().out
+    assert "Overlap rule: `sign_mean`" in (folders / "out" / "README.md").read_text()
+    reloaded = AutoModel.from_pretrained(folders / "out").eval()
+    for rule, same in (("sign_mean", True), ("mean", False)):
+        live = live_copy(base_model)
+        stitcher = Stitcher(live, bank=SkillBank(bank), rule=rule)
+        stitcher.add("t0")
+        stitcher.add("t1")
+        weight = "encoder.layer.0.attention.self.query.weight"
+        assert torch.equal(reloaded.state_dict()[weight], live.bert.state_dict()[weight]) == same, rule
+    with pytest.raises(SystemExit):
+        main(["stitch", "--base", str(folders / "base"), "--bank", str(bank), "--out", str(folders / "o2"), "--rule", "x"])
+
+
 def test_stitch_a_subset_from_a_safetensors_file(folders, capsys):
     bank = folders / "bank"
     for i in range(2):

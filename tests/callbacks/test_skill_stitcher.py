@@ -93,7 +93,28 @@ def test_validation_runs_see_every_skill_with_its_head(base_model, skills, tmp_p
         assert torch.equal(model.classifier.weight, skills[1].head["classifier.weight"])
 
 
-@pytest.mark.parametrize("kwargs, words", [(dict(every_n_steps=0), "every_n_steps must be"), (dict(file=True), "is a file")])
+def test_the_rule_is_used_and_a_resume_with_another_rule_is_refused(base_model, skills, tmp_path):
+    bank = SkillBank(tmp_path / "bank")
+    for skill in skills:
+        bank.add(skill)
+    module = Watcher(live_copy(base_model))
+    trainer = quiet_trainer(max_steps=2, callbacks=[SkillStitcher(tmp_path / "bank", rule="sum")], enable_checkpointing=False)
+    trainer.fit(module, task_loader())
+    by_hand = live_copy(base_model)
+    stitcher = Stitcher(by_hand, rule="sum")
+    for skill in skills:
+        stitcher.add(skill)
+    for name, tensor in by_hand.bert.state_dict().items():
+        assert torch.equal(module.model.bert.state_dict()[name], tensor), name
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    resumed = Watcher(live_copy(base_model))
+    with pytest.raises(SkillbankError, match="rule 'sum'"):
+        quiet_trainer(max_steps=4, callbacks=[SkillStitcher(tmp_path / "bank")], enable_checkpointing=False).fit(
+            resumed, task_loader(), ckpt_path=tmp_path / "run.ckpt")
+
+
+@pytest.mark.parametrize("kwargs, words", [(dict(every_n_steps=0), "every_n_steps must be"), (dict(file=True), "is a file"),
+                                           (dict(rule="median"), "unknown overlap rule")])
 def test_bad_arguments_fail_fast(tmp_path, kwargs, words):
     bank = tmp_path / "bank"
     if kwargs.pop("file", False):
