@@ -15,6 +15,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from skillbank.adapters import find_peft_model, merged_finetune
+from skillbank.auto_sparsity import DEFAULT_GRID, search_sparsity, stitched_scorer, with_choice
+from skillbank.baselines import apply_delta
 from skillbank.bank import SkillBank
 from skillbank.callbacks._model import wrapped_model
 from skillbank.errors import SkillbankError, SkillNameError
@@ -23,8 +25,8 @@ from skillbank.mask_learner import MaskLearner
 from skillbank.ranks import raise_everywhere
 from skillbank.skill import Skill
 from skillbank.sparse import check_sparsity
-from skillbank.task_vector import task_vector
-from skillbank.weights import WeightsSource, is_float
+from skillbank.task_vector import TaskVector, task_vector
+from skillbank.weights import WeightsSource, is_float, load_state_dict
 
 __all__ = ["SkillHarvester"]
 
@@ -44,7 +46,12 @@ class SkillHarvester(Callback):
             Of a Hugging Face model only the backbone (``model.base_model``) is
             captured, so its task head becomes the skill's head; for other modules
             give ``head_patterns`` to keep a new head out of the task vector.
-        sparsity: fraction of the shared entries in the mask.
+        sparsity: fraction of the shared entries in the mask, or ``"auto"``: the
+            smallest size of ``grid`` whose skill alone keeps ``target_recovery`` of
+            the finetune's accuracy on ``validation`` (learned masks start their
+            search from the dataless choice); see :mod:`skillbank.auto_sparsity`.
+        target_recovery, grid: the goal and the sizes tried with ``sparsity="auto"``.
+        validation: labelled batches for ``"auto"``; default the run's own validation dataloader.
         method: ``"dataless"`` (top-|τ|) or ``"learned"`` (:class:`~skillbank.MaskLearner`
             on ``few_shot``, on rank 0's device, without a Trainer).
         few_shot: the labelled few-shot batches for ``"learned"`` (64 per class in the paper).
@@ -64,7 +71,7 @@ class SkillHarvester(Callback):
         bank: str | Path,
         name: str,
         base: WeightsSource | None = None,
-        sparsity: float = 0.01,
+        sparsity: float | str = 0.01,
         method: str = "dataless",
         few_shot: Iterable[Any] | None = None,
         model_attr: str | None = "model",
@@ -73,8 +80,12 @@ class SkillHarvester(Callback):
         head_patterns: Sequence[str] = (),
         value_dtype: str = "float32",
         learner_kwargs: Mapping[str, Any] | None = None,
+        target_recovery: float = 0.99,
+        grid: Sequence[float] = DEFAULT_GRID,
+        validation: Iterable[Any] | None = None,
     ) -> None:
-        check_sparsity(sparsity)
+        if sparsity != "auto":
+            check_sparsity(sparsity)
         if method not in METHODS:
             raise SkillbankError(f"method must be one of {METHODS}, got {method!r}.")
         if method == "learned" and few_shot is None:
@@ -85,6 +96,7 @@ class SkillHarvester(Callback):
         self.few_shot, self.model_attr, self.task = few_shot, model_attr, task
         self.exclude, self.head_patterns, self.value_dtype = tuple(exclude), tuple(head_patterns), value_dtype
         self.learner_kwargs = dict(learner_kwargs or {})
+        self.target_recovery, self.grid, self.validation = target_recovery, tuple(grid), validation
         self.skill: Skill | None = None
         self._captured: dict[str, Tensor] | None = None
 
@@ -136,14 +148,39 @@ class SkillHarvester(Callback):
                   "epochs": trainer.current_epoch}
         finetune = merged_finetune(model)  # a LoRA model is merged on a copy, once
         tv = task_vector(base, finetune, head_patterns=self.head_patterns)
+        fields = dict(exclude=self.exclude, task=self.task, metrics=metrics, source=source, value_dtype=self.value_dtype)
+        if self.sparsity == "auto":
+            return self._harvest_auto(trainer, finetune.weights if finetune.source else model, base, tv, fields)
         if self.method == "dataless":
-            return localize_dataless(tv, self.sparsity, name=self.name, exclude=self.exclude, task=self.task,
-                                     metrics=metrics, source=source, value_dtype=self.value_dtype)
+            return localize_dataless(tv, self.sparsity, name=self.name, **fields)
+        if finetune.source:  # merged: already a copy the learner may reset to the base
+            return self._learn(finetune.weights, base, tv, self.sparsity, fields, copy_model=False)
+        return self._learn(model, base, tv, self.sparsity, fields)
+
+    def _learn(self, model: torch.nn.Module, base: Any, tv: TaskVector, sparsity: float, fields: dict,
+               copy_model: bool = True) -> Skill:
         learner = MaskLearner(
-            finetune.weights if finetune.source else copy.deepcopy(model), base, tv, self.sparsity,  # merged: already a copy
-            exclude=self.exclude, task=self.task, value_dtype=self.value_dtype, **self.learner_kwargs,
+            copy.deepcopy(model) if copy_model else model, base, tv, sparsity, exclude=self.exclude, task=self.task,
+            value_dtype=self.value_dtype, **self.learner_kwargs,
         )
         skill = learner.learn(self.few_shot, name=self.name)
-        skill.metadata.metrics.update(metrics)
-        skill.metadata.source.update({**source, **tv.source})
+        skill.metadata.metrics.update(fields["metrics"])
+        skill.metadata.source.update({**fields["source"], **tv.source})
         return skill
+
+    def _harvest_auto(self, trainer: pl.Trainer, model: torch.nn.Module, base: Any, tv: TaskVector, fields: dict) -> Skill:
+        """The smallest dataless (then learned, searched from the dataless size) skill that keeps the target."""
+        validation = self.validation if self.validation is not None else trainer.val_dataloaders
+        if validation is None:
+            raise SkillbankError("sparsity='auto' needs validation data: give the fit a validation dataloader, "
+                                 "or SkillHarvester(validation=...).")
+        probe = apply_delta(copy.deepcopy(model), load_state_dict(base), {}).eval()  # the base, with the finetuned head
+        score = stitched_scorer(probe, validation)
+        reference = score(localize_dataless(tv, 1.0, name=self.name, exclude=self.exclude))
+        dataless, choice = search_sparsity(lambda s: localize_dataless(tv, s, name=self.name, **fields), score, reference,
+                                           target=self.target_recovery, grid=self.grid)
+        if self.method == "dataless":
+            return with_choice(dataless, choice)
+        learned, choice = search_sparsity(lambda s: self._learn(model, base, tv, s, fields), score, reference,
+                                          target=self.target_recovery, grid=self.grid, start=choice.sparsity)
+        return with_choice(learned, choice)

@@ -8,12 +8,18 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
 from skillbank.bank import SkillBank
 from skillbank.errors import SkillbankError
 from skillbank.skill import VALUE_DTYPES
+
+if TYPE_CHECKING:
+    from skillbank.skill import Skill
+    from skillbank.task_vector import TaskVector
+    from skillbank.weights import WeightsSource
 from skillbank.sparse import check_sparsity
 
 __all__ = ["build_parser", "main"]
@@ -31,6 +37,10 @@ def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def _sparsity_or_auto(text: str) -> float | str:
+    return "auto" if text == "auto" else _sparsity(text)
 
 
 def _sparsity(text: str) -> float:
@@ -73,19 +83,54 @@ def _localize(args: argparse.Namespace) -> int:
         bar.set_postfix_str("task vector")
         tv = task_vector(base, finetuned, head_patterns=args.head_pattern)
         bar.update()
-        bar.set_postfix_str("top-k")
-        skill = localize_dataless(
-            tv, args.sparsity, name=args.name, task=args.task or args.name, exclude=args.exclude,
-            value_dtype=args.value_dtype,
-            source={"kind": "full finetune", "base": str(args.base), "finetuned": str(args.finetuned)},
-        )
+        fields = dict(name=args.name, task=args.task or args.name, exclude=args.exclude, value_dtype=args.value_dtype,
+                      source={"kind": "full finetune", "base": str(args.base), "finetuned": str(args.finetuned)})
+        if args.sparsity == "auto":
+            bar.set_postfix_str(f"sizes keeping {args.target_recovery:g}")
+            skill = _localize_auto(args, base, tv, fields)
+        else:
+            bar.set_postfix_str("top-k")
+            skill = localize_dataless(tv, args.sparsity, **fields)
         bar.update()
         bar.set_postfix_str("writing")
         entry = bank.add(skill)
         bar.update()
     print(f"added {entry.name!r}: {entry.entries:,} of {skill.num_shared:,} entries "
           f"({entry.entries / skill.num_shared:.2%}), head {len(skill.head)} tensors, {entry.bytes:,} bytes -> {bank.path / entry.file}")
+    auto = skill.metadata.settings.get("auto")
+    if auto:
+        tried = ", ".join(f"{s} {r:.3f}" for s, r in auto["tried"].items())
+        verdict = "keeps" if auto["met"] else "is the best tried but misses"
+        print(f"sparsity {auto['sparsity']:g} {verdict} the target: recovery {auto['recovery']:.4f} of the finetune's "
+              f"validation accuracy {auto['reference']:.4f} (tried: {tried})")
     return 0
+
+
+def _localize_auto(args: argparse.Namespace, base: WeightsSource, tv: TaskVector, fields: dict) -> Skill:
+    """The dataless skill at the smallest size keeping --target-recovery on --val-data."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from skillbank.auto_sparsity import localize_auto
+    from skillbank.baselines import apply_delta
+    from skillbank.labelled_text import read_jsonl
+    from skillbank.text_tasks import task_loader
+    from skillbank.weights import load_state_dict
+
+    if not args.val_data:
+        raise SkillbankError("--sparsity auto needs --val-data FILE (JSON lines of {\"text\": ..., \"label\": ...}) "
+                             "to measure what each mask size keeps; or give a number, e.g. --sparsity 0.05.")
+    folder = Path(args.finetuned)
+    if not (folder / "config.json").is_file():
+        raise SkillbankError("--sparsity auto needs --finetuned to be a Hugging Face classifier folder (with its tokenizer).")
+    probe = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True).eval()
+    apply_delta(probe, load_state_dict(base), {})  # the base with the finetuned head: where each mask is tried
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError):
+        tokenizer = AutoTokenizer.from_pretrained(args.base, local_files_only=True)
+    split = read_jsonl(args.val_data, probe.config.num_labels)
+    batches = list(task_loader(split, tokenizer, max_length=args.max_length, batch_size=64))
+    return localize_auto(tv, probe, batches, target=args.target_recovery, **fields)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -94,9 +139,16 @@ def _list(args: argparse.Namespace) -> int:
     if not entries:
         print(f"{bank.path}: no skills yet")
         return 0
-    rows = [(e.name, e.task, e.method, e.sparsity, f"{e.entries:,}", e.value_dtype, f"{e.bytes:,}", e.created) for e in entries]
-    print(_table(("name", "task", "method", "sparsity", "entries", "values", "bytes", "created"), rows))
+    rows = [(e.name, e.task, e.method, e.sparsity, _recovery(e.metrics), f"{e.entries:,}", e.value_dtype, f"{e.bytes:,}", e.created)
+            for e in entries]
+    print(_table(("name", "task", "method", "sparsity", "recovery", "entries", "values", "bytes", "created"), rows))
     return 0
+
+
+def _recovery(metrics: dict) -> str:
+    """The validation recovery a skill was sized by (``sparsity="auto"``), or ``-``."""
+    value = metrics.get("val_recovery")
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -264,7 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", required=True, help="the bank directory (created if missing)")
     p.add_argument("--name", required=True, help="the skill's unique name (letters, digits, '.', '_', '-')")
     p.add_argument("--task", default="", help="task description stored with the skill (default: the name)")
-    p.add_argument("--sparsity", type=_sparsity, default=0.01, help="fraction s in (0, 1] of entries to keep (default: 0.01)")
+    p.add_argument("--sparsity", type=_sparsity_or_auto, default=0.01,
+                   help="fraction s in (0, 1] of entries to keep (default: 0.01), or 'auto': the smallest of "
+                   "0.1%%, 0.2%%, 0.5%%, 1%%, 2%%, 5%%, 10%%, 20%%, 50%%, 100%% whose skill alone keeps --target-recovery "
+                   "of the finetune's accuracy on --val-data")
+    p.add_argument("--target-recovery", type=float, default=0.99,
+                   help="with --sparsity auto: the share of the finetune's validation accuracy to keep (default: 0.99)")
+    p.add_argument("--val-data", default=None, metavar="FILE",
+                   help="with --sparsity auto: labelled validation texts, one JSON object a line: {\"text\": ..., \"label\": 0}; "
+                   "tokenized with the finetuned folder's tokenizer")
+    p.add_argument("--max-length", type=int, default=128, help="with --val-data: tokens per text (default: 128)")
     p.add_argument("--value-dtype", choices=sorted(VALUE_DTYPES), default="float32",
                    help="dtype of the stored task-vector values (default: float32; bfloat16 halves them)")
     p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
@@ -274,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_localize)
 
     p = sub.add_parser("list", help="list the skills in a bank", description="List a bank's skills in the order they were added: name, task, "
-                       "localization method, sparsity, number of entries, value dtype, file size and creation time.")
+                       "localization method, sparsity, validation recovery (skills sized with --sparsity auto), number of "
+                       "entries, value dtype, file size and creation time.")
     p.add_argument("bank", help="the bank directory")
     p.set_defaults(run=_list)
 

@@ -125,3 +125,34 @@ def test_demo_runs_end_to_end_and_stitching_recovers_the_finetunes(tmp_path, cap
     base, finetuned, alone, stitched = map(float, average[1:])
     assert finetuned >= 0.95 and alone >= 0.9 and stitched >= 0.9 and base < 0.7
     assert SkillBank(tmp_path / "bank").names() == ["sentiment", "topic", "urgency"]
+
+
+def test_localize_auto_sizes_the_skill_on_validation_texts(folders, capsys):
+    import json
+
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)]
+    (folders / "vocab.txt").write_text("\n".join(vocab))
+    BertTokenizerFast(vocab_file=str(folders / "vocab.txt")).save_pretrained(folders / "ft0")
+    gen = torch.Generator().manual_seed(0)
+    rows = [{"text": " ".join(f"w{int(i)}" for i in torch.randint(0, 59, (6,), generator=gen)), "label": n % 2} for n in range(64)]
+    (folders / "val.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    bank = folders / "bank"
+    common = ["localize", "--base", str(folders / "base"), "--finetuned", str(folders / "ft0"), "--bank", str(bank)]
+
+    assert main([*common, "--name", "a", "--sparsity", "auto"]) == 2
+    assert "--sparsity auto needs --val-data" in capsys.readouterr().err
+    (folders / "bad.jsonl").write_text('{"text": "w1", "label": 0}\n{"text": "w2", "label": 7}\n')
+    assert main([*common, "--name", "a", "--sparsity", "auto", "--val-data", str(folders / "bad.jsonl")]) == 2
+    assert "bad.jsonl:2: label 7 is outside 0..1" in capsys.readouterr().err
+
+    assert main([*common, "--name", "a", "--sparsity", "auto", "--target-recovery", "0.9", "--val-data", str(folders / "val.jsonl")]) == 0
+    out = capsys.readouterr().out
+    skill = SkillBank(bank).get("a")
+    auto = skill.metadata.settings["auto"]
+    assert auto["met"] and auto["target"] == 0.9 and skill.metadata.sparsity == auto["sparsity"]
+    assert f"sparsity {auto['sparsity']:g} keeps the target" in out
+    assert main(["list", str(bank)]) == 0
+    listing = capsys.readouterr().out
+    assert "recovery" in listing.splitlines()[0] and f"{auto['recovery']:.3f}" in listing

@@ -94,3 +94,20 @@ def test_ddp_finetune_is_harvested_once(tmp_path):
     bank = SkillBank(tmp_path / "bank")
     assert bank.names() == ["sentiment"] and bank.verify() == {"sentiment": "ok"}
     assert bank.get("sentiment").metadata.source["global_step"] == 4
+
+
+def test_auto_harvest_records_the_size_search_and_needs_validation_data(base_model, tmp_path):
+    harvester = SkillHarvester(tmp_path / "bank", "auto", sparsity="auto", target_recovery=0.9, grid=(0.01, 0.05, 0.2, 1.0))
+    finetune(base_model, harvester)
+    skill = SkillBank(tmp_path / "bank").get("auto")
+    auto = skill.metadata.settings["auto"]
+    assert auto["met"] and skill.metadata.sparsity == auto["sparsity"] in (0.01, 0.05, 0.2, 1.0)
+    tried = {float(s): r for s, r in auto["tried"].items()}
+    assert all(r < 0.9 for s, r in tried.items() if s < skill.metadata.sparsity) and tried[skill.metadata.sparsity] >= 0.9
+    assert skill.metadata.metrics["val_recovery"] == tried[skill.metadata.sparsity]
+
+    module = SequenceClassifier(live_copy(base_model), num_labels=2, lr=0.05, optimizer="sgd")
+    trainer = quiet_trainer(max_steps=2, callbacks=[SkillHarvester(tmp_path / "bank", "x", sparsity="auto")],
+                            enable_checkpointing=False)
+    with pytest.raises(SkillbankError, match="needs validation data"):
+        trainer.fit(module, task_loader())
