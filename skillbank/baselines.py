@@ -1,9 +1,12 @@
-"""Model-merging baselines on task vectors: simple averaging, task arithmetic, TIES-merging, consensus (TALL masks).
+"""Model-merging baselines on task vectors: simple averaging, task arithmetic, TIES-merging, consensus (TALL masks),
+and the continual mergers MagMax and OPCM.
 
 Each function takes the shared task vectors ``τ_t`` (``{name: tensor}``, one
 dict per task, same names and shapes) and returns one merged delta ``δ``; the
 merged model is ``θ_pre + δ`` (:func:`apply_delta`), evaluated with each task's
-own head. Pure tensor functions, tested against plain reference code.
+own head. Pure tensor functions, tested against plain reference code. For tasks
+that arrive one at a time, :func:`arrivals` gives the merged delta after each
+arrival (OPCM carries its state forward instead of starting over).
 
 >>> import torch
 >>> taus = [{"w": torch.tensor([1.0, -2.0])}, {"w": torch.tensor([3.0, 2.0])}]
@@ -15,7 +18,7 @@ own head. Pure tensor functions, tested against plain reference code.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +27,8 @@ from skillbank.errors import TaskVectorError
 from skillbank.sparse import check_sparsity, num_selected
 from skillbank.weights import align_names
 
-__all__ = ["apply_delta", "average", "consensus", "tall_masks", "task_arithmetic", "ties", "trim_top"]
+__all__ = ["apply_delta", "arrivals", "average", "consensus", "magmax", "opcm", "opcm_steps", "tall_masks",
+           "task_arithmetic", "ties", "trim_top"]
 
 TaskVectors = Sequence[Mapping[str, Tensor]]
 
@@ -105,6 +109,89 @@ def consensus(taus: TaskVectors, k: int = 2, lam: float | Sequence[float] = 0.4,
     total = {n: torch.stack([t[n].float() for t in taus]).sum(0) for n in names}
     masks = tall_masks(taus, lam, total)
     return {n: scale * total[n] * (torch.stack([m[n] for m in masks]).sum(0) >= k) for n in names}
+
+
+def magmax(taus: TaskVectors, scale: float = 1.0) -> dict[str, Tensor]:
+    """MagMax (Marczak et al., 2024): per entry, the task-vector value of largest magnitude (ties: the
+    earliest task), times ``λ``.
+
+    >>> magmax([{"w": torch.tensor([1.0, -3.0])}, {"w": torch.tensor([-2.0, 2.0])}])["w"].tolist()
+    [-2.0, -3.0]
+    """
+    merged = {}
+    for n in _names(taus):
+        stack = torch.stack([t[n].float() for t in taus])
+        pick = stack.abs().argmax(0, keepdim=True)  # the first maximum on ties
+        merged[n] = scale * stack.gather(0, pick).squeeze(0)
+    return merged
+
+
+def _is_matrix(name: str, tensor: Tensor) -> bool:
+    return tensor.dim() == 2 and "embeddings" not in name
+
+
+def _orthogonal_part(previous: Tensor, tau: Tensor, alpha: float) -> Tensor:
+    """``τ`` without its components in the leading singular directions of ``previous`` (OPCM's projection).
+
+    In the bases of ``previous = U Σ Vᵀ`` (full SVD) the coefficients ``Uᵀ τ V`` are
+    zeroed on the diagonal and in the leading ``r × r`` block, ``r`` the first rank
+    whose cumulative share of singular values exceeds ``alpha``.
+    """
+    u, s, vh = torch.linalg.svd(previous.double(), full_matrices=True)
+    if not float(s.sum()) > 0:
+        return tau.float()
+    rank = int((s.cumsum(0) / s.sum() > alpha).double().argmax())
+    coefficients = u.T @ tau.double() @ vh.T
+    coefficients.diagonal().zero_()
+    coefficients[:rank, :rank] = 0
+    return (u @ coefficients @ vh).float()
+
+
+def opcm_steps(taus: TaskVectors, alpha: float = 0.5, matrices: Callable[[str, Tensor], bool] | None = None
+               ) -> Iterator[dict[str, Tensor]]:
+    """OPCM (Tang et al., 2025), one merged delta after each arrival, in order.
+
+    Each new ``τ_t`` is added to the running sum after removing, in every weight
+    matrix, its components along the leading singular directions of the merge so
+    far (other tensors are added as they are); the merge is the running sum
+    rescaled to the mean norm of the task vectors seen (adaptive scaling, so no
+    coefficient is tuned). ``matrices(name, tensor)`` says which tensors are
+    projected: by default 2-D ones outside the embeddings (OPCM projects the linear layers).
+    """
+    if not 0 <= alpha < 1:
+        raise TaskVectorError(f"alpha must be in [0, 1), got {alpha}.")
+    names = _names(taus)
+    project = matrices or _is_matrix
+    total: dict[str, Tensor] = {}
+    norms: list[float] = []
+    for tau in taus:
+        norms.append(float(torch.sqrt(sum((tau[n].double() ** 2).sum() for n in names))))
+        for n in names:
+            new = tau[n].float()
+            if n in total and project(n, new):
+                new = _orthogonal_part(total[n], new, alpha)
+            total[n] = total[n] + new if n in total else new.clone()
+        norm = float(torch.sqrt(sum((total[n].double() ** 2).sum() for n in names)))
+        scale = (sum(norms) / len(norms)) / norm if norm > 0 else 0.0
+        yield {n: t * scale for n, t in total.items()}
+
+
+def opcm(taus: TaskVectors, alpha: float = 0.5, matrices: Callable[[str, Tensor], bool] | None = None) -> dict[str, Tensor]:
+    """OPCM's merged delta after every task of ``taus`` arrived in order (see :func:`opcm_steps`)."""
+    merged: dict[str, Tensor] = {}
+    for merged in opcm_steps(taus, alpha, matrices):
+        pass
+    return merged
+
+
+def arrivals(merge: Callable[[TaskVectors], dict[str, Tensor]], taus: TaskVectors) -> Iterator[dict[str, Tensor]]:
+    """A one-shot merger run as tasks arrive: ``merge(taus[:t])`` for ``t = 1 … T`` (running TA, TIES, MagMax).
+
+    >>> [d["w"].tolist() for d in arrivals(lambda ts: task_arithmetic(ts, 1.0), [{"w": torch.ones(1)}] * 2)]
+    [[1.0], [2.0]]
+    """
+    for t in range(1, len(taus) + 1):
+        yield merge(taus[:t])
 
 
 @torch.no_grad()

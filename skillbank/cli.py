@@ -241,6 +241,9 @@ def _plot(args: argparse.Namespace) -> int:
         for name, cells in shares.items():
             top = sorted(cells.items(), key=lambda kv: -kv[1])[:3]
             print(f"{name}: " + ", ".join(f"{k} {v:.1%}" for k, v in top))
+    elif args.kind == "arrivals":
+        for method, m in plots.plot_arrivals(args.source, args.out).items():
+            print(f"{method}: average " + " ".join(f"{x:.3f}" for x in m["average"]) + f"; final backward transfer {m['bwt'][-1]:+.3f}")
     else:
         for method, points in plots.plot_recovery(args.source, args.out).items():
             print(f"{method}: " + ", ".join(f"{100 * s:g}% {r:.3f}" for s, r in sorted(points.items())))
@@ -381,14 +384,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.set_defaults(run=_export)
 
-    p = sub.add_parser("plot", help="plot a bank's skills: mask overlap, where masks live, sparsity vs recovery",
+    p = sub.add_parser("plot", help="plot a bank's skills: mask overlap, where masks live, sparsity vs recovery, arrivals",
                        description="Write a PNG. overlap: heatmap of the pairwise Jaccard overlap of the skills' masks. "
                        "layers: per skill, the share of its entries in each layer and component (embeddings, attention, "
                        "FFN, LayerNorm, bias). recovery: mean recovery (skill alone / finetuned accuracy) against "
                        "sparsity, from a JSON file mapping '<method> <sparsity>' to {task: recovery} "
-                       "(benchmarks/bench_real.py writes curve.json).")
-    p.add_argument("kind", choices=("overlap", "layers", "recovery"), help="which plot")
-    p.add_argument("source", help="the bank directory (overlap, layers) or the recovery JSON file (recovery)")
+                       "(benchmarks/bench_real.py writes curve.json). arrivals: average normalized accuracy over the tasks "
+                       "seen and backward transfer after each arrival, per method, from a JSON file {order, finetuned, "
+                       "methods: {method: [{task: accuracy} after each arrival]}} (bench_real.py writes arrivals.json).")
+    p.add_argument("kind", choices=("overlap", "layers", "recovery", "arrivals"), help="which plot")
+    p.add_argument("source", help="the bank directory (overlap, layers) or the JSON file (recovery, arrivals)")
     p.add_argument("--out", required=True, help="the PNG file to write")
     p.add_argument("--skills", default="", help="comma-separated skill names (default: every skill, in bank order)")
     p.set_defaults(run=_plot)

@@ -1,7 +1,8 @@
-"""Plots of a bank's skills (matplotlib, PNG): mask overlap, where masks live, sparsity vs recovery.
+"""Plots of a bank's skills (matplotlib, PNG): mask overlap, where masks live, sparsity vs recovery, arrivals.
 
 The numbers behind each plot come from pure functions (:func:`jaccard`,
-:func:`placement`), so they can be tested and printed without matplotlib.
+:func:`placement`, :func:`~skillbank.arrivals.arrival_metrics`), so they can be
+tested and printed without matplotlib.
 
 >>> component("bert.encoder.layer.3.attention.self.query.weight"), layer_of("bert.encoder.layer.3.output.dense.weight")
 ('attention', 'layer 3')
@@ -17,11 +18,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from skillbank.arrivals import arrival_metrics
 from skillbank.bank import SkillBank
 from skillbank.errors import SkillbankError
 from skillbank.skill import Skill
 
-__all__ = ["COMPONENTS", "component", "jaccard", "layer_of", "placement", "plot_layers", "plot_overlap", "plot_recovery"]
+__all__ = ["COMPONENTS", "component", "jaccard", "layer_of", "placement", "plot_arrivals", "plot_layers", "plot_overlap",
+           "plot_recovery"]
 
 #: Parameter groups of a transformer, in plotting order.
 COMPONENTS = ("embeddings", "attention", "FFN", "LayerNorm", "bias", "other")
@@ -204,3 +207,37 @@ def plot_recovery(curve: str | Path | Mapping[str, Mapping[str, float]], out: st
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return lines
+
+
+def plot_arrivals(runs: str | Path | Mapping, out: str | Path) -> dict[str, dict[str, list[float]]]:
+    """Average normalized accuracy and backward transfer after each arrival, one line per method.
+
+    ``runs`` is ``{"order": [task, …], "finetuned": {task: accuracy}, "methods": {method:
+    [{task: accuracy} after each arrival]}}``, or a JSON file of that
+    (``benchmarks/bench_real.py`` writes ``arrivals.json``). Returns each method's
+    :func:`~skillbank.arrivals.arrival_metrics`.
+    """
+    data = json.loads(Path(runs).read_text()) if isinstance(runs, (str, Path)) else runs
+    if not isinstance(data, Mapping) or not all(isinstance(data.get(k), (list, dict)) for k in ("order", "finetuned", "methods")):
+        raise SkillbankError("arrival data needs 'order', 'finetuned' and 'methods' (method -> accuracies after each arrival).")
+    metrics = {m: arrival_metrics(accs, data["order"], data["finetuned"]) for m, accs in data["methods"].items()}
+    if not metrics:
+        raise SkillbankError("no methods to plot in the arrival data.")
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for method, m in sorted(metrics.items()):
+        steps = range(1, len(m["average"]) + 1)
+        left.plot(steps, m["average"], marker="o", label=method)
+        right.plot(list(steps)[1:], m["bwt"][1:], marker="o", label=method)
+    left.set_ylabel("average normalized accuracy (tasks seen)")
+    right.set_ylabel("backward transfer (normalized)")
+    right.axhline(0.0, color="gray", lw=0.8, ls="--")
+    for ax in (left, right):
+        ax.set_xlabel("tasks arrived")
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    fig.suptitle("arrival order: " + ", ".join(map(str, data["order"])), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return metrics

@@ -102,3 +102,70 @@ def test_apply_delta_sets_base_plus_delta_and_resets() -> None:
     assert all(torch.equal(model.state_dict()[k], v) for k, v in base.items())
     with pytest.raises(TaskVectorError, match="no tensor"):
         apply_delta(model, base, {"nope.weight": torch.zeros(1)})
+
+
+def test_magmax_takes_the_largest_magnitude_per_entry() -> None:
+    from skillbank.baselines import magmax
+
+    taus = _taus(4, seed=3)
+    merged = _flat(magmax(taus, 0.5))
+    flats = [_flat(t) for t in taus]
+    for i in range(merged.numel()):
+        values = [f[i].item() for f in flats]
+        best = max(values, key=abs)  # max() keeps the first of equal keys: the earliest task wins ties
+        assert merged[i].item() == pytest.approx(0.5 * best)
+
+
+def _opcm_reference(taus: list[dict[str, torch.Tensor]], alpha: float) -> list[dict[str, torch.Tensor]]:
+    """OPCM written with explicit outer products: keep u_i v_jᵀ components unless i == j or both i, j < r."""
+    import numpy as np
+
+    out, total, norms = [], None, []
+    for tau in taus:
+        norms.append(np.sqrt(sum(float((t.double() ** 2).sum()) for t in tau.values())))
+        if total is None:
+            total = {k: v.double().numpy().copy() for k, v in tau.items()}
+        else:
+            for k, v in tau.items():
+                v = v.double().numpy()
+                if v.ndim == 2:
+                    u, s, vt = np.linalg.svd(total[k], full_matrices=True)
+                    r = next(i for i in range(len(s)) if s[: i + 1].sum() / s.sum() > alpha)
+                    kept = np.zeros_like(v)
+                    for i in range(u.shape[1]):
+                        for j in range(vt.shape[0]):
+                            if i == j or (i < r and j < r):
+                                continue
+                            kept += (u[:, i] @ v @ vt[j]) * np.outer(u[:, i], vt[j])
+                    v = kept
+                total[k] = total[k] + v
+        norm = np.sqrt(sum((t ** 2).sum() for t in total.values()))
+        out.append({k: torch.from_numpy(t * (np.mean(norms) / norm)).float() for k, t in total.items()})
+    return out
+
+
+def test_opcm_matches_a_plain_reference_after_every_arrival() -> None:
+    from skillbank.baselines import opcm, opcm_steps
+
+    taus = _taus(4, seed=5)
+    steps = list(opcm_steps(taus, alpha=0.5, matrices=lambda name, t: t.dim() == 2))
+    expected = _opcm_reference(taus, 0.5)
+    assert len(steps) == 4
+    for got, want in zip(steps, expected):
+        for name in ("a", "b"):
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(steps[0]["a"], taus[0]["a"])  # the first task arrives as it is
+    mean_norm = sum(float(_flat(t).norm()) for t in taus) / 4
+    assert float(_flat(steps[-1]).norm()) == pytest.approx(mean_norm, rel=1e-5)  # adaptive scaling
+    torch.testing.assert_close(opcm(taus, 0.5, lambda name, t: t.dim() == 2)["a"], steps[-1]["a"])
+    with pytest.raises(TaskVectorError, match="alpha"):
+        opcm(taus, alpha=1.0)
+
+
+def test_arrivals_runs_a_one_shot_merger_on_every_prefix() -> None:
+    from skillbank.baselines import arrivals
+
+    taus = _taus(3)
+    runs = list(arrivals(lambda ts: ties(ts, 0.5, 1.0), taus))
+    for t, merged in enumerate(runs, 1):
+        torch.testing.assert_close(merged["a"], ties(taus[:t], 0.5, 1.0)["a"])
