@@ -24,9 +24,10 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from skillbank.adapters import find_peft_model, is_adapter_folder, merged_finetune
 from skillbank.bank import SkillBank
-from skillbank.errors import SkillbankError, TaskVectorError
+from skillbank.errors import BaseMismatchError, SkillbankError, TaskVectorError
 from skillbank.localize import skill_from_mask
 from skillbank.mask_recipes import MaskRecipe, resolve_recipe
+from skillbank.overlap import get_rule
 from skillbank.ranks import raise_everywhere
 from skillbank.skill import Skill
 from skillbank.sparse import check_sparsity, global_topk, num_selected
@@ -80,6 +81,15 @@ class MaskLearner(pl.LightningModule):
         bank, skill_name, task: when ``bank`` is set, the skill is added to it at
             the end of fitting, by rank 0 only.
         value_dtype: dtype of the stored skill values.
+        context: skills already stitched into the model this skill will join. The
+            mask is then learned against that model: the forward pass sees the
+            earlier skills combined with the new one by ``rule`` (differentiably in
+            the soft mask, exactly at a binary one), so the mask is chosen for
+            where it will live. Earlier skills are read only, never changed.
+        rule: the overlap rule of the Stitcher the skill will join (``"mean"`` or
+            ``"sum"``: rules with a differentiable form); used with ``context``.
+        owned_penalty: with ``context``, an extra ``owned_penalty · mean(σ(S))`` over
+            the entries earlier skills own, so the mask pays for diluting them.
 
     Batches are mappings (the target under ``"labels"``) or ``(inputs, target)`` pairs.
     The wrapped model always runs in eval mode (no dropout), as in the paper,
@@ -109,6 +119,9 @@ class MaskLearner(pl.LightningModule):
         skill_name: str | None = None,
         task: str = "",
         value_dtype: str = "float32",
+        context: Sequence[Skill] = (),
+        rule: str = "mean",
+        owned_penalty: float = 0.0,
     ) -> None:
         super().__init__()
         self.sparsity = check_sparsity(sparsity)
@@ -123,9 +136,15 @@ class MaskLearner(pl.LightningModule):
         self.loss_fn = loss_fn
         self.bank, self.skill_name, self.task, self.value_dtype = bank, skill_name, task, value_dtype
         self.automatic_optimization = False
+        self.rule = get_rule(rule)
+        if owned_penalty < 0:
+            raise SkillbankError(f"owned_penalty must be >= 0, got {owned_penalty}.")
+        self.owned_penalty = float(owned_penalty)
+        self.context_names = [c.name for c in context]
         self.save_hyperparameters(
             {"sparsity": self.sparsity, "recipe": self.recipe.to_dict(), "exclude": list(self.exclude),
-             "skill_name": skill_name, "bank": bank}
+             "skill_name": skill_name, "bank": bank, "context": self.context_names, "rule": self.rule.name,
+             "owned_penalty": self.owned_penalty}
         )
 
         adapter = merged_finetune(model, base) if is_adapter_folder(model) or find_peft_model(model) is not None else None
@@ -137,6 +156,10 @@ class MaskLearner(pl.LightningModule):
         self._tv, self._layout, tau = self._flatten(tv)
         self.tau = nn.Parameter(tau, requires_grad=False)
         self.scores = nn.Parameter(self._initial_scores(tau))
+        if context:
+            acc, count = self._context_state(context, tv)
+            self.register_buffer("context_acc", acc, persistent=False)
+            self.register_buffer("context_count", count, persistent=False)
         self.k = num_selected(self.sparsity, tau.numel())
         self.val_acc = metric if metric is not None else self._default_metric(num_labels)
         self.val_acc_soft = copy.deepcopy(self.val_acc)
@@ -189,6 +212,30 @@ class MaskLearner(pl.LightningModule):
         shapes = {b: torch.empty(t.shape, device="meta") for b, t in tv.shared.items()}
         return replace(tv, shared=shapes), layout, tau
 
+    def _context_state(self, context: Sequence[Skill], tv: TaskVector) -> tuple[Tensor, Tensor]:
+        """The rule's accumulators and the cover count of the earlier skills, flat over the scored entries."""
+        # a rule without a differentiable form fails here, before any work
+        self.rule.relaxed(torch.zeros(1, self.rule.columns), torch.zeros(1), torch.zeros(1), torch.zeros(1))
+        if self.exclude:
+            raise SkillbankError("context= with exclude= is not supported: learn in context over every shared tensor.")
+        starts = {b: start for b, start, _ in self._layout}
+        acc = torch.zeros(self.tau.numel(), self.rule.columns, dtype=torch.float64)
+        count = torch.zeros(self.tau.numel(), dtype=torch.float64)
+        for skill in context:
+            if skill.metadata.base_fingerprint != tv.base_fingerprint:
+                raise BaseMismatchError(f"context skill {skill.name!r} was localized on another base than this finetune.")
+            for b, region in skill.regions.items():
+                if not len(region):
+                    continue
+                if b not in starts or skill.metadata.shapes.get(b) != list(tv.shared[b].shape):
+                    raise TaskVectorError(f"context skill {skill.name!r} covers {b!r}, which this task vector does not share.")
+                positions = region.indices.to(torch.int64) + starts[b]
+                rows = acc.index_select(0, positions)
+                self.rule.update(rows, region.values.double(), 1)
+                acc.index_copy_(0, positions, rows)
+                count.index_add_(0, positions, torch.ones(positions.numel(), dtype=torch.float64))
+        return acc.float(), count.float()
+
     def _initial_scores(self, tau: Tensor) -> Tensor:
         start = self.recipe.init_sparsity or self.sparsity
         chosen = global_topk({"tau": tau.abs()}, num_selected(start, tau.numel()))["tau"]
@@ -214,7 +261,11 @@ class MaskLearner(pl.LightningModule):
         """``{model name: θ_pre + gate ⊙ τ}`` for every scored tensor (``gate`` is flat)."""
         # torch.split, not slicing: its backward writes one flat gradient, where each
         # slice's backward would allocate and fill a full-length zero tensor (10x slower).
-        parts = torch.split(gate * self.tau, [numel for _, _, numel in self._layout])
+        if self.context_names:
+            delta = self.rule.relaxed(self.context_acc, self.context_count, gate, self.tau)
+        else:
+            delta = gate * self.tau
+        parts = torch.split(delta, [numel for _, _, numel in self._layout])
         params = dict(self.model.named_parameters())
         out = {}
         for (b, _, _), part in zip(self._layout, parts):
@@ -249,10 +300,13 @@ class MaskLearner(pl.LightningModule):
     def regularizer(self) -> Tensor:
         """The recipe's penalty on the scores."""
         gate = torch.sigmoid(self.scores)
+        owned = 0.0
+        if self.owned_penalty and self.context_names:
+            owned = self.owned_penalty * (gate * (self.context_count > 0)).mean()
         if self.recipe.regularizer == "mean_sigmoid":
-            return self.recipe.l1 * gate.mean()
+            return self.recipe.l1 * gate.mean() + owned
         # d/dS |σ(S) - ½| = sign(S)·σ'(S): one plain step of lr on this term is the paper's S += λ·sign(S)·σ'(S).
-        return -(self.recipe.l1 / self.recipe.lr) * (gate - 0.5).abs().sum()
+        return -(self.recipe.l1 / self.recipe.lr) * (gate - 0.5).abs().sum() + owned
 
     def binary_mask(self) -> dict[str, Tensor]:
         """Sorted flat indices per base name of the final mask (top-k of ``S``, or ``S > 0``)."""
@@ -371,6 +425,8 @@ class MaskLearner(pl.LightningModule):
             "updates": self._updates, "target_sparsity": self.sparsity,
             "selected_epoch": best[1] if best is not None else "last",
         }
+        if self.context_names:
+            settings.update(context=self.context_names, rule=self.rule.name, owned_penalty=self.owned_penalty)
         if best is not None:
             metrics["val_acc"] = best[0]
         fields = {"task": self.task, "metrics": metrics, "value_dtype": self.value_dtype, **skill_fields}

@@ -223,3 +223,58 @@ def test_a_model_without_a_loss_needs_loss_fn():
     learner = MaskLearner(copy.deepcopy(base), base.state_dict(), num_labels=2)
     with pytest.raises(SkillbankError, match="pass loss_fn="):
         learner((torch.randn(3, 4), torch.zeros(3, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("rule", ["mean", "sum"])
+def test_in_context_forward_is_the_stitched_model_it_will_join(base_model, rule):
+    from conftest import make_skill
+
+    context = [make_skill(base_model, "c1", seed=11, sparsity=0.2), make_skill(base_model, "c2", seed=12, sparsity=0.2)]
+    finetuned = finetune_like(base_model, seed=3, scale=0.05)
+    new = localize_dataless(task_vector(base_model, finetuned), 0.2, name="new")
+    learner = MaskLearner(copy.deepcopy(finetuned), base_model, sparsity=0.2, context=context, rule=rule)
+    batch = next(iter(token_loader()))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    _, logits, _ = learner(batch, gate=learner._gate_of({n: r.indices for n, r in new.regions.items()}))
+    live = live_copy(base_model)
+    stitcher = Stitcher(live, rule=rule)
+    for skill in [*context, new]:
+        stitcher.add(skill)
+    with stitcher.use_head("new") as model:
+        torch.testing.assert_close(logits, model(**inputs).logits, atol=1e-5, rtol=1e-5)
+    isolated = MaskLearner(copy.deepcopy(finetuned), base_model, sparsity=0.2)
+    _, alone, _ = isolated(batch, gate=isolated._gate_of({n: r.indices for n, r in new.regions.items()}))
+    assert not torch.allclose(alone, logits, atol=1e-4)  # the context does change what the mask is judged on
+
+
+def test_in_context_learning_records_the_context_and_penalizes_owned_entries(base_model):
+    from conftest import make_skill
+
+    context = [make_skill(base_model, "c1", seed=11, sparsity=0.3)]
+    finetuned = finetune_like(base_model, seed=3, scale=0.05)
+    owned = entries(context[0])
+    overlaps = {}
+    for penalty in (0.0, 1000.0):
+        learner = MaskLearner(copy.deepcopy(finetuned), base_model, sparsity=0.05, context=context, owned_penalty=penalty,
+                              lr=0.5, l1=0.0)
+        skill = learner.learn(token_loader(), epochs=5, name="new")
+        assert skill.metadata.settings["context"] == ["c1"] and skill.metadata.settings["rule"] == "mean"
+        overlaps[penalty] = len(entries(skill) & owned)
+    assert overlaps[1000.0] < overlaps[0.0]  # paying for owned entries moves the mask off them
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(rule="sign_mean"), SkillbankError, "no differentiable form"),
+    (dict(owned_penalty=-1.0), SkillbankError, "owned_penalty"),
+    (dict(exclude=["embeddings"]), SkillbankError, "not supported"),
+    (dict(foreign=True), SkillbankError, "another base"),
+])
+def test_bad_context_settings_are_refused(base_model, kwargs, error, words):
+    from conftest import make_skill
+
+    torch.manual_seed(5)
+    other = BertModel(tiny_config()).eval()
+    context = [make_skill(other if kwargs.pop("foreign", False) else base_model, "c1", seed=11)]
+    finetuned = finetune_like(base_model, seed=3, scale=0.05)
+    with pytest.raises(error, match=words):
+        MaskLearner(copy.deepcopy(finetuned), base_model, sparsity=0.05, context=context, **kwargs)
