@@ -3,9 +3,13 @@
     python benchmarks/bench_real.py --work ~/.cache/skillbank/real
 
 Stages (each cached in --work, so a re-run resumes where it stopped):
-pull → finetune → localize (dataless + learned skills in two banks) → evaluate
-(finetuned, base + head, linear probe, averaging, task arithmetic, TIES,
-consensus, dataless and learned L&S; order independence) → curve (sparsity vs
+pull → finetune → localize (dataless + learned skills in two banks) → auto
+(skills sized to keep --target-recovery on validation: dataless, then learned
+from the dataless size) → context (learned masks in arrival order, each
+learned against the model holding the earlier ones) → evaluate (finetuned,
+base + head, linear probe, averaging, task arithmetic, TIES, consensus, dataless
+and learned L&S under each overlap rule; order independence) → arrivals (tasks
+arriving one at a time: L&S, running TA/TIES, MagMax, OPCM) → curve (sparsity vs
 recovery) → report (markdown table + PNG plots via ``skillbank plot``).
 Everything runs on the CPU by default (``--device cuda`` uses a GPU).
 """
@@ -27,7 +31,9 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from skillbank import SkillBank, Stitcher, localize_dataless, task_vector, use_head
-from skillbank.baselines import apply_delta, average, consensus, task_arithmetic, ties
+from skillbank.arrivals import arrival_metrics
+from skillbank.auto_sparsity import DEFAULT_GRID, localize_auto, search_sparsity, stitched_scorer, with_choice
+from skillbank.baselines import apply_delta, arrivals, average, consensus, magmax, opcm_steps, task_arithmetic, ties
 from skillbank.classifier import SequenceClassifier, accuracy
 from skillbank.demo import _quiet as quiet_demo
 from skillbank.fewshot import balanced_indices
@@ -35,8 +41,10 @@ from skillbank.mask_learner import MaskLearner
 from skillbank.pull import package_root, pull
 from skillbank.text_tasks import TASKS, TextTask, load_task, task_loader
 
-STAGES = ("pull", "finetune", "localize", "evaluate", "lora", "pooler", "curve", "report")
+STAGES = ("pull", "finetune", "localize", "auto", "context", "evaluate", "arrivals", "lora", "pooler", "curve", "report")
 CURVE = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+#: The banks the evaluate stage stitches when they hold every task (see the localize, auto and context stages).
+BANKS = ("dataless", "learned", "dataless-auto", "learned-auto", "learned-context")
 
 
 def _quiet() -> None:
@@ -167,27 +175,32 @@ def _fewshot_loader(b: Bench, name: str, seed: int):  # noqa: ANN202
     return b.loader(name, "train", indices=idx, batch_size=b.args.batch_size, shuffle=True, seed=seed)
 
 
-def learn_skill(b: Bench, name: str, sparsity: float, bank: SkillBank, skill_name: str, base: dict) -> float:
-    """Learn ``name``'s mask at ``sparsity`` with a Trainer (keeps the best-validating mask); returns seconds."""
+def learn_skill(b: Bench, name: str, sparsity: float, base: dict, skill_name: str | None = None,
+                context: Sequence = ()) -> tuple:
+    """Learn ``name``'s mask at ``sparsity`` with a Trainer (keeps the best-validating mask); (skill, seconds).
+
+    With ``context`` (skills already stitched) the mask is learned against the model holding them (rule ``--rule``).
+    """
     a = b.args
     finetuned = b.finetuned_dir(name)
     pl.seed_everything(a.seed, verbose=False)
+    extra = dict(context=list(context), rule=a.context_rule, owned_penalty=a.owned_penalty) if context else {}
     learner = MaskLearner(str(finetuned), base, str(finetuned), sparsity, num_labels=b.task(name).num_labels,
-                          task=name, skill_name=skill_name)
+                          task=name, skill_name=skill_name or name, **extra)
     trainer = pl.Trainer(max_epochs=a.mask_epochs, accelerator=b.device.type, devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=a.progress, enable_model_summary=False,
                          num_sanity_val_steps=0)
     start = time.perf_counter()
     trainer.fit(learner, _fewshot_loader(b, name, a.seed), b.validation(name))
     seconds = time.perf_counter() - start
-    bank.add(learner.to_skill(skill_name, task=name, source={
-        "kind": "full finetune", "finetuned": str(finetuned), "shots_per_class": a.shots, "epochs": a.mask_epochs}))
-    return seconds
+    skill = learner.to_skill(skill_name or name, task=name, source={
+        "kind": "full finetune", "finetuned": str(finetuned), "shots_per_class": a.shots, "epochs": a.mask_epochs})
+    return skill, seconds
 
 
 def stage_localize(b: Bench) -> None:
     base = b.base_state(b.classifier())
-    for method in ("dataless", "learned"):
+    for method in b.args.localize_methods:
         bank = SkillBank(b.work / "banks" / method)
         for name in b.tasks:
             if name in bank:
@@ -199,9 +212,59 @@ def stage_localize(b: Bench) -> None:
                                            source={"kind": "full finetune", "finetuned": str(b.finetuned_dir(name))}))
                 seconds = time.perf_counter() - start
             else:
-                seconds = learn_skill(b, name, b.args.sparsity, bank, name, base)
+                skill, seconds = learn_skill(b, name, b.args.sparsity, base)
+                bank.add(skill)
             b.timed(f"localize {method} {name}", seconds)
             print(f"  {method} skill {name:<13} {bank.entry(name).bytes:,} bytes  ({seconds:.0f} s)")
+
+
+def stage_auto(b: Bench) -> None:
+    """Skills sized to keep --target-recovery of the finetune's validation accuracy: dataless (grid scanned up),
+    then learned, its search starting at the dataless size (--auto-step-down: also try smaller sizes)."""
+    a = b.args
+    live = b.classifier()
+    base = b.base_state(live)
+    dataless, learned = SkillBank(b.work / "banks" / "dataless-auto"), SkillBank(b.work / "banks" / "learned-auto")
+    for name in b.tasks:
+        val = list(b.validation(name))  # tokenized once, scored at every size
+        tv = task_vector(base, b.finetuned_dir(name))
+        if name not in dataless:
+            start = time.perf_counter()
+            dataless.add(localize_auto(tv, live, val, name=name, target=a.target_recovery, task=name,
+                                       source={"kind": "full finetune", "finetuned": str(b.finetuned_dir(name))}))
+            b.timed(f"auto dataless {name}", time.perf_counter() - start)
+        auto = dataless.get(name).metadata.settings["auto"]
+        print(f"  dataless {name:<13} sparsity {auto['sparsity']:g}  recovery {auto['recovery']:.3f}  tried {auto['tried']}")
+        if name in learned or not a.auto_learned:
+            continue
+        start = time.perf_counter()
+        grid = DEFAULT_GRID if a.auto_step_down else [s for s in DEFAULT_GRID if s >= auto["sparsity"]]
+        skill, choice = search_sparsity(lambda s: learn_skill(b, name, s, base)[0], stitched_scorer(live, val),
+                                        auto["reference"], target=a.target_recovery, grid=grid, start=auto["sparsity"])
+        learned.add(with_choice(skill, choice))
+        b.timed(f"auto learned {name}", time.perf_counter() - start)
+        print(f"  learned  {name:<13} sparsity {choice.sparsity:g}  recovery {choice.recovery:.3f}  "
+              f"tried {choice.to_dict()['tried']}  ({time.perf_counter() - start:.0f} s)")
+
+
+def stage_context(b: Bench) -> None:
+    """Learned masks in arrival order (--tasks order), each learned against the model holding the earlier ones,
+    at the size the auto stage chose for its task (the first task has no context: its auto skill as is)."""
+    live = b.classifier()
+    base = b.base_state(live)
+    auto = SkillBank(b.work / "banks" / "learned-auto", create=False)
+    bank = SkillBank(b.work / "banks" / "learned-context")
+    for i, name in enumerate(b.tasks):
+        if name in bank:
+            continue
+        context = [bank.get(t) for t in b.tasks[:i]]
+        if not context:
+            bank.add(auto.get(name))
+            continue
+        skill, seconds = learn_skill(b, name, auto.get(name).metadata.sparsity, base, context=context)
+        bank.add(skill)
+        b.timed(f"context learned {name}", seconds)
+        print(f"  in context {name:<13} after {len(context)} skills  ({seconds:.0f} s)")
 
 
 def _eval_heads(b: Bench, model: nn.Module, heads: dict, loaders: Callable[[str], object]) -> dict[str, float]:
@@ -217,8 +280,9 @@ def _heads(b: Bench) -> dict[str, dict[str, torch.Tensor]]:
     return {n: bank.get(n).head for n in b.tasks}
 
 
-def _sweep(b: Bench, live: nn.Module, base: dict, heads: dict, make: Callable[[float], dict], grid: Sequence[float]) -> tuple[float, dict]:
-    """Pick the scale with the best mean validation accuracy; return it and the test accuracies."""
+def _sweep(b: Bench, live: nn.Module, base: dict, heads: dict, make: Callable[[float], dict], grid: Sequence[float],
+           test: bool = True) -> tuple[float, dict]:
+    """Pick the scale with the best mean validation accuracy; return it and the test accuracies (if ``test``)."""
     best = (-1.0, None)
     for scale in grid:
         apply_delta(live, base, make(scale))
@@ -227,6 +291,9 @@ def _sweep(b: Bench, live: nn.Module, base: dict, heads: dict, make: Callable[[f
         print(f"    scale {scale:<5} validation mean {mean:.4f}")
         if mean > best[0]:
             best = (mean, scale)
+    if not test:
+        apply_delta(live, base, {})
+        return best[1], {}
     apply_delta(live, base, make(best[1]))
     test = _eval_heads(b, live, heads, b.test)
     apply_delta(live, base, {})
@@ -267,7 +334,7 @@ def stage_evaluate(b: Bench) -> None:
 
     def run(key: str, fn: Callable[[], dict]) -> None:
         nonlocal results
-        if key in results:
+        if key in results or key in b.args.skip_rows:
             return
         print(f"  evaluating {key}")
         start = time.perf_counter()
@@ -297,11 +364,98 @@ def stage_evaluate(b: Bench) -> None:
             results.setdefault("chosen scales", {})[label] = scale
             return test
         run(label, swept)
-    for method in ("dataless", "learned"):
-        bank = SkillBank(b.work / "banks" / method, create=False)
-        run(f"L&S {method}, skill alone", lambda bank=bank: _alone(b, live, base, bank))
-        run(f"L&S {method}", lambda bank=bank: _stitched(b, live, base, bank))
-    run("order independence", lambda: _orders(b, live, base, SkillBank(b.work / "banks" / "learned", create=False)))
+    for method in BANKS:
+        folder = b.work / "banks" / method
+        if not folder.is_dir() or not all(n in SkillBank(folder, create=False) for n in b.tasks):
+            continue
+        bank = SkillBank(folder, create=False)
+        if method != "learned-context":  # its skills are meant to be stitched together, in order
+            run(f"L&S {method}, skill alone", lambda bank=bank: _alone(b, live, base, bank))
+        for rule in ("mean", *b.args.rules):
+            key = f"L&S {method}" + ("" if rule == "mean" else f" [{rule}]")
+            run(key, lambda bank=bank, rule=rule: _stitched(b, live, base, bank, rule))
+    main = "learned" if (b.work / "banks" / "learned").is_dir() else "learned-auto"
+    run("order independence", lambda: _orders(b, live, base, SkillBank(b.work / "banks" / main, create=False)))
+
+
+def stage_arrivals(b: Bench) -> None:
+    """Tasks arrive one at a time (--tasks order); after each arrival every method's merged model is tested on
+    the tasks seen so far (--arrival-test-size examples each). Writes arrivals.json for ``skillbank plot arrivals``."""
+    a = b.args
+    data = b.read("arrivals.json")
+    live = b.classifier()
+    base = b.base_state(live)
+    heads = _heads(b)
+    order = list(b.tasks)
+    test = {n: list(b.test(n, a.arrival_test_size)) for n in order}
+    if data.get("order") != order or data.get("test_size") != a.arrival_test_size:
+        data = {"order": order, "test_size": a.arrival_test_size, "methods": {}}
+    if "finetuned" not in data:
+        data["finetuned"] = {n: b.acc(b.classifier(b.finetuned_dir(n), b.task(n).num_labels), test[n]) for n in order}
+        b.write("arrivals.json", data)
+    scales = b.read("results.json").get("chosen scales", {})
+    taus = None
+
+    def shared_taus() -> list[dict]:
+        nonlocal taus
+        if taus is None:
+            taus = [task_vector(base, b.finetuned_dir(n)).shared for n in order]
+        return taus
+
+    def merged_runs(deltas) -> list[dict]:  # noqa: ANN001
+        out = []
+        for t, delta in enumerate(deltas):
+            apply_delta(live, base, delta)
+            out.append(_eval_heads_on(b, live, heads, order[: t + 1], test))
+        apply_delta(live, base, {})
+        return out
+
+    def stitched_runs(bank: SkillBank, rule: str = "mean") -> list[dict]:
+        stitcher = Stitcher(live, base, bank=bank, rule=rule)
+        out = []
+        for t, name in enumerate(order):
+            stitcher.add(name)
+            out.append(_eval_heads_on(b, live, heads, order[: t + 1], test))
+        for name in reversed(order):
+            stitcher.remove(name)
+        return out
+
+    methods: dict[str, Callable[[], list[dict]]] = {}
+    for bank_name, label in (("learned-auto", "L&S learned auto"), ("learned-context", "L&S learned in context"),
+                             ("learned", "L&S learned 1%")):
+        folder = b.work / "banks" / bank_name
+        if folder.is_dir() and all(n in SkillBank(folder, create=False) for n in order):
+            methods[label] = lambda folder=folder: stitched_runs(SkillBank(folder, create=False))
+    ta, ti = scales.get("task arithmetic", 0.5), scales.get("TIES (top-20%)", 1.0)
+    methods[f"running TA (λ={ta:g})"] = lambda: merged_runs(arrivals(lambda ts: task_arithmetic(ts, ta), shared_taus()))
+    methods[f"running TIES (λ={ti:g})"] = lambda: merged_runs(arrivals(lambda ts: ties(ts, 0.2, ti), shared_taus()))
+    methods[f"OPCM (α={a.opcm_alpha:g})"] = lambda: merged_runs(opcm_steps(shared_taus(), a.opcm_alpha))
+
+    def magmax_runs() -> list[dict]:
+        unit = magmax(shared_taus())
+        scale, _ = _sweep(b, live, base, heads, lambda s: {n: s * t for n, t in unit.items()}, a.magmax_grid, test=False)
+        data["magmax scale"] = scale
+        return merged_runs(arrivals(lambda ts: magmax(ts, scale), shared_taus()))
+
+    methods["MagMax"] = magmax_runs
+    for label, fn in methods.items():
+        if label in data["methods"]:
+            continue
+        start = time.perf_counter()
+        data["methods"][label] = fn()
+        b.timed(f"arrivals {label}", time.perf_counter() - start)
+        b.write("arrivals.json", data)
+        m = arrival_metrics(data["methods"][label], order, data["finetuned"])
+        print(f"  {label:<28} average " + " ".join(f"{x:.3f}" for x in m["average"]) + f"  final BWT {m['bwt'][-1]:+.3f}"
+              f"  ({time.perf_counter() - start:.0f} s)")
+
+
+def _eval_heads_on(b: Bench, model: nn.Module, heads: dict, names: Sequence[str], data: dict) -> dict[str, float]:
+    out = {}
+    for name in names:
+        with use_head(model, heads[name]) as m:
+            out[name] = b.acc(m, data[name])
+    return out
 
 
 def _alone(b: Bench, live: nn.Module, base: dict, bank: SkillBank) -> dict[str, float]:
@@ -315,8 +469,8 @@ def _alone(b: Bench, live: nn.Module, base: dict, bank: SkillBank) -> dict[str, 
     return out
 
 
-def _stitched(b: Bench, live: nn.Module, base: dict, bank: SkillBank) -> dict[str, float]:
-    stitcher = Stitcher(live, base, bank=bank)
+def _stitched(b: Bench, live: nn.Module, base: dict, bank: SkillBank, rule: str = "mean") -> dict[str, float]:
+    stitcher = Stitcher(live, base, bank=bank, rule=rule)
     for name in b.tasks:
         stitcher.add(name)
     out = {}
@@ -450,7 +604,7 @@ def stage_curve(b: Bench) -> None:
                             taus[name] = task_vector(base, b.finetuned_dir(name))
                         bank.add(localize_dataless(taus[name], s, name=skill_name, task=name))
                     else:
-                        learn_skill(b, name, s, bank, skill_name, base)
+                        bank.add(learn_skill(b, name, s, base, skill_name)[0])
                 stitcher = Stitcher(live, base, bank=bank)
                 stitcher.add(skill_name)
                 with stitcher.use_head(skill_name) as m:
@@ -470,7 +624,7 @@ def _mean(d: dict[str, float], tasks: Sequence[str]) -> float:
 
 
 def stage_report(b: Bench) -> None:
-    from skillbank.plots import plot_layers, plot_overlap, plot_recovery
+    from skillbank.plots import plot_arrivals, plot_layers, plot_overlap, plot_recovery
 
     results, timings = b.read("results.json"), b.read("timings.json")
     ft = results["finetuned"]
@@ -478,20 +632,36 @@ def stage_report(b: Bench) -> None:
     head = "| method | " + " | ".join(short.get(t, t) for t in b.tasks) + " | avg | norm. avg |"
     lines = [head, "|" + "---|" * (len(b.tasks) + 3)]
     order = ["finetuned", "base + finetuned head", "linear probe", "simple averaging", "task arithmetic",
-             "TIES (top-20%)", "consensus (TALL, k=2)", "L&S dataless, skill alone", "L&S dataless",
-             "L&S learned, skill alone", "L&S learned", "L&S dataless, pooler as head, skill alone",
-             "L&S dataless, pooler as head"]
+             "TIES (top-20%)", "consensus (TALL, k=2)"]
+    for bank in BANKS:
+        order += [f"L&S {bank}, skill alone", f"L&S {bank}"] + [f"L&S {bank} [{r}]" for r in ("sum", "sign_mean")]
+    order += ["L&S dataless, pooler as head, skill alone", "L&S dataless, pooler as head"]
     for key in [k for k in order if k in results]:
         accs = results[key]
         norm = sum(accs[t] / ft[t] for t in b.tasks) / len(b.tasks)
         lines.append(f"| {key} | " + " | ".join(f"{accs[t]:.3f}" for t in b.tasks) + f" | {_mean(accs, b.tasks):.3f} | {norm:.3f} |")
     print("\n".join(lines))
-    for method in ("dataless", "learned"):
+    banks = [m for m in BANKS if (b.work / "banks" / m).is_dir()]
+    for method in banks:
         bank = SkillBank(b.work / "banks" / method, create=False)
-        sizes = [bank.entry(n).bytes for n in b.tasks]
-        print(f"\n{method} skills: {sum(sizes):,} bytes for {len(sizes)} skills ({sum(sizes) / len(sizes) / 1e6:.2f} MB each)")
+        sizes = [bank.entry(n).bytes for n in b.tasks if n in bank]
+        sparsities = [bank.entry(n).sparsity for n in b.tasks if n in bank]
+        print(f"\n{method} skills: {sum(sizes):,} bytes for {len(sizes)} skills ({sum(sizes) / len(sizes) / 1e6:.2f} MB each), "
+              f"mean sparsity {sum(sparsities) / len(sparsities):.4g}")
+        for n in b.tasks:
+            auto = bank.get(n).metadata.settings.get("auto") if n in bank else None
+            if auto:
+                print(f"  {n:<13} sparsity {auto['sparsity']:g}  validation recovery {auto['recovery']:.3f}  tried {auto['tried']}")
     dense = sum(p.stat().st_size for p in b.finetuned_dir(b.tasks[0]).glob("*.safetensors"))
-    print(f"one finetuned model: {dense:,} bytes (a skill is {sizes[0] / dense:.2%} of it)")
+    print(f"one finetuned model: {dense:,} bytes")
+    arrived = b.read("arrivals.json")
+    if arrived.get("methods"):
+        print(f"\narrivals (order {', '.join(arrived['order'])}; {arrived['test_size']} test examples per task):")
+        print("| method | " + " | ".join(f"after {t + 1}" for t in range(len(arrived["order"]))) + " | final BWT |")
+        print("|---|" + "---|" * (len(arrived["order"]) + 1))
+        for label, accs in arrived["methods"].items():
+            m = arrival_metrics(accs, arrived["order"], arrived["finetuned"])
+            print(f"| {label} | " + " | ".join(f"{x:.3f}" for x in m["average"]) + f" | {m['bwt'][-1]:+.3f} |")
     lora = b.read("lora.json")
     if lora:
         print(f"\nLoRA ({b.args.lora_task}, rank 8): " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
@@ -501,12 +671,15 @@ def stage_report(b: Bench) -> None:
     print("\ntimings (s):", json.dumps(timings, indent=1))
     out = b.work / "plots"
     out.mkdir(exist_ok=True)
-    for method in ("dataless", "learned"):
+    for method in banks:
         bank = SkillBank(b.work / "banks" / method, create=False)
-        plot_overlap(bank, out / f"overlap-{method}.png", names=b.tasks)
-        plot_layers(bank, out / f"layers-{method}.png", names=b.tasks)
+        if all(n in bank for n in b.tasks):
+            plot_overlap(bank, out / f"overlap-{method}.png", names=b.tasks)
+            plot_layers(bank, out / f"layers-{method}.png", names=b.tasks)
     if (b.work / "curve.json").is_file():
         plot_recovery(b.work / "curve.json", out / "recovery.png")
+    if arrived.get("methods"):
+        plot_arrivals(b.work / "arrivals.json", out / "arrivals.png")
     print(f"\nplots in {out}")
 
 
@@ -524,6 +697,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the finetunes (default %(default)s)")
     p.add_argument("--sparsity", type=float, default=0.01)
+    p.add_argument("--localize-methods", type=lambda s: s.split(","), default=["dataless", "learned"],
+                   help="banks the localize stage fills at --sparsity (default: dataless,learned)")
+    p.add_argument("--target-recovery", type=float, default=0.99, help="auto stage: recovery to keep (default %(default)s)")
+    p.add_argument("--no-auto-learned", dest="auto_learned", action="store_false",
+                   help="auto stage: size dataless skills only")
+    p.add_argument("--auto-step-down", action="store_true",
+                   help="auto stage: learned masks also try sizes below the dataless choice (one more mask learning each)")
+    p.add_argument("--context-rule", default="mean", help="context stage: the overlap rule masks are learned against")
+    p.add_argument("--owned-penalty", type=float, default=0.0, help="context stage: penalty on entries earlier skills own")
+    p.add_argument("--rules", type=lambda s: [r for r in s.split(",") if r], default=["sign_mean"],
+                   help="evaluate stage: overlap rules besides the mean to stitch every bank with (default: sign_mean)")
+    p.add_argument("--skip-rows", type=lambda s: set(s.split(";")), default=set(),
+                   help="evaluate stage: semicolon-separated rows not to compute (e.g. 'linear probe;consensus (TALL, k=2)')")
+    p.add_argument("--arrival-test-size", type=int, default=500, help="arrivals stage: test examples per task")
+    p.add_argument("--opcm-alpha", type=float, default=0.5, help="arrivals stage: OPCM's split of the singular values")
+    p.add_argument("--magmax-grid", type=lambda s: [float(x) for x in s.split(",")], default=[0.3, 0.5, 0.7, 1.0],
+                   help="arrivals stage: MagMax scales tried on validation")
     p.add_argument("--shots", type=int, default=64, help="few-shot examples per class for learned masks")
     p.add_argument("--mask-epochs", type=int, default=10)
     p.add_argument("--test-size", type=int, default=1000, help="test examples per task (seeded subset; 0: all)")
