@@ -278,3 +278,18 @@ def test_bad_context_settings_are_refused(base_model, kwargs, error, words):
     finetuned = finetune_like(base_model, seed=3, scale=0.05)
     with pytest.raises(error, match=words):
         MaskLearner(copy.deepcopy(finetuned), base_model, sparsity=0.05, context=context, **kwargs)
+
+
+def test_in_context_masks_depend_on_what_arrived_before_not_on_its_order(base_model):
+    from conftest import make_skill
+
+    c1, c2 = make_skill(base_model, "c1", seed=11, sparsity=0.3), make_skill(base_model, "c2", seed=12, sparsity=0.3)
+    finetuned = finetune_like(base_model, seed=3, scale=0.05)
+
+    def learned(context):  # noqa: ANN001, ANN202
+        torch.manual_seed(0)
+        learner = MaskLearner(copy.deepcopy(finetuned), base_model, sparsity=0.05, context=context, lr=0.5, l1=0.0)
+        return entries(learner.learn(token_loader(), epochs=4, name="new"))
+
+    assert learned([c1, c2]) == learned([c2, c1])  # the rule is order-free: only the set of earlier skills counts
+    assert learned([c1, c2]) != learned([])  # arrival-aware: the mask is chosen for the model it joins
