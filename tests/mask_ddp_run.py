@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Subset
 from transformers import BertForSequenceClassification, BertModel
 
 from conftest import finetune_like, tiny_config
+from ddp_teardown import teardown
 from skillbank import MaskLearner
 from skillbank.fewshot import balanced_indices
 from skillbank.synthetic import DEMO_TASKS, TokenDataset
@@ -79,3 +80,4 @@ if __name__ == "__main__":
         prepare(sys.argv[2])
     else:
         main(int(sys.argv[1]), sys.argv[2])
+        teardown()

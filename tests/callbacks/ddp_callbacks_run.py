@@ -19,6 +19,7 @@ from transformers import BertModel
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from conftest import live_copy, tiny_config  # noqa: E402
+from ddp_teardown import teardown  # noqa: E402
 from helpers import Watcher, quiet_trainer, task_loader  # noqa: E402
 from skillbank.callbacks import SkillHarvester, SkillStitcher  # noqa: E402
 from skillbank.classifier import SequenceClassifier  # noqa: E402
@@ -52,3 +53,4 @@ def main(mode: str, workdir: Path) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]))
+    teardown()
