@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,20 @@ class SkillStitcher(Callback):
             module without ``model``, means the LightningModule itself.
         rule: how overlapping skills combine (``"mean"``, ``"sum"``, ``"sign_mean"``;
             see :mod:`skillbank.overlap`), checked here.
+        switch_by: serving mode: in validation, test and predict every batch is
+            answered by the one skill it names under this key (a name, or a list of
+            one repeated name; :func:`~skillbank.switching.group_by_skill` groups mixed
+            data), with that skill's head.
+        dataloader_skills: serving mode by dataloader: batches of dataloader ``i``
+            are answered by skill ``dataloader_skills[i]`` (Lightning's multiple
+            dataloaders, one per skill).
+
+    Serving mode stitches no skill for good: before each batch the model is
+    switched to the batch's skill (:meth:`~skillbank.Stitcher.switch` rewrites only
+    the masks that leave and arrive) and its head is swapped in; when the stage
+    ends the model holds the base again. The bank is looked at at the same
+    moments as otherwise, so skills banked meanwhile become servable at the next
+    look; a batch naming a skill not seen at the last look is an error.
 
     Heads: ``pl_module.skill_heads`` is set to ``{name: head tensors}`` and
     :meth:`use_head` swaps one in, so each task is evaluated with its own head.
@@ -63,6 +77,8 @@ class SkillStitcher(Callback):
         skills: Sequence[str] | None = None,
         model_attr: str | None = "model",
         rule: str = "mean",
+        switch_by: str | None = None,
+        dataloader_skills: Sequence[str] | None = None,
     ) -> None:
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps < 1):
             raise SkillbankError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}.")
@@ -73,6 +89,12 @@ class SkillStitcher(Callback):
         self.skills = None if skills is None else list(skills)
         self.model_attr = model_attr
         self.rule = get_rule(rule).name  # fail fast on an unknown name
+        if switch_by is not None and dataloader_skills is not None:
+            raise SkillbankError("give switch_by= (a batch key) or dataloader_skills= (one skill per dataloader), not both.")
+        self.switch_by = switch_by
+        self.dataloader_skills = None if dataloader_skills is None else list(dataloader_skills)
+        self.servable: list[str] = []  # serving mode: the skills found at the last look
+        self._head: AbstractContextManager[nn.Module] | None = None
         self.history: list[tuple[str, int]] = []  # (skill, global step) as stitched
         self._stitcher: Stitcher | None = None
         self._restored: list[str] = []
@@ -105,19 +127,29 @@ class SkillStitcher(Callback):
         """Whether to look at the bank after training step ``step_idx`` (override for other schedules)."""
         return self.every_n_steps is not None and step_idx > 0 and step_idx % self.every_n_steps == 0
 
+    @property
+    def serving(self) -> bool:
+        """Whether batches are answered by the skill they name (``switch_by`` or ``dataloader_skills``)."""
+        return self.switch_by is not None or self.dataloader_skills is not None
+
     def update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
-        """Stitch every skill of the bank not stitched yet; returns their names (the same on every rank)."""
+        """Stitch every skill of the bank not stitched yet (serving mode: only note them as servable);
+        returns their names (the same on every rank)."""
         stitcher = self._ensure_stitcher(pl_module)
+        known = self.servable if self.serving else stitcher.stitched
         new, error = None, None
         if trainer.is_global_zero:
             try:
                 wanted = SkillBank(self.bank).names()
-                new = [n for n in wanted if n not in stitcher and (self.skills is None or n in self.skills)]
+                new = [n for n in wanted if n not in known and (self.skills is None or n in self.skills)]
             except SkillbankError as exc:
                 error = f"{type(exc).__name__}: {exc}"
         new, error = trainer.strategy.broadcast((new, error), src=0)
         if error is not None:
             raise SkillbankError(f"SkillStitcher could not read {self.bank}: {error}")
+        if self.serving:
+            self.servable += new
+            return new
         for name in new:
             stitcher.add(name)
             self.history.append((name, trainer.global_step))
@@ -157,8 +189,90 @@ class SkillStitcher(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        self._release()
         if self.should_update(batch_idx + 1, trainer.current_epoch):
             self.update(trainer, pl_module)
+
+    # -- serving mode ----------------------------------------------------------
+
+    def skill_of(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> str:
+        """The skill that answers ``batch`` in serving mode."""
+        if self.dataloader_skills is not None:
+            if dataloader_idx >= len(self.dataloader_skills):
+                raise SkillbankError(f"dataloader {dataloader_idx} has no skill: dataloader_skills lists "
+                                     f"{len(self.dataloader_skills)} ({self.dataloader_skills}).")
+            return self.dataloader_skills[dataloader_idx]
+        value = batch.get(self.switch_by) if isinstance(batch, Mapping) else None
+        if isinstance(value, (list, tuple)) and value and all(v == value[0] for v in value):
+            value = value[0]
+        if not isinstance(value, str):
+            names = sorted({str(v) for v in value}) if isinstance(value, (list, tuple)) else None
+            raise SkillbankError(
+                f"batch {batch_idx} " + (f"mixes the skills {names}: give each batch one skill "
+                                        "(DataLoader(batch_sampler=skillbank.switching.group_by_skill(...)))."
+                                        if names else f"names no skill under {self.switch_by!r}; put the skill's name there.")
+            )
+        return value
+
+    def _serve(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+               dataloader_idx: int) -> None:
+        if not self.serving:
+            return
+        name = self.skill_of(batch, batch_idx, dataloader_idx)
+        if name not in self.servable:
+            raise SkillbankError(f"batch {batch_idx} asks for skill {name!r}, which {self.bank} did not hold at the "
+                                 f"last look (servable: {self.servable or 'none'}).")
+        stitcher = self._ensure_stitcher(pl_module)
+        stitcher.switch([name])
+        self._head = stitcher.use_head(name)
+        self._head.__enter__()
+
+    def _release(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            head.__exit__(None, None, None)
+
+    def _back_to_base(self) -> None:
+        self._release()
+        if self.serving and self._stitcher is not None:
+            self._stitcher.switch([])
+
+    @override
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        self._serve(trainer, pl_module, batch, batch_idx, dataloader_idx)
+
+    @override
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._release()
+
+    @override
+    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:
+        self._serve(trainer, pl_module, batch, batch_idx, dataloader_idx)
+
+    @override
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._release()
+
+    @override
+    def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+                               dataloader_idx: int = 0) -> None:
+        self._serve(trainer, pl_module, batch, batch_idx, dataloader_idx)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._back_to_base()
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._back_to_base()
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._back_to_base()
 
     # -- resuming ------------------------------------------------------------
 

@@ -17,8 +17,8 @@ scatter per skill.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -134,7 +134,7 @@ class _Stitched:
     """What the stitcher remembers of one stitched skill."""
 
     names: dict[str, str]
-    regions: dict[str, Region] | None  # None: re-read from the bank on removal
+    skill: Skill | None  # None: re-read from the bank on removal (or on a switch back)
     sha256: str | None
     head: dict[str, Tensor]
 
@@ -266,7 +266,7 @@ class Stitcher:
         self._apply(batch, adding=True)
         self._stitched[skill.name] = _Stitched(
             names=names,
-            regions=None if sha is not None else skill.regions,
+            skill=None if sha is not None else skill,
             sha256=sha,
             head=skill.head,
         )
@@ -276,14 +276,51 @@ class Stitcher:
         if name not in self._stitched:
             raise StitchError(f"skill {name!r} is not stitched (stitched: {self.stitched or 'none'}).")
         record = self._stitched[name]
-        regions = record.regions
-        if regions is None:
-            bank = self._require_bank(name)
-            if bank.entry(name).sha256 != record.sha256:
-                raise StitchError(f"skill {name!r} changed in the bank since it was stitched; cannot remove it exactly.")
-            regions = bank.get(name).regions
+        regions = record.skill.regions if record.skill is not None else self._banked(name, record.sha256).regions
         self._apply(self._flatten(name, regions, record.names), adding=False)
         del self._stitched[name]
+
+    def switch(self, skills: Sequence[Skill | str]) -> None:
+        """Hold exactly ``skills`` from now on (names are read from the bank; order is the add order).
+
+        Skills not named are removed, named ones not yet stitched are added; only the
+        entries of the skills that leave or arrive are rewritten, and every entry no
+        remaining skill covers gets its base value back bit for bit. ``switch([])``
+        returns the model to the base.
+
+        Raises:
+            StitchError: a name repeats, or a skill cannot be added or removed (the
+                model then holds what the last completed step left: every skill
+                removed so far is out, every one added so far is in).
+        """
+        wanted = [s if isinstance(s, str) else s.name for s in skills]
+        if len(set(wanted)) != len(wanted):
+            raise StitchError(f"skill names repeat in {wanted}.")
+        for name in [n for n in self.stitched if n not in wanted]:
+            self.remove(name)
+        for skill in skills:
+            if (skill if isinstance(skill, str) else skill.name) not in self._stitched:
+                self.add(skill)
+
+    @contextmanager
+    def active(self, *skills: Skill | str, head: bool = True) -> Iterator[nn.Module | Mapping[str, Tensor]]:
+        """Context manager: the model holding exactly ``skills`` for the block, then what it held before.
+
+        With one skill and ``head=True`` that skill's head is swapped in too, so
+        ``with stitcher.active("sst2") as m: m(**batch)`` answers with sst2's own
+        model. Switching in and back rewrites only the masks involved, both ways.
+        """
+        before = [record.skill if record.skill is not None else name for name, record in self._stitched.items()]
+        self.switch(skills)
+        try:
+            if head and len(skills) == 1 and isinstance(self.model, nn.Module):
+                name = skills[0] if isinstance(skills[0], str) else skills[0].name
+                with use_head(self.model, self._stitched[name].head) as model:
+                    yield model
+            else:
+                yield self.model
+        finally:
+            self.switch(before)
 
     def use_head(self, name: str) -> AbstractContextManager[nn.Module]:
         """Context manager: the model with skill ``name``'s head swapped in."""
@@ -294,6 +331,13 @@ class Stitcher:
         return use_head(self.model, self._stitched[name].head)
 
     # -- internals ---------------------------------------------------------
+
+    def _banked(self, name: str, sha256: str | None) -> Skill:
+        """Skill ``name`` as it was stitched, read from the bank again (checked by sha256)."""
+        bank = self._require_bank(name)
+        if bank.entry(name).sha256 != sha256:
+            raise StitchError(f"skill {name!r} changed in the bank since it was stitched; cannot remove it exactly.")
+        return bank.get(name)
 
     def _require_bank(self, name: str) -> SkillBank:
         if self.bank is None:

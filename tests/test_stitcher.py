@@ -147,7 +147,7 @@ def test_bank_backed_stitcher_rereads_skills_for_removal(tmp_path):
     stitcher = Stitcher(model, bank=bank)
     stitcher.add("t0")
     stitcher.add("t1")
-    assert stitcher._stitched["t0"].regions is None  # not kept in memory
+    assert stitcher._stitched["t0"].skill is None  # not kept in memory
     stitcher.remove("t0")
     stitcher.remove("t1")
     for name, value in bert_state(model).items():
