@@ -276,8 +276,13 @@ def _eval_heads(b: Bench, model: nn.Module, heads: dict, loaders: Callable[[str]
 
 
 def _heads(b: Bench) -> dict[str, dict[str, torch.Tensor]]:
-    bank = SkillBank(b.work / "banks" / "dataless", create=False)
-    return {n: bank.get(n).head for n in b.tasks}
+    """Each task's finetuned head (every bank stores the same one), from the first bank that holds every task."""
+    for method in BANKS:
+        folder = b.work / "banks" / method
+        if folder.is_dir() and all(n in SkillBank(folder, create=False) for n in b.tasks):
+            bank = SkillBank(folder, create=False)
+            return {n: bank.get(n).head for n in b.tasks}
+    raise SystemExit(f"no bank in {b.work / 'banks'} holds every task yet: run the localize stage first.")
 
 
 def _sweep(b: Bench, live: nn.Module, base: dict, heads: dict, make: Callable[[float], dict], grid: Sequence[float],
