@@ -267,9 +267,11 @@ def stage_context(b: Bench) -> None:
         print(f"  in context {name:<13} after {len(context)} skills  ({seconds:.0f} s)")
 
 
-def _eval_heads(b: Bench, model: nn.Module, heads: dict, loaders: Callable[[str], object]) -> dict[str, float]:
+def _eval_heads(b: Bench, model: nn.Module, heads: dict, loaders: Callable[[str], object],
+                names: Sequence[str] | None = None) -> dict[str, float]:
+    """Accuracy of ``model`` on each task (``names``, default all) with that task's head."""
     out = {}
-    for name in b.tasks:
+    for name in b.tasks if names is None else names:
         with use_head(model, heads[name]) as m:
             out[name] = b.acc(m, loaders(name))
     return out
@@ -411,7 +413,7 @@ def stage_arrivals(b: Bench) -> None:
         out = []
         for t, delta in enumerate(deltas):
             apply_delta(live, base, delta)
-            out.append(_eval_heads_on(b, live, heads, order[: t + 1], test))
+            out.append(_eval_heads(b, live, heads, test.__getitem__, order[: t + 1]))
         apply_delta(live, base, {})
         return out
 
@@ -420,7 +422,7 @@ def stage_arrivals(b: Bench) -> None:
         out = []
         for t, name in enumerate(order):
             stitcher.add(name)
-            out.append(_eval_heads_on(b, live, heads, order[: t + 1], test))
+            out.append(_eval_heads(b, live, heads, test.__getitem__, order[: t + 1]))
         for name in reversed(order):
             stitcher.remove(name)
         return out
@@ -453,14 +455,6 @@ def stage_arrivals(b: Bench) -> None:
         m = arrival_metrics(data["methods"][label], order, data["finetuned"])
         print(f"  {label:<28} average " + " ".join(f"{x:.3f}" for x in m["average"]) + f"  final BWT {m['bwt'][-1]:+.3f}"
               f"  ({time.perf_counter() - start:.0f} s)")
-
-
-def _eval_heads_on(b: Bench, model: nn.Module, heads: dict, names: Sequence[str], data: dict) -> dict[str, float]:
-    out = {}
-    for name in names:
-        with use_head(model, heads[name]) as m:
-            out[name] = b.acc(m, data[name])
-    return out
 
 
 def _alone(b: Bench, live: nn.Module, base: dict, bank: SkillBank) -> dict[str, float]:
