@@ -47,6 +47,17 @@ def make_skill(base: BertModel, name: str, seed: int, sparsity: float = 0.05) ->
     return localize_dataless(task_vector(base, finetune_like(base, seed)), sparsity, name=name)
 
 
+def tiny_tokenizer(words: Sequence[str]):  # noqa: ANN201 - a BertTokenizerFast
+    """A word-level BERT tokenizer over the special tokens plus ``words``.
+
+    Built from a vocab mapping: transformers 5 ignores ``vocab_file=`` and would map every word to [UNK].
+    """
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+
+
 def live_copy(base: BertModel) -> BertForSequenceClassification:
     model = BertForSequenceClassification(base.config).eval()
     model.bert.load_state_dict(base.state_dict())

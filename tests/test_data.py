@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertTokenizerFast
+from conftest import tiny_tokenizer
 
 from skillbank.pull import PACKAGES, DataError, WheelFiles, package_root, pull
 from skillbank.text_tasks import (
@@ -210,9 +210,7 @@ def test_missing_files_and_unknown_tasks_are_clear(tmp_path: Path) -> None:
 
 
 def test_task_loader_pads_per_batch(cache: Path, tmp_path: Path) -> None:
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "win", "cash", "see", "you", "ok"]
-    (tmp_path / "vocab.txt").write_text("\n".join(vocab))
-    tokenizer = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    tokenizer = tiny_tokenizer(["win", "cash", "see", "you", "ok"])
     task = load_task("spam", cache)
     loader = task_loader(task.train, tokenizer, max_length=6, batch_size=8, indices=[0, 1, 2])
     batch = next(iter(loader))
@@ -243,9 +241,7 @@ def test_skillbank_pull_command_lists_folders_and_model_alias(tmp_path: Path, mo
 def test_text_task_data_gives_few_shot_and_subset_loaders(cache: Path, tmp_path: Path) -> None:
     from skillbank.text_data import TextTaskData
 
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "stronger", "together", "make", "it", "great"]
-    (tmp_path / "vocab.txt").write_text("\n".join(vocab))
-    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "tok")
+    tiny_tokenizer(["stronger", "together", "make", "it", "great"]).save_pretrained(tmp_path / "tok")
     data = TextTaskData("tweets", tokenizer=str(tmp_path / "tok"), shots_per_class=3, batch_size=4, val_size=2,
                         test_size=None, cache=str(cache))
     assert data.num_labels == 2
