@@ -23,6 +23,7 @@ from skillbank.errors import SkillbankError, SkillNameError
 from skillbank.localize import localize_dataless
 from skillbank.mask_learner import MaskLearner
 from skillbank.ranks import raise_everywhere
+from skillbank.routing import routing_centroids, with_routing
 from skillbank.skill import Skill
 from skillbank.sparse import check_sparsity
 from skillbank.task_vector import TaskVector, task_vector
@@ -60,6 +61,10 @@ class SkillHarvester(Callback):
         task, exclude, head_patterns, value_dtype: as in :func:`~skillbank.localize_dataless`
             and :func:`~skillbank.task_vector`.
         learner_kwargs: more :class:`~skillbank.MaskLearner` arguments (``recipe``, ``lr``, …).
+        routing: batches of the task (e.g. the few-shot or validation loader) whose
+            base features become the skill's routing centroids, one per label, so a
+            :class:`~skillbank.routing.SkillRouter` can pick it for requests that do not
+            name their task (a Hugging Face encoder model; see :mod:`skillbank.routing`).
 
     The run's final ``trainer.callback_metrics`` (validation accuracy, …) go into the
     skill's metadata. Under DDP rank 0 localizes and writes; every rank waits for
@@ -83,6 +88,7 @@ class SkillHarvester(Callback):
         target_recovery: float = 0.99,
         grid: Sequence[float] = DEFAULT_GRID,
         validation: Iterable[Any] | None = None,
+        routing: Iterable[Any] | None = None,
     ) -> None:
         if sparsity != "auto":
             check_sparsity(sparsity)
@@ -97,6 +103,7 @@ class SkillHarvester(Callback):
         self.exclude, self.head_patterns, self.value_dtype = tuple(exclude), tuple(head_patterns), value_dtype
         self.learner_kwargs = dict(learner_kwargs or {})
         self.target_recovery, self.grid, self.validation = target_recovery, tuple(grid), validation
+        self.routing = routing
         self.skill: Skill | None = None
         self._captured: dict[str, Tensor] | None = None
 
@@ -149,13 +156,21 @@ class SkillHarvester(Callback):
         finetune = merged_finetune(model)  # a LoRA model is merged on a copy, once
         tv = task_vector(base, finetune, head_patterns=self.head_patterns)
         fields = dict(exclude=self.exclude, task=self.task, metrics=metrics, source=source, value_dtype=self.value_dtype)
+        plain = finetune.weights if finetune.source else model
+        centroids = None
+        if self.routing is not None:  # before a learner may reset a merged copy to the base
+            probe = apply_delta(copy.deepcopy(plain), load_state_dict(base), {})  # the base's features are what routes
+            centroids = routing_centroids(probe, self.routing)
+            del probe
         if self.sparsity == "auto":
-            return self._harvest_auto(trainer, finetune.weights if finetune.source else model, base, tv, fields)
-        if self.method == "dataless":
-            return localize_dataless(tv, self.sparsity, name=self.name, **fields)
-        if finetune.source:  # merged: already a copy the learner may reset to the base
-            return self._learn(finetune.weights, base, tv, self.sparsity, fields, copy_model=False)
-        return self._learn(model, base, tv, self.sparsity, fields)
+            skill = self._harvest_auto(trainer, plain, base, tv, fields)
+        elif self.method == "dataless":
+            skill = localize_dataless(tv, self.sparsity, name=self.name, **fields)
+        elif finetune.source:  # merged: already a copy the learner may reset to the base
+            skill = self._learn(finetune.weights, base, tv, self.sparsity, fields, copy_model=False)
+        else:
+            skill = self._learn(model, base, tv, self.sparsity, fields)
+        return skill if centroids is None else with_routing(skill, centroids)
 
     def _learn(self, model: torch.nn.Module, base: Any, tv: TaskVector, sparsity: float, fields: dict,
                copy_model: bool = True) -> Skill:

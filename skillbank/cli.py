@@ -1,4 +1,4 @@
-"""The ``skillbank`` command line: demo, fit, validate, pull, localize, list, show, remove, verify, stitch, export, plot."""
+"""The ``skillbank`` command line: demo, fit, validate, pull, localize, list, show, remove, verify, stitch, export, route, plot."""
 
 from __future__ import annotations
 
@@ -91,12 +91,18 @@ def _localize(args: argparse.Namespace) -> int:
         else:
             bar.set_postfix_str("top-k")
             skill = localize_dataless(tv, args.sparsity, **fields)
+        routing_data = args.routing_data or args.val_data
+        if routing_data:
+            bar.set_postfix_str("routing centroids")
+            skill = _with_routing(args, skill, routing_data)
         bar.update()
         bar.set_postfix_str("writing")
         entry = bank.add(skill)
         bar.update()
     print(f"added {entry.name!r}: {entry.entries:,} of {skill.num_shared:,} entries "
           f"({entry.entries / skill.num_shared:.2%}), head {len(skill.head)} tensors, {entry.bytes:,} bytes -> {bank.path / entry.file}")
+    if skill.centroids is not None:
+        print(f"routing: {len(skill.centroids)} centroids of the base's features ({skill.centroids.shape[1]} wide)")
     auto = skill.metadata.settings.get("auto")
     if auto:
         tried = ", ".join(f"{s} {r:.3f}" for s, r in auto["tried"].items())
@@ -108,7 +114,7 @@ def _localize(args: argparse.Namespace) -> int:
 
 def _localize_auto(args: argparse.Namespace, base: WeightsSource, tv: TaskVector, fields: dict) -> Skill:
     """The dataless skill at the smallest size keeping --target-recovery on --val-data."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     from skillbank.auto_sparsity import localize_auto
     from skillbank.baselines import apply_delta
@@ -124,13 +130,80 @@ def _localize_auto(args: argparse.Namespace, base: WeightsSource, tv: TaskVector
         raise SkillbankError("--sparsity auto needs --finetuned to be a Hugging Face classifier folder (with its tokenizer).")
     probe = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True).eval()
     apply_delta(probe, load_state_dict(base), {})  # the base with the finetuned head: where each mask is tried
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError):
-        tokenizer = AutoTokenizer.from_pretrained(args.base, local_files_only=True)
     split = read_jsonl(args.val_data, probe.config.num_labels)
-    batches = list(task_loader(split, tokenizer, max_length=args.max_length, batch_size=64))
+    batches = list(task_loader(split, _tokenizer(folder, args.base), max_length=args.max_length, batch_size=64))
     return localize_auto(tv, probe, batches, target=args.target_recovery, **fields)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def _tokenizer(*folders: str):  # noqa: ANN202 - a Hugging Face tokenizer
+    """The tokenizer of the first folder that has one."""
+    from transformers import AutoTokenizer
+
+    from skillbank.pull import resolve_model
+
+    for folder in map(resolve_model, folders):
+        if not any((Path(folder) / f).is_file() for f in _TOKENIZER_FILES):
+            continue  # transformers 5 would build an empty tokenizer that maps every word to [UNK]
+        try:
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError):
+            continue
+    raise SkillbankError(f"none of {', '.join(map(str, folders))} holds a tokenizer; save one with the model "
+                         "(tokenizer.save_pretrained(folder)).")
+
+
+def _base_encoder(base: str):  # noqa: ANN202 - a transformers model
+    """The base model folder as a Hugging Face encoder (for routing features), in eval mode."""
+    from transformers import AutoModel
+
+    from skillbank.pull import resolve_model
+
+    folder = resolve_model(base)
+    if not (Path(folder) / "config.json").is_file():
+        raise SkillbankError(f"routing needs --base to be a Hugging Face model folder (with config.json), not {base}.")
+    return AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
+
+
+def _with_routing(args: argparse.Namespace, skill: Skill, data: str) -> Skill:
+    """``skill`` with centroids of the base's features of ``data`` (one per label)."""
+    from skillbank.labelled_text import read_jsonl
+    from skillbank.routing import routing_centroids, with_routing
+    from skillbank.text_tasks import task_loader
+
+    encoder = _base_encoder(args.base)
+    split = read_jsonl(data)
+    batches = task_loader(split, _tokenizer(args.finetuned, args.base), max_length=args.max_length, batch_size=64)
+    return with_routing(skill, routing_centroids(encoder, batches, args.max_centroids))
+
+
+def _route(args: argparse.Namespace) -> int:
+    import torch
+
+    from skillbank.routing import SkillRouter, mean_pooled_features
+
+    bank = SkillBank(args.bank, create=False)
+    names = [n.strip() for n in args.skills.split(",") if n.strip()] if args.skills else bank.names()
+    router = SkillRouter([bank.get(n) for n in names])
+    encoder = _base_encoder(args.base)
+    batch = _tokenizer(args.base)(list(args.text), truncation=True, max_length=args.max_length, padding=True,
+                                  return_tensors="pt")
+    with torch.no_grad():
+        scores = router.scores(mean_pooled_features(encoder, batch))
+    for text, row in zip(args.text, scores):
+        order = row.argsort(descending=True).tolist()
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        print(f"{_escape(shown)!s} -> {router.names[order[0]]}")
+        print(_table(("skill", "cosine"), [(router.names[i], float(row[i])) for i in order[: args.top]]))
+        print()
+    return 0
+
+
+def _escape(text: str) -> str:
+    """``text`` with control characters (terminal escapes, newlines) shown as Python escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -162,6 +235,7 @@ def _show(args: argparse.Namespace) -> int:
         ("values", meta.value_dtype), ("file", f"{entry.file} ({entry.bytes:,} bytes, sha256 {entry.sha256[:16]}…)"),
         ("base", f"{meta.base_fingerprint[:16]}…"), ("created", meta.created), ("format", meta.format_version),
         ("settings", json.dumps(meta.settings)), ("metrics", json.dumps(meta.metrics)), ("source", json.dumps(meta.source)),
+        ("routing", f"{len(skill.centroids)} centroids, {skill.centroids.shape[1]} wide" if skill.centroids is not None else "none"),
     ]:
         print(f"  {key:<9} {value}")
     rows = [(n, "x".join(map(str, meta.shapes[n])), f"{len(r):,}") for n, r in skill.regions.items() if len(r)]
@@ -328,7 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-data", default=None, metavar="FILE",
                    help="with --sparsity auto: labelled validation texts, one JSON object a line: {\"text\": ..., \"label\": 0}; "
                    "tokenized with the finetuned folder's tokenizer")
-    p.add_argument("--max-length", type=int, default=128, help="with --val-data: tokens per text (default: 128)")
+    p.add_argument("--routing-data", default=None, metavar="FILE",
+                   help="texts of the task (same JSON-lines format; labels give one centroid each) whose base features are "
+                   "stored with the skill so `skillbank route` can pick it for requests that do not name their task "
+                   "(default: --val-data, when given). Needs --base to be a model folder.")
+    p.add_argument("--max-centroids", type=int, default=16, help="with routing data: centroids kept, one per label (default: 16)")
+    p.add_argument("--max-length", type=int, default=128, help="with --val-data/--routing-data: tokens per text (default: 128)")
     p.add_argument("--value-dtype", choices=sorted(VALUE_DTYPES), default="float32",
                    help="dtype of the stored task-vector values (default: float32; bfloat16 halves them)")
     p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
@@ -383,6 +462,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="the base model folder (save_pretrained) or pulled:<alias>")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.set_defaults(run=_export)
+
+    p = sub.add_parser("route", help="show which skill a text would be routed to, and the scores",
+                       description="Routing for requests that do not name their task: one forward of the base model gives "
+                       "the text's mean-pooled features; each skill's score is the best cosine similarity to the centroids "
+                       "stored with it (skillbank localize --routing-data); the highest score wins. Skills without routing "
+                       "data are an error: name the routable ones with --skills.")
+    p.add_argument("bank", help="the bank directory")
+    p.add_argument("--base", required=True, help="the base model folder the skills were localized on, or pulled:<alias>")
+    p.add_argument("--text", action="append", required=True, help="a text to route (repeatable)")
+    p.add_argument("--skills", default="", help="comma-separated skill names to choose among (default: every skill)")
+    p.add_argument("--top", type=int, default=5, help="scores shown per text (default: 5)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per text (default: 128)")
+    p.set_defaults(run=_route)
 
     p = sub.add_parser("plot", help="plot a bank's skills: mask overlap, where masks live, sparsity vs recovery, arrivals",
                        description="Write a PNG. overlap: heatmap of the pairwise Jaccard overlap of the skills' masks. "

@@ -2,8 +2,9 @@
 
 On disk a skill is one safetensors file: per shared parameter with a non-empty
 region, its sorted flat indices (compact code, see :mod:`skillbank.sparse`) and
-the task-vector values there; the head tensors; and a JSON metadata header.
-Nothing is ever unpickled.
+the task-vector values there; the head tensors; optionally its routing
+centroids (``route/centroids``, see :mod:`skillbank.routing`); and a JSON
+metadata header. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -24,13 +25,16 @@ from torch import Tensor
 from skillbank.errors import SkillFileError
 from skillbank.sparse import decode_indices, encode_indices
 
-__all__ = ["FORMAT_VERSION", "Region", "Skill", "SkillMetadata", "VALUE_DTYPES"]
+__all__ = ["FORMAT_VERSION", "MAX_CENTROIDS", "Region", "Skill", "SkillMetadata", "VALUE_DTYPES"]
 
 #: Version of the skill file and manifest layout this release writes and reads.
 FORMAT_VERSION = 1
 _HEADER_KEY = "skillbank"
 #: Value dtypes a skill may store its task-vector entries in.
 VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: The most routing centroids one skill may carry, and the widest feature they may have (reads stay bounded).
+MAX_CENTROIDS, MAX_FEATURE_DIM = 256, 65536
+_CENTROIDS_KEY = "route/centroids"
 
 
 @dataclass
@@ -51,6 +55,8 @@ class SkillMetadata:
     ``shapes`` lists every shared parameter (base names) the skill was
     localized over, also those where its region is empty: the base
     fingerprint covers exactly these. ``dtypes`` records their base dtypes.
+    ``routing`` says how the skill's routing centroids were made (empty when
+    it has none).
     """
 
     name: str
@@ -64,6 +70,7 @@ class SkillMetadata:
     source: dict[str, Any] = field(default_factory=dict)
     value_dtype: str = "float32"
     dtypes: dict[str, str] = field(default_factory=dict)
+    routing: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
 
@@ -89,11 +96,17 @@ class SkillMetadata:
 
 @dataclass
 class Skill:
-    """One task's skill: sparse regions (base names), dense head (finetuned names), metadata."""
+    """One task's skill: sparse regions (base names), dense head (finetuned names), metadata.
+
+    ``centroids`` (``[C, D]`` float32, or ``None``) are the base model's
+    features of a few of the task's examples: what :class:`~skillbank.routing.SkillRouter`
+    compares an input with when a request does not name its task.
+    """
 
     metadata: SkillMetadata
     regions: dict[str, Region]
     head: dict[str, Tensor] = field(default_factory=dict)
+    centroids: Tensor | None = None
 
     @property
     def name(self) -> str:
@@ -123,6 +136,8 @@ class Skill:
             tensors[f"region/{name}/val"] = region.values.detach().to("cpu", value_dtype).contiguous()
         for name, tensor in self.head.items():
             tensors[f"head/{name}"] = tensor.detach().to("cpu").contiguous().clone()
+        if self.centroids is not None:
+            tensors[_CENTROIDS_KEY] = _checked_centroids(self.centroids, self.name).to("cpu", torch.float32).contiguous().clone()
         return st_save(tensors, metadata={_HEADER_KEY: self.metadata.to_json()})
 
     @classmethod
@@ -146,6 +161,9 @@ class Skill:
             raise SkillFileError(f"{origin} has an unreadable skill header ({exc}).") from exc
         parts: dict[str, dict[str, Tensor]] = {}
         head: dict[str, Tensor] = {}
+        centroids = tensors.pop(_CENTROIDS_KEY, None)
+        if centroids is not None:
+            centroids = _checked_centroids(centroids, origin).float()
         for key, tensor in tensors.items():
             kind, _, rest = key.partition("/")
             if kind == "head":
@@ -171,7 +189,7 @@ class Skill:
             regions[name] = Region(indices, values.float())
         if parts:
             raise SkillFileError(f"{origin} has regions for parameters its header does not list: {sorted(parts)[:5]}.")
-        return cls(metadata=metadata, regions=regions, head=head)
+        return cls(metadata=metadata, regions=regions, head=head, centroids=centroids)
 
     def save(self, path: str | Path) -> None:
         """Write the skill to ``path`` (not atomic; a :class:`SkillBank` writes atomically)."""
@@ -181,6 +199,17 @@ class Skill:
     def load(cls, path: str | Path) -> Skill:
         """Read a skill file written by :meth:`save`."""
         return cls.from_bytes(Path(path).read_bytes(), origin=str(path))
+
+
+def _checked_centroids(centroids: Tensor, origin: str) -> Tensor:
+    """``centroids`` if they are a finite floating ``[C, D]`` matrix within the bounds, else a :class:`SkillFileError`."""
+    if (centroids.dim() != 2 or not centroids.is_floating_point() or not 1 <= centroids.shape[0] <= MAX_CENTROIDS
+            or not 1 <= centroids.shape[1] <= MAX_FEATURE_DIM):
+        raise SkillFileError(f"{origin}: routing centroids must be a float [C, D] matrix with 1 <= C <= {MAX_CENTROIDS} "
+                             f"and 1 <= D <= {MAX_FEATURE_DIM}, got {centroids.dtype} {list(centroids.shape)}.")
+    if not torch.isfinite(centroids).all():
+        raise SkillFileError(f"{origin}: routing centroids hold NaN or infinite values.")
+    return centroids
 
 
 def _read_header(data: bytes) -> dict[str, str]:

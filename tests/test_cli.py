@@ -130,11 +130,9 @@ def test_demo_runs_end_to_end_and_stitching_recovers_the_finetunes(tmp_path, cap
 def test_localize_auto_sizes_the_skill_on_validation_texts(folders, capsys):
     import json
 
-    from transformers import BertTokenizerFast
+    from conftest import tiny_tokenizer
 
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)]
-    (folders / "vocab.txt").write_text("\n".join(vocab))
-    BertTokenizerFast(vocab_file=str(folders / "vocab.txt")).save_pretrained(folders / "ft0")
+    tiny_tokenizer([f"w{i}" for i in range(59)]).save_pretrained(folders / "ft0")
     gen = torch.Generator().manual_seed(0)
     rows = [{"text": " ".join(f"w{int(i)}" for i in torch.randint(0, 59, (6,), generator=gen)), "label": n % 2} for n in range(64)]
     (folders / "val.jsonl").write_text("\n".join(json.dumps(r) for r in rows))

@@ -49,6 +49,18 @@ def test_learned_harvest_uses_the_few_shot_loader(base_model, tmp_path):
     assert "val_acc" in skill.metadata.metrics and skill.num_entries == harvester.skill.num_entries
 
 
+def test_routing_data_gives_the_skill_centroids_of_the_base_features(base_model, tmp_path):
+    from skillbank.routing import routing_centroids
+
+    routing = task_loader(n=32, seed=2)
+    harvester = SkillHarvester(tmp_path / "bank", "s", sparsity=0.05, routing=routing)
+    finetune(base_model, harvester)
+    skill = SkillBank(tmp_path / "bank").get("s")
+    # the base's features (not the finetune's), one centroid per label
+    torch.testing.assert_close(skill.centroids, routing_centroids(base_model, routing), rtol=1e-6, atol=1e-6)
+    assert skill.centroids.shape == (2, 16) and skill.metadata.routing["centroids"] == 2
+
+
 def test_a_taken_name_fails_before_training(base_model, tmp_path):
     finetune(base_model, SkillHarvester(tmp_path / "bank", "s", sparsity=0.05))
     module = SequenceClassifier(live_copy(base_model), num_labels=2)
