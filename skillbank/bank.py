@@ -10,6 +10,7 @@ moment leaves the bank openable with every acknowledged skill intact.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -27,11 +28,22 @@ from skillbank.durable import TMP_PREFIX, atomic_write, exclusive_lock, fsync_di
 from skillbank.errors import BankError, BaseMismatchError, SkillFileError, SkillNameError
 from skillbank.skill import FORMAT_VERSION, Skill
 
-__all__ = ["SkillBank", "SkillEntry", "check_skill_name"]
+__all__ = ["MAX_MANIFEST_BYTES", "MAX_SKILL_BYTES", "SkillBank", "SkillEntry", "check_skill_name"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MANIFEST = "manifest.json"
 _LOCK = ".lock"
+#: The temporary files :func:`~skillbank.durable.atomic_write` makes; clean-up removes these and nothing else.
+_OWN_TMP = re.compile(re.escape(TMP_PREFIX) + r"[0-9a-f]{32}-.+")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+#: The largest manifest and skill file a bank reads (reads stay bounded whatever a crafted bank declares).
+MAX_MANIFEST_BYTES = 256 * 2**20
+MAX_SKILL_BYTES = 16 * 2**30
+#: Manifest fields a reader relies on, with their types (others are summaries, type-checked too).
+_REQUIRED = {"name": str, "file": str, "bytes": int, "sha256": str}
+_SUMMARY = {"task": str, "method": str, "sparsity": (int, float), "entries": int, "value_dtype": str, "created": str,
+            "metrics": dict}
+_MAX_TEXT = 4096
 
 
 def check_skill_name(name: str) -> str:
@@ -219,7 +231,7 @@ class SkillBank:
             removed = next(e for e in manifest["skills"] if e["name"] == name)
             manifest["skills"] = kept
             self._write_manifest(manifest)
-            (self.path / removed["file"]).unlink(missing_ok=True)
+            _unlink_regular(self.path / f"{check_skill_name(removed['name'])}.safetensors")
             fsync_dir(self.path)
 
     # -- internals ---------------------------------------------------------
@@ -229,7 +241,7 @@ class SkillBank:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise BankError(f"cannot create a bank at {self.path}: {exc.strerror}.") from exc
-        stray = [p.name for p in self.path.iterdir() if p.name != _LOCK and not p.name.startswith(TMP_PREFIX)]
+        stray = [p.name for p in self.path.iterdir() if p.name != _LOCK and not _OWN_TMP.fullmatch(p.name)]
         if stray:
             raise BankError(
                 f"{self.path} is not empty and holds no {_MANIFEST}: not a skill bank. "
@@ -242,13 +254,15 @@ class SkillBank:
     def _read_manifest(self) -> dict[str, Any]:
         path = self.path / _MANIFEST
         try:
-            raw = path.read_bytes()
+            raw, _ = _read_regular(path, None, MAX_MANIFEST_BYTES)
         except FileNotFoundError as exc:
             raise BankError(f"{path} is missing: {self.path} is not (or no longer) a skill bank.") from exc
+        except _Unreadable as exc:
+            raise BankError(f"{exc}; {self.path} is not a usable skill bank.") from None
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BankError(f"{path} is damaged (not valid JSON: {exc}); restore it from a backup.") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise BankError(f"{path} is damaged (not valid JSON: {str(exc)[:80]}); restore it from a backup.") from None
         version = body.get("format_version") if isinstance(body, dict) else None
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise BankError(
@@ -258,6 +272,10 @@ class SkillBank:
         # The checksum covers the content; comparing with the canonical bytes catches any other flipped byte.
         if not isinstance(body, dict) or body.get("checksum") != _manifest_checksum(body) or raw != _manifest_bytes(body):
             raise BankError(f"{path} is damaged (its checksum does not match its bytes); restore it from a backup.")
+        problem = _manifest_problem(body)
+        if problem:
+            raise BankError(f"{path} is crafted or damaged: {problem}. Nothing was read or changed; "
+                            "restore the manifest from a backup or get the bank again from its source.")
         return body
 
     def _write_manifest(self, body: dict[str, Any]) -> None:
@@ -268,12 +286,12 @@ class SkillBank:
     def _load(self, entry: SkillEntry, base: str | None) -> Skill:
         path = self.path / entry.file
         try:
-            data = path.read_bytes()
+            data, digest = _read_regular(path, entry.bytes, MAX_SKILL_BYTES)
         except FileNotFoundError as exc:
             raise SkillFileError(f"skill {entry.name!r}: its file {path} is missing.") from exc
-        if len(data) != entry.bytes:
-            raise SkillFileError(f"skill {entry.name!r}: {path} has {len(data)} bytes, the manifest says {entry.bytes} (truncated or damaged).")
-        if _sha256(data) != entry.sha256:
+        except _Unreadable as exc:
+            raise SkillFileError(f"skill {entry.name!r}: {exc}") from None
+        if digest != entry.sha256:
             raise SkillFileError(f"skill {entry.name!r}: {path} fails its sha256 check (corrupted); restore it or remove the skill.")
         skill = Skill.from_bytes(data, origin=str(path))
         if skill.name != entry.name:
@@ -302,10 +320,98 @@ class SkillBank:
             pass  # another writer holds the lock; it cleans up itself
 
     def _cleanup(self) -> None:
+        """Remove temporary files of crashed writers: regular files named as :func:`atomic_write` names them, only."""
         removed = False
-        for leftover in self.path.glob(f"{TMP_PREFIX}*"):
-            leftover.unlink(missing_ok=True)
-            removed = True
+        with os.scandir(self.path) as entries:
+            for leftover in entries:
+                if _OWN_TMP.fullmatch(leftover.name) and leftover.is_file(follow_symlinks=False):
+                    removed = _unlink_regular(Path(leftover.path)) or removed
         if removed:
             fsync_dir(self.path)
+
+
+class _Unreadable(Exception):
+    """A bank file that is not a regular file of the expected size (a link, a FIFO, a device, too large)."""
+
+
+def _read_regular(path: Path, expected: int | None, limit: int) -> tuple[bytes, str]:
+    """The bytes and sha256 of the regular file ``path``: never through a symbolic link, never blocking on a FIFO,
+    and never more than ``limit`` bytes or other than ``expected`` bytes (checked before reading)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _Unreadable(f"{path} is a symbolic link; a bank's files are never links") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _Unreadable(f"{path} is not a regular file (a directory, FIFO or device)")
+        if expected is not None and info.st_size != expected:
+            raise _Unreadable(f"{path} has {info.st_size} bytes, the manifest says {expected} (truncated or damaged)")
+        if info.st_size > limit:
+            raise _Unreadable(f"{path} has {info.st_size:,} bytes, more than the {limit:,} a bank reads")
+        digest, chunks, left = hashlib.sha256(), [], info.st_size
+        while left:
+            chunk = os.read(fd, min(left, 2**24))
+            if not chunk:
+                raise _Unreadable(f"{path} shrank while it was read; retry when no other process writes it")
+            digest.update(chunk)
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks), digest.hexdigest()
+    finally:
+        os.close(fd)
+
+
+def _unlink_regular(path: Path) -> bool:
+    """Unlink ``path`` if it is a regular file (never a link, directory or anything the bank did not write)."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _manifest_problem(body: dict[str, Any]) -> str:
+    """What is wrong with a manifest's structure ("" if nothing): every entry's name, file, size, hash and types."""
+    base = body.get("base_fingerprint")
+    if base is not None and not isinstance(base, str):
+        return "base_fingerprint is not a string"
+    skills = body.get("skills")
+    if not isinstance(skills, list):
+        return "'skills' is not a list"
+    seen: set[str] = set()
+    for number, entry in enumerate(skills, 1):
+        where = f"entry {number}"
+        if not isinstance(entry, dict):
+            return f"{where} is not an object"
+        for key, kind in _REQUIRED.items():
+            if key not in entry:
+                return f"{where} has no {key!r}"
+            if not isinstance(entry[key], kind) or isinstance(entry[key], bool):
+                return f"{where}: {key!r} is not a {kind.__name__}"
+        name = entry["name"]
+        if not _NAME.fullmatch(name):
+            return f"{where}: {name[:80]!r} is not a valid skill name"
+        if entry["file"] != f"{name}.safetensors":
+            return f"{where} ({name}): its file must be {name}.safetensors, not {entry['file'][:80]!r}"
+        if name in seen:
+            return f"{where}: the name {name!r} appears twice"
+        seen.add(name)
+        if entry["bytes"] < 0 or not _SHA256.fullmatch(entry["sha256"]):
+            return f"{where} ({name}): a negative size or a malformed sha256"
+        for key, kind in _SUMMARY.items():
+            value = entry.get(key)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                return f"{where} ({name}): {key!r} has the wrong type"
+            if isinstance(value, str) and len(value) > _MAX_TEXT:
+                return f"{where} ({name}): {key!r} is longer than {_MAX_TEXT} characters"
+        metrics = entry.get("metrics") or {}
+        if len(metrics) > 256 or not all(isinstance(k, str) and len(k) <= 256 and isinstance(v, (int, float))
+                                         and not isinstance(v, bool) for k, v in metrics.items()):
+            return f"{where} ({name}): 'metrics' must map at most 256 short names to numbers"
+    return ""
 

@@ -60,7 +60,7 @@ def exclusive_lock(lock_path: Path, timeout: float = 60.0) -> Iterator[None]:
     wedges the bank.
     """
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except PermissionError as exc:
         raise BankError(
             f"cannot write to {lock_path.parent}: permission denied (read-only bank). "
@@ -69,6 +69,9 @@ def exclusive_lock(lock_path: Path, timeout: float = 60.0) -> Iterator[None]:
     except OSError as exc:
         if exc.errno == errno.EROFS:
             raise BankError(f"{lock_path.parent} is on a read-only file system; copy the bank elsewhere to write.") from exc
+        if exc.errno == errno.ELOOP:
+            raise BankError(f"{lock_path} is a symbolic link; a bank's lock is a plain file it makes itself. "
+                            "Remove the link (nothing was written).") from None
         raise
     deadline = time.monotonic() + timeout
     try:

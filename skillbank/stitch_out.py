@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 import torch
 from torch import nn
 
-from skillbank.bank import SkillBank
+from skillbank.bank import SkillBank, check_skill_name
 from skillbank.errors import SkillbankError
 from skillbank.overlap import OverlapRule, get_rule
 from skillbank.stitcher import Stitcher
@@ -103,7 +103,8 @@ def stitch_to_folder(
     (out / "heads").mkdir(exist_ok=True)
     for name, head in stitcher.heads.items():
         if head:
-            save_file({k: v.contiguous().clone() for k, v in head.items()}, str(out / "heads" / f"{name}.safetensors"))
+            target = out / "heads" / f"{check_skill_name(name)}.safetensors"  # no separators: stays in out/heads
+            save_file({k: v.contiguous().clone() for k, v in head.items()}, str(target))
     (out / "README.md").write_text(_model_card(bank, names, base, rule))
     return out
 

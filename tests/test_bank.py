@@ -147,7 +147,7 @@ def test_damaged_or_newer_manifest_is_refused(tmp_path, base_model):
 def test_leftover_temporary_files_are_cleaned_on_open(tmp_path, base_model):
     bank = SkillBank(tmp_path)
     bank.add(make_skill(base_model, "t", seed=1))
-    (tmp_path / ".tmp-deadbeef-x.safetensors").write_bytes(b"half a skill")
+    (tmp_path / f".tmp-{'deadbeef' * 4}-x.safetensors").write_bytes(b"half a skill")  # as atomic_write names them
     SkillBank(tmp_path)
     assert not list(tmp_path.glob(".tmp-*"))
     assert SkillBank(tmp_path).verify() == {"t": "ok"}

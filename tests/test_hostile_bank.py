@@ -1,0 +1,146 @@
+"""A bank crafted by someone else: manifests and files that try to reach outside the bank, hang it or crash it.
+
+A manifest's checksum is recomputable by anyone, so each case here rewrites the
+manifest with a valid checksum: only validation of what it says stops it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import make_skill
+from skillbank import BankError, SkillBank, SkillFileError
+from skillbank.bank import _manifest_bytes, _manifest_checksum
+from skillbank.cli import main
+
+
+def craft(bank_dir, edit) -> None:  # noqa: ANN001
+    """Apply ``edit`` to the manifest's body and write it back with a valid checksum, as an attacker can."""
+    path = bank_dir / "manifest.json"
+    body = json.loads(path.read_text())
+    edit(body)
+    body.pop("checksum", None)
+    body["checksum"] = _manifest_checksum(body)
+    path.write_bytes(_manifest_bytes(body))
+
+
+@pytest.fixture
+def bank(tmp_path, base_model) -> SkillBank:
+    bank = SkillBank(tmp_path / "bank")
+    bank.add(make_skill(base_model, "a", seed=1))
+    bank.add(make_skill(base_model, "b", seed=2))
+    return bank
+
+
+# -- hostile manifests ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("file", ["../victim.txt", "/ABS/victim.txt", "manifest.json", "b.safetensors"])
+def test_a_manifest_entry_pointing_elsewhere_is_refused_and_nothing_is_deleted(bank, tmp_path, file, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    craft(bank.path, lambda body: body["skills"][0].update(file=file.replace("/ABS", str(tmp_path))))
+    assert main(["remove", str(bank.path), "a"]) == 2
+    err = capsys.readouterr().err
+    assert "is crafted or damaged: entry 1 (a): its file must be a.safetensors" in err and "Nothing was read or changed" in err
+    assert victim.read_text() == "keep me" and (bank.path / "manifest.json").is_file() and (bank.path / "b.safetensors").is_file()
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda body: body["skills"][0].update(name="../../victim_model/model", file="../../victim_model/model.safetensors"),
+     "is not a valid skill name"),
+    (lambda body: body["skills"].append(dict(body["skills"][0])), "the name 'a' appears twice"),
+    (lambda body: body.update(skills={"a": 1}), "'skills' is not a list"),
+    (lambda body: body["skills"][0].pop("sha256"), "entry 1 has no 'sha256'"),
+    (lambda body: body["skills"][0].update(bytes="12"), "'bytes' is not a int"),
+    (lambda body: body["skills"][0].update(metrics={"acc": "high"}), "'metrics' must map"),
+    (lambda body: body["skills"][0].update(task="x" * 5000), "'task' is longer than 4096"),
+])
+def test_malformed_manifest_entries_are_named(bank, edit, problem):
+    craft(bank.path, edit)
+    with pytest.raises(BankError, match=problem):
+        SkillBank(bank.path).names()
+
+
+def test_a_deeply_nested_manifest_is_a_clear_error(bank):
+    (bank.path / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(BankError, match="not valid JSON"):
+        SkillBank(bank.path)
+
+
+def test_a_symlinked_lock_is_refused_and_nothing_is_created_outside(bank, tmp_path, capsys):
+    outside = tmp_path / "outside-file"
+    (bank.path / ".lock").unlink(missing_ok=True)
+    (bank.path / ".lock").symlink_to(outside)
+    assert main(["list", str(bank.path)]) == 0  # reading works
+    assert not outside.exists()
+    with pytest.raises(BankError, match=r"\.lock is a symbolic link"):
+        SkillBank(bank.path).remove("a")
+    assert not outside.exists() and SkillBank(bank.path).names() == ["a", "b"]
+
+
+def test_a_tmp_named_directory_is_left_alone_and_the_bank_works(bank):
+    (bank.path / ".tmp-x").mkdir()
+    (bank.path / ".tmp-x" / "inside").write_text("mine")
+    SkillBank(bank.path).remove("a")
+    assert (bank.path / ".tmp-x" / "inside").read_text() == "mine" and SkillBank(bank.path).names() == ["b"]
+
+
+def test_a_users_own_tmp_file_is_neither_adopted_nor_deleted(tmp_path, base_model):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / ".tmp-notes.txt").write_text("my notes")
+    with pytest.raises(BankError, match="not empty and holds no manifest.json"):
+        SkillBank(folder)
+    assert (folder / ".tmp-notes.txt").read_text() == "my notes"
+
+
+def test_only_the_banks_own_temporary_files_are_cleaned_up(bank):
+    own = bank.path / (".tmp-" + "0" * 32 + "-a.safetensors")
+    own.write_bytes(b"partial")
+    other = bank.path / ".tmp-keep.txt"
+    other.write_text("someone's")
+    SkillBank(bank.path)
+    assert not own.exists() and other.read_text() == "someone's"
+
+
+# -- hostile skill files -------------------------------------------------------------------------------------
+
+
+def _replace_file(bank: SkillBank, name: str, make) -> None:  # noqa: ANN001
+    path = bank.path / f"{name}.safetensors"
+    size = path.stat().st_size
+    path.unlink()
+    make(path, size)
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda path, size: path.symlink_to("/dev/zero"), "is a symbolic link"),
+    (lambda path, size: os.mkfifo(path), "not a regular file"),
+    (lambda path, size: path.mkdir(), "not a regular file"),
+])
+def test_a_skill_file_that_is_a_link_fifo_or_huge_is_refused_without_reading(bank, make, problem):
+    _replace_file(bank, "a", make)
+    with pytest.raises(SkillFileError, match=problem):
+        bank.get("a")
+    report = bank.verify()
+    assert report["b"] == "ok" and report["a"] != "ok"  # every skill checked, the damaged one reported
+
+
+def test_a_huge_sparse_skill_file_with_a_matching_entry_is_refused_before_reading(bank):
+    huge = 50 * 2**30
+    _replace_file(bank, "a", lambda path, size: (path.touch(), os.truncate(path, huge)))
+    craft(bank.path, lambda body: body["skills"][0].update(bytes=huge))
+    with pytest.raises(SkillFileError, match=r"has 53,687,091,200 bytes, more than the 17,179,869,184 a bank reads"):
+        SkillBank(bank.path).get("a")
+
+
+def test_removing_a_skill_whose_file_is_a_link_leaves_the_target(bank, tmp_path):
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"data")
+    _replace_file(bank, "a", lambda path, size: path.symlink_to(victim))
+    bank.remove("a")
+    assert victim.read_bytes() == b"data" and bank.names() == ["b"]
