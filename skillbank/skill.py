@@ -90,6 +90,9 @@ class SkillMetadata:
                 f"skill format version {version!r} is newer than this skillbank reads ({FORMAT_VERSION}); "
                 "upgrade skillbank (pip install -U skillbank)."
             )
+        problem = _metadata_problem(data)
+        if problem:
+            raise SkillFileError(f"the skill header is crafted or damaged: {problem}.")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -151,13 +154,13 @@ class Skill:
         try:
             tensors = st_load(data)
             header = _read_header(data)
-        except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
-            raise SkillFileError(f"{origin} is not a readable safetensors file ({exc}); it is truncated or corrupted.") from exc
+        except (SafetensorError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise SkillFileError(f"{origin} is not a readable safetensors file ({str(exc)[:120]}); it is truncated or corrupted.") from None
         if _HEADER_KEY not in header:
             raise SkillFileError(f"{origin} is a safetensors file but not a skill (no {_HEADER_KEY!r} metadata).")
         try:
             metadata = SkillMetadata.from_json(header[_HEADER_KEY])
-        except (json.JSONDecodeError, TypeError) as exc:
+        except (json.JSONDecodeError, TypeError, RecursionError) as exc:
             raise SkillFileError(f"{origin} has an unreadable skill header ({exc}).") from exc
         parts: dict[str, dict[str, Tensor]] = {}
         head: dict[str, Tensor] = {}
@@ -167,6 +170,8 @@ class Skill:
         for key, tensor in tensors.items():
             kind, _, rest = key.partition("/")
             if kind == "head":
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise SkillFileError(f"{origin}: head tensor {rest!r} holds NaN or infinite values.")
                 head[rest] = tensor
             elif kind == "region":
                 name, _, part = rest.rpartition("/")
@@ -186,6 +191,9 @@ class Skill:
                 raise SkillFileError(f"{origin}: region {name!r} is damaged: {exc}") from exc
             if values is None or values.numel() != indices.numel():
                 raise SkillFileError(f"{origin}: region {name!r} has {indices.numel()} indices but no matching values.")
+            if values.dtype not in VALUE_DTYPES.values():
+                raise SkillFileError(f"{origin}: region {name!r} stores {values.dtype} values; a skill stores "
+                                     f"{', '.join(VALUE_DTYPES)} only.")
             regions[name] = Region(indices, values.float())
         if parts:
             raise SkillFileError(f"{origin} has regions for parameters its header does not list: {sorted(parts)[:5]}.")
@@ -199,6 +207,38 @@ class Skill:
     def load(cls, path: str | Path) -> Skill:
         """Read a skill file written by :meth:`save`."""
         return cls.from_bytes(Path(path).read_bytes(), origin=str(path))
+
+
+#: Bounds on a skill header (reads stay bounded whatever a crafted file declares).
+_MAX_PARAMETERS, _MAX_DIMS, _MAX_TEXT = 1_000_000, 8, 4096
+_TEXT_FIELDS = ("name", "base_fingerprint", "task", "method", "value_dtype", "created")
+_DICT_FIELDS = ("settings", "metrics", "source", "dtypes", "routing")
+
+
+def _metadata_problem(data: dict[str, Any]) -> str:
+    """What is wrong with a skill header's fields ("" if nothing): types, sizes and the shapes table."""
+    for key in _TEXT_FIELDS:
+        if key in data and (not isinstance(data[key], str) or len(data[key]) > _MAX_TEXT):
+            return f"{key!r} must be a string of at most {_MAX_TEXT} characters"
+    for key in _DICT_FIELDS:
+        if key in data and not isinstance(data[key], dict):
+            return f"{key!r} must be an object"
+    for key in ("name", "base_fingerprint", "shapes"):
+        if key not in data:
+            return f"it has no {key!r}"
+    sparsity = data.get("sparsity")
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 <= sparsity <= 1:
+        return "'sparsity' must be a number in [0, 1]"
+    if data.get("value_dtype", "float32") not in VALUE_DTYPES:
+        return f"'value_dtype' must be one of {', '.join(VALUE_DTYPES)}"
+    shapes = data["shapes"]
+    if not isinstance(shapes, dict) or len(shapes) > _MAX_PARAMETERS:
+        return f"'shapes' must map at most {_MAX_PARAMETERS:,} parameter names to shapes"
+    for name, shape in shapes.items():
+        if (len(name) > _MAX_TEXT or not isinstance(shape, list) or len(shape) > _MAX_DIMS
+                or not all(type(d) is int and 0 <= d < 2**40 for d in shape) or math.prod(shape) >= 2**40):
+            return f"the shape of {name[:80]!r} must be a list of at most {_MAX_DIMS} sizes (non-negative integers)"
+    return ""
 
 
 def _checked_centroids(centroids: Tensor, origin: str) -> Tensor:

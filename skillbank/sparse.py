@@ -110,7 +110,10 @@ def encode_indices(indices: Tensor, numel: int) -> dict[str, Tensor]:
 
 
 def decode_indices(codes: Mapping[str, Tensor], numel: int) -> Tensor:
-    """Invert :func:`encode_indices`, checking the result is ascending and in range."""
+    """Invert :func:`encode_indices`, checking the codes are integers and the result is ascending and in range."""
+    for part, code in codes.items():
+        if code.is_floating_point() or code.is_complex() or code.dtype == torch.bool:
+            raise SkillbankError(f"index part {part!r} is {code.dtype}, not an integer type.")
     if "idx" in codes:
         indices = codes["idx"].to(torch.int64)
     elif "lo" in codes and "blk" in codes:
@@ -121,6 +124,6 @@ def decode_indices(codes: Mapping[str, Tensor], numel: int) -> Tensor:
         indices = starts + codes["lo"].to(torch.int64)
     else:
         raise SkillbankError(f"unknown index code with parts {sorted(codes)}.")
-    if indices.numel() and (int(indices[-1]) >= numel or bool((indices[1:] <= indices[:-1]).any())):
+    if indices.numel() and (int(indices[0]) < 0 or int(indices[-1]) >= numel or bool((indices[1:] <= indices[:-1]).any())):
         raise SkillbankError(f"indices are not strictly ascending inside [0, {numel}).")
     return indices

@@ -10,9 +10,10 @@ import json
 import os
 
 import pytest
+import torch
 
 from conftest import make_skill
-from skillbank import BankError, SkillBank, SkillFileError
+from skillbank import BankError, Skill, SkillBank, SkillFileError
 from skillbank.bank import _manifest_bytes, _manifest_checksum
 from skillbank.cli import main
 
@@ -144,3 +145,50 @@ def test_removing_a_skill_whose_file_is_a_link_leaves_the_target(bank, tmp_path)
     _replace_file(bank, "a", lambda path, size: path.symlink_to(victim))
     bank.remove("a")
     assert victim.read_bytes() == b"data" and bank.names() == ["b"]
+
+
+def _tampered(skill, edit_tensors=None, edit_header=None) -> bytes:  # noqa: ANN001
+    """``skill``'s bytes with its tensors or its header (a dict) changed, as a crafted file would be."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    tensors = st_load(skill.to_bytes())
+    header = json.loads(skill.metadata.to_json())
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_header:
+        edit_header(header)
+    return st_save(tensors, metadata={"skillbank": json.dumps(header)})
+
+
+def _first(tensors: dict, suffix: str) -> str:
+    return next(k for k in tensors if k.endswith(suffix))
+
+
+@pytest.mark.parametrize("tensors, header, problem", [
+    (lambda t: t.update({"head/classifier.bias": torch.tensor([float("nan"), 0.0])}), None, "head tensor .* NaN"),
+    (lambda t: t.update({_first(t, "/val"): t[_first(t, "/val")].to(torch.int32)}), None, "stores torch.int32 values"),
+    (lambda t: t.update({_first(t, "/val"): t[_first(t, "/val")] > 0}), None, "stores torch.bool values"),
+    (lambda t: t.update({_first(t, "/idx"): t[_first(t, "/idx")].float()}), None, "not an integer type"),
+    (lambda t: t.update({_first(t, "/idx"): torch.cat([torch.tensor([-1]), t[_first(t, "/idx")][1:].long()])}), None,
+     "strictly ascending inside"),
+    (None, lambda h: h.update(shapes=[["a", [3]]]), "'shapes' must map"),
+    (None, lambda h: h.update(shapes="embeddings"), "'shapes' must map"),
+    (None, lambda h: h["shapes"].update(big=[4_000_000_000, 2**20]), "the shape of 'big'"),
+    (None, lambda h: h.update(task=7), "'task' must be a string"),
+    (None, lambda h: h.update(sparsity="1%"), "'sparsity' must be a number"),
+    (None, lambda h: h.update(settings=[1]), "'settings' must be an object"),
+])
+def test_crafted_skill_contents_are_refused_naming_the_file_and_field(base_model, tensors, header, problem):
+    data = _tampered(make_skill(base_model, "a", seed=1), tensors, header)
+    with pytest.raises(SkillFileError, match=problem) as info:
+        Skill.from_bytes(data, origin="crafted.safetensors")
+    assert "crafted" in str(info.value)
+
+
+def test_a_deeply_nested_skill_header_is_a_clear_error(base_model):
+    from safetensors.torch import save as st_save
+
+    data = st_save({"head/x": torch.zeros(1)}, metadata={"skillbank": "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(SkillFileError, match="unreadable skill header|not a readable"):
+        Skill.from_bytes(data, origin="deep.safetensors")
