@@ -36,7 +36,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    return _escape(str(value))
 
 
 def _sparsity_or_auto(text: str) -> float | str:
@@ -237,7 +237,7 @@ def _show(args: argparse.Namespace) -> int:
         ("settings", json.dumps(meta.settings)), ("metrics", json.dumps(meta.metrics)), ("source", json.dumps(meta.source)),
         ("routing", f"{len(skill.centroids)} centroids, {skill.centroids.shape[1]} wide" if skill.centroids is not None else "none"),
     ]:
-        print(f"  {key:<9} {value}")
+        print(f"  {key:<9} {_escape(str(value))}")
     rows = [(n, "x".join(map(str, meta.shapes[n])), f"{len(r):,}") for n, r in skill.regions.items() if len(r)]
     rows.sort(key=lambda r: -int(r[2].replace(",", "")))
     print()

@@ -40,9 +40,19 @@ def _model_card(bank: SkillBank, names: Sequence[str], base: str | Path, rule: O
     ]
     for name in names:
         e = bank.entry(name)
-        lines.append(f"| {e.name} | {e.task} | {e.method} | {e.sparsity:g} | {e.entries:,} | {_source(bank, name)} |")
+        lines.append(f"| {_md(e.name)} | {_md(e.task)} | {_md(e.method)} | {e.sparsity:g} | {e.entries:,} | "
+                     f"{_md(_source(bank, name))} |")
     lines += ["", "Each skill's task head is in `heads/<skill>.safetensors`, named as in its finetuned model.", ""]
     return "\n".join(lines)
+
+
+def _md(text: object) -> str:
+    """``text`` safe inside a markdown table cell or sentence: one line, markdown and HTML characters escaped."""
+    flat = "".join(c if c.isprintable() else " " for c in str(text))[:500]
+    return flat.translate(_MD_ESCAPES)
+
+
+_MD_ESCAPES = str.maketrans({c: f"\\{c}" for c in "\\`*_{}[]()#+!|~"} | {"<": "&lt;", ">": "&gt;", "&": "&amp;"})
 
 
 def _source(bank: SkillBank, name: str) -> str:
@@ -155,9 +165,9 @@ def export_skill(base: str | Path, bank: SkillBank, name: str, out: str | Path) 
     meta = skill.metadata
     (out / "README.md").write_text("\n".join([
         "---", "library_name: transformers", "tags: [skillbank, localize-and-stitch]", "---", "",
-        f"# {meta.name}: a single-task model exported from skillbank", "",
-        f"Base `{base}` plus the skill `{meta.name}` (task `{meta.task}`, {meta.method} mask, "
+        f"# {_md(meta.name)}: a single-task model exported from skillbank", "",
+        f"Base {_md(base)} plus the skill {_md(meta.name)} (task {_md(meta.task)}, {_md(meta.method)} mask, "
         f"{skill.num_entries:,} of {skill.num_shared:,} entries = {skill.num_entries / skill.num_shared:.2%}) "
-        f"and its own head, from the bank `{bank.path}`. Source: {_source(bank, name)}.", "",
+        f"and its own head, from the bank {_md(bank.path)}. Source: {_md(_source(bank, name))}.", "",
     ]))
     return out

@@ -99,7 +99,7 @@ def test_localize_stitch_export_round_trip_loads_with_plain_transformers(lora_se
     out = root / "stitched"
     assert main(["stitch", "--base", str(lora_setup["base"]), "--bank", str(bank_dir), "--out", str(out)]) == 0
     card = (out / "README.md").read_text()
-    assert "| lora |" in card and "LoRA adapter (r=4" in card and "0.05" in card
+    assert "| lora |" in card and "LoRA adapter \\(r=4" in card and "0.05" in card
     plain = AutoModelForSequenceClassification.from_pretrained(out, num_labels=NUM_LABELS).eval()
     with torch.no_grad(), use_head(plain, load_file(str(out / "heads" / "lora.safetensors"))) as model:
         torch.testing.assert_close(model(input_ids=IDS).logits, expected, rtol=0, atol=1e-6)

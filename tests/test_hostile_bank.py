@@ -192,3 +192,27 @@ def test_a_deeply_nested_skill_header_is_a_clear_error(base_model):
     data = st_save({"head/x": torch.zeros(1)}, metadata={"skillbank": "[" * 100_000 + "]" * 100_000})
     with pytest.raises(SkillFileError, match="unreadable skill header|not a readable"):
         Skill.from_bytes(data, origin="deep.safetensors")
+
+
+# -- outputs -------------------------------------------------------------------------------------------------
+
+
+def test_escapes_in_skill_fields_reach_neither_the_terminal_nor_the_model_card(tmp_path, base_model, capsys):
+    from skillbank import localize_dataless, task_vector
+
+    from conftest import finetune_like
+
+    base_model.save_pretrained(tmp_path / "base")
+    hostile = "\x1b]0;owned\x07\x1b[2J| fake | row |\n<img src=x onerror=alert(1)>"
+    skill = localize_dataless(task_vector(base_model, finetune_like(base_model, seed=1)), 0.05, name="a", task=hostile,
+                              source={"kind": "full finetune\x1b[31m", "finetuned": "<b>x</b>"})
+    SkillBank(tmp_path / "bank").add(skill)
+    for command in (["list", str(tmp_path / "bank")], ["show", str(tmp_path / "bank"), "a"]):
+        assert main(command) == 0
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\x07" not in out and "\\x1b" in out
+    assert main(["stitch", "--base", str(tmp_path / "base"), "--bank", str(tmp_path / "bank"), "--out", str(tmp_path / "out")]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    row = next(line for line in card.splitlines() if line.startswith("| a |"))
+    assert "\x1b" not in card and "<img" not in card and "&lt;img" in card
+    assert row.count(" | ") == 5 and "\\| fake \\| row \\|" in row  # the injected cells stay inside one cell
