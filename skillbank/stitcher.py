@@ -127,6 +127,7 @@ class _Batch:
     spans: list[tuple[str, int, int]]
     local: Tensor
     values: Tensor
+    name: str = ""
 
 
 @dataclass
@@ -427,7 +428,7 @@ class Stitcher:
             at = int(torch.nonzero(~torch.isfinite(values))[0])
             dst = next(d for d, s, n in spans if s <= at < s + n)
             raise StitchError(f"skill {skill!r} has NaN/Inf values in {dst!r}; it cannot be stitched.")
-        return _Batch(spans, local, values)
+        return _Batch(spans, local, values, skill)
 
     def _apply(self, batch: _Batch, *, adding: bool) -> None:
         if not batch.spans:
@@ -444,9 +445,14 @@ class Stitcher:
             flats = [(self._tensors[dst].data.view(-1), local[start : start + n], start, n) for dst, start, n in batch.spans]
             current = torch.cat([flat.index_select(0, idx).double() for flat, idx, _, _ in flats])
             plan = self._union.plan(positions, current, values, 1 if adding else -1)
+            cast = [plan.merged[start : start + n].to(flat.dtype) for flat, _, start, n in flats]
+            for (dst, _, _), part in zip(batch.spans, cast):
+                if part.is_floating_point() and not bool(torch.isfinite(part).all()):
+                    raise StitchError(f"stitching {batch.name!r} would write values that overflow {part.dtype} in {dst!r} "
+                                      "(NaN/Inf); the model is unchanged. Load the model in a wider dtype (float32).")
             try:
-                for flat, idx, start, n in flats:
-                    flat.index_copy_(0, idx, plan.merged[start : start + n].to(flat.dtype))
+                for (flat, idx, _, _), part in zip(flats, cast):
+                    flat.index_copy_(0, idx, part)
             except BaseException:  # an interrupt or OOM mid-write: put every touched entry back
                 for flat, idx, start, n in flats:
                     flat.index_copy_(0, idx, current[start : start + n].to(flat.dtype))

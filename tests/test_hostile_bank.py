@@ -216,3 +216,30 @@ def test_escapes_in_skill_fields_reach_neither_the_terminal_nor_the_model_card(t
     row = next(line for line in card.splitlines() if line.startswith("| a |"))
     assert "\x1b" not in card and "<img" not in card and "&lt;img" in card
     assert row.count(" | ") == 5 and "\\| fake \\| row \\|" in row  # the injected cells stay inside one cell
+
+
+# -- resources -----------------------------------------------------------------------------------------------
+
+
+def test_a_skill_that_overflows_a_half_precision_model_is_refused_and_the_model_unchanged(base_model):
+    import copy
+    from dataclasses import replace
+
+    from conftest import finetune_like, live_copy
+    from skillbank import Region, StitchError, Stitcher, localize_dataless, task_vector
+
+    base16 = copy.deepcopy(base_model).half()
+
+    def skill16(name: str, seed: int):  # noqa: ANN202
+        return localize_dataless(task_vector(base16, finetune_like(base_model, seed=seed).half()), 0.05, name=name)
+
+    big = skill16("big", 1)  # finite values, but 1e5 overflows float16 (max 65504) once added to the base
+    big = replace(big, regions={n: Region(r.indices, torch.full_like(r.values, 1e5)) for n, r in big.regions.items()})
+    live = live_copy(base_model).half()
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+    stitcher = Stitcher(live)
+    with pytest.raises(StitchError, match=r"overflow torch.float16 .*the model is unchanged. Load the model in a wider dtype"):
+        stitcher.add(big)
+    assert all(torch.equal(before[k], v) for k, v in live.state_dict().items()) and stitcher.stitched == []
+    stitcher.add(skill16("fine", 2))  # the stitcher still works
+    assert stitcher.stitched == ["fine"]
