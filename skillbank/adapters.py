@@ -91,7 +91,7 @@ def _base_for_adapter(base: Any, folder: Path, config: dict[str, Any]) -> nn.Mod
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     from skillbank.pull import resolve_model
-    from skillbank.weights import align_names, load_state_dict
+    from skillbank.weights import align_names, load_state_dict, require_safetensors
 
     seq_cls = config.get("task_type") == "SEQ_CLS"
     labels = _labels_in_adapter(folder) if seq_cls else None
@@ -99,7 +99,7 @@ def _base_for_adapter(base: Any, folder: Path, config: dict[str, Any]) -> nn.Mod
     auto = AutoModelForSequenceClassification if seq_cls else AutoModel
     base = resolve_model(base)
     if isinstance(base, (str, Path)) and Path(base).is_dir():
-        return auto.from_pretrained(base, local_files_only=True, **extra)
+        return auto.from_pretrained(require_safetensors(base), local_files_only=True, use_safetensors=True, **extra)
     if isinstance(base, nn.Module) and hasattr(base, "config"):
         model = auto.from_config(copy.deepcopy(base.config), **extra)
         state = load_state_dict(base)
@@ -117,6 +117,9 @@ def _base_for_adapter(base: Any, folder: Path, config: dict[str, Any]) -> nn.Mod
 def _load_adapter(folder: Path, base: Any) -> Finetune:
     from peft import PeftModel
 
+    from skillbank.weights import require_safetensors
+
+    require_safetensors(folder, stem="adapter_model")  # PEFT would fall back to a pickled adapter_model.bin
     config = json.loads((folder / "adapter_config.json").read_text())
     model = _base_for_adapter(base, folder, config)
     try:

@@ -120,7 +120,7 @@ def _localize_auto(args: argparse.Namespace, base: WeightsSource, tv: TaskVector
     from skillbank.baselines import apply_delta
     from skillbank.labelled_text import read_jsonl
     from skillbank.text_tasks import task_loader
-    from skillbank.weights import load_state_dict
+    from skillbank.weights import load_state_dict, require_safetensors
 
     if not args.val_data:
         raise SkillbankError("--sparsity auto needs --val-data FILE (JSON lines of {\"text\": ..., \"label\": ...}) "
@@ -128,7 +128,8 @@ def _localize_auto(args: argparse.Namespace, base: WeightsSource, tv: TaskVector
     folder = Path(args.finetuned)
     if not (folder / "config.json").is_file():
         raise SkillbankError("--sparsity auto needs --finetuned to be a Hugging Face classifier folder (with its tokenizer).")
-    probe = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True).eval()
+    probe = AutoModelForSequenceClassification.from_pretrained(
+        require_safetensors(folder), local_files_only=True, use_safetensors=True).eval()
     apply_delta(probe, load_state_dict(base), {})  # the base with the finetuned head: where each mask is tried
     split = read_jsonl(args.val_data, probe.config.num_labels)
     batches = list(task_loader(split, _tokenizer(folder, args.base), max_length=args.max_length, batch_size=64))
@@ -161,10 +162,12 @@ def _base_encoder(base: str):  # noqa: ANN202 - a transformers model
 
     from skillbank.pull import resolve_model
 
+    from skillbank.weights import require_safetensors
+
     folder = resolve_model(base)
     if not (Path(folder) / "config.json").is_file():
         raise SkillbankError(f"routing needs --base to be a Hugging Face model folder (with config.json), not {base}.")
-    return AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
+    return AutoModel.from_pretrained(require_safetensors(folder), local_files_only=True, use_safetensors=True).eval()
 
 
 def _with_routing(args: argparse.Namespace, skill: Skill, data: str) -> Skill:

@@ -50,10 +50,11 @@ def load_model(model: nn.Module | str, num_labels: int | None = None) -> nn.Modu
     from transformers import AutoModelForSequenceClassification
 
     from skillbank.pull import resolve_model
+    from skillbank.weights import require_safetensors
 
-    model = resolve_model(model)
+    model = require_safetensors(resolve_model(model))
     extra = {} if num_labels is None else {"num_labels": num_labels}
-    return AutoModelForSequenceClassification.from_pretrained(model, local_files_only=True, **extra)
+    return AutoModelForSequenceClassification.from_pretrained(model, local_files_only=True, use_safetensors=True, **extra)
 
 
 class MaskLearner(pl.LightningModule):

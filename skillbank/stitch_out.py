@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -12,6 +17,7 @@ from torch import nn
 from skillbank.bank import SkillBank, check_skill_name
 from skillbank.errors import SkillbankError
 from skillbank.overlap import OverlapRule, get_rule
+from skillbank.skill import Skill
 from skillbank.stitcher import Stitcher
 
 __all__ = ["export_skill", "load_base_model", "stitch_to_folder"]
@@ -22,11 +28,13 @@ def load_base_model(base: str | Path) -> nn.Module:
     import transformers
     from transformers.utils import logging as hf_logging
 
+    from skillbank.weights import require_safetensors
+
     hf_logging.set_verbosity_error()
-    config = transformers.AutoConfig.from_pretrained(base)
+    config = transformers.AutoConfig.from_pretrained(require_safetensors(base), local_files_only=True)
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
-    return (cls or transformers.AutoModel).from_pretrained(base).eval()
+    return (cls or transformers.AutoModel).from_pretrained(base, local_files_only=True, use_safetensors=True).eval()
 
 
 def _model_card(bank: SkillBank, names: Sequence[str], base: str | Path, rule: OverlapRule) -> str:
@@ -69,6 +77,32 @@ def _check_out(out: Path) -> None:
         raise SkillbankError(f"--out {out} already exists and is not an empty directory; pick a new folder.")
 
 
+@contextmanager
+def _building(out: Path) -> Iterator[Path]:
+    """A fresh sibling folder to build ``out`` in, renamed onto ``out`` when the block succeeds and removed otherwise.
+
+    The rename is atomic and exclusive: it succeeds only while ``out`` is missing
+    or an empty folder, so two runs into one folder never mix, and a killed run
+    leaves a ``.<out>.partial-…`` sibling, never an ``out`` that loads as complete.
+    """
+    _check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, out)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise SkillbankError(f"--out {out} was filled by another run while this one worked; nothing of this "
+                                     "run was kept. Pick a new folder.") from None
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def stitch_to_folder(
     base: str | Path,
     bank: SkillBank,
@@ -105,17 +139,17 @@ def stitch_to_folder(
         stitcher = Stitcher(model, bank=bank, rule=rule)
     for name in progress(names):
         stitcher.add(name)
-    out.mkdir(parents=True, exist_ok=True)
-    if isinstance(model, nn.Module):
-        model.save_pretrained(out)
-    else:
-        save_file({k: v.contiguous() for k, v in model.items()}, str(out / "model.safetensors"))
-    (out / "heads").mkdir(exist_ok=True)
-    for name, head in stitcher.heads.items():
-        if head:
-            target = out / "heads" / f"{check_skill_name(name)}.safetensors"  # no separators: stays in out/heads
-            save_file({k: v.contiguous().clone() for k, v in head.items()}, str(target))
-    (out / "README.md").write_text(_model_card(bank, names, base, rule))
+    with _building(out) as folder:
+        if isinstance(model, nn.Module):
+            model.save_pretrained(folder)
+        else:
+            save_file({k: v.contiguous() for k, v in model.items()}, str(folder / "model.safetensors"))
+        (folder / "heads").mkdir()
+        for name, head in stitcher.heads.items():
+            if head:
+                target = folder / "heads" / f"{check_skill_name(name)}.safetensors"  # no separators: stays in heads/
+                save_file({k: v.contiguous().clone() for k, v in head.items()}, str(target))
+        (folder / "README.md").write_text(_model_card(bank, names, base, rule))
     return out
 
 
@@ -135,7 +169,7 @@ def export_skill(base: str | Path, bank: SkillBank, name: str, out: str | Path) 
     import transformers
 
     from skillbank.pull import resolve_model
-    from skillbank.weights import align_names
+    from skillbank.weights import align_names, require_safetensors
 
     out = Path(out)
     _check_out(out)
@@ -145,7 +179,8 @@ def export_skill(base: str | Path, bank: SkillBank, name: str, out: str | Path) 
         raise SkillbankError(f"--base {base} is not a model folder; export needs the base's save_pretrained folder.")
     labels = _labels_of(skill.head)
     if labels is not None:
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=labels).eval()
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            require_safetensors(base_path), num_labels=labels, local_files_only=True, use_safetensors=True).eval()
     else:
         model = load_base_model(base_path)
     stitcher = Stitcher(model, base_path, bank=bank)
@@ -160,14 +195,18 @@ def export_skill(base: str | Path, bank: SkillBank, name: str, out: str | Path) 
             if params[dst].shape != skill.head[src].shape:
                 raise SkillbankError(f"head tensor {src!r} {tuple(skill.head[src].shape)} does not fit {dst!r} {tuple(params[dst].shape)}.")
             params[dst].copy_(skill.head[src])
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    with _building(out) as folder:
+        model.save_pretrained(folder)
+        (folder / "README.md").write_text(_export_card(base, bank, name, skill))
+    return out
+
+
+def _export_card(base: str | Path, bank: SkillBank, name: str, skill: Skill) -> str:
     meta = skill.metadata
-    (out / "README.md").write_text("\n".join([
+    return "\n".join([
         "---", "library_name: transformers", "tags: [skillbank, localize-and-stitch]", "---", "",
         f"# {_md(meta.name)}: a single-task model exported from skillbank", "",
         f"Base {_md(base)} plus the skill {_md(meta.name)} (task {_md(meta.task)}, {_md(meta.method)} mask, "
         f"{skill.num_entries:,} of {skill.num_shared:,} entries = {skill.num_entries / skill.num_shared:.2%}) "
         f"and its own head, from the bank {_md(bank.path)}. Source: {_md(_source(bank, name))}.", "",
-    ]))
-    return out
+    ])

@@ -30,6 +30,7 @@ __all__ = [
     "fingerprint_from_digests",
     "is_float",
     "load_state_dict",
+    "require_safetensors",
     "tensor_digest",
 ]
 
@@ -77,12 +78,28 @@ def load_state_dict(source: WeightsSource) -> StateDict:
             for shard in shards:
                 state.update(load_file(str(path / shard)))
             return state
-        found = sorted(p.name for p in path.iterdir())[:10]
-        raise SkillbankError(
-            f"{path} holds no model.safetensors or model.safetensors.index.json (found: {found}); "
-            "save the model with save_pretrained(...) or pass a .safetensors file."
-        )
+        require_safetensors(path)  # raises, saying whether only pickled weights are there
     raise SkillbankError(f"no model at {path}: the path does not exist.")
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def require_safetensors(folder: str | Path, stem: str = "model") -> Path:
+    """``folder`` if it holds ``<stem>.safetensors`` (or its shard index), else a :class:`SkillbankError`.
+
+    Checked before any Hugging Face loader sees the folder, so a folder with only
+    pickled weights is refused before anything is deserialized.
+    """
+    folder = Path(folder)
+    if (folder / f"{stem}.safetensors").is_file() or (folder / f"{stem}.safetensors.index.json").is_file():
+        return folder
+    found = sorted(p.name for p in folder.iterdir())[:10] if folder.is_dir() else []
+    pickled = [n for n in found if n.endswith(_PICKLE_SUFFIXES)]
+    why = (f"it holds only pickled weights ({', '.join(pickled)}), and skillbank never unpickles (unpickling runs "
+           "arbitrary code)" if pickled else f"found: {found}")
+    raise SkillbankError(f"{folder} has no {stem}.safetensors: {why}. Re-save it with "
+                         "save_pretrained(folder, safe_serialization=True) from a trusted copy.")
 
 
 def _candidate_prefixes(names: Iterable[str]) -> set[str]:

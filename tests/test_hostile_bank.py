@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import make_skill
-from skillbank import BankError, Skill, SkillBank, SkillFileError
+from skillbank import BankError, Skill, SkillBank, SkillbankError, SkillFileError
 from skillbank.bank import _manifest_bytes, _manifest_checksum
 from skillbank.cli import main
 
@@ -243,3 +243,85 @@ def test_a_skill_that_overflows_a_half_precision_model_is_refused_and_the_model_
     assert all(torch.equal(before[k], v) for k, v in live.state_dict().items()) and stitcher.stitched == []
     stitcher.add(skill16("fine", 2))  # the stitcher still works
     assert stitcher.stitched == ["fine"]
+
+
+def _stitch_args(tmp_path, out: str) -> list[str]:  # noqa: ANN001
+    return ["stitch", "--base", str(tmp_path / "base"), "--bank", str(tmp_path / "bank"), "--out", str(tmp_path / out)]
+
+
+@pytest.fixture
+def stitchable(tmp_path, base_model):  # noqa: ANN001, ANN201
+    base_model.save_pretrained(tmp_path / "base")
+    bank = SkillBank(tmp_path / "bank")
+    bank.add(make_skill(base_model, "a", seed=1))
+    bank.add(make_skill(base_model, "b", seed=2))
+    return tmp_path
+
+
+def test_a_failed_stitch_leaves_no_output_folder_and_no_partial_one(stitchable, monkeypatch, capsys):
+    from skillbank import stitch_out
+
+    def disk_full(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(stitch_out, "save_file", disk_full)
+    monkeypatch.setattr(stitch_out.Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        main(_stitch_args(stitchable, "out"))
+    assert sorted(p.name for p in stitchable.iterdir()) == ["bank", "base"]  # neither out nor .out.partial-…
+
+
+def test_two_stitches_into_one_folder_never_mix(stitchable, monkeypatch, capsys):
+    from skillbank import stitch_out
+
+    out = stitchable / "out"
+    card = stitch_out._model_card
+
+    def other_run_finishes_while_this_one_writes(*args):  # noqa: ANN002, ANN202
+        (out / "heads").mkdir(parents=True)
+        (out / "heads" / "theirs.safetensors").write_bytes(b"x")
+        return card(*args)
+
+    monkeypatch.setattr(stitch_out, "_model_card", other_run_finishes_while_this_one_writes)
+    with pytest.raises(SkillbankError, match="was filled by another run while this one worked; nothing of this run was kept"):
+        stitch_out.stitch_to_folder(stitchable / "base", SkillBank(stitchable / "bank"), ["a", "b"], out)
+    assert sorted(p.name for p in out.rglob("*")) == ["heads", "theirs.safetensors"]
+    assert not list(stitchable.glob(".out.partial-*"))
+
+
+def test_a_killed_stitch_never_leaves_a_folder_that_loads_as_complete(stitchable, capsys):
+    (stitchable / ".out.partial-0123").mkdir()  # what a SIGKILL mid-write leaves: a hidden sibling, not out
+    (stitchable / ".out.partial-0123" / "config.json").write_text("{}")
+    assert not (stitchable / "out").exists()
+    assert main(_stitch_args(stitchable, "out")) == 0  # a re-run is not refused
+    assert {"config.json", "model.safetensors", "README.md", "heads"} <= {p.name for p in (stitchable / "out").iterdir()}
+    assert main(["export", str(stitchable / "bank"), "a", "--base", str(stitchable / "base"), "--out", str(stitchable / "one")]) == 0
+    assert (stitchable / "one" / "README.md").is_file() and not list(stitchable.glob(".one.partial-*"))
+
+
+# -- no pickle -----------------------------------------------------------------------------------------------
+
+
+def test_a_folder_with_only_pickled_weights_is_refused_before_anything_is_deserialized(stitchable, monkeypatch, capsys):
+    import torch as torch_module
+
+    pickled = stitchable / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((stitchable / "base" / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not even a pickle")
+
+    def never(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch_module, "load", never)
+    for command in (["stitch", "--base", str(pickled), "--bank", str(stitchable / "bank"), "--out", str(stitchable / "o")],
+                    ["export", str(stitchable / "bank"), "a", "--base", str(pickled), "--out", str(stitchable / "o")]):
+        assert main(command) == 2
+        assert "holds only pickled weights (pytorch_model.bin), and skillbank never unpickles" in capsys.readouterr().err
+    adapter = stitchable / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "task_type": "SEQ_CLS"}')
+    (adapter / "adapter_model.bin").write_bytes(b"x")
+    assert main(["localize", "--base", str(stitchable / "base"), "--finetuned", str(adapter), "--bank",
+                 str(stitchable / "bank"), "--name", "c"]) == 2
+    assert "no adapter_model.safetensors: it holds only pickled weights (adapter_model.bin)" in capsys.readouterr().err
