@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from skillbank.bank import SkillBank
-from skillbank.errors import BaseMismatchError, StitchError
+from skillbank.errors import BaseMismatchError, SkillFileError, SkillNameError, StitchError
 from skillbank.heads import use_head
 from skillbank.overlap import OverlapRule, get_rule
 from skillbank.skill import Region, Skill
@@ -333,12 +333,35 @@ class Stitcher:
 
     # -- internals ---------------------------------------------------------
 
+    def reset(self) -> None:
+        """Put the base back, bit for bit, in every entry any skill touched, and forget every stitched skill.
+
+        Always possible, whatever happened to the bank since: the base values of
+        touched entries live in the stitcher. The way out when a skill cannot be
+        removed exactly because its copy in the bank changed or vanished.
+        """
+        with torch.no_grad():
+            for name, (indices, values) in self.base_values().items():
+                tensor = self._tensors[name]
+                tensor.data.view(-1).index_copy_(0, indices.to(tensor.device), values.to(tensor.device))
+        self._union = None
+        self._stitched.clear()
+
     def _banked(self, name: str, sha256: str | None) -> Skill:
         """Skill ``name`` as it was stitched, read from the bank again (checked by sha256)."""
         bank = self._require_bank(name)
-        if bank.entry(name).sha256 != sha256:
-            raise StitchError(f"skill {name!r} changed in the bank since it was stitched; cannot remove it exactly.")
-        return bank.get(name)
+        way_out = ("the stitcher cannot subtract it exactly; stitcher.reset() puts the base back (then add the "
+                   "skills you want again), or keep Skill objects: Stitcher.add(bank.get(name)) keeps the skill in memory.")
+        try:
+            entry = bank.entry(name)
+        except SkillNameError:
+            raise StitchError(f"skill {name!r} was removed from the bank since it was stitched: {way_out}") from None
+        if entry.sha256 != sha256:
+            raise StitchError(f"skill {name!r} changed in the bank since it was stitched: {way_out}")
+        try:
+            return bank.get(name)
+        except SkillFileError as exc:
+            raise StitchError(f"skill {name!r} can no longer be read from the bank ({exc}): {way_out}") from None
 
     def _require_bank(self, name: str) -> SkillBank:
         if self.bank is None:

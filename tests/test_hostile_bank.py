@@ -325,3 +325,32 @@ def test_a_folder_with_only_pickled_weights_is_refused_before_anything_is_deseri
     assert main(["localize", "--base", str(stitchable / "base"), "--finetuned", str(adapter), "--bank",
                  str(stitchable / "bank"), "--name", "c"]) == 2
     assert "no adapter_model.safetensors: it holds only pickled weights (adapter_model.bin)" in capsys.readouterr().err
+
+
+# -- a live stitcher can always undo ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("what", ["removed", "replaced", "deleted file"])
+def test_a_skill_whose_bank_copy_changed_is_refused_clearly_and_reset_restores_the_base(bank, base_model, what):
+    from conftest import live_copy
+    from skillbank import StitchError, Stitcher
+
+    live = live_copy(base_model)
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+    stitcher = Stitcher(live, bank=bank)
+    stitcher.add("a")
+    stitcher.add("b")
+    if what == "removed":
+        bank.remove("a")
+    elif what == "replaced":
+        bank.remove("a")
+        bank.add(make_skill(base_model, "a", seed=9))
+    else:
+        (bank.path / "a.safetensors").unlink()
+    with pytest.raises(StitchError, match=r"skill 'a' .*cannot subtract it exactly; stitcher.reset\(\) puts the base back"):
+        stitcher.remove("a")
+    assert stitcher.stitched == ["a", "b"]
+    stitcher.reset()
+    assert stitcher.stitched == [] and all(torch.equal(before[k], v) for k, v in live.state_dict().items())
+    stitcher.add("b")  # and it stitches again
+    assert stitcher.stitched == ["b"]
