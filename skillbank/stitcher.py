@@ -468,19 +468,28 @@ class Stitcher:
             flats = [(self._tensors[dst].data.view(-1), local[start : start + n], start, n) for dst, start, n in batch.spans]
             current = torch.cat([flat.index_select(0, idx).double() for flat, idx, _, _ in flats])
             plan = self._union.plan(positions, current, values, 1 if adding else -1)
-            cast = [plan.merged[start : start + n].to(flat.dtype) for flat, _, start, n in flats]
-            for (dst, _, _), part in zip(batch.spans, cast):
-                if part.is_floating_point() and not bool(torch.isfinite(part).all()):
-                    raise StitchError(f"stitching {batch.name!r} would write values that overflow {part.dtype} in {dst!r} "
-                                      "(NaN/Inf); the model is unchanged. Load the model in a wider dtype (float32).")
+            self._check_fits(batch, plan.merged, [flat.dtype for flat, _, _, _ in flats])
             try:
-                for (flat, idx, _, _), part in zip(flats, cast):
-                    flat.index_copy_(0, idx, part)
+                for flat, idx, start, n in flats:
+                    flat.index_copy_(0, idx, plan.merged[start : start + n].to(flat.dtype))
             except BaseException:  # an interrupt or OOM mid-write: put every touched entry back
                 for flat, idx, start, n in flats:
                     flat.index_copy_(0, idx, current[start : start + n].to(flat.dtype))
                 raise
             self._union.commit(plan)
+
+    def _check_fits(self, batch: _Batch, merged: Tensor, dtypes: list[torch.dtype]) -> None:
+        """Refuse values that are NaN or overflow the dtype they are written in (one vector op when dtypes agree)."""
+        if len(set(dtypes)) == 1:
+            if bool((merged.abs() <= torch.finfo(dtypes[0]).max).all()):
+                return
+            parts = [(dst, merged[start : start + n], dtypes[0]) for dst, start, n in batch.spans]
+        else:
+            parts = [(dst, merged[start : start + n], dtype) for (dst, start, n), dtype in zip(batch.spans, dtypes)]
+        for dst, values, dtype in parts:
+            if not bool((values.abs() <= torch.finfo(dtype).max).all()):
+                raise StitchError(f"stitching {batch.name!r} would write values that overflow {dtype} in {dst!r} "
+                                  "(NaN/Inf); the model is unchanged. Load the model in a wider dtype (float32).")
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.stitched)
