@@ -9,8 +9,9 @@ from the dataless size) → context (learned masks in arrival order, each
 learned against the model holding the earlier ones) → evaluate (finetuned,
 base + head, linear probe, averaging, task arithmetic, TIES, consensus, dataless
 and learned L&S under each overlap rule; order independence) → arrivals (tasks
-arriving one at a time: L&S, running TA/TIES, MagMax, OPCM) → curve (sparsity vs
-recovery) → report (markdown table + PNG plots via ``skillbank plot``).
+arriving one at a time: L&S, running TA/TIES, MagMax, OPCM) → switch (every
+request answered by its own skill from one live model: task given, or routed by
+nearest centroid of the base's features) → curve (sparsity vs recovery) → report (markdown table + PNG plots via ``skillbank plot``).
 Everything runs on the CPU by default (``--device cuda`` uses a GPU).
 """
 
@@ -39,9 +40,11 @@ from skillbank.demo import _quiet as quiet_demo
 from skillbank.fewshot import balanced_indices
 from skillbank.mask_learner import MaskLearner
 from skillbank.pull import package_root, pull
+from skillbank.routing import SkillRouter, mean_pooled_features, routing_centroids
 from skillbank.text_tasks import TASKS, TextTask, load_task, task_loader
 
-STAGES = ("pull", "finetune", "localize", "auto", "context", "evaluate", "arrivals", "lora", "pooler", "curve", "report")
+STAGES = ("pull", "finetune", "localize", "auto", "context", "evaluate", "arrivals", "switch", "lora", "pooler", "curve",
+          "report")
 CURVE = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 #: The banks the evaluate stage stitches when they hold every task (see the localize, auto and context stages).
 BANKS = ("dataless", "learned", "dataless-auto", "learned-auto", "learned-context")
@@ -432,7 +435,9 @@ def stage_arrivals(b: Bench) -> None:
                              ("learned", "L&S learned 1%")):
         folder = b.work / "banks" / bank_name
         if folder.is_dir() and all(n in SkillBank(folder, create=False) for n in order):
-            methods[label] = lambda folder=folder: stitched_runs(SkillBank(folder, create=False))
+            for rule in ("mean", *a.rules):
+                methods[label if rule == "mean" else f"{label} [{rule}]"] = (
+                    lambda folder=folder, rule=rule: stitched_runs(SkillBank(folder, create=False), rule))
     ta, ti = scales.get("task arithmetic", 0.5), scales.get("TIES (top-20%)", 1.0)
     methods[f"running TA (λ={ta:g})"] = lambda: merged_runs(arrivals(lambda ts: task_arithmetic(ts, ta), shared_taus()))
     methods[f"running TIES (λ={ti:g})"] = lambda: merged_runs(arrivals(lambda ts: ties(ts, 0.2, ti), shared_taus()))
@@ -455,6 +460,56 @@ def stage_arrivals(b: Bench) -> None:
         m = arrival_metrics(data["methods"][label], order, data["finetuned"])
         print(f"  {label:<28} average " + " ".join(f"{x:.3f}" for x in m["average"]) + f"  final BWT {m['bwt'][-1]:+.3f}"
               f"  ({time.perf_counter() - start:.0f} s)")
+
+
+def stage_switch(b: Bench) -> None:
+    """Every request answered by its own skill from one live model (--switch-bank): switched (the task is given)
+    and routed (it is not: nearest centroid of the base's features of each task's few-shot examples)."""
+    results = b.read("results.json")
+    method = b.args.switch_bank
+    live = b.classifier()
+    base = b.base_state(live)
+    bank = SkillBank(b.work / "banks" / method, create=False)
+    stitcher = Stitcher(live, base, bank=bank)
+    start = time.perf_counter()
+    router = SkillRouter({n: routing_centroids(live, _fewshot_loader(b, n, b.args.seed)) for n in b.tasks})
+    routed: dict[str, list[str]] = {}
+    with torch.no_grad():
+        for name in b.tasks:  # one forward of the base per batch: the routing cost
+            routed[name] = [r for batch in b.test(name) for r in router.route(mean_pooled_features(live, _moved(batch, b)))]
+    route_seconds = time.perf_counter() - start
+    switched, routed_acc, router_acc, switch_ms = {}, {}, {}, []
+    for name in b.tasks:
+        tick = time.perf_counter()
+        with stitcher.active(name) as model:
+            switch_ms.append(1e3 * (time.perf_counter() - tick))
+            correct = torch.cat([_correct(model, _moved(batch, b)) for batch in b.test(name)])
+        right = torch.tensor([r == name for r in routed[name]])
+        switched[name] = float(correct.float().mean())
+        routed_acc[name] = float((correct & right).float().mean())  # a misrouted request counts as wrong
+        router_acc[name] = float(right.float().mean())
+    results[f"L&S {method}, switched (task given)"] = switched
+    results[f"L&S {method}, routed (task not given)"] = routed_acc
+    results.setdefault("router accuracy", {})[method] = router_acc
+    b.write("results.json", results)
+    b.timed(f"switch routing features {method}", route_seconds)
+    confusion = {n: {m: routed[n].count(m) for m in b.tasks if routed[n].count(m)} for n in b.tasks}
+    b.write("routing.json", {"bank": method, "confusion": confusion, "switch_ms": switch_ms})
+    ft = results["finetuned"]
+    for label, accs in (("switched", switched), ("routed", routed_acc)):
+        print(f"  {label:<9} normalized {sum(accs[n] / ft[n] for n in b.tasks) / len(b.tasks):.3f}  "
+              + " ".join(f"{n} {accs[n]:.3f}" for n in b.tasks))
+    print("  router accuracy " + " ".join(f"{n} {router_acc[n]:.3f}" for n in b.tasks) + f"  ({route_seconds:.0f} s)")
+    print(f"  switches (base -> skill -> base inside active()): median {sorted(switch_ms)[len(switch_ms) // 2]:.1f} ms")
+
+
+def _moved(batch: dict, b: Bench) -> dict:
+    return {k: v.to(b.device) for k, v in batch.items()}
+
+
+def _correct(model: nn.Module, batch: dict) -> torch.Tensor:
+    labels = batch["labels"]
+    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits.argmax(-1) == labels
 
 
 def _alone(b: Bench, live: nn.Module, base: dict, bank: SkillBank) -> dict[str, float]:
@@ -634,12 +689,16 @@ def stage_report(b: Bench) -> None:
              "TIES (top-20%)", "consensus (TALL, k=2)"]
     for bank in BANKS:
         order += [f"L&S {bank}, skill alone", f"L&S {bank}"] + [f"L&S {bank} [{r}]" for r in ("sum", "sign_mean")]
+        order += [f"L&S {bank}, switched (task given)", f"L&S {bank}, routed (task not given)"]
     order += ["L&S dataless, pooler as head, skill alone", "L&S dataless, pooler as head"]
     for key in [k for k in order if k in results]:
         accs = results[key]
         norm = sum(accs[t] / ft[t] for t in b.tasks) / len(b.tasks)
         lines.append(f"| {key} | " + " | ".join(f"{accs[t]:.3f}" for t in b.tasks) + f" | {_mean(accs, b.tasks):.3f} | {norm:.3f} |")
     print("\n".join(lines))
+    for method, accs in results.get("router accuracy", {}).items():
+        print(f"router accuracy ({method}; nearest centroid of the base's features of {b.args.shots} shots per class): "
+              + ", ".join(f"{t} {accs[t]:.3f}" for t in b.tasks) + f"; mean {_mean(accs, b.tasks):.3f}")
     banks = [m for m in BANKS if (b.work / "banks" / m).is_dir()]
     for method in banks:
         bank = SkillBank(b.work / "banks" / method, create=False)
@@ -705,8 +764,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto stage: learned masks also try sizes below the dataless choice (one more mask learning each)")
     p.add_argument("--context-rule", default="mean", help="context stage: the overlap rule masks are learned against")
     p.add_argument("--owned-penalty", type=float, default=0.0, help="context stage: penalty on entries earlier skills own")
+    p.add_argument("--switch-bank", default="learned-auto", choices=BANKS,
+                   help="switch stage: the bank whose skills answer each request alone (default: %(default)s)")
     p.add_argument("--rules", type=lambda s: [r for r in s.split(",") if r], default=["sign_mean"],
-                   help="evaluate stage: overlap rules besides the mean to stitch every bank with (default: sign_mean)")
+                   help="evaluate and arrivals stages: overlap rules besides the mean to stitch every bank with (default: sign_mean)")
     p.add_argument("--skip-rows", type=lambda s: set(s.split(";")), default=set(),
                    help="evaluate stage: semicolon-separated rows not to compute (e.g. 'linear probe;consensus (TALL, k=2)')")
     p.add_argument("--arrival-test-size", type=int, default=500, help="arrivals stage: test examples per task")

@@ -1,0 +1,159 @@
+"""Switching one live model between skills at RoBERTa-base size, beside a dense reload and PEFT's LoRA hot-swap.
+
+    python benchmarks/bench_switch.py [--device cuda] [--repeats 21] [--out switch.json]
+
+A RoBERTa-base-sized model (about 125M parameters, random init from the default
+``RobertaConfig``) and random skills at 1% and 5% (uniform per tensor, as in
+``bench_stitch.py``). Measured in one run, median of ``--repeats``:
+
+* **skill switch**: the live model holds skill A; ``Stitcher.switch([B])``
+  rewrites the union of A's and B's masks (skills in memory, and read from the
+  bank: one file read + parse per switch);
+* **dense reload**: ``load_state_dict`` of a whole finetuned checkpoint read from
+  a safetensors file (what serving a task with its own finetune costs);
+* **PEFT hot-swap**: ``peft.utils.hotswap.hotswap_adapter`` of a LoRA adapter
+  (every linear layer of the encoder, rank chosen so the adapter file is about
+  the skill file's size) read from its folder; and ``set_adapter`` between two
+  adapters already loaded.
+
+Memory for N tasks served from one device (N = 6 and 100), from the measured
+file sizes: base + N skills, N dense finetunes, base + N LoRA adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_stitch import make_base, random_skill, sync  # noqa: E402
+
+from skillbank import SkillBank, Stitcher, base_fingerprint  # noqa: E402
+
+LINEAR_MODULES = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+def median_ms(fn: Callable[[], None], repeats: int, device: str) -> float:
+    """Median wall time of ``fn`` in milliseconds (after one warm-up call)."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def lora_rank_for(model: torch.nn.Module, target_bytes: int) -> int:
+    """The LoRA rank (float32, every encoder linear layer) whose adapter holds about ``target_bytes``."""
+    per_rank = sum(m.in_features + m.out_features for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and "encoder" in n and n.endswith(tuple(LINEAR_MODULES)))
+    return max(1, round(target_bytes / (4 * per_rank)))
+
+
+def bench(device: str, repeats: int, work: Path) -> dict:
+    model = make_base(device)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    fingerprint = base_fingerprint(base)
+    dense = work / "finetuned.safetensors"
+    save_file({k: (v + 1e-3 * torch.randn_like(v)).cpu().contiguous() for k, v in base.items()}, dense)
+    dense_bytes = dense.stat().st_size
+    out: dict = {"device": str(torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"),
+                 "parameters": sum(v.numel() for v in base.values()), "dense checkpoint bytes": dense_bytes,
+                 "dense reload ms": median_ms(lambda: model.load_state_dict(load_file(dense, device=device), strict=False),
+                                              max(3, repeats // 4), device)}
+    model.load_state_dict(base, strict=False)
+    print(f"dense reload of a {dense_bytes / 1e6:.0f} MB checkpoint: {out['dense reload ms']:.0f} ms", flush=True)
+    for sparsity in (0.01, 0.05):
+        bank = SkillBank(work / f"bank-{sparsity:g}")
+        skills = [random_skill(base, fingerprint, f"s{i}", seed=i, sparsity=sparsity) for i in range(2)]
+        for skill in skills:
+            bank.add(skill)
+        skill_bytes = bank.entry("s0").bytes
+        stitcher = Stitcher(model, base, bank=bank)
+        state = {"at": 0}
+
+        def flip(source: list) -> None:
+            state["at"] ^= 1
+            stitcher.switch([source[state["at"]]])
+
+        stitcher.switch([skills[0]])
+        in_memory = median_ms(lambda: flip(skills), repeats, device)
+        from_bank = median_ms(lambda: flip(["s0", "s1"]), repeats, device)
+        stitcher.switch([])
+        lora = bench_lora(model, skill_bytes, work / f"lora-{sparsity:g}", repeats, device)
+        out[f"{sparsity:g}"] = {"skill bytes": skill_bytes, "switch ms (skills in memory)": in_memory,
+                                "switch ms (read from the bank)": from_bank, **lora}
+        print(f"{sparsity:.0%} skills ({skill_bytes / 1e6:.1f} MB): switch {in_memory:.1f} ms in memory, "
+              f"{from_bank:.1f} ms from the bank; LoRA r={lora['lora rank']} ({lora['lora bytes'] / 1e6:.1f} MB): "
+              f"hot-swap {lora['peft hotswap ms']:.1f} ms, set_adapter {lora['peft set_adapter ms']:.2f} ms", flush=True)
+    out["memory bytes"] = {str(n): {"base + N skills (1%)": dense_bytes + n * out["0.01"]["skill bytes"],
+                                    "base + N skills (5%)": dense_bytes + n * out["0.05"]["skill bytes"],
+                                    "N dense finetunes": n * dense_bytes,
+                                    "base + N LoRA (1%-sized)": dense_bytes + n * out["0.01"]["lora bytes"]}
+                           for n in (6, 100)}
+    return out
+
+
+def bench_lora(model: torch.nn.Module, target_bytes: int, folder: Path, repeats: int, device: str) -> dict:
+    """Hot-swap and set_adapter times of LoRA adapters about ``target_bytes`` large."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.hotswap import hotswap_adapter
+
+    rank = lora_rank_for(model, target_bytes)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LINEAR_MODULES, init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    for i in range(2):
+        torch.manual_seed(i)
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.data.normal_(0, 1e-3)
+        peft_model.save_pretrained(folder / f"a{i}")
+    size = sum(f.stat().st_size for f in (folder / "a0").glob("*.safetensors"))
+    state = {"at": 0}
+
+    def swap() -> None:
+        state["at"] ^= 1
+        hotswap_adapter(peft_model, str(folder / f"a{state['at']}"), adapter_name="default", torch_device=device)
+
+    hot = median_ms(swap, repeats, device)
+    peft_model.load_adapter(str(folder / "a1"), adapter_name="other")
+    names = ["default", "other"]
+
+    def select() -> None:
+        state["at"] ^= 1
+        peft_model.set_adapter(names[state["at"]])
+
+    set_ms = median_ms(select, repeats, device)
+    peft_model.unload()  # the plain model back, for the next size
+    return {"lora rank": rank, "lora bytes": size, "peft hotswap ms": hot, "peft set_adapter ms": set_ms}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=21, help="timed repeats per figure (median; default 21)")
+    parser.add_argument("--out", help="write the figures as JSON here")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    with tempfile.TemporaryDirectory(prefix="bench-switch-") as work:
+        result = bench(args.device, args.repeats, Path(work))
+    for n, row in result["memory bytes"].items():
+        print(f"N = {n}: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in row.items()))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
