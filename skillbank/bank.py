@@ -215,10 +215,20 @@ class SkillBank:
                     f"skill {skill.name!r} was localized on another base model (fingerprint "
                     f"{skill.metadata.base_fingerprint[:12]}…, bank {base[:12]}…); use a bank for that base."
                 )
-            atomic_write(self.path / entry.file, data)
             manifest["base_fingerprint"] = skill.metadata.base_fingerprint
             manifest["skills"].append(asdict(entry))
-            self._write_manifest(manifest)
+            try:
+                atomic_write(self.path / entry.file, data)
+                try:
+                    self._write_manifest(manifest)
+                except BaseException:
+                    _unlink_regular(self.path / entry.file)  # no orphan: the skill was never acknowledged
+                    raise
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise BankError(f"no space left to add {skill.name!r} ({len(data):,} bytes) to {self.path}; the bank "
+                                    "is unchanged. Free space (e.g. skillbank remove an old skill) and add it again.") from None
+                raise
         return entry
 
     def remove(self, name: str) -> None:

@@ -354,3 +354,23 @@ def test_a_skill_whose_bank_copy_changed_is_refused_clearly_and_reset_restores_t
     assert stitcher.stitched == [] and all(torch.equal(before[k], v) for k, v in live.state_dict().items())
     stitcher.add("b")  # and it stitches again
     assert stitcher.stitched == ["b"]
+
+
+def test_a_full_disk_while_adding_is_a_clear_error_and_leaves_no_orphan(bank, base_model, monkeypatch):
+    import errno
+
+    from skillbank import bank as bank_module
+
+    real = bank_module.atomic_write
+
+    def full_for_the_manifest(path, data):  # noqa: ANN001, ANN202 - room for the skill file, not for the manifest
+        if path.name == "manifest.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(bank_module, "atomic_write", full_for_the_manifest)
+    with pytest.raises(BankError, match="no space left to add 'c'.*the bank is unchanged. Free space"):
+        bank.add(make_skill(base_model, "c", seed=3))
+    monkeypatch.undo()
+    assert not (bank.path / "c.safetensors").exists() and bank.names() == ["a", "b"]
+    assert bank.verify() == {"a": "ok", "b": "ok"}
