@@ -68,6 +68,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _localize(args: argparse.Namespace) -> int:
     from skillbank.adapters import is_adapter_folder
     from skillbank.localize import localize_dataless
+    from skillbank.pull import resolve_model
     from skillbank.task_vector import task_vector
     from skillbank.weights import load_state_dict
 
@@ -91,7 +92,9 @@ def _localize(args: argparse.Namespace) -> int:
         else:
             bar.set_postfix_str("top-k")
             skill = localize_dataless(tv, args.sparsity, **fields)
-        routing_data = args.routing_data or args.val_data
+        # --val-data doubles as routing data when the base is a model folder (routing needs its encoder)
+        base_is_folder = (Path(resolve_model(str(args.base))) / "config.json").is_file()
+        routing_data = args.routing_data or (args.val_data if base_is_folder else None)
         if routing_data:
             bar.set_postfix_str("routing centroids")
             skill = _with_routing(args, skill, routing_data)
@@ -161,7 +164,6 @@ def _base_encoder(base: str):  # noqa: ANN202 - a transformers model
     from transformers import AutoModel
 
     from skillbank.pull import resolve_model
-
     from skillbank.weights import require_safetensors
 
     folder = resolve_model(base)
@@ -408,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--routing-data", default=None, metavar="FILE",
                    help="texts of the task (same JSON-lines format; labels give one centroid each) whose base features are "
                    "stored with the skill so `skillbank route` can pick it for requests that do not name their task "
-                   "(default: --val-data, when given). Needs --base to be a model folder.")
+                   "(default: --val-data, when given and --base is a model folder). Needs --base to be a model folder.")
     p.add_argument("--max-centroids", type=int, default=16, help="with routing data: centroids kept, one per label (default: 16)")
     p.add_argument("--max-length", type=int, default=128, help="with --val-data/--routing-data: tokens per text (default: 128)")
     p.add_argument("--value-dtype", choices=sorted(VALUE_DTYPES), default="float32",
