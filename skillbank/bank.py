@@ -44,6 +44,7 @@ _REQUIRED = {"name": str, "file": str, "bytes": int, "sha256": str}
 _SUMMARY = {"task": str, "method": str, "sparsity": (int, float), "entries": int, "value_dtype": str, "created": str,
             "metrics": dict}
 _MAX_TEXT = 4096
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def check_skill_name(name: str) -> str:
@@ -221,11 +222,12 @@ class SkillBank:
                 atomic_write(self.path / entry.file, data)
                 try:
                     self._write_manifest(manifest)
-                except BaseException:
-                    _unlink_regular(self.path / entry.file)  # no orphan: the skill was never acknowledged
+                except OSError as exc:
+                    if exc.errno in _NO_SPACE:  # the old manifest stands, without this skill: leave no orphan file
+                        _unlink_regular(self.path / entry.file)
                     raise
             except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                if exc.errno in _NO_SPACE:
                     raise BankError(f"no space left to add {skill.name!r} ({len(data):,} bytes) to {self.path}; the bank "
                                     "is unchanged. Free space (e.g. skillbank remove an old skill) and add it again.") from None
                 raise
