@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,13 +158,13 @@ class SkillHarvester(Callback):
         tv = task_vector(base, finetune, head_patterns=self.head_patterns)
         fields = dict(exclude=self.exclude, task=self.task, metrics=metrics, source=source, value_dtype=self.value_dtype)
         plain = finetune.weights if finetune.source else model
+        # the base with the finetuned head: copied once, for the routing features and the auto size search
+        base_probe = functools.cache(lambda: apply_delta(copy.deepcopy(plain), load_state_dict(base), {}).eval())
         centroids = None
         if self.routing is not None:  # before a learner may reset a merged copy to the base
-            probe = apply_delta(copy.deepcopy(plain), load_state_dict(base), {})  # the base's features are what routes
-            centroids = routing_centroids(probe, self.routing)
-            del probe
+            centroids = routing_centroids(base_probe(), self.routing)  # the base's features are what routes
         if self.sparsity == "auto":
-            skill = self._harvest_auto(trainer, plain, base, tv, fields)
+            skill = self._harvest_auto(trainer, plain, base, tv, fields, base_probe)
         elif self.method == "dataless":
             skill = localize_dataless(tv, self.sparsity, name=self.name, **fields)
         elif finetune.source:  # merged: already a copy the learner may reset to the base
@@ -183,14 +184,14 @@ class SkillHarvester(Callback):
         skill.metadata.source.update({**fields["source"], **tv.source})
         return skill
 
-    def _harvest_auto(self, trainer: pl.Trainer, model: torch.nn.Module, base: Any, tv: TaskVector, fields: dict) -> Skill:
+    def _harvest_auto(self, trainer: pl.Trainer, model: torch.nn.Module, base: Any, tv: TaskVector, fields: dict,
+                      base_probe: Callable[[], torch.nn.Module]) -> Skill:
         """The smallest dataless (then learned, searched from the dataless size) skill that keeps the target."""
         validation = self.validation if self.validation is not None else trainer.val_dataloaders
         if validation is None:
             raise SkillbankError("sparsity='auto' needs validation data: give the fit a validation dataloader, "
                                  "or SkillHarvester(validation=...).")
-        probe = apply_delta(copy.deepcopy(model), load_state_dict(base), {}).eval()  # the base, with the finetuned head
-        score = stitched_scorer(probe, validation)
+        score = stitched_scorer(base_probe(), validation)
         reference = score(localize_dataless(tv, 1.0, name=self.name, exclude=self.exclude))
         dataless, choice = search_sparsity(lambda s: localize_dataless(tv, s, name=self.name, **fields), score, reference,
                                            target=self.target_recovery, grid=self.grid)
