@@ -468,7 +468,7 @@ class Stitcher:
             flats = [(self._tensors[dst].data.view(-1), local[start : start + n], start, n) for dst, start, n in batch.spans]
             current = torch.cat([flat.index_select(0, idx).double() for flat, idx, _, _ in flats])
             plan = self._union.plan(positions, current, values, 1 if adding else -1)
-            self._check_fits(batch, plan.merged, [flat.dtype for flat, _, _, _ in flats])
+            self._check_fits(batch, plan.merged)
             try:
                 for flat, idx, start, n in flats:
                     flat.index_copy_(0, idx, plan.merged[start : start + n].to(flat.dtype))
@@ -478,16 +478,13 @@ class Stitcher:
                 raise
             self._union.commit(plan)
 
-    def _check_fits(self, batch: _Batch, merged: Tensor, dtypes: list[torch.dtype]) -> None:
+    def _check_fits(self, batch: _Batch, merged: Tensor) -> None:
         """Refuse values that are NaN or overflow the dtype they are written in (one vector op when dtypes agree)."""
-        if len(set(dtypes)) == 1:
-            if bool((merged.abs() <= torch.finfo(dtypes[0]).max).all()):
-                return
-            parts = [(dst, merged[start : start + n], dtypes[0]) for dst, start, n in batch.spans]
-        else:
-            parts = [(dst, merged[start : start + n], dtype) for (dst, start, n), dtype in zip(batch.spans, dtypes)]
-        for dst, values, dtype in parts:
-            if not bool((values.abs() <= torch.finfo(dtype).max).all()):
+        dtypes = [self._tensors[dst].dtype for dst, _, _ in batch.spans]
+        if len(set(dtypes)) == 1 and bool((merged.abs() <= torch.finfo(dtypes[0]).max).all()):
+            return
+        for (dst, start, n), dtype in zip(batch.spans, dtypes):
+            if not bool((merged[start : start + n].abs() <= torch.finfo(dtype).max).all()):
                 raise StitchError(f"stitching {batch.name!r} would write values that overflow {dtype} in {dst!r} "
                                   "(NaN/Inf); the model is unchanged. Load the model in a wider dtype (float32).")
 
