@@ -17,7 +17,7 @@ scatter per skill.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
@@ -40,6 +40,7 @@ class _Plan:
 
     slots: Tensor
     rows: Tensor
+    fresh: Tensor
     fresh_positions: Tensor
     allocated: Tensor
     merged: Tensor
@@ -68,10 +69,12 @@ class _Union:
         grown[: self.size] = self.rows[: self.size]
         self.rows = grown
 
-    def plan(self, positions: Tensor, current: Tensor, values: Tensor, sign: int) -> _Plan:
+    def plan(self, positions: Tensor, values: Tensor, sign: int, read: Callable[[Tensor], Tensor]) -> _Plan:
         """The rows after adding (``sign=1``) or removing (``-1``) ``values`` at ``positions``; nothing changes yet.
 
-        ``current`` holds the live values at ``positions`` (the base where an entry is new).
+        ``read(fresh)`` returns the live values (float64) at the batch positions
+        ``fresh`` of entries no skill has touched yet: their base. Every other
+        entry's value comes from the rows, so a remove reads nothing from the model.
         """
         slots = self.slot.index_select(0, positions).long()
         fresh = torch.nonzero(slots < 0).squeeze(1) if sign > 0 else slots[:0]
@@ -81,15 +84,24 @@ class _Union:
             slots.index_copy_(0, fresh, allocated)
         rows = self.rows.index_select(0, slots)
         if fresh.numel():
-            rows[fresh, 0] = current.index_select(0, fresh).double()
+            rows[fresh, 0] = read(fresh)
         rows[:, 1] += sign
         self.rule.update(rows[:, 2:], values.double(), sign)
-        covered = rows[:, 1] > 0
         if sign < 0:
             # An uncovered entry's accumulators are reset to exactly 0, so it restores the base bit for bit.
-            rows[:, 2:] = torch.where(covered.unsqueeze(1), rows[:, 2:], 0.0)
-        merged = torch.where(covered, rows[:, 0] + self.rule.delta(rows[:, 2:], rows[:, 1].clamp(min=1)), rows[:, 0])
-        return _Plan(slots, rows, positions.index_select(0, fresh), allocated, merged)
+            rows[:, 2:] = torch.where((rows[:, 1] > 0).unsqueeze(1), rows[:, 2:], 0.0)
+        return _Plan(slots, rows, fresh, positions.index_select(0, fresh), allocated, self._values(rows))
+
+    def before(self, plan: _Plan) -> Tensor:
+        """What the model held at ``plan``'s entries before it: the way back when writing it fails."""
+        values = self._values(self.rows.index_select(0, plan.slots))
+        values[plan.fresh] = plan.rows[plan.fresh, 0]
+        return values
+
+    def _values(self, rows: Tensor) -> Tensor:
+        """The model's value for each row: base + the rule's offset where covered, the base elsewhere."""
+        covered = rows[:, 1] > 0
+        return torch.where(covered, rows[:, 0] + self.rule.delta(rows[:, 2:], rows[:, 1].clamp(min=1)), rows[:, 0])
 
     def commit(self, plan: _Plan) -> None:
         """Make ``plan`` the state (index_copy_ into preallocated memory: nothing left to fail)."""
@@ -435,13 +447,16 @@ class Stitcher:
         parts = [r for r in regions.values() if len(r)]
         local = torch.cat([r.indices.reshape(-1) for r in parts]).to(torch.int64) if parts else torch.empty(0, dtype=torch.int64)
         values = torch.cat([r.values.reshape(-1) for r in parts]).float() if parts else torch.empty(0)
-        numels = _per_entry([self._tensors[d].numel() for d, _, _ in spans], spans, local.numel(), local.device)
-        ascending = torch.ones(local.numel(), dtype=torch.bool)  # within each span; a span's first entry is free
+        # Strictly ascending within each span, so its first and last index bound all of it.
+        ascending = torch.ones(local.numel(), dtype=torch.bool)  # a span's first entry is free
         ascending[1:] = local[1:] > local[:-1]
-        ascending[[s for _, s, _ in spans]] = True
-        bad = ~((local >= 0) & (local < numels) & ascending)
-        if bool(bad.any()):
-            at = int(torch.nonzero(bad)[0])
+        firsts = torch.tensor([s for _, s, _ in spans], dtype=torch.int64)
+        ascending[firsts] = True
+        lasts = firsts + torch.tensor([n - 1 for _, _, n in spans], dtype=torch.int64)
+        numels = torch.tensor([self._tensors[d].numel() for d, _, _ in spans], dtype=torch.int64)
+        in_range = (local[firsts] >= 0) & (local[lasts] < numels) if spans else torch.ones(0, dtype=torch.bool)
+        if not (bool(ascending.all()) and bool(in_range.all())):
+            at = int(torch.nonzero(~ascending)[0]) if not bool(ascending.all()) else int(firsts[torch.nonzero(~in_range)[0]])
             dst = next(d for d, s, n in spans if s <= at < s + n)
             raise StitchError(
                 f"skill {skill!r}: indices of {dst!r} fall outside its {self._tensors[dst].numel()} entries "
@@ -466,15 +481,23 @@ class Stitcher:
         positions = local + _per_entry([self._offsets[d] for d, _, _ in batch.spans], batch.spans, local.numel(), device)
         with torch.no_grad():
             flats = [(self._tensors[dst].data.view(-1), local[start : start + n], start, n) for dst, start, n in batch.spans]
-            current = torch.cat([flat.index_select(0, idx).double() for flat, idx, _, _ in flats])
-            plan = self._union.plan(positions, current, values, 1 if adding else -1)
+
+            def read(fresh: Tensor) -> Tensor:
+                if fresh.numel() == local.numel():
+                    return torch.cat([flat.index_select(0, idx).double() for flat, idx, _, _ in flats])
+                bounds = torch.searchsorted(fresh, torch.tensor([s for _, _, s, _ in flats] + [local.numel()], device=device)).tolist()
+                return torch.cat([flat.index_select(0, idx.index_select(0, fresh[lo:hi] - start)).double()
+                                  for (flat, idx, start, _), lo, hi in zip(flats, bounds, bounds[1:])])
+
+            plan = self._union.plan(positions, values, 1 if adding else -1, read)
             self._check_fits(batch, plan.merged)
             try:
                 for flat, idx, start, n in flats:
                     flat.index_copy_(0, idx, plan.merged[start : start + n].to(flat.dtype))
-            except BaseException:  # an interrupt or OOM mid-write: put every touched entry back
+            except BaseException:  # an interrupt mid-write: put every touched entry back
+                before = self._union.before(plan)
                 for flat, idx, start, n in flats:
-                    flat.index_copy_(0, idx, current[start : start + n].to(flat.dtype))
+                    flat.index_copy_(0, idx, before[start : start + n].to(flat.dtype))
                 raise
             self._union.commit(plan)
 

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bank_faults
-from conftest import live_copy, make_skill, reference_stitch
-from skillbank import BankError, SkillBank, SkillFileError, Stitcher
+from conftest import finetune_like, live_copy, make_skill, reference_stitch
+from skillbank import BankError, SkillBank, SkillFileError, Stitcher, localize_dataless, task_vector
 
 
 def test_sigkill_during_adds_never_loses_or_damages_acknowledged_skills(tmp_path):
@@ -127,6 +127,38 @@ def test_stitcher_interrupted_mid_write_leaves_the_model_as_before(base_model, m
         stitcher.remove(name)
     for name, value in model.bert.state_dict().items():
         assert torch.equal(value, base_model.state_dict()[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_stitcher_interrupted_mid_remove_leaves_the_model_as_before(base_model, monkeypatch, dtype):
+    # A remove reads nothing from the model: its way back is computed from the stitcher's rows, bit for bit.
+    base = copy.deepcopy(base_model).to(dtype)
+    skills = [localize_dataless(task_vector(base, finetune_like(base_model, seed=i).to(dtype)), 0.1, name=f"t{i}")
+              for i in range(3)]
+    model = live_copy(base_model).to(dtype)
+    stitcher = Stitcher(model)
+    for skill in skills:
+        stitcher.add(skill)
+    stitcher.remove("t2")  # some entries now uncovered, holding their base again
+    before = copy.deepcopy(model.state_dict())
+    victim = model.bert.encoder.layer[1].output.dense.weight.data_ptr()
+    original = torch.Tensor.index_copy_
+
+    def failing(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if self.data_ptr() == victim:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "index_copy_", failing)
+    with pytest.raises(KeyboardInterrupt):
+        stitcher.remove("t0")
+    monkeypatch.setattr(torch.Tensor, "index_copy_", original)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert stitcher.stitched == ["t0", "t1"]
+    stitcher.switch([])
+    for name, value in model.bert.state_dict().items():
+        assert torch.equal(value, base.state_dict()[name]), name
 
 
 def test_no_pickle_anywhere(base_model, tmp_path, monkeypatch):
