@@ -80,6 +80,16 @@ class SkillEntry:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+@dataclass(frozen=True)
+class _Snapshot:
+    """One validated parse of the manifest, reused while the file holds the same bytes."""
+
+    raw: bytes
+    base_fingerprint: str | None
+    entries: tuple[SkillEntry, ...]
+    by_name: dict[str, SkillEntry]
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -97,7 +107,9 @@ class SkillBank:
 
     Every read checks the file's sha256 against the manifest and the skill's
     base fingerprint against the bank's. Many processes may read and write one
-    bank at once; writes are serialized by a file lock.
+    bank at once; writes are serialized by a file lock. Every call reads the
+    manifest's bytes, but parses and validates them only when they changed, so
+    a command over thousands of skills stays linear in their number.
 
     Args:
         path: the bank directory; created (with parents) if missing and ``create``.
@@ -108,6 +120,7 @@ class SkillBank:
     def __init__(self, path: str | os.PathLike[str], *, create: bool = True, lock_timeout: float = 60.0) -> None:
         self.path = Path(path)
         self.lock_timeout = lock_timeout
+        self._snapshot: _Snapshot | None = None
         if self.path.exists() and not self.path.is_dir():
             raise BankError(f"bank path {self.path} is a file, not a directory; pass a directory (new or existing bank).")
         if not (self.path / _MANIFEST).is_file():
@@ -132,43 +145,45 @@ class SkillBank:
     @property
     def base_fingerprint(self) -> str | None:
         """Fingerprint of the base every skill in the bank was localized on (None while empty)."""
-        return self._read_manifest()["base_fingerprint"]
+        return self._current().base_fingerprint
 
     def list(self) -> list[SkillEntry]:
         """Entries of every skill, in the order they were added."""
-        return [SkillEntry.from_dict(e) for e in self._read_manifest()["skills"]]
+        return list(self._current().entries)
 
     def names(self) -> list[str]:
         """Names of every skill, in the order they were added."""
-        return [e.name for e in self.list()]
+        return [e.name for e in self._current().entries]
 
     def __contains__(self, name: object) -> bool:
-        return name in self.names()
+        return name in self._current().by_name
 
     def __len__(self) -> int:
-        return len(self.list())
+        return len(self._current().entries)
 
     def __iter__(self) -> Iterator[SkillEntry]:
         return iter(self.list())
 
     def entry(self, name: str) -> SkillEntry:
         """The manifest entry of ``name``; :class:`SkillNameError` if unknown."""
-        for entry in self.list():
-            if entry.name == name:
-                return entry
+        found = self._current().by_name.get(name)
+        if found is not None:
+            return found
         known = self.names()
         raise SkillNameError(f"no skill named {name!r} in {self.path}; it holds {known if known else 'no skills yet'}.")
 
     def get(self, name: str) -> Skill:
         """Load skill ``name``, checking its size, sha256 and base fingerprint."""
-        entry = self.entry(name)
-        return self._load(entry, self.base_fingerprint)
+        snapshot = self._current()
+        entry = snapshot.by_name.get(name) or self.entry(name)
+        return self._load(entry, snapshot.base_fingerprint)
 
     def verify(self) -> dict[str, str]:
         """Check every skill; returns ``{name: "ok" or what is wrong}``."""
-        base = self.base_fingerprint
+        snapshot = self._current()
+        base = snapshot.base_fingerprint
         report = {}
-        for entry in self.list():
+        for entry in snapshot.entries:
             try:
                 self._load(entry, base)
                 report[entry.name] = "ok"
@@ -234,16 +249,36 @@ class SkillBank:
         return entry
 
     def remove(self, name: str) -> None:
-        """Remove skill ``name`` (manifest first, then its file)."""
+        """Remove skill ``name`` (manifest first, then its file).
+
+        On a full disk, where even the shorter manifest cannot be written, the
+        skill's file is deleted first to make room, then the manifest written: the
+        skill is gone either way (should that write still fail, ``get`` reports its
+        file missing until ``remove`` is run again).
+        """
         with self._locked():
             manifest = self._read_manifest()
             kept = [e for e in manifest["skills"] if e["name"] != name]
             if len(kept) == len(manifest["skills"]):
                 self.entry(name)  # raises with the list of known names
-            removed = next(e for e in manifest["skills"] if e["name"] == name)
+            file = self.path / f"{check_skill_name(name)}.safetensors"
             manifest["skills"] = kept
-            self._write_manifest(manifest)
-            _unlink_regular(self.path / f"{check_skill_name(removed['name'])}.safetensors")
+            try:
+                self._write_manifest(manifest)
+            except OSError as exc:
+                if exc.errno not in _NO_SPACE:
+                    raise
+                _unlink_regular(file)  # frees the room the manifest needs
+                fsync_dir(self.path)
+                try:
+                    self._write_manifest(manifest)
+                except OSError as again:
+                    if again.errno in _NO_SPACE:
+                        raise BankError(f"no space left on the disk of {self.path}, not even to rewrite its manifest after "
+                                        f"deleting {name!r}'s file; free space elsewhere and run remove again.") from None
+                    raise
+                return
+            _unlink_regular(file)
             fsync_dir(self.path)
 
     # -- internals ---------------------------------------------------------
@@ -263,14 +298,31 @@ class SkillBank:
             if not (self.path / _MANIFEST).is_file():
                 self._write_manifest({"format": "skillbank", "format_version": FORMAT_VERSION, "base_fingerprint": None, "skills": []})
 
+    def _current(self) -> _Snapshot:
+        """The manifest as last validated, parsed and validated again only when its bytes changed."""
+        raw = self._manifest_raw()
+        if self._snapshot is None or raw != self._snapshot.raw:
+            self._parse_manifest(raw)
+        assert self._snapshot is not None
+        return self._snapshot
+
     def _read_manifest(self) -> dict[str, Any]:
+        """The manifest, read, validated and parsed anew: a copy a writer may change."""
+        return self._parse_manifest(self._manifest_raw())
+
+    def _manifest_raw(self) -> bytes:
         path = self.path / _MANIFEST
         try:
-            raw, _ = _read_regular(path, None, MAX_MANIFEST_BYTES)
+            raw, _ = _read_regular(path, None, MAX_MANIFEST_BYTES, digest=False)
         except FileNotFoundError as exc:
             raise BankError(f"{path} is missing: {self.path} is not (or no longer) a skill bank.") from exc
         except _Unreadable as exc:
             raise BankError(f"{exc}; {self.path} is not a usable skill bank.") from None
+        return raw
+
+    def _parse_manifest(self, raw: bytes) -> dict[str, Any]:
+        """Parse and validate ``raw`` manifest bytes; refresh the snapshot from them."""
+        path = self.path / _MANIFEST
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
@@ -288,6 +340,8 @@ class SkillBank:
         if problem:
             raise BankError(f"{path} is crafted or damaged: {problem}. Nothing was read or changed; "
                             "restore the manifest from a backup or get the bank again from its source.")
+        entries = tuple(SkillEntry.from_dict(e) for e in body["skills"])
+        self._snapshot = _Snapshot(raw, body.get("base_fingerprint"), entries, {e.name: e for e in entries})
         return body
 
     def _write_manifest(self, body: dict[str, Any]) -> None:
@@ -346,8 +400,8 @@ class _Unreadable(Exception):
     """A bank file that is not a regular file of the expected size (a link, a FIFO, a device, too large)."""
 
 
-def _read_regular(path: Path, expected: int | None, limit: int) -> tuple[bytes, str]:
-    """The bytes and sha256 of the regular file ``path``: never through a symbolic link, never blocking on a FIFO,
+def _read_regular(path: Path, expected: int | None, limit: int, *, digest: bool = True) -> tuple[bytes, str]:
+    """The bytes and sha256 (``""`` unless ``digest``) of the regular file ``path``: never through a symbolic link, never blocking on a FIFO,
     and never more than ``limit`` bytes or other than ``expected`` bytes (checked before reading)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -363,15 +417,16 @@ def _read_regular(path: Path, expected: int | None, limit: int) -> tuple[bytes, 
             raise _Unreadable(f"{path} has {info.st_size} bytes, the manifest says {expected} (truncated or damaged)")
         if info.st_size > limit:
             raise _Unreadable(f"{path} has {info.st_size:,} bytes, more than the {limit:,} a bank reads")
-        digest, chunks, left = hashlib.sha256(), [], info.st_size
+        hasher, chunks, left = hashlib.sha256() if digest else None, [], info.st_size
         while left:
             chunk = os.read(fd, min(left, 2**24))
             if not chunk:
                 raise _Unreadable(f"{path} shrank while it was read; retry when no other process writes it")
-            digest.update(chunk)
+            if hasher is not None:
+                hasher.update(chunk)
             chunks.append(chunk)
             left -= len(chunk)
-        return b"".join(chunks), digest.hexdigest()
+        return b"".join(chunks), hasher.hexdigest() if hasher is not None else ""
     finally:
         os.close(fd)
 

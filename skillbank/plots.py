@@ -11,6 +11,7 @@ tested and printed without matplotlib.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -56,33 +57,35 @@ def layer_of(name: str) -> str:
     return "embeddings" if "embed" in name.lower() else "other"
 
 
-def _flat_masks(skills: Sequence[Skill]) -> list[Tensor]:
-    """One boolean vector per skill over the first skill's parameters, in its order."""
+def _flat_positions(skills: Sequence[Skill]) -> list[Tensor]:
+    """Each skill's mask as ascending positions in one flat space over the first skill's parameters.
+
+    Memory follows the masks, not the parameters their headers declare.
+    """
     shapes = skills[0].metadata.shapes
     offsets, total = {}, 0
     for name, shape in shapes.items():
         offsets[name] = total
-        total += int(torch.tensor(shape).prod()) if shape else 1
-    masks = []
+        total += math.prod(shape)
+    positions = []
     for skill in skills:
         if skill.metadata.shapes != shapes:
             raise SkillbankError(f"skill {skill.name!r} covers other parameters than {skills[0].name!r}; compare skills of one base.")
-        mask = torch.zeros(total, dtype=torch.bool)
-        for name, region in skill.regions.items():
-            mask[offsets[name] + region.indices] = True
-        masks.append(mask)
-    return masks
+        parts = [offsets[name] + region.indices.to(torch.int64) for name, region in skill.regions.items() if len(region)]
+        positions.append(torch.cat(parts).sort().values if parts else torch.empty(0, dtype=torch.int64))
+    return positions
 
 
 def jaccard(skills: Sequence[Skill]) -> Tensor:
     """Pairwise ``|A ∩ B| / |A ∪ B|`` of the skills' masks (a symmetric matrix, 1 on the diagonal)."""
-    masks = _flat_masks(skills)
-    n = len(masks)
+    positions = _flat_positions(skills)
+    n = len(positions)
     out = torch.ones(n, n, dtype=torch.float64)
     for i in range(n):
         for j in range(i + 1, n):
-            union = int((masks[i] | masks[j]).sum())
-            out[i, j] = out[j, i] = int((masks[i] & masks[j]).sum()) / union if union else 1.0
+            shared = int(torch.isin(positions[i], positions[j], assume_unique=True).sum())
+            union = positions[i].numel() + positions[j].numel() - shared
+            out[i, j] = out[j, i] = shared / union if union else 1.0
     return out
 
 

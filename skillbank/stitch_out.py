@@ -37,7 +37,8 @@ def load_base_model(base: str | Path) -> nn.Module:
     return (cls or transformers.AutoModel).from_pretrained(base, local_files_only=True, use_safetensors=True).eval()
 
 
-def _model_card(bank: SkillBank, names: Sequence[str], base: str | Path, rule: OverlapRule) -> str:
+def _model_card(bank: SkillBank, stitcher: Stitcher, base: str | Path, rule: OverlapRule) -> str:
+    names = stitcher.stitched
     lines = [
         "---", "library_name: transformers", "tags: [skillbank, localize-and-stitch, model-merging]", "---", "",
         "# Stitched model", "",
@@ -49,7 +50,7 @@ def _model_card(bank: SkillBank, names: Sequence[str], base: str | Path, rule: O
     for name in names:
         e = bank.entry(name)
         lines.append(f"| {_md(e.name)} | {_md(e.task)} | {_md(e.method)} | {e.sparsity:g} | {e.entries:,} | "
-                     f"{_md(_source(bank, name))} |")
+                     f"{_md(_source(stitcher.metadata[name].source))} |")
     lines += ["", "Each skill's task head is in `heads/<skill>.safetensors`, named as in its finetuned model.", ""]
     return "\n".join(lines)
 
@@ -63,8 +64,8 @@ def _md(text: object) -> str:
 _MD_ESCAPES = str.maketrans({c: f"\\{c}" for c in "\\`*_{}[]()#+!|~"} | {"<": "&lt;", ">": "&gt;", "&": "&amp;"})
 
 
-def _source(bank: SkillBank, name: str) -> str:
-    source = bank.get(name).metadata.source
+def _source(source: dict) -> str:
+    """Where a skill came from, in a few words (its metadata's ``source``)."""
     kind = source.get("kind", "unrecorded")
     if kind == "lora adapter":
         config = source.get("adapter_config", {})
@@ -149,7 +150,7 @@ def stitch_to_folder(
             if head:
                 target = folder / "heads" / f"{check_skill_name(name)}.safetensors"  # no separators: stays in heads/
                 save_file({k: v.contiguous().clone() for k, v in head.items()}, str(target))
-        (folder / "README.md").write_text(_model_card(bank, names, base, rule))
+        (folder / "README.md").write_text(_model_card(bank, stitcher, base, rule))
     return out
 
 
@@ -208,5 +209,5 @@ def _export_card(base: str | Path, bank: SkillBank, name: str, skill: Skill) -> 
         f"# {_md(meta.name)}: a single-task model exported from skillbank", "",
         f"Base {_md(base)} plus the skill {_md(meta.name)} (task {_md(meta.task)}, {_md(meta.method)} mask, "
         f"{skill.num_entries:,} of {skill.num_shared:,} entries = {skill.num_entries / skill.num_shared:.2%}) "
-        f"and its own head, from the bank {_md(bank.path)}. Source: {_md(_source(bank, name))}.", "",
+        f"and its own head, from the bank {_md(bank.path)}. Source: {_md(_source(skill.metadata.source))}.", "",
     ])

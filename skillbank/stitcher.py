@@ -28,7 +28,7 @@ from skillbank.bank import SkillBank
 from skillbank.errors import BaseMismatchError, SkillFileError, SkillNameError, StitchError
 from skillbank.heads import use_head
 from skillbank.overlap import OverlapRule, get_rule
-from skillbank.skill import Region, Skill
+from skillbank.skill import Region, Skill, SkillMetadata
 from skillbank.weights import WeightsSource, align_names, fingerprint_from_digests, load_state_dict, tensor_digest
 
 __all__ = ["Stitcher"]
@@ -150,6 +150,7 @@ class _Stitched:
     skill: Skill | None  # None: re-read from the bank on removal (or on a switch back)
     sha256: str | None
     head: dict[str, Tensor]
+    metadata: SkillMetadata
 
 
 class Stitcher:
@@ -222,6 +223,11 @@ class Stitcher:
         return {name: s.head for name, s in self._stitched.items()}
 
     @property
+    def metadata(self) -> dict[str, SkillMetadata]:
+        """Each stitched skill's metadata, by skill name (kept also for skills read from the bank)."""
+        return {name: s.metadata for name, s in self._stitched.items()}
+
+    @property
     def covered(self) -> int:
         """How many entries at least one stitched skill covers (the union support)."""
         return self._union.covered() if self._union is not None else 0
@@ -282,6 +288,7 @@ class Stitcher:
             skill=None if sha is not None else skill,
             sha256=sha,
             head=skill.head,
+            metadata=skill.metadata,
         )
 
     def remove(self, name: str) -> None:

@@ -374,3 +374,88 @@ def test_a_full_disk_while_adding_is_a_clear_error_and_leaves_no_orphan(bank, ba
     monkeypatch.undo()
     assert not (bank.path / "c.safetensors").exists() and bank.names() == ["a", "b"]
     assert bank.verify() == {"a": "ok", "b": "ok"}
+
+
+def test_remove_works_on_a_full_disk(bank, monkeypatch):
+    import errno
+
+    from skillbank import bank as bank_module
+
+    real_write, real_unlink, freed = bank_module.atomic_write, bank_module._unlink_regular, []
+
+    def full_until_a_file_is_freed(path, data):  # noqa: ANN001, ANN202 - not even room for a shorter manifest
+        if path.name == "manifest.json" and not freed:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, data)
+
+    def unlink(path):  # noqa: ANN001, ANN202
+        freed.append(path.name)
+        return real_unlink(path)
+
+    monkeypatch.setattr(bank_module, "atomic_write", full_until_a_file_is_freed)
+    monkeypatch.setattr(bank_module, "_unlink_regular", unlink)
+    bank.remove("a")
+    monkeypatch.undo()
+    assert freed == ["a.safetensors"] and bank.names() == ["b"] and bank.verify() == {"b": "ok"}
+    assert sorted(p.name for p in bank.path.iterdir()) == [".lock", "b.safetensors", "manifest.json"]
+
+
+def test_remove_on_a_disk_that_stays_full_says_so_and_a_rerun_finishes_it(bank, monkeypatch):
+    import errno
+
+    from skillbank import bank as bank_module
+
+    real_write = bank_module.atomic_write
+
+    def always_full(path, data):  # noqa: ANN001, ANN202
+        if path.name == "manifest.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, data)
+
+    monkeypatch.setattr(bank_module, "atomic_write", always_full)
+    with pytest.raises(BankError, match="no space left .* after deleting 'a'.*run remove again"):
+        bank.remove("a")
+    monkeypatch.undo()
+    with pytest.raises(SkillFileError, match="missing"):
+        bank.get("a")
+    assert bank.get("b").name == "b"
+    bank.remove("a")  # with room again, the rerun completes it
+    assert bank.names() == ["b"] and bank.verify() == {"b": "ok"}
+
+
+def test_the_overlap_matrix_follows_the_masks_not_a_declared_parameter_size():
+    from skillbank import Region, SkillMetadata
+    from skillbank.plots import jaccard
+
+    shapes = {"w": [2**40], "v": [3]}  # a crafted header: a 1-TiB parameter; a dense mask over it cannot be made
+
+    def skill(name: str, w: list[int], v: list[int]) -> Skill:
+        regions = {"w": Region(torch.tensor(w), torch.ones(len(w))), "v": Region(torch.tensor(v), torch.ones(len(v)))}
+        return Skill(SkillMetadata(name, "f" * 64, 0.0, shapes), regions)
+
+    matrix = jaccard([skill("a", [0, 2**40 - 1], [1]), skill("b", [2**40 - 1, 5], [1, 2])])
+    assert matrix.tolist() == [[1.0, 2 / 5], [2 / 5, 1.0]]
+
+
+def test_a_stitch_of_many_skills_parses_the_manifest_a_fixed_number_of_times(tmp_path, base_model, monkeypatch):
+    from skillbank import stitch_out
+
+    base_model.save_pretrained(tmp_path / "base")
+    parses = []
+    real = SkillBank._parse_manifest
+
+    def counted(self, raw):  # noqa: ANN001, ANN202
+        parses.append(1)
+        return real(self, raw)
+
+    counts = []
+    for n in (3, 12):
+        bank = SkillBank(tmp_path / f"bank{n}")
+        for i in range(n):
+            bank.add(make_skill(base_model, f"s{i}", seed=i))
+        monkeypatch.setattr(SkillBank, "_parse_manifest", counted)
+        parses.clear()
+        stitch_out.stitch_to_folder(tmp_path / "base", SkillBank(bank.path), bank.names(), tmp_path / f"out{n}")
+        monkeypatch.undo()
+        counts.append(len(parses))
+    assert counts[0] == counts[1] <= 2, counts  # linear in the skills: not one manifest parse per skill
