@@ -27,7 +27,7 @@ from skillbank.ranks import raise_everywhere
 from skillbank.routing import routing_centroids, with_routing
 from skillbank.skill import Skill
 from skillbank.sparse import check_sparsity
-from skillbank.task_vector import TaskVector, task_vector
+from skillbank.task_vectors import TaskVector, task_vector
 from skillbank.weights import WeightsSource, is_float, load_state_dict
 
 __all__ = ["SkillHarvester"]

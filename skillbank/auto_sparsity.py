@@ -22,7 +22,7 @@ from skillbank.localize import localize_dataless
 from skillbank.skill import Skill
 from skillbank.sparse import check_sparsity
 from skillbank.stitcher import Stitcher
-from skillbank.task_vector import TaskVector
+from skillbank.task_vectors import TaskVector
 
 __all__ = ["DEFAULT_GRID", "SizeChoice", "localize_auto", "search_sparsity", "stitched_scorer", "with_choice"]
 

@@ -18,7 +18,7 @@ from skillbank.heads import use_head
 from skillbank.localize import localize_dataless
 from skillbank.stitcher import Stitcher
 from skillbank.synthetic import DEMO_TASKS, PRETEXT_TASK, SEQ_LEN, VOCAB_SIZE, SyntheticTask, make_splits
-from skillbank.task_vector import task_vector
+from skillbank.task_vectors import task_vector
 
 __all__ = ["DemoRow", "demo_config", "format_table", "run_demo"]
 

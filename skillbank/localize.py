@@ -11,7 +11,7 @@ from torch import Tensor
 from skillbank.errors import TaskVectorError
 from skillbank.skill import VALUE_DTYPES, Region, Skill, SkillMetadata
 from skillbank.sparse import check_sparsity, global_topk, num_selected
-from skillbank.task_vector import TaskVector, matches
+from skillbank.task_vectors import TaskVector, matches
 
 __all__ = ["localize_dataless", "skill_from_mask"]
 

@@ -23,15 +23,14 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from skillbank.errors import SkillFileError
+from skillbank.format import FORMAT_VERSION, VALUE_DTYPE_NAMES
 from skillbank.sparse import decode_indices, encode_indices
 
 __all__ = ["FORMAT_VERSION", "MAX_CENTROIDS", "Region", "Skill", "SkillMetadata", "VALUE_DTYPES"]
 
-#: Version of the skill file and manifest layout this release writes and reads.
-FORMAT_VERSION = 1
 _HEADER_KEY = "skillbank"
 #: Value dtypes a skill may store its task-vector entries in.
-VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VALUE_DTYPES = {name: getattr(torch, name) for name in VALUE_DTYPE_NAMES}
 #: The most routing centroids one skill may carry, and the widest feature they may have (reads stay bounded).
 MAX_CENTROIDS, MAX_FEATURE_DIM = 256, 65536
 _CENTROIDS_KEY = "route/centroids"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,11 @@ from skillbank.adapters import Finetune, merged_finetune
 from skillbank.errors import TaskVectorError
 from skillbank.weights import WeightsSource, align_names, base_fingerprint, is_float, load_state_dict
 
-__all__ = ["TaskVector", "matches", "task_vector"]
+__all__ = ["MAX_RELATIVE_NORM", "TaskVector", "matches", "task_vector"]
+
+#: ``‖τ‖ / ‖θ_pre‖`` over the weight matrices above which a "finetune" is warned about: finetunes stay far
+#: below 1, while two independent initializations (another base) differ by about √2 ≈ 1.41.
+MAX_RELATIVE_NORM = 1.2
 
 
 @dataclass
@@ -61,6 +66,20 @@ def _check_finite(tensors: dict[str, Tensor], what: str) -> None:
             )
 
 
+def _check_plausible(shared: dict[str, Tensor], base_state: dict[str, Tensor]) -> None:
+    """Refuse an all-zero τ (the base passed as the finetune); warn when τ is as large as the weights."""
+    if not any(bool(t.any()) for t in shared.values()):
+        raise TaskVectorError("the finetuned weights equal the base's everywhere (the task vector is all zero): pass the "
+                              "finetuned model (or its checkpoint folder), not the base.")
+    matrices = [b for b, t in shared.items() if t.dim() >= 2]
+    change = sum(float(shared[b].pow(2).sum()) for b in matrices) ** 0.5
+    size = sum(float(base_state[b].float().pow(2).sum()) for b in matrices) ** 0.5
+    if size > 0 and change / size > MAX_RELATIVE_NORM:
+        warnings.warn(f"the task vector is as large as the weights themselves (||tau|| / ||theta_pre|| = {change / size:.2f} "
+                      f"over the weight matrices; finetunes stay far below 1, another base gives about 1.41): is this "
+                      "model a finetune of this base?", UserWarning, stacklevel=3)
+
+
 def task_vector(
     base: WeightsSource,
     finetuned: WeightsSource | Finetune,
@@ -80,7 +99,9 @@ def task_vector(
             classifier both models have but that is task specific).
 
     Raises:
-        TaskVectorError: no shared floating-point parameters, or NaN/Inf values.
+        TaskVectorError: no shared floating-point parameters, NaN/Inf values, or
+            a finetune equal to the base (τ all zero). A τ as large as the base's
+            weights (:data:`MAX_RELATIVE_NORM`) gives a warning: another base?
     """
     finetune = merged_finetune(finetuned, base)
     head_patterns = (*head_patterns, *finetune.head_patterns)
@@ -103,6 +124,7 @@ def task_vector(
     head = {f: t.detach() for f, t in ft_state.items() if f not in used}
     _check_finite(shared, "task vector of")
     _check_finite(head, "head tensor")
+    _check_plausible(shared, base_state)
     return TaskVector(
         shared=shared,
         head=head,
