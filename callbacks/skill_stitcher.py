@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -99,6 +99,7 @@ class SkillStitcher(Callback):
         self._stitcher: Stitcher | None = None
         self._restored: list[str] = []
         self._restored_base: dict[str, dict[str, Tensor]] | None = None
+        self._warned: set[str] = set()
 
     # -- public ------------------------------------------------------------
 
@@ -140,13 +141,15 @@ class SkillStitcher(Callback):
         new, error = None, None
         if trainer.is_global_zero:
             try:
-                wanted = SkillBank(self.bank).names()
+                wanted = self._bank_names()
                 new = [n for n in wanted if n not in known and (self.skills is None or n in self.skills)]
             except SkillbankError as exc:
                 error = f"{type(exc).__name__}: {exc}"
         new, error = trainer.strategy.broadcast((new, error), src=0)
         if error is not None:
             raise SkillbankError(f"SkillStitcher could not read {self.bank}: {error}")
+        if new and stitcher.bank is None:  # the bank exists now (it is never created here)
+            stitcher.bank = SkillBank(self.bank, create=False)
         if self.serving:
             self.servable += new
             return new
@@ -157,6 +160,25 @@ class SkillStitcher(Callback):
         if new:
             pl_module.skill_heads = stitcher.heads
         return new
+
+    def _bank_names(self) -> list[str]:
+        """The bank's skill names (none while it does not exist: it is never created here), warning once
+        about a missing bank and about requested skills it does not hold."""
+        if not (self.bank / "manifest.json").is_file():
+            self._warn_once(f"SkillStitcher: there is no bank at {self.bank} (yet), so nothing is stitched. It is "
+                            "looked at again at each look; check the path unless another run is about to fill it.")
+            return []
+        names = SkillBank(self.bank, create=False).names()
+        missing = [n for n in self.skills or [] if n not in names]
+        if missing:
+            self._warn_once(f"SkillStitcher: {missing} are not in {self.bank} (yet; it holds {names or 'no skills'}), so "
+                            "they are not stitched; they will be when they arrive. Check the names unless they are coming.")
+        return names
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            rank_zero_warn(message)
 
     # -- moments -------------------------------------------------------------
 
@@ -320,7 +342,8 @@ class SkillStitcher(Callback):
                 for name, saved in self._restored_base.items():
                     flat = state[name].data.view(-1)
                     flat.index_copy_(0, saved["indices"].to(flat.device), saved["values"].to(flat.device, flat.dtype))
-        self._stitcher = Stitcher(model, self.base, bank=SkillBank(self.bank), rule=self.rule)
+        bank = SkillBank(self.bank, create=False) if (self.bank / "manifest.json").is_file() else None
+        self._stitcher = Stitcher(model, self.base, bank=bank, rule=self.rule)
         for name in self._restored:
             self._stitcher.add(name)
         if self._restored:

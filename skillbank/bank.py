@@ -20,13 +20,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from skillbank.durable import TMP_PREFIX, atomic_write, exclusive_lock, fsync_dir
 from skillbank.errors import BankError, BaseMismatchError, SkillFileError, SkillNameError
-from skillbank.skill import FORMAT_VERSION, Skill
+from skillbank.format import FORMAT_VERSION
+
+if TYPE_CHECKING:  # reading the manifest (list, names, entry) needs neither torch nor the skill format
+    from skillbank.skill import Skill
 
 __all__ = ["MAX_MANIFEST_BYTES", "MAX_SKILL_BYTES", "SkillBank", "SkillEntry", "check_skill_name"]
 
@@ -125,7 +126,8 @@ class SkillBank:
             raise BankError(f"bank path {self.path} is a file, not a directory; pass a directory (new or existing bank).")
         if not (self.path / _MANIFEST).is_file():
             if not create:
-                raise BankError(f"no skill bank at {self.path} (no {_MANIFEST}); pass create=True to make one.")
+                raise BankError(f"no skill bank at {self.path} (no {_MANIFEST}); check the path. A bank is made by "
+                                f"the first skill added to it (skillbank localize --bank {self.path} ...).")
             self._initialize()
         self._read_manifest()
         if self.writable:
@@ -201,6 +203,8 @@ class SkillBank:
             BaseMismatchError: the skill comes from another base model.
             BankError: the bank is read-only.
         """
+        import torch
+
         check_skill_name(skill.name)
         for pname, region in skill.regions.items():
             if not bool(torch.isfinite(region.values).all()):
@@ -359,6 +363,8 @@ class SkillBank:
             raise SkillFileError(f"skill {entry.name!r}: {exc}") from None
         if digest != entry.sha256:
             raise SkillFileError(f"skill {entry.name!r}: {path} fails its sha256 check (corrupted); restore it or remove the skill.")
+        from skillbank.skill import Skill
+
         skill = Skill.from_bytes(data, origin=str(path))
         if skill.name != entry.name:
             raise SkillFileError(f"{path} holds skill {skill.name!r}, the manifest expects {entry.name!r}.")

@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tqdm.auto import tqdm
-
+# Only what --help, list and remove need is imported here; torch, transformers and lightning load with the
+# command that uses them, so those answer at once.
 from skillbank.bank import SkillBank
 from skillbank.errors import SkillbankError
-from skillbank.skill import VALUE_DTYPES
+from skillbank.format import VALUE_DTYPE_NAMES
 
 if TYPE_CHECKING:
     from skillbank.skill import Skill
-    from skillbank.task_vector import TaskVector
+    from skillbank.task_vectors import TaskVector
     from skillbank.weights import WeightsSource
-from skillbank.sparse import check_sparsity
 
 __all__ = ["build_parser", "main"]
 
@@ -39,11 +39,39 @@ def _fmt(value: object) -> str:
     return _escape(str(value))
 
 
+def _bar(iterable=None, **kwargs):  # noqa: ANN001, ANN003, ANN202 - tqdm's own signature
+    """A tqdm progress bar on stderr, shown only on a terminal (a log file gets no ``\\r`` lines)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not sys.stderr.isatty(), **kwargs)
+
+
+def _regex(text: str) -> str:
+    """A regular expression argument, checked when parsed (not a traceback after loading the models)."""
+    import re
+
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression ({exc}).") from None
+    return text
+
+
+def _skill_list(text: str) -> list[str]:
+    """``--skills a,b``: the names, in order; an empty list is a mistake, not "every skill"."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no skill names in {text!r}; leave --skills out to use every skill.")
+    return names
+
+
 def _sparsity_or_auto(text: str) -> float | str:
     return "auto" if text == "auto" else _sparsity(text)
 
 
 def _sparsity(text: str) -> float:
+    from skillbank.sparse import check_sparsity
+
     try:
         return check_sparsity(float(text))
     except (ValueError, SkillbankError) as exc:
@@ -69,13 +97,13 @@ def _localize(args: argparse.Namespace) -> int:
     from skillbank.adapters import is_adapter_folder
     from skillbank.localize import localize_dataless
     from skillbank.pull import resolve_model
-    from skillbank.task_vector import task_vector
+    from skillbank.task_vectors import task_vector
     from skillbank.weights import load_state_dict
 
     bank = SkillBank(args.bank)  # fail fast on a bad bank path before the heavy work
     if args.name in bank:
         raise SkillbankError(f"a skill named {args.name!r} is already in {bank.path}; pick another --name.")
-    with tqdm(total=4, desc=f"localize {args.name}", unit="step") as bar:
+    with _bar(total=4, desc=f"localize {args.name}", unit="step") as bar:
         bar.set_postfix_str("loading weights")
         adapter = is_adapter_folder(args.finetuned)  # merged onto the base model itself, so both stay paths
         base = args.base if adapter else load_state_dict(args.base)
@@ -190,7 +218,7 @@ def _route(args: argparse.Namespace) -> int:
     from skillbank.routing import SkillRouter, mean_pooled_features
 
     bank = SkillBank(args.bank, create=False)
-    names = [n.strip() for n in args.skills.split(",") if n.strip()] if args.skills else bank.names()
+    names = args.skills if args.skills is not None else bank.names()
     router = SkillRouter([bank.get(n) for n in names])
     encoder = _base_encoder(args.base)
     batch = _tokenizer(args.base)(list(args.text), truncation=True, max_length=args.max_length, padding=True,
@@ -278,8 +306,8 @@ def _stitch(args: argparse.Namespace) -> int:
     from skillbank.stitch_out import stitch_to_folder
 
     bank = SkillBank(args.bank, create=False)
-    names = [n.strip() for n in args.skills.split(",") if n.strip()] if args.skills else bank.names()
-    out = stitch_to_folder(args.base, bank, names, args.out, progress=lambda it: tqdm(it, desc="stitch", unit="skill"),
+    names = args.skills if args.skills is not None else bank.names()
+    out = stitch_to_folder(args.base, bank, names, args.out, progress=lambda it: _bar(it, desc="stitch", unit="skill"),
                            rule=args.rule)
     print(f"stitched {len(names)} skills ({', '.join(names)}) onto {args.base} with rule {args.rule!r} -> {out}")
     return 0
@@ -311,7 +339,7 @@ def _pull(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from skillbank import plots
 
-    names = [n.strip() for n in args.skills.split(",") if n.strip()] if args.skills else None
+    names = args.skills
     if args.kind == "overlap":
         matrix = plots.plot_overlap(args.source, args.out, names)
         print(f"pairwise Jaccard overlap, largest off the diagonal {float(matrix.fill_diagonal_(0).max()):.4f}")
@@ -355,9 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``skillbank`` command."""
     parser = argparse.ArgumentParser(
         prog="skillbank",
-        description="Localize the ~1%% of parameters that carry each finetuned skill, keep skills in a durable "
+        description="Localize the ~1% of parameters that carry each finetuned skill, keep skills in a durable "
         "bank, and stitch them onto the base model (Localize-and-Stitch).",
     )
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the libraries' own logs and progress bars (transformers, Hugging Face Hub)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="finetune, localize, bank and stitch 3 small synthetic tasks (about a minute on CPU)",
@@ -413,11 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: --val-data, when given and --base is a model folder). Needs --base to be a model folder.")
     p.add_argument("--max-centroids", type=int, default=16, help="with routing data: centroids kept, one per label (default: 16)")
     p.add_argument("--max-length", type=int, default=128, help="with --val-data/--routing-data: tokens per text (default: 128)")
-    p.add_argument("--value-dtype", choices=sorted(VALUE_DTYPES), default="float32",
+    p.add_argument("--value-dtype", choices=sorted(VALUE_DTYPE_NAMES), default="float32",
                    help="dtype of the stored task-vector values (default: float32; bfloat16 halves them)")
-    p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+    p.add_argument("--exclude", action="append", default=[], metavar="REGEX", type=_regex,
                    help="never select parameters whose name matches (repeatable), e.g. --exclude embeddings")
-    p.add_argument("--head-pattern", action="append", default=[], metavar="REGEX",
+    p.add_argument("--head-pattern", action="append", default=[], metavar="REGEX", type=_regex,
                    help="treat shared parameters matching this as the task head (repeatable)")
     p.set_defaults(run=_localize)
 
@@ -452,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "in heads/<name>.safetensors, and a README.md model card listing the skills.")
     p.add_argument("--base", required=True, help="the base model folder (save_pretrained) or .safetensors file")
     p.add_argument("--bank", required=True, help="the bank directory")
-    p.add_argument("--skills", default="", help="comma-separated skill names (default: every skill, in bank order)")
+    p.add_argument("--skills", type=_skill_list, help="comma-separated skill names (default: every skill, in bank order)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--rule", choices=_rule_names(), default="mean",
                    help="how overlapping skills combine (default: mean, the paper's). " + _rule_help())
@@ -476,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bank", help="the bank directory")
     p.add_argument("--base", required=True, help="the base model folder the skills were localized on, or pulled:<alias>")
     p.add_argument("--text", action="append", required=True, help="a text to route (repeatable)")
-    p.add_argument("--skills", default="", help="comma-separated skill names to choose among (default: every skill)")
+    p.add_argument("--skills", type=_skill_list, help="comma-separated skill names to choose among (default: every skill)")
     p.add_argument("--top", type=int, default=5, help="scores shown per text (default: 5)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per text (default: 128)")
     p.set_defaults(run=_route)
@@ -492,9 +522,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=("overlap", "layers", "recovery", "arrivals"), help="which plot")
     p.add_argument("source", help="the bank directory (overlap, layers) or the JSON file (recovery, arrivals)")
     p.add_argument("--out", required=True, help="the PNG file to write")
-    p.add_argument("--skills", default="", help="comma-separated skill names (default: every skill, in bank order)")
+    p.add_argument("--skills", type=_skill_list, help="comma-separated skill names (default: every skill, in bank order)")
     p.set_defaults(run=_plot)
     return parser
+
+
+def _quiet_libraries() -> None:
+    """Library chatter off, so skillbank's own lines are what a user reads (``--verbose`` keeps it)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if "transformers" in sys.modules:  # already imported (main() called from Python): the variables came too late
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -509,6 +551,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"skillbank {argv[0]}: error: {exc}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        _quiet_libraries()
     try:
         return args.run(args)
     except SkillbankError as exc:

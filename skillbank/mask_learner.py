@@ -9,13 +9,14 @@ only trainable tensor, so DDP all-reduces mask gradients and nothing else.
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.fabric.utilities.apply_func import move_data_to_device
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -23,15 +24,15 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from skillbank.adapters import find_peft_model, is_adapter_folder, merged_finetune
-from skillbank.bank import SkillBank
-from skillbank.errors import BaseMismatchError, SkillbankError, TaskVectorError
+from skillbank.bank import SkillBank, check_skill_name
+from skillbank.errors import BaseMismatchError, SkillbankError, SkillNameError, TaskVectorError
 from skillbank.localize import skill_from_mask
 from skillbank.mask_recipes import MaskRecipe, resolve_recipe
 from skillbank.overlap import get_rule
 from skillbank.ranks import raise_everywhere
 from skillbank.skill import Skill
 from skillbank.sparse import check_sparsity, global_topk, num_selected
-from skillbank.task_vector import TaskVector, matches, task_vector
+from skillbank.task_vectors import TaskVector, matches, task_vector
 from skillbank.weights import WeightsSource, align_names, load_state_dict
 
 __all__ = ["MaskLearner", "load_model"]
@@ -132,6 +133,8 @@ class MaskLearner(pl.LightningModule):
         )
         if bank is not None and not skill_name:
             raise SkillbankError("bank is set but skill_name is not: name the skill the learner should add.")
+        if skill_name is not None:
+            check_skill_name(skill_name)
         self.exclude = tuple(exclude)
         self.keep_best = keep_best
         self.loss_fn = loss_fn
@@ -394,6 +397,20 @@ class MaskLearner(pl.LightningModule):
             if self._best is None or value >= self._best[0]:
                 self._best = (value, self.current_epoch, {b: i.clone() for b, i in self._binary_indices.items()})
         self._binary, self._binary_indices = None, {}
+
+    def setup(self, stage: str) -> None:
+        """Before any training: the skill's name must be free in the bank (not found out after the last epoch)."""
+        if stage != "fit" or self.bank is None:
+            return
+        error = None
+        if self.trainer.is_global_zero and (Path(self.bank) / "manifest.json").is_file():
+            try:
+                if self.skill_name in SkillBank(self.bank, create=False):
+                    raise SkillNameError(f"bank {self.bank} already has a skill {self.skill_name!r}; pick another "
+                                         "skill_name (or remove that skill) before training.")
+            except SkillbankError as exc:
+                error = exc
+        raise_everywhere(self.trainer.strategy, error, "MaskLearner")
 
     # ---- result -------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -107,6 +108,38 @@ def _load(bank: SkillBank | str | Path, names: Sequence[str] | None) -> list[Ski
     return [bank.get(n) for n in names]
 
 
+def _save(plt: Any, fig: Any, out: str | Path) -> None:
+    """Write ``fig`` as a PNG to ``out`` (and close it); a missing folder or a write error is a clear error."""
+    try:
+        if not Path(out).parent.is_dir():
+            raise SkillbankError(f"cannot write {out}: the folder {Path(out).parent} does not exist; create it first.")
+        try:
+            fig.savefig(out, dpi=120)
+        except OSError as exc:
+            raise SkillbankError(f"cannot write {out}: {exc.strerror or exc}.") from None
+    finally:
+        plt.close(fig)
+
+
+def _number(text: str) -> float | None:
+    """``text`` as a finite float, or None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _json_file(path: str | Path, what: str) -> Any:
+    """The JSON in ``path``, or a clear error naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SkillbankError(f"the {what} file {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise SkillbankError(f"the {what} file {path} is not readable JSON ({str(exc)[:120]}).") from None
+
+
 def _pyplot():  # noqa: ANN202
     import matplotlib
 
@@ -133,8 +166,7 @@ def plot_overlap(bank: SkillBank | str | Path, out: str | Path, names: Sequence[
     ax.set_title("mask overlap (Jaccard)")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, out)
     return matrix
 
 
@@ -167,8 +199,7 @@ def plot_layers(bank: SkillBank | str | Path, out: str | Path, names: Sequence[s
     for ax in list(axes.flat)[len(skills):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, out)
     return shares
 
 
@@ -180,12 +211,16 @@ def plot_recovery(curve: str | Path | Mapping[str, Mapping[str, float]], out: st
     Means are over the tasks every point has, so methods are compared on the
     same tasks. Returns ``{method: {sparsity: mean recovery}}``.
     """
-    data = json.loads(Path(curve).read_text()) if isinstance(curve, (str, Path)) else curve
+    data = _json_file(curve, "recovery") if isinstance(curve, (str, Path)) else curve
+    if not isinstance(data, Mapping):
+        raise SkillbankError("the recovery data must map '<method> <sparsity>' to {task: recovery}.")
     points: dict[tuple[str, float], Mapping[str, float]] = {}
     for key, per_task in data.items():
-        method, _, value = key.rpartition(" ")
-        if method and isinstance(per_task, Mapping) and per_task and re.fullmatch(r"[0-9.eE+-]+", value):
-            points[(method, float(value))] = per_task
+        method, _, value = str(key).rpartition(" ")
+        sparsity = _number(value)
+        if (method and sparsity is not None and isinstance(per_task, Mapping) and per_task
+                and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in per_task.values())):
+            points[(method, sparsity)] = per_task
     if not points:
         raise SkillbankError("no '<method> <sparsity>' entries to plot in the recovery data.")
     tasks = sorted(set.intersection(*(set(p) for p in points.values())))
@@ -207,8 +242,7 @@ def plot_recovery(curve: str | Path | Mapping[str, Mapping[str, float]], out: st
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, out)
     return lines
 
 
@@ -220,7 +254,7 @@ def plot_arrivals(runs: str | Path | Mapping, out: str | Path) -> dict[str, dict
     (``benchmarks/bench_real.py`` writes ``arrivals.json``). Returns each method's
     :func:`~skillbank.arrivals.arrival_metrics`.
     """
-    data = json.loads(Path(runs).read_text()) if isinstance(runs, (str, Path)) else runs
+    data = _json_file(runs, "arrivals") if isinstance(runs, (str, Path)) else runs
     if not isinstance(data, Mapping) or not all(isinstance(data.get(k), (list, dict)) for k in ("order", "finetuned", "methods")):
         raise SkillbankError("arrival data needs 'order', 'finetuned' and 'methods' (method -> accuracies after each arrival).")
     metrics = {m: arrival_metrics(accs, data["order"], data["finetuned"]) for m, accs in data["methods"].items()}
@@ -241,6 +275,5 @@ def plot_arrivals(runs: str | Path | Mapping, out: str | Path) -> dict[str, dict
     left.legend(fontsize=7)
     fig.suptitle("arrival order: " + ", ".join(map(str, data["order"])), fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, out)
     return metrics

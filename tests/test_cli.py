@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-from conftest import finetune_like, live_copy
+from conftest import finetune_like, live_copy, make_skill
 from skillbank import SkillBank, Stitcher
 from skillbank.cli import main
 
@@ -39,6 +40,7 @@ def test_localize_list_show_verify_stitch_remove(folders, base_model, capsys):
     assert "all 2 skills ok" in capsys.readouterr().out
 
     assert main(["stitch", "--base", str(folders / "base"), "--bank", str(bank), "--out", str(folders / "out")]) == 0
+    assert "\r" not in capsys.readouterr().err  # progress bars only on a terminal, not in a log
     reloaded = AutoModel.from_pretrained(folders / "out").eval()
     live = live_copy(base_model)
     stitcher = Stitcher(live, bank=SkillBank(bank))
@@ -98,6 +100,35 @@ def test_bad_input_exits_2_with_a_reason(folders, capsys):
     assert "no skill named 'zz'" in capsys.readouterr().err and not (folders / "o").exists()
 
 
+def test_user_mistakes_get_a_one_line_reason_not_a_traceback(folders, base_model, capsys):
+    bank = folders / "bank"
+    SkillBank(bank).add(make_skill(base_model, "t0", seed=1))
+    (folders / "bad.json").write_text("{not json")
+    (folders / "list.json").write_text("[1, 2]")
+    base, out = ["--base", str(folders / "base")], str(folders / "o")
+    cases = [  # (argv, exit code, what stderr says)
+        (["stitch", *base, "--bank", str(bank), "--skills", "", "--out", out], 2, "no skill names in ''; leave --skills out"),
+        (["stitch", *base, "--bank", str(bank), "--skills", " , ", "--out", out], 2, "no skill names"),
+        (["localize", *base, "--finetuned", str(folders / "ft0"), "--bank", str(bank), "--name", "x", "--exclude", "[unclosed"],
+         2, r"'\[unclosed' is not a valid regular expression"),
+        (["localize", *base, "--finetuned", str(folders / "base"), "--bank", str(bank), "--name", "x"], 2,
+         "equal the base's everywhere"),
+        (["plot", "overlap", str(bank), "--out", str(folders / "nowhere" / "x.png")], 2, "folder .*nowhere does not exist"),
+        (["plot", "recovery", str(folders / "bad.json"), "--out", str(folders / "r.png")], 2, "bad.json is not readable JSON"),
+        (["plot", "recovery", str(folders / "list.json"), "--out", str(folders / "r.png")], 2, "must map '<method> <sparsity>'"),
+        (["plot", "arrivals", str(folders / "missing.json"), "--out", str(folders / "r.png")], 2, "missing.json does not exist"),
+        (["list", str(folders / "nobank")], 2, "no skill bank at .*nobank .*check the path.*skillbank localize --bank"),
+    ]
+    for argv, code, words in cases:
+        try:
+            got = main(argv)
+        except SystemExit as exit_info:  # argparse: the usage line, then the reason
+            got = exit_info.code
+        err = capsys.readouterr().err
+        assert got == code and re.search(words, err) and "Traceback" not in err, (argv, got, err[-500:])
+    assert not (folders / "o").exists() and SkillBank(bank).names() == ["t0"]
+
+
 def test_verify_exits_1_and_names_damaged_skills(folders, capsys):
     bank = folders / "bank"
     for i in range(2):
@@ -108,6 +139,26 @@ def test_verify_exits_1_and_names_damaged_skills(folders, capsys):
     assert main(["verify", str(bank)]) == 1
     captured = capsys.readouterr()
     assert "sha256" in captured.out and "t1" in captured.err
+
+
+_HEAVY = """
+import sys
+from skillbank.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(sorted(m for m in ("torch", "transformers", "lightning") if m in sys.modules))
+"""
+
+
+def test_help_list_and_remove_load_no_torch_transformers_or_lightning(tmp_path, base_model):
+    bank = SkillBank(tmp_path / "bank")
+    bank.add(make_skill(base_model, "t0", seed=1))
+    for argv in (["--help"], ["stitch", "--help"], ["list", str(bank.path)], ["remove", str(bank.path), "t0"]):
+        result = subprocess.run([sys.executable, "-c", _HEAVY, *argv], capture_output=True, text=True, check=True)
+        assert result.stdout.splitlines()[-1] == "[]", (argv, result.stdout[-300:], result.stderr[-300:])
+    assert bank.names() == []
 
 
 @pytest.mark.parametrize("command", ["", "demo", "localize", "list", "show", "remove", "verify", "stitch"])

@@ -17,8 +17,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from transformers import BertForSequenceClassification, BertModel
 
-from conftest import finetune_like, live_copy, tiny_config
-from skillbank import MaskLearner, SkillBank, SkillbankError, Stitcher, TaskVectorError, localize_dataless, task_vector
+from conftest import finetune_like, live_copy, make_skill, tiny_config
+from skillbank import (
+    MaskLearner,
+    SkillBank,
+    SkillbankError,
+    SkillNameError,
+    Stitcher,
+    TaskVectorError,
+    localize_dataless,
+    task_vector,
+)
 from skillbank.classifier import accuracy
 from skillbank.fewshot import balanced_indices
 from skillbank.demo import _classifier, _finetune, _quiet, pretrained_base
@@ -196,12 +205,25 @@ def test_ddp_learns_the_same_mask_and_writes_the_bank_once(tmp_path):
         (dict(exclude=[".*"]), TaskVectorError, "no shared floating-point parameter is left"),
         (dict(recipe="fast"), SkillbankError, "unknown recipe 'fast'"),
         (dict(bank="somewhere"), SkillbankError, "skill_name is not"),
+        (dict(bank="somewhere", skill_name="../up"), SkillNameError, "invalid skill name '../up'"),
         (dict(lr=-1.0), SkillbankError, "need lr > 0"),
     ],
 )
 def test_bad_arguments_are_refused(base_model, kwargs, error, words):
     with pytest.raises(error, match=re.escape(words)):
         MaskLearner(finetune_like(base_model, seed=1), base_model, **kwargs)
+
+
+def test_a_taken_skill_name_is_refused_before_any_training(base_model, tmp_path):
+    bank = SkillBank(tmp_path / "bank")
+    bank.add(make_skill(base_model, "sentiment", seed=1))
+    learner = MaskLearner(finetune_like(base_model, seed=1), base_model, bank=str(bank.path), skill_name="sentiment")
+    steps = []
+    learner.on_train_batch_start = lambda *args: steps.append(1)  # noqa: ARG005
+    with pytest.raises(SkillNameError, match="already has a skill 'sentiment'; pick another skill_name .* before training"):
+        trainer(max_epochs=40).fit(learner, DataLoader(TokenDataset(torch.ones(8, 4, dtype=torch.long),
+                                                                    torch.zeros(8, dtype=torch.long)), batch_size=4))
+    assert steps == [] and bank.names() == ["sentiment"]
 
 
 def test_a_finetune_of_another_base_is_refused(base_model):

@@ -64,6 +64,24 @@ def test_unrelated_models_share_nothing():
         task_vector({"a.weight": torch.ones(2)}, {"b.weight": torch.ones(3)})
 
 
+def test_the_base_passed_as_its_own_finetune_is_refused(base_model):
+    with pytest.raises(TaskVectorError, match="equal the base's everywhere .*pass the finetuned model"):
+        task_vector(base_model, base_model)
+
+
+def test_a_finetune_of_another_base_is_warned_about(base_model):
+    import warnings
+
+    torch.manual_seed(123)
+    other = BertModel(tiny_config()).eval()  # same architecture, other initialization: not a finetune of base_model
+    with pytest.warns(UserWarning, match=r"as large as the weights themselves \(\|\|tau\|\| / \|\|theta_pre\|\| = 1\.[3-5]\d.*"
+                                         "a finetune of this base"):
+        task_vector(base_model, other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an ordinary finetune: no warning
+        task_vector(base_model, finetune_like(base_model, seed=1))
+
+
 def test_fingerprint_identifies_values_names_and_dtypes(base_model):
     state = base_model.state_dict()
     fp = base_fingerprint(state)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -91,6 +92,32 @@ def test_a_missing_model_attribute_is_named(base_model, tmp_path):
                             enable_checkpointing=False)
     with pytest.raises(SkillbankError, match="has no attribute 'backbone'"):
         trainer.fit(module, task_loader())
+
+
+class HoldsNet(pl.LightningModule):
+    """A user's module that keeps its Hugging Face model as ``self.net``, not ``self.model``."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        return self.net(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+
+    def configure_optimizers(self):  # noqa: ANN201
+        return torch.optim.SGD(self.net.parameters(), lr=0.05)
+
+
+def test_a_model_kept_under_another_name_is_named_not_folded_into_the_task_vector(base_model, tmp_path):
+    from conftest import finetune_like
+
+    trainer = quiet_trainer(max_steps=2, callbacks=[SkillHarvester(tmp_path / "b", "s")], enable_checkpointing=False)
+    with pytest.raises(SkillbankError, match=r"holds its Hugging Face model as self.net, not self.model; pass model_attr='net'"):
+        trainer.fit(HoldsNet(finetune_like(base_model, seed=1)), task_loader())
+    trainer = quiet_trainer(max_steps=2, callbacks=[SkillHarvester(tmp_path / "b", "s", model_attr="net")],
+                            enable_checkpointing=False)
+    trainer.fit(HoldsNet(finetune_like(base_model, seed=1)), task_loader())
+    assert set(SkillBank(tmp_path / "b").get("s").head) == {"classifier.weight", "classifier.bias"}
 
 
 @pytest.mark.ddp

@@ -113,6 +113,29 @@ def test_the_rule_is_used_and_a_resume_with_another_rule_is_refused(base_model, 
             resumed, task_loader(), ckpt_path=tmp_path / "run.ckpt")
 
 
+def test_a_missing_bank_or_skill_is_warned_about_and_no_bank_is_created(base_model, skills, tmp_path):
+    module = Watcher(live_copy(base_model))
+    nowhere = SkillStitcher(tmp_path / "no-such-bank")
+    with pytest.warns(UserWarning, match=r"no bank at .*no-such-bank \(yet\), so nothing is stitched.*check the path"):
+        quiet_trainer(callbacks=[nowhere]).validate(module, task_loader(n=32))
+    assert nowhere.stitched == [] and not (tmp_path / "no-such-bank").exists()
+
+    bank = SkillBank(tmp_path / "bank")
+    bank.add(skills[0])
+    typo = SkillStitcher(tmp_path / "bank", skills=["a", "typo"])
+    with pytest.warns(UserWarning, match=r"\['typo'\] are not in .*it holds \['a'\].*Check the names"):
+        quiet_trainer(callbacks=[typo]).validate(module, task_loader(n=32))
+    assert typo.stitched == ["a"]
+
+    late = SkillStitcher(tmp_path / "later")  # a bank another run fills after this one started
+    trainer, watched = quiet_trainer(callbacks=[late]), Watcher(live_copy(base_model))
+    with pytest.warns(UserWarning, match="no bank at"):
+        trainer.validate(watched, task_loader(n=32))
+    SkillBank(tmp_path / "later").add(skills[1])
+    trainer.validate(watched, task_loader(n=32))
+    assert late.stitched == ["b"]
+
+
 @pytest.mark.parametrize("kwargs, words", [(dict(every_n_steps=0), "every_n_steps must be"), (dict(file=True), "is a file"),
                                            (dict(rule="median"), "unknown overlap rule")])
 def test_bad_arguments_fail_fast(tmp_path, kwargs, words):
