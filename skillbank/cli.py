@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -242,12 +243,20 @@ def _escape(text: str) -> str:
 def _list(args: argparse.Namespace) -> int:
     bank = SkillBank(args.bank, create=False)
     entries = bank.list()
+    if args.json:
+        return _print_json({"schema": "skillbank.list/1", "bank": str(bank.path), "skills": [asdict(e) for e in entries]})
     if not entries:
         print(f"{bank.path}: no skills yet")
         return 0
     rows = [(e.name, e.task, e.method, e.sparsity, _recovery(e.metrics), f"{e.entries:,}", e.value_dtype, f"{e.bytes:,}", e.created)
             for e in entries]
     print(_table(("name", "task", "method", "sparsity", "recovery", "entries", "values", "bytes", "created"), rows))
+    return 0
+
+
+def _print_json(document: dict) -> int:
+    """Print ``document`` as JSON on stdout (non-ASCII and control characters escaped: safe on any terminal)."""
+    print(json.dumps(document, indent=1, sort_keys=True, ensure_ascii=True))
     return 0
 
 
@@ -262,6 +271,14 @@ def _show(args: argparse.Namespace) -> int:
     entry = bank.entry(args.name)
     skill = bank.get(args.name)
     meta = skill.metadata
+    if args.json:
+        return _print_json({
+            "schema": "skillbank.show/1", "bank": str(bank.path), "entry": asdict(entry), "metadata": asdict(meta),
+            "entries": skill.num_entries, "shared": skill.num_shared,
+            "regions": {n: len(r) for n, r in skill.regions.items() if len(r)},
+            "head": {n: list(t.shape) for n, t in skill.head.items()},
+            "centroids": None if skill.centroids is None else list(skill.centroids.shape),
+        })
     print(f"skill {meta.name!r} (task {meta.task!r}) in {bank.path}")
     for key, value in [
         ("method", meta.method), ("sparsity", meta.sparsity), ("entries", f"{skill.num_entries:,} of {skill.num_shared:,}"),
@@ -293,8 +310,11 @@ def _remove(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     bank = SkillBank(args.bank, create=False)
     report = bank.verify()
-    print(_table(("skill", "status"), list(report.items())) if report else f"{bank.path}: no skills")
     damaged = [n for n, status in report.items() if status != "ok"]
+    if args.json:
+        _print_json({"schema": "skillbank.verify/1", "bank": str(bank.path), "ok": not damaged, "skills": report})
+        return 1 if damaged else 0
+    print(_table(("skill", "status"), list(report.items())) if report else f"{bank.path}: no skills")
     if damaged:
         print(f"\n{len(damaged)} of {len(report)} skills damaged: {', '.join(damaged)}", file=sys.stderr)
         return 1
@@ -455,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "localization method, sparsity, validation recovery (skills sized with --sparsity auto), number of "
                        "entries, value dtype, file size and creation time.")
     p.add_argument("bank", help="the bank directory")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts (schema in the README)")
     p.set_defaults(run=_list)
 
     p = sub.add_parser("show", help="show one skill's metadata and where its entries are",
@@ -462,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bank", help="the bank directory")
     p.add_argument("name", help="the skill's name")
     p.add_argument("--top", type=int, default=15, help="how many parameters to list (default: 15)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts (schema in the README)")
     p.set_defaults(run=_show)
 
     p = sub.add_parser("remove", help="remove a skill from a bank", description="Remove a skill from the bank: the manifest is rewritten first "
@@ -474,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Read every skill, checking size, sha256, format and base fingerprint. Lists each "
                        "skill's status and exits non-zero when any is damaged.")
     p.add_argument("bank", help="the bank directory")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts (schema in the README)")
     p.set_defaults(run=_verify)
 
     p = sub.add_parser("stitch", help="stitch skills onto the base and write a Hugging Face model folder",

@@ -129,6 +129,37 @@ def test_user_mistakes_get_a_one_line_reason_not_a_traceback(folders, base_model
     assert not (folders / "o").exists() and SkillBank(bank).names() == ["t0"]
 
 
+def test_json_outputs_follow_their_schema(folders, base_model, capsys):
+    import json
+
+    bank = SkillBank(folders / "bank")
+    bank.add(make_skill(base_model, "t0", seed=1))
+    bank.add(make_skill(base_model, "t1", seed=2))
+    assert main(["list", str(bank.path), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["schema"] == "skillbank.list/1" and [e["name"] for e in listed["skills"]] == ["t0", "t1"]
+    entry_keys = {"name", "file", "bytes", "sha256", "task", "method", "sparsity", "entries", "value_dtype", "created", "metrics"}
+    assert all(set(e) == entry_keys for e in listed["skills"])
+    assert listed["skills"][0]["sha256"] == bank.entry("t0").sha256
+
+    assert main(["show", str(bank.path), "t1", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    skill = bank.get("t1")
+    assert shown["schema"] == "skillbank.show/1" and shown["entry"]["name"] == "t1"
+    assert shown["metadata"]["base_fingerprint"] == skill.metadata.base_fingerprint
+    assert shown["entries"] == skill.num_entries == sum(shown["regions"].values()) and shown["shared"] == skill.num_shared
+    assert shown["head"] == {"classifier.weight": [2, 16], "classifier.bias": [2]} and shown["centroids"] is None
+
+    assert main(["verify", str(bank.path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"schema": "skillbank.verify/1", "bank": str(bank.path), "ok": True,
+                                                   "skills": {"t0": "ok", "t1": "ok"}}
+    data = (bank.path / "t1.safetensors").read_bytes()
+    (bank.path / "t1.safetensors").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert main(["verify", str(bank.path), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False and report["skills"]["t0"] == "ok" and "sha256" in report["skills"]["t1"]
+
+
 def test_verify_exits_1_and_names_damaged_skills(folders, capsys):
     bank = folders / "bank"
     for i in range(2):
