@@ -156,11 +156,11 @@ def plot_overlap(bank: SkillBank | str | Path, out: str | Path, names: Sequence[
     plt = _pyplot()
     labels = [s.name for s in skills]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(labels), 1.0 + 0.8 * len(labels)))
-    off_diagonal = matrix.clone().fill_diagonal_(0)
-    im = ax.imshow(matrix.numpy(), vmin=0, vmax=max(float(off_diagonal.max()), 1e-3), cmap="viridis")  # colours for the overlaps
+    im = ax.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="viridis")  # one fixed scale: 1 is the diagonal, 0 no overlap
     for i in range(len(labels)):
         for j in range(len(labels)):
-            ax.text(j, i, f"{float(matrix[i, j]):.3f}", ha="center", va="center", color="w" if i != j else "k", fontsize=8)
+            value = float(matrix[i, j])
+            ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="k" if value > 0.6 else "w", fontsize=8)
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
     ax.set_title("mask overlap (Jaccard)")
@@ -192,7 +192,11 @@ def plot_layers(bank: SkillBank | str | Path, out: str | Path, names: Sequence[s
         total = max(sum(counts[skill.name].values()), 1)
         grid = torch.tensor([[counts[skill.name].get((l, c), 0) / total for c in COMPONENTS] for l in layers])
         shares[skill.name] = {f"{l} / {c}": float(grid[i, j]) for i, l in enumerate(layers) for j, c in enumerate(COMPONENTS) if grid[i, j]}
-        ax.imshow(grid.numpy(), cmap="magma", vmin=0, aspect="auto")
+        im = ax.imshow(grid.numpy(), cmap="magma", vmin=0, vmax=1, aspect="auto")
+        for i, j in torch.nonzero(grid >= 0.005).tolist():  # the share written in every cell that holds any
+            ax.text(j, i, f"{float(grid[i, j]):.0%}", ha="center", va="center", fontsize=7,
+                    color="k" if grid[i, j] > 0.6 else "w")
+        fig.colorbar(im, ax=ax, fraction=0.046, label="share of entries")
         ax.set_xticks(range(len(COMPONENTS)), COMPONENTS, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(layers)), layers, fontsize=8)
         ax.set_title(f"{skill.name}: share of its {total:,} entries", fontsize=9)

@@ -85,3 +85,24 @@ def test_skillbank_plot_writes_pngs(base_model, tmp_path: Path, capsys) -> None:
     assert main(["plot", "overlap", str(tmp_path / "empty"), "--out", str(tmp_path / "x.png")]) == 2
     assert main(["plot", "overlap", str(bank.path), "--skills", "nope", "--out", str(tmp_path / "x.png")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_heatmaps_read_on_a_fixed_scale_with_values_and_colour_bars(base_model, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from skillbank import plots
+
+    bank = SkillBank(tmp_path / "bank")
+    for i, name in enumerate(("sent", "topic")):
+        bank.add(make_skill(base_model, name, seed=i + 1))
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda plt, fig, out: figures.append(fig))
+    matrix = plots.plot_overlap(bank, tmp_path / "o.png")
+    heat, *bars = figures[0].axes
+    assert heat.images[0].get_clim() == (0, 1) and len(bars) == 1  # diagonal and overlaps on one 0–1 scale, with its bar
+    assert sorted(t.get_text() for t in heat.texts) == sorted(f"{v:.3f}" for v in matrix.flatten().tolist())
+    shares = plots.plot_layers(bank, tmp_path / "l.png")
+    panels = [ax for ax in figures[1].axes if ax.images]
+    assert len(panels) == 2 and len(figures[1].axes) == 4  # one colour bar per panel
+    for ax, name in zip(panels, ("sent", "topic")):
+        assert ax.images[0].get_clim() == (0, 1)
+        written = {t.get_text() for t in ax.texts}
+        assert written and written <= {f"{v:.0%}" for v in shares[name].values()}
