@@ -10,6 +10,7 @@ shows every setting with its default.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
@@ -42,6 +43,14 @@ def _skillbank_cause(exc: BaseException) -> SkillbankError | None:
 
 
 def _cli(argv: Sequence[str]) -> LightningCLI:
+    command_line, sys.argv = sys.argv, sys.argv[:1]  # the arguments come as args=; LightningCLI warns when both are set
+    try:
+        return _lightning_cli(argv)
+    finally:
+        sys.argv = command_line
+
+
+def _lightning_cli(argv: Sequence[str]) -> LightningCLI:
     return LightningCLI(
         pl.LightningModule,
         pl.LightningDataModule,

@@ -94,6 +94,10 @@ def require_safetensors(folder: str | Path, stem: str = "model") -> Path:
     folder = Path(folder)
     if (folder / f"{stem}.safetensors").is_file() or (folder / f"{stem}.safetensors.index.json").is_file():
         return folder
+    if not folder.exists():
+        hint = (" It is one of the demo's folders: make them first with `skillbank demo --workdir skillbank-demo`."
+                if "skillbank-demo" in folder.parts else "")
+        raise SkillbankError(f"no model folder at {folder} (relative to {Path.cwd()}): the path does not exist.{hint}")
     found = sorted(p.name for p in folder.iterdir())[:10] if folder.is_dir() else []
     pickled = [n for n in found if n.endswith(_PICKLE_SUFFIXES)]
     why = (f"it holds only pickled weights ({', '.join(pickled)}), and skillbank never unpickles (unpickling runs "

@@ -62,6 +62,19 @@ def test_fit_reports_bad_settings_plainly(demo_like, capsys):
     assert "sparsity must be a fraction in (0, 1]" in capsys.readouterr().err
 
 
+def test_the_demo_config_before_the_demo_says_what_to_run(tmp_path, monkeypatch, capsys):
+    import warnings
+
+    monkeypatch.chdir(tmp_path)  # a fresh clone: no skillbank-demo/ yet
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["fit", "--config", str(CONFIGS / "mask_demo.yaml")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # the reason, as the last line (not a traceback)
+    assert last.startswith("skillbank fit: error: no model folder at skillbank-demo/finetuned/sentiment")
+    assert last.endswith("make them first with `skillbank demo --workdir skillbank-demo`.")
+    assert not [w for w in caught if "args parameter" in str(w.message)]  # no LightningCLI warning about how it was called
+
+
 def config_with_paths(name: str, paths: dict[str, str], tmp_path: Path, **trainer) -> str:
     """The shipped config ``name`` with the demo folders pointed at the test's tiny ones."""
     text = (CONFIGS / name).read_text()
