@@ -100,6 +100,7 @@ class SkillStitcher(Callback):
         self._restored: list[str] = []
         self._restored_base: dict[str, dict[str, Tensor]] | None = None
         self._warned: set[str] = set()
+        self._latest_step = 0  # the global step of the last look after training batches
 
     # -- public ------------------------------------------------------------
 
@@ -125,8 +126,10 @@ class SkillStitcher(Callback):
         return self._stitcher.use_head(name)
 
     def should_update(self, step_idx: int, epoch_idx: int) -> bool:
-        """Whether to look at the bank after training step ``step_idx`` (override for other schedules)."""
-        return self.every_n_steps is not None and step_idx > 0 and step_idx % self.every_n_steps == 0
+        """Whether to look at the bank after optimizer step ``step_idx`` (zero-based, as in Lightning's
+        ``WeightAveraging``; in predict, the batch index); override for other schedules. Asked at most once
+        per optimizer step, whatever ``accumulate_grad_batches`` is."""
+        return self.every_n_steps is not None and (step_idx + 1) % self.every_n_steps == 0
 
     @property
     def serving(self) -> bool:
@@ -184,14 +187,17 @@ class SkillStitcher(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._latest_step = trainer.global_step  # a resumed run counts from where it stopped
         self.update(trainer, pl_module)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.should_update(trainer.global_step, trainer.current_epoch):
-            self.update(trainer, pl_module)
+        if trainer.global_step > self._latest_step:  # an optimizer step was taken (not every batch is one)
+            self._latest_step = trainer.global_step
+            if self.should_update(trainer.global_step - 1, trainer.current_epoch):
+                self.update(trainer, pl_module)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -212,7 +218,7 @@ class SkillStitcher(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         self._release()
-        if self.should_update(batch_idx + 1, trainer.current_epoch):
+        if self.should_update(batch_idx, trainer.current_epoch):
             self.update(trainer, pl_module)
 
     # -- serving mode ----------------------------------------------------------

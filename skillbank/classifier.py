@@ -44,7 +44,7 @@ class SequenceClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         if optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}.")
+            raise SkillbankError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}.")
         self.model = load_model(model, num_labels)
         self.skill_head = skill_head
         self.lr = lr

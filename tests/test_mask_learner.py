@@ -315,3 +315,10 @@ def test_in_context_masks_depend_on_what_arrived_before_not_on_its_order(base_mo
 
     assert learned([c1, c2]) == learned([c2, c1])  # the rule is order-free: only the set of earlier skills counts
     assert learned([c1, c2]) != learned([])  # arrival-aware: the mask is chosen for the model it joins
+
+
+def test_an_unknown_classifier_optimizer_is_a_skillbank_error(base_model):
+    from skillbank.classifier import SequenceClassifier
+
+    with pytest.raises(SkillbankError, match="optimizer must be 'adamw' or 'sgd', got 'adam'"):
+        SequenceClassifier(finetune_like(base_model, seed=1), optimizer="adam")

@@ -57,6 +57,20 @@ def test_a_skill_added_mid_run_is_stitched_at_the_next_moment(base_model, skills
     assert sorted(module.skill_heads) == ["a", "b"]
 
 
+@pytest.mark.parametrize("accumulate", [1, 4])
+def test_the_bank_is_looked_at_once_per_optimizer_step_whatever_the_accumulation(base_model, skills, tmp_path, accumulate):
+    SkillBank(tmp_path / "bank").add(skills[0])
+    stitcher = SkillStitcher(tmp_path / "bank", every_n_steps=1, on_validation_start=False)
+    looks, asked = [], []
+    update, should_update = stitcher.update, stitcher.should_update
+    stitcher.update = lambda trainer, module: looks.append(trainer.global_step) or update(trainer, module)
+    stitcher.should_update = lambda step, epoch: asked.append(step) or should_update(step, epoch)
+    trainer = quiet_trainer(max_steps=3, accumulate_grad_batches=accumulate, callbacks=[stitcher], enable_checkpointing=False)
+    trainer.fit(Watcher(live_copy(base_model)), task_loader(n=16 * 4 * 3))
+    assert asked == [0, 1, 2]  # zero-based index of each optimizer step, asked once each
+    assert looks == [0, 1, 2, 3]  # at the start, then after each of the 3 optimizer steps
+
+
 def test_a_resumed_run_does_not_stitch_twice(base_model, skills, tmp_path):
     a, b = skills
     bank = SkillBank(tmp_path / "bank")
