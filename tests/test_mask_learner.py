@@ -321,4 +321,4 @@ def test_an_unknown_classifier_optimizer_is_a_skillbank_error(base_model):
     from skillbank.classifier import SequenceClassifier
 
     with pytest.raises(SkillbankError, match="optimizer must be 'adamw' or 'sgd', got 'adam'"):
-        SequenceClassifier(finetune_like(base_model, seed=1), optimizer="adam")
+        SequenceClassifier(finetune_like(base_model, seed=1), num_labels=2, optimizer="adam")
