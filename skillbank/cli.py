@@ -98,29 +98,35 @@ def _localize(args: argparse.Namespace) -> int:
     from skillbank.adapters import is_adapter_folder
     from skillbank.localize import localize_dataless
     from skillbank.pull import resolve_model
+    from skillbank.streaming import localize_streaming
     from skillbank.task_vectors import task_vector
     from skillbank.weights import load_state_dict
 
     bank = SkillBank(args.bank)  # fail fast on a bad bank path before the heavy work
     if args.name in bank:
         raise SkillbankError(f"a skill named {args.name!r} is already in {bank.path}; pick another --name.")
+    fields = dict(name=args.name, task=args.task or args.name, exclude=args.exclude, value_dtype=args.value_dtype,
+                  source={"kind": "full finetune", "base": str(args.base), "finetuned": str(args.finetuned)})
     with _bar(total=4, desc=f"localize {args.name}", unit="step") as bar:
-        bar.set_postfix_str("loading weights")
         adapter = is_adapter_folder(args.finetuned)  # merged onto the base model itself, so both stay paths
-        base = args.base if adapter else load_state_dict(args.base)
-        finetuned = args.finetuned if adapter else load_state_dict(args.finetuned)
-        bar.update()
-        bar.set_postfix_str("task vector")
-        tv = task_vector(base, finetuned, head_patterns=args.head_pattern)
-        bar.update()
-        fields = dict(name=args.name, task=args.task or args.name, exclude=args.exclude, value_dtype=args.value_dtype,
-                      source={"kind": "full finetune", "base": str(args.base), "finetuned": str(args.finetuned)})
-        if args.sparsity == "auto":
-            bar.set_postfix_str(f"sizes keeping {args.target_recovery:g}")
-            skill = _localize_auto(args, base, tv, fields)
+        if not adapter and args.sparsity != "auto":  # read one tensor at a time: memory follows the skill, not the model
+            bar.set_postfix_str("top-k, tensor by tensor")
+            skill = localize_streaming(args.base, args.finetuned, args.sparsity, head_patterns=args.head_pattern, **fields)
+            bar.update(2)
         else:
-            bar.set_postfix_str("top-k")
-            skill = localize_dataless(tv, args.sparsity, **fields)
+            bar.set_postfix_str("loading weights")
+            base = args.base if adapter else load_state_dict(args.base)
+            finetuned = args.finetuned if adapter else load_state_dict(args.finetuned)
+            bar.update()
+            bar.set_postfix_str("task vector")
+            tv = task_vector(base, finetuned, head_patterns=args.head_pattern)
+            bar.update()
+            if args.sparsity == "auto":
+                bar.set_postfix_str(f"sizes keeping {args.target_recovery:g}")
+                skill = _localize_auto(args, base, tv, fields)
+            else:
+                bar.set_postfix_str("top-k")
+                skill = localize_dataless(tv, args.sparsity, **fields)
         # --val-data doubles as routing data when the base is a model folder (routing needs its encoder)
         base_is_folder = (Path(resolve_model(str(args.base))) / "config.json").is_file()
         routing_data = args.routing_data or (args.val_data if base_is_folder else None)

@@ -13,7 +13,7 @@ from skillbank.skill import VALUE_DTYPES, Region, Skill, SkillMetadata
 from skillbank.sparse import check_sparsity, global_topk, num_selected
 from skillbank.task_vectors import TaskVector, matches
 
-__all__ = ["localize_dataless", "skill_from_mask"]
+__all__ = ["localize_dataless", "skill_from_mask", "skill_from_regions"]
 
 
 def skill_from_mask(
@@ -30,28 +30,53 @@ def skill_from_mask(
     value_dtype: str = "float32",
 ) -> Skill:
     """Build a :class:`Skill` from a task vector and chosen flat ``indices`` per parameter."""
-    if value_dtype not in VALUE_DTYPES:
-        raise TaskVectorError(f"value_dtype must be one of {sorted(VALUE_DTYPES)}, got {value_dtype!r}.")
     empty = torch.empty(0, dtype=torch.int64)
     regions = {}
     for pname, tau in tv.shared.items():
         idx = indices.get(pname, empty).to("cpu", torch.int64)
         values = tau.reshape(-1)[idx.to(tau.device)] if idx.numel() else torch.empty(0)
         regions[pname] = Region(idx, values.to("cpu", torch.float32))
+    return skill_from_regions(
+        regions, shapes={p: list(t.shape) for p, t in tv.shared.items()}, base_fingerprint=tv.base_fingerprint,
+        dtypes=tv.dtypes, head=tv.head, name=name, sparsity=sparsity, method=method, task=task, settings=settings,
+        metrics=metrics, source={**dict(source or {}), **tv.source},  # the task vector knows whether an adapter was merged
+        value_dtype=value_dtype,
+    )
+
+
+def skill_from_regions(
+    regions: Mapping[str, Region],
+    *,
+    shapes: Mapping[str, list[int]],
+    base_fingerprint: str,
+    dtypes: Mapping[str, str],
+    head: Mapping[str, Tensor],
+    name: str,
+    sparsity: float,
+    method: str,
+    task: str = "",
+    settings: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    source: Mapping[str, Any] | None = None,
+    value_dtype: str = "float32",
+) -> Skill:
+    """Build a :class:`Skill` from its regions (one per shared parameter, in ``shapes``' order) and what it records."""
+    if value_dtype not in VALUE_DTYPES:
+        raise TaskVectorError(f"value_dtype must be one of {sorted(VALUE_DTYPES)}, got {value_dtype!r}.")
     metadata = SkillMetadata(
         name=name,
-        base_fingerprint=tv.base_fingerprint,
+        base_fingerprint=base_fingerprint,
         sparsity=sparsity,
-        shapes={p: list(t.shape) for p, t in tv.shared.items()},
+        shapes={p: list(shape) for p, shape in shapes.items()},
         task=task or name,
         method=method,
         settings=dict(settings or {}),
         metrics=dict(metrics or {}),
-        source={**dict(source or {}), **tv.source},  # the task vector knows whether an adapter was merged
+        source=dict(source or {}),
         value_dtype=value_dtype,
-        dtypes=dict(tv.dtypes),
+        dtypes=dict(dtypes),
     )
-    return Skill(metadata=metadata, regions=regions, head={k: v.to("cpu") for k, v in tv.head.items()})
+    return Skill(metadata=metadata, regions=dict(regions), head={k: v.to("cpu") for k, v in head.items()})
 
 
 def localize_dataless(

@@ -15,7 +15,7 @@ from skillbank.adapters import Finetune, merged_finetune
 from skillbank.errors import TaskVectorError
 from skillbank.weights import WeightsSource, align_names, base_fingerprint, is_float, load_state_dict
 
-__all__ = ["MAX_RELATIVE_NORM", "TaskVector", "matches", "task_vector"]
+__all__ = ["MAX_RELATIVE_NORM", "Plausibility", "TaskVector", "check_finite", "matches", "task_vector"]
 
 #: ``‖τ‖ / ‖θ_pre‖`` over the weight matrices above which a "finetune" is warned about: finetunes stay far
 #: below 1, while two independent initializations (another base) differ by about √2 ≈ 1.41.
@@ -56,7 +56,8 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
     return any(re.search(p, name) for p in patterns)
 
 
-def _check_finite(tensors: dict[str, Tensor], what: str) -> None:
+def check_finite(tensors: dict[str, Tensor], what: str) -> None:
+    """Raise :class:`TaskVectorError` naming the first tensor of ``tensors`` with NaN/Inf entries."""
     for name, tensor in tensors.items():
         bad = ~torch.isfinite(tensor)
         if bool(bad.any()):
@@ -66,18 +67,34 @@ def _check_finite(tensors: dict[str, Tensor], what: str) -> None:
             )
 
 
-def _check_plausible(shared: dict[str, Tensor], base_state: dict[str, Tensor]) -> None:
-    """Refuse an all-zero τ (the base passed as the finetune); warn when τ is as large as the weights."""
-    if not any(bool(t.any()) for t in shared.values()):
-        raise TaskVectorError("the finetuned weights equal the base's everywhere (the task vector is all zero): pass the "
-                              "finetuned model (or its checkpoint folder), not the base.")
-    matrices = [b for b, t in shared.items() if t.dim() >= 2]
-    change = sum(float(shared[b].pow(2).sum()) for b in matrices) ** 0.5
-    size = sum(float(base_state[b].float().pow(2).sum()) for b in matrices) ** 0.5
-    if size > 0 and change / size > MAX_RELATIVE_NORM:
-        warnings.warn(f"the task vector is as large as the weights themselves (||tau|| / ||theta_pre|| = {change / size:.2f} "
-                      f"over the weight matrices; finetunes stay far below 1, another base gives about 1.41): is this "
-                      "model a finetune of this base?", UserWarning, stacklevel=3)
+class Plausibility:
+    """Whether a task vector looks like a finetune's, gathered one tensor at a time.
+
+    An all-zero τ (the base passed as its own finetune) is an error; a τ as large
+    as the weights (``‖τ‖ / ‖θ_pre‖`` over the weight matrices above
+    :data:`MAX_RELATIVE_NORM`: another base?) a warning.
+    """
+
+    def __init__(self) -> None:
+        self.change, self.size, self.nonzero = 0.0, 0.0, False
+
+    def add(self, tau: Tensor, base: Tensor) -> None:
+        """Count one shared tensor: its τ and its base value."""
+        self.nonzero = self.nonzero or bool(tau.any())
+        if tau.dim() >= 2:
+            self.change += float(tau.pow(2).sum())
+            self.size += float(base.float().pow(2).sum())
+
+    def check(self) -> None:
+        """Raise or warn, as the class says."""
+        if not self.nonzero:
+            raise TaskVectorError("the finetuned weights equal the base's everywhere (the task vector is all zero): pass "
+                                  "the finetuned model (or its checkpoint folder), not the base.")
+        ratio = (self.change / self.size) ** 0.5 if self.size > 0 else 0.0
+        if ratio > MAX_RELATIVE_NORM:
+            warnings.warn(f"the task vector is as large as the weights themselves (||tau|| / ||theta_pre|| = {ratio:.2f} "
+                          f"over the weight matrices; finetunes stay far below 1, another base gives about 1.41): is this "
+                          "model a finetune of this base?", UserWarning, stacklevel=3)
 
 
 def task_vector(
@@ -122,9 +139,12 @@ def task_vector(
     used = set(shared_names.values())
     shared = {b: ft_state[f].detach().float() - base_state[b].detach().float() for b, f in shared_names.items()}
     head = {f: t.detach() for f, t in ft_state.items() if f not in used}
-    _check_finite(shared, "task vector of")
-    _check_finite(head, "head tensor")
-    _check_plausible(shared, base_state)
+    check_finite(shared, "task vector of")
+    check_finite(head, "head tensor")
+    plausibility = Plausibility()
+    for b, tau in shared.items():
+        plausibility.add(tau, base_state[b])
+    plausibility.check()
     return TaskVector(
         shared=shared,
         head=head,

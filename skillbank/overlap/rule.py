@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
-
-from torch import Tensor
+from typing import TYPE_CHECKING, ClassVar
 
 from skillbank.errors import StitchError
+
+if TYPE_CHECKING:  # torch is not imported to list the rules (the CLI's --help)
+    from torch import Tensor
 
 __all__ = ["OverlapRule", "RULES", "get_rule", "register_rule"]
 

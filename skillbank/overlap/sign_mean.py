@@ -3,10 +3,12 @@ entries that agree with it are averaged."""
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from skillbank.overlap.rule import OverlapRule, register_rule
+
+if TYPE_CHECKING:  # torch is not imported to list the rules (the CLI's --help)
+    from torch import Tensor
 
 __all__ = ["SignMeanRule"]
 
@@ -39,11 +41,11 @@ class SignMeanRule(OverlapRule):
         acc[:, 2] += sign * values * negative
         acc[:, 3] += sign * negative
         if sign < 0:  # a side nobody is left on sums to exactly 0, so it cannot sway a later election
-            acc[:, 0] = torch.where(acc[:, 1] == 0, 0.0, acc[:, 0])
-            acc[:, 2] = torch.where(acc[:, 3] == 0, 0.0, acc[:, 2])
+            acc[:, 0] = acc[:, 0].where(acc[:, 1] != 0, 0.0)
+            acc[:, 2] = acc[:, 2].where(acc[:, 3] != 0, 0.0)
 
     def delta(self, acc: Tensor, count: Tensor) -> Tensor:
         total = acc[:, 0] + acc[:, 2]
         up = acc[:, 0] / acc[:, 1].clamp(min=1)
         down = acc[:, 2] / acc[:, 3].clamp(min=1)
-        return torch.where(total > 0, up, torch.where(total < 0, down, torch.zeros_like(total)))
+        return up.where(total > 0, down.where(total < 0, 0.0))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from skillbank.overlap.rule import OverlapRule, register_rule
+
+if TYPE_CHECKING:  # torch is not imported to list the rules (the CLI's --help)
+    from torch import Tensor
 
 __all__ = ["SumRule"]
 
