@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,16 @@ from skillbank.errors import SkillbankError, TaskVectorError
 from skillbank.localize import skill_from_regions
 from skillbank.skill import Region, Skill
 from skillbank.sparse import check_sparsity, num_selected
-from skillbank.task_vectors import Plausibility, check_finite, matches
-from skillbank.weights import align_names, fingerprint_from_digests, require_safetensors, tensor_digest
+from skillbank.task_vectors import Plausibility, check_finite, matches, nonfinite_error
+from skillbank.weights import align_names, chunked_digest, fingerprint_from_digests, require_safetensors
 
-__all__ = ["SafetensorsReader", "localize_streaming"]
+__all__ = ["CHUNK_ENTRIES", "SafetensorsReader", "localize_streaming"]
 
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_FLOAT_DTYPES = set(_TORCH_DTYPES)
+#: Entries per piece a tensor is read in: the streaming path's working set is a few such pieces plus the selection.
+CHUNK_ENTRIES = 1 << 22
 
 
 class SafetensorsReader:
@@ -74,10 +78,32 @@ class SafetensorsReader:
         with safe_open(str(self.file[name]), "pt") as handle:
             return handle.get_tensor(name)
 
+    def torch_dtype(self, name: str) -> torch.dtype:
+        """Tensor ``name``'s dtype, from the header."""
+        return _TORCH_DTYPES[self.dtype[name]]
+
+    def chunks(self, name: str, entries: int | None = None) -> Iterator[Tensor]:
+        """Tensor ``name`` in row-major pieces of whole rows, about ``entries`` (default :data:`CHUNK_ENTRIES`)
+        entries each, read one at a time."""
+        entries = entries or CHUNK_ENTRIES
+        shape = self.shape[name]
+        if len(shape) == 0:
+            yield self.read(name)
+            return
+        step = max(1, entries // max(1, math.prod(shape[1:])))
+        for start in range(0, shape[0], step):
+            with safe_open(str(self.file[name]), "pt") as handle:  # mapped only while this piece is copied out
+                yield handle.get_slice(name)[start : start + step]
+
 
 class _RunningTopk:
     """The ``k`` largest scores seen so far, ties to the earliest position: positions arrive ascending, so
-    what leaves the selection can never re-enter it and the end result is the global top-k."""
+    what leaves the selection can never re-enter it and the end result is the global top-k.
+
+    Memory: the selection (``k`` entries) plus what one tensor offers; an entry that
+    cannot beat the smallest kept score (a tie loses to the earlier entry) is dropped
+    before any copy is made.
+    """
 
     def __init__(self, k: int) -> None:
         self.k = k
@@ -87,17 +113,46 @@ class _RunningTopk:
 
     def offer(self, tau: Tensor, offset: int) -> None:
         flat = tau.reshape(-1)
-        scores = torch.cat([self.scores, flat.abs()])
-        positions = torch.cat([self.positions, torch.arange(offset, offset + flat.numel())])
-        values = torch.cat([self.values, flat])
+        new = flat.abs()
+        local = None  # which entries of ``flat`` are offered (None: all of them)
+        if self.scores.numel() == self.k:  # full: only entries above the smallest kept score can enter
+            local = torch.nonzero(new > self.scores.min()).squeeze(1)
+            if not local.numel():
+                return
+            new = new[local]
+        held = self.scores.numel()
+        scores = torch.cat([self.scores, new]) if held else new
+        del new
+        chosen = None
         if scores.numel() > self.k:
             threshold = torch.kthvalue(scores, scores.numel() - self.k + 1).values
             keep = scores > threshold
             missing = self.k - int(keep.sum())
             keep[torch.nonzero(scores == threshold).squeeze(1)[:missing]] = True  # ties: earliest positions
             chosen = torch.nonzero(keep).squeeze(1)
-            scores, positions, values = scores[chosen], positions[chosen], values[chosen]
-        self.scores, self.positions, self.values = scores, positions, values
+            del keep
+            scores = scores[chosen]
+        else:
+            chosen = torch.arange(scores.numel())  # at most k entries
+        cut = int(torch.searchsorted(chosen, torch.tensor(held)))  # kept entries first, then new ones, both ascending
+        arrived = chosen[cut:] - held if local is None else local[chosen[cut:] - held]
+        self.scores = scores
+        self.positions = torch.cat([self.positions[chosen[:cut]], arrived + offset])
+        self.values = torch.cat([self.values[chosen[:cut]], flat[arrived]])
+
+
+def _tau_pieces(base: Iterator[Tensor], finetuned: Iterator[Tensor], selection: _RunningTopk | None, offset: int,
+                plausibility: Plausibility, bad: list[int]) -> Iterator[Tensor]:
+    """Yield the base's pieces of one tensor (for its digest); on the way, each piece's τ is checked, counted
+    for plausibility and offered to ``selection`` at its global position; ``bad[0]`` counts NaN/Inf entries."""
+    for base_piece, ft_piece in zip(base, finetuned):
+        tau = ft_piece.float() - base_piece.float()
+        bad[0] += int((~torch.isfinite(tau)).sum())
+        plausibility.add(tau, base_piece)
+        if selection is not None and not bad[0]:
+            selection.offer(tau, offset)
+        offset += tau.numel()
+        yield base_piece
 
 
 def localize_streaming(
@@ -141,16 +196,16 @@ def localize_streaming(
     selection, offsets, digests, dtypes = _RunningTopk(k), {}, {}, {}
     plausibility, offset = Plausibility(), 0
     for b, f in shared.items():
-        base_tensor = base_reader.read(b)
-        tau = ft_reader.read(f).float() - base_tensor.float()
-        check_finite({b: tau}, "task vector of")
-        plausibility.add(tau, base_tensor)
-        digests[b], dtypes[b] = tensor_digest(base_tensor), str(base_tensor.dtype)
+        bad = [0]
+        select = selection if b in sizes else None
+        base_pieces = _tau_pieces(base_reader.chunks(b), ft_reader.chunks(f), select, offset, plausibility, bad)
+        digests[b] = chunked_digest(base_reader.torch_dtype(b), base_reader.shape[b], base_pieces)
+        dtypes[b] = str(base_reader.torch_dtype(b))
+        if bad[0]:
+            raise nonfinite_error("task vector of", b, bad[0])
         if b in sizes:
             offsets[b] = offset
-            selection.offer(tau, offset)
             offset += sizes[b]
-        del base_tensor, tau
     plausibility.check()
     used = set(shared.values())
     head = {f: ft_reader.read(f) for f in ft_reader.float_names if f not in used}

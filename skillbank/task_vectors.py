@@ -15,7 +15,7 @@ from skillbank.adapters import Finetune, merged_finetune
 from skillbank.errors import TaskVectorError
 from skillbank.weights import WeightsSource, align_names, base_fingerprint, is_float, load_state_dict
 
-__all__ = ["MAX_RELATIVE_NORM", "Plausibility", "TaskVector", "check_finite", "matches", "task_vector"]
+__all__ = ["MAX_RELATIVE_NORM", "Plausibility", "TaskVector", "check_finite", "matches", "nonfinite_error", "task_vector"]
 
 #: ``‖τ‖ / ‖θ_pre‖`` over the weight matrices above which a "finetune" is warned about: finetunes stay far
 #: below 1, while two independent initializations (another base) differ by about √2 ≈ 1.41.
@@ -61,10 +61,13 @@ def check_finite(tensors: dict[str, Tensor], what: str) -> None:
     for name, tensor in tensors.items():
         bad = ~torch.isfinite(tensor)
         if bool(bad.any()):
-            raise TaskVectorError(
-                f"{what} {name!r} has {int(bad.sum())} NaN/Inf entries; the finetune diverged "
-                "or the checkpoint is damaged. Re-run or pick an earlier checkpoint."
-            )
+            raise nonfinite_error(what, name, int(bad.sum()))
+
+
+def nonfinite_error(what: str, name: str, count: int) -> TaskVectorError:
+    """The error for ``count`` NaN/Inf entries in tensor ``name``."""
+    return TaskVectorError(f"{what} {name!r} has {count} NaN/Inf entries; the finetune diverged "
+                           "or the checkpoint is damaged. Re-run or pick an earlier checkpoint.")
 
 
 class Plausibility:

@@ -27,6 +27,7 @@ __all__ = [
     "WeightsSource",
     "align_names",
     "base_fingerprint",
+    "chunked_digest",
     "fingerprint_from_digests",
     "is_float",
     "load_state_dict",
@@ -141,9 +142,14 @@ def align_names(source: Iterable[str], target: Iterable[str]) -> dict[str, str]:
 
 def tensor_digest(tensor: Tensor) -> str:
     """sha256 over a tensor's dtype, shape and raw bytes (name-free)."""
-    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-    digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-    digest.update(memoryview(data))
+    return chunked_digest(tensor.dtype, tensor.shape, [tensor])
+
+
+def chunked_digest(dtype: torch.dtype, shape: Iterable[int], chunks: Iterable[Tensor]) -> str:
+    """:func:`tensor_digest` of the tensor whose row-major pieces, in order, are ``chunks`` (read one at a time)."""
+    digest = hashlib.sha256(f"{dtype}|{tuple(shape)}|".encode())
+    for chunk in chunks:
+        digest.update(memoryview(chunk.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()
 
 

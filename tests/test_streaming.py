@@ -92,3 +92,30 @@ def test_the_selection_never_holds_more_than_k_plus_one_tensor(folders, monkeypa
     largest = max(torch.Size(shape).numel() for shape in reader.shape.values())
     assert len(held) == len(reader.float_names) and all(n <= k for n, k, _ in held)  # after each tensor: at most k kept
     assert max(k for _, k, _ in held) + largest < sum(torch.Size(s).numel() for s in reader.shape.values()) // 2
+
+
+def test_tensors_read_in_pieces_give_the_same_skill(folders, monkeypatch):
+    from skillbank import streaming
+
+    whole = localize_streaming(folders / "base", folders / "ft", 0.02, name="s")
+    monkeypatch.setattr(streaming, "CHUNK_ENTRIES", 40)  # a few rows a piece: every matrix in many pieces
+    name = "encoder.layer.0.intermediate.dense.weight"
+    pieces = list(SafetensorsReader(folders / "base").chunks(name))
+    assert len(pieces) == 16 and torch.equal(torch.cat(pieces), SafetensorsReader(folders / "base").read(name))
+    assert_same_skill(localize_streaming(folders / "base", folders / "ft", 0.02, name="s"), whole)
+
+
+def test_a_nan_in_one_piece_is_named_with_the_whole_tensors_count(tmp_path, base_model, monkeypatch):
+    from skillbank import streaming
+
+    state = {k: v.clone() for k, v in base_model.state_dict().items()}
+    finetuned = {k: v + 1e-3 for k, v in state.items()}
+    name = "encoder.layer.1.output.dense.weight"
+    finetuned[name][0, 0] = finetuned[name][-1, -1] = float("nan")  # in the first and the last piece
+    save_file(state, tmp_path / "base.safetensors")
+    save_file(finetuned, tmp_path / "ft.safetensors")
+    monkeypatch.setattr(streaming, "CHUNK_ENTRIES", 40)
+    with pytest.raises(TaskVectorError, match=f"task vector of '{name}' has 2 NaN/Inf entries"):
+        localize_streaming(tmp_path / "base.safetensors", tmp_path / "ft.safetensors", 0.01, name="s")
+    with pytest.raises(TaskVectorError, match=f"task vector of '{name}' has 2 NaN/Inf entries"):
+        task_vector(tmp_path / "base.safetensors", tmp_path / "ft.safetensors")
