@@ -95,11 +95,8 @@ def test_every_single_byte_flip_of_the_manifest_is_detected(damaged_bank_source,
             SkillBank(path)
 
 
-def test_stitcher_interrupted_mid_write_leaves_the_model_as_before(base_model, monkeypatch):
-    skills = [make_skill(base_model, f"t{i}", seed=i, sparsity=0.1) for i in range(3)]
-    model = live_copy(base_model)
-    stitcher = Stitcher(model)
-    stitcher.add(skills[0])
+def interrupted_midway(model, monkeypatch, step) -> None:  # noqa: ANN001
+    """Run ``step`` with a Ctrl-C raised at its write into a mid-model tensor; the model must be exactly as before."""
     before = copy.deepcopy(model.state_dict())
     victim = model.bert.encoder.layer[1].output.dense.weight.data_ptr()
     original = torch.Tensor.index_copy_
@@ -111,10 +108,18 @@ def test_stitcher_interrupted_mid_write_leaves_the_model_as_before(base_model, m
 
     monkeypatch.setattr(torch.Tensor, "index_copy_", failing)
     with pytest.raises(KeyboardInterrupt):
-        stitcher.add(skills[1])
+        step()
     monkeypatch.setattr(torch.Tensor, "index_copy_", original)
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+def test_stitcher_interrupted_mid_write_leaves_the_model_as_before(base_model, monkeypatch):
+    skills = [make_skill(base_model, f"t{i}", seed=i, sparsity=0.1) for i in range(3)]
+    model = live_copy(base_model)
+    stitcher = Stitcher(model)
+    stitcher.add(skills[0])
+    interrupted_midway(model, monkeypatch, lambda: stitcher.add(skills[1]))
     assert stitcher.stitched == ["t0"]
     stitcher.add(skills[1])  # the stitcher's state was not touched either: the math still holds
     stitcher.add(skills[2])
@@ -140,21 +145,7 @@ def test_stitcher_interrupted_mid_remove_leaves_the_model_as_before(base_model, 
     for skill in skills:
         stitcher.add(skill)
     stitcher.remove("t2")  # some entries now uncovered, holding their base again
-    before = copy.deepcopy(model.state_dict())
-    victim = model.bert.encoder.layer[1].output.dense.weight.data_ptr()
-    original = torch.Tensor.index_copy_
-
-    def failing(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        if self.data_ptr() == victim:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "index_copy_", failing)
-    with pytest.raises(KeyboardInterrupt):
-        stitcher.remove("t0")
-    monkeypatch.setattr(torch.Tensor, "index_copy_", original)
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, before[name]), name
+    interrupted_midway(model, monkeypatch, lambda: stitcher.remove("t0"))
     assert stitcher.stitched == ["t0", "t1"]
     stitcher.switch([])
     for name, value in model.bert.state_dict().items():
