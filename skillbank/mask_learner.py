@@ -398,6 +398,23 @@ class MaskLearner(pl.LightningModule):
                 self._best = (value, self.current_epoch, {b: i.clone() for b, i in self._binary_indices.items()})
         self._binary, self._binary_indices = None, {}
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep what the scores alone do not hold: the update count and the best-validating mask so far."""
+        best = None
+        if self._best is not None:
+            best = {"val_acc": self._best[0], "epoch": self._best[1], "indices": {b: i.cpu() for b, i in self._best[2].items()}}
+        checkpoint["mask_learner"] = {"updates": self._updates, "best": best}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore them, so a resumed run keeps the best mask found before the interruption."""
+        state = checkpoint.get("mask_learner")
+        if state is None:
+            return
+        self._updates = int(state["updates"])
+        best = state["best"]
+        self._best = None if best is None else (float(best["val_acc"]), int(best["epoch"]),
+                                                {b: i.to(self.scores.device) for b, i in best["indices"].items()})
+
     def setup(self, stage: str) -> None:
         """Before any training: the skill's name must be free in the bank (not found out after the last epoch)."""
         if stage != "fit" or self.bank is None:

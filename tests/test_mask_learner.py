@@ -242,7 +242,10 @@ def test_an_empty_dataloader_is_refused(base_model):
 
 def test_a_model_without_a_loss_needs_loss_fn():
     base = nn.Linear(4, 2)
-    learner = MaskLearner(copy.deepcopy(base), base.state_dict(), num_labels=2)
+    finetuned = copy.deepcopy(base)
+    with torch.no_grad():
+        finetuned.weight.add_(0.01)
+    learner = MaskLearner(finetuned, base.state_dict(), num_labels=2)
     with pytest.raises(SkillbankError, match="pass loss_fn="):
         learner((torch.randn(3, 4), torch.zeros(3, dtype=torch.long)))
 
@@ -322,3 +325,24 @@ def test_an_unknown_classifier_optimizer_is_a_skillbank_error(base_model):
 
     with pytest.raises(SkillbankError, match="optimizer must be 'adamw' or 'sgd', got 'adam'"):
         SequenceClassifier(finetune_like(base_model, seed=1), num_labels=2, optimizer="adam")
+
+
+def test_a_resumed_run_keeps_the_best_mask_and_the_update_count(base_model, tmp_path):
+    def learner() -> MaskLearner:
+        return MaskLearner(finetune_like(base_model, seed=3, scale=0.05), base_model, sparsity=0.05, lr=0.5)
+
+    def run(module: MaskLearner, epochs: int, **fit) -> pl.Trainer:
+        pl.seed_everything(0, verbose=False)
+        done = trainer(max_epochs=epochs)
+        done.fit(module, token_loader(), token_loader(n=32, seed=1), **fit)
+        return done
+
+    straight = learner()
+    run(straight, 4)
+    first = learner()
+    run(first, 2).save_checkpoint(tmp_path / "half.ckpt")
+    resumed = learner()
+    run(resumed, 4, ckpt_path=tmp_path / "half.ckpt")
+    assert resumed._updates == straight._updates == 4 * 4
+    assert resumed._best[:2] == straight._best[:2]  # the best epoch, found before or after the interruption
+    assert entries(resumed.skill) == entries(straight.skill)
