@@ -1,0 +1,25 @@
+"""Every runnable example, run as a user runs it, on the tiny models it makes itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+@pytest.mark.parametrize("script, says", [
+    ("quickstart.py", r"sentiment: finetuned [01]\.\d+, base \+ its [\d,]+-entry skill [01]\.\d+; removed again"),
+    ("switching.py", r"topic: its own skill and head 0\.\d+\nrouted to their own task's skill: [01]\.\d+ of 256"),
+])
+def test_the_example_runs_as_written(script, says, tmp_path):
+    import re
+
+    done = subprocess.run([sys.executable, str(EXAMPLES / script), str(tmp_path)], capture_output=True, text=True,
+                          cwd=EXAMPLES, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(says, done.stdout), done.stdout
+    assert "Traceback" not in done.stderr
