@@ -122,3 +122,52 @@ def test_real_config_parses_offline(capsys):
     assert config["model"]["init_args"]["model"] == "pulled:minilm"
     assert config["data"]["class_path"] == "skillbank.text_data.TextTaskData"
     assert config["data"]["init_args"]["task"] == "spam" and config["trainer"]["max_steps"] == 150
+
+
+def test_your_own_csv_becomes_a_banked_skill_with_no_python(tmp_path):
+    import csv
+
+    from conftest import tiny_tokenizer
+
+    words = ["good", "great", "fine", "bad", "awful", "poor", "the", "film", "was", "plot"]
+    tokenizer = tiny_tokenizer(words)
+    torch.manual_seed(0)
+    BertModel(tiny_config(vocab_size=len(tokenizer))).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    rows = [{"review": f"the film was {w} {w}", "verdict": "positive" if w in words[:3] else "negative"}
+            for w in words[:6] for _ in range(12)]
+    with (tmp_path / "my.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["review", "verdict"])
+        writer.writeheader()
+        writer.writerows(rows)
+    config = yaml.safe_load((CONFIGS / "finetune_my_data.yaml").read_text().replace("pulled:minilm", str(tmp_path / "base"))
+                            .replace("my-bank", str(tmp_path / "bank")).replace("my-runs", str(tmp_path / "runs")))
+    config["trainer"].update({"accelerator": "cpu", "enable_progress_bar": False, "max_epochs": 2})
+    config["trainer"]["callbacks"][0]["init_args"]["sparsity"] = 0.05
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(config))
+    assert main(["fit", "--config", str(tmp_path / "mine.yaml"), "--data.path", str(tmp_path / "my.csv"),
+                 "--data.text_column", "review", "--data.label_column", "verdict", "--model.init_args.lr", "0.01"]) == 0
+    bank = SkillBank(tmp_path / "bank")
+    assert bank.names() == ["my-task"] and bank.verify() == {"my-task": "ok"}
+    assert set(bank.get("my-task").head) == {"classifier.weight", "classifier.bias"}
+
+
+def test_a_table_names_its_problem(tmp_path):
+    from skillbank import SkillbankError
+    from skillbank.table_data import read_table
+
+    (tmp_path / "a.tsv").write_text("text\tlabel\nnice\tpos\nbad\tneg\nok\tpos\n")
+    split, names = read_table(tmp_path / "a.tsv")
+    assert split.texts == ("nice", "bad", "ok") and split.labels == (1, 0, 1) and names == ["neg", "pos"]
+    (tmp_path / "b.jsonl").write_text('{"text": "x", "label": 2}\n\n{"text": "y", "label": 0}\n')
+    split, names = read_table(tmp_path / "b.jsonl")
+    assert split.labels == (2, 0) and names == ["0", "1", "2"]
+    (tmp_path / "c.csv").write_text("sentence,label\nhi,1\n")
+    with pytest.raises(SkillbankError, match=r"c.csv:2: no 'text' column .*--data.text_column"):
+        read_table(tmp_path / "c.csv")
+    (tmp_path / "d.jsonl").write_text('{"text": "x", "label": 1}\n[1]\n')
+    with pytest.raises(SkillbankError, match=r"d.jsonl:2: expected a JSON object"):
+        read_table(tmp_path / "d.jsonl")
+    with pytest.raises(SkillbankError, match="unknown kind '.txt'"):
+        (tmp_path / "e.txt").write_text("x")
+        read_table(tmp_path / "e.txt")
