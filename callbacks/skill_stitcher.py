@@ -168,19 +168,20 @@ class SkillStitcher(Callback):
         """The bank's skill names (none while it does not exist: it is never created here), warning once
         about a missing bank and about requested skills it does not hold."""
         if not (self.bank / "manifest.json").is_file():
-            self._warn_once(f"SkillStitcher: there is no bank at {self.bank} (yet), so nothing is stitched. It is "
-                            "looked at again at each look; check the path unless another run is about to fill it.")
+            self._warn_once("no bank", f"SkillStitcher: there is no bank at {self.bank} (yet), so nothing is stitched. It "
+                            "is looked at again at each look; check the path unless another run is about to fill it.")
             return []
         names = SkillBank(self.bank, create=False).names()
         missing = [n for n in self.skills or [] if n not in names]
         if missing:
-            self._warn_once(f"SkillStitcher: {missing} are not in {self.bank} (yet; it holds {names or 'no skills'}), so "
-                            "they are not stitched; they will be when they arrive. Check the names unless they are coming.")
+            self._warn_once(f"missing {missing}", f"SkillStitcher: {missing} are not in {self.bank} (yet; it holds "
+                            f"{names or 'no skills'}), so they are not stitched; they will be when they arrive. Check the "
+                            "names unless they are coming.")
         return names
 
-    def _warn_once(self, message: str) -> None:
-        if message not in self._warned:
-            self._warned.add(message)
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
             rank_zero_warn(message)
 
     # -- moments -------------------------------------------------------------
