@@ -1,4 +1,4 @@
-"""The ``skillbank`` command line: demo, fit, validate, pull, localize, list, show, remove, verify, stitch, export, route, plot."""
+"""The ``skillbank`` command line: demo, fit, validate, pull, localize, list, show, diff, remove, verify, stitch, export, route, plot."""
 
 from __future__ import annotations
 
@@ -313,6 +313,28 @@ def _remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diff(args: argparse.Namespace) -> int:
+    from skillbank.plots import jaccard, placement
+
+    bank = SkillBank(args.bank, create=False)
+    a, b = bank.get(args.a), bank.get(args.b)
+    overlap = float(jaccard([a, b])[0, 1])
+    shared = round(overlap * (a.num_entries + b.num_entries) / (1 + overlap))  # |A ∩ B| from the Jaccard index
+    rows = [("task", a.metadata.task, b.metadata.task), ("method", a.metadata.method, b.metadata.method),
+            ("sparsity", a.metadata.sparsity, b.metadata.sparsity), ("entries", f"{a.num_entries:,}", f"{b.num_entries:,}"),
+            ("bytes", f"{bank.entry(a.name).bytes:,}", f"{bank.entry(b.name).bytes:,}"),
+            ("head tensors", len(a.head), len(b.head)), ("created", a.metadata.created, b.metadata.created)]
+    for key in sorted(set(a.metadata.metrics) | set(b.metadata.metrics)):
+        rows.append((key, a.metadata.metrics.get(key, "-"), b.metadata.metrics.get(key, "-")))
+    places = sorted(set(placement(a)) | set(placement(b)))
+    top = sorted(places, key=lambda k: -(placement(a).get(k, 0) + placement(b).get(k, 0)))[:5]
+    for key in top:
+        rows.append((f"in {key[0]} / {key[1]}", f"{placement(a).get(key, 0):,}", f"{placement(b).get(key, 0):,}"))
+    print(_table(("", a.name, b.name), rows))
+    print(f"\nmask overlap: {shared:,} shared entries, Jaccard {overlap:.4f}")
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     bank = SkillBank(args.bank, create=False)
     report = bank.verify()
@@ -497,6 +519,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bank", help="the bank directory")
     p.add_argument("name", help="the skill's name")
     p.set_defaults(run=_remove)
+
+    p = sub.add_parser("diff", help="compare two skills: sizes, metrics, where their masks live, how much they overlap",
+                       description="Compare skills A and B of a bank side by side: task, method, sparsity, entries, file "
+                       "size, metrics, the layers and components holding most of their entries, and how many entries "
+                       "their masks share (count and Jaccard index).")
+    p.add_argument("bank", help="the bank directory")
+    p.add_argument("a", help="one skill's name")
+    p.add_argument("b", help="the other skill's name")
+    p.set_defaults(run=_diff)
 
     p = sub.add_parser("verify", help="check every skill's sha256 and base fingerprint; exit 1 if any is damaged",
                        description="Read every skill, checking size, sha256, format and base fingerprint. Lists each "

@@ -160,6 +160,22 @@ def test_json_outputs_follow_their_schema(folders, base_model, capsys):
     assert report["ok"] is False and report["skills"]["t0"] == "ok" and "sha256" in report["skills"]["t1"]
 
 
+def test_diff_compares_two_skills_side_by_side(folders, base_model, capsys):
+    from skillbank.plots import jaccard
+
+    bank = SkillBank(folders / "bank")
+    a, b = make_skill(base_model, "t0", seed=1, sparsity=0.1), make_skill(base_model, "t1", seed=2, sparsity=0.1)
+    bank.add(a)
+    bank.add(b)
+    assert main(["diff", str(bank.path), "t0", "t1"]) == 0
+    out = capsys.readouterr().out
+    shared = len({(n, i) for n, r in a.regions.items() for i in r.indices.tolist()}
+                 & {(n, i) for n, r in b.regions.items() for i in r.indices.tolist()})
+    assert f"mask overlap: {shared:,} shared entries, Jaccard {float(jaccard([a, b])[0, 1]):.4f}" in out
+    assert re.search(rf"^entries\s+{a.num_entries:,}\s+{b.num_entries:,}$", out, re.M) and "in layer" in out
+    assert main(["diff", str(bank.path), "t0", "nope"]) == 2 and "no skill named 'nope'" in capsys.readouterr().err
+
+
 def test_verify_exits_1_and_names_damaged_skills(folders, capsys):
     bank = folders / "bank"
     for i in range(2):
