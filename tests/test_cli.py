@@ -208,7 +208,7 @@ def test_help_list_and_remove_load_no_torch_transformers_or_lightning(tmp_path, 
     assert bank.names() == []
 
 
-@pytest.mark.parametrize("command", ["", "demo", "localize", "list", "show", "remove", "verify", "stitch"])
+@pytest.mark.parametrize("command", ["", "demo", "localize", "list", "show", "diff", "remove", "verify", "stitch"])
 def test_help_explains_every_command(command):
     args = [sys.executable, "-m", "skillbank.cli", *([command] if command else []), "--help"]
     result = subprocess.run(args, capture_output=True, text=True, check=True)
