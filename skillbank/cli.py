@@ -326,10 +326,10 @@ def _diff(args: argparse.Namespace) -> int:
             ("head tensors", len(a.head), len(b.head)), ("created", a.metadata.created, b.metadata.created)]
     for key in sorted(set(a.metadata.metrics) | set(b.metadata.metrics)):
         rows.append((key, a.metadata.metrics.get(key, "-"), b.metadata.metrics.get(key, "-")))
-    places = sorted(set(placement(a)) | set(placement(b)))
-    top = sorted(places, key=lambda k: -(placement(a).get(k, 0) + placement(b).get(k, 0)))[:5]
+    in_a, in_b = placement(a), placement(b)
+    top = sorted(set(in_a) | set(in_b), key=lambda k: (-(in_a.get(k, 0) + in_b.get(k, 0)), k))[:5]
     for key in top:
-        rows.append((f"in {key[0]} / {key[1]}", f"{placement(a).get(key, 0):,}", f"{placement(b).get(key, 0):,}"))
+        rows.append((f"in {key[0]} / {key[1]}", f"{in_a.get(key, 0):,}", f"{in_b.get(key, 0):,}"))
     print(_table(("", a.name, b.name), rows))
     print(f"\nmask overlap: {shared:,} shared entries, Jaccard {overlap:.4f}")
     return 0
