@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,6 +224,14 @@ def test_demo_runs_end_to_end_and_stitching_recovers_the_finetunes(tmp_path, cap
     base, finetuned, alone, stitched = map(float, average[1:])
     assert finetuned >= 0.95 and alone >= 0.9 and stitched >= 0.9 and base < 0.7
     assert SkillBank(tmp_path / "bank").names() == ["sentiment", "topic", "urgency"]
+    # the README's table is this run's table, not a retyped one (rows compared number by number)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    shown = readme.split("```\ntask", 1)[1].split("```", 1)[0].splitlines()[1:]
+    printed = [line.split() for line in out.splitlines() if line.split()[:1] in (["sentiment"], ["topic"], ["urgency"], ["average"])]
+    rows = [line.split() for line in shown if line.strip()]
+    assert [r[0] for r in rows] == [p[0] for p in printed[-4:]], "regenerate the README table: skillbank demo"
+    for row, run in zip(rows, printed[-4:]):  # within 0.02: another CPU's float rounding may move a prediction or two
+        assert all(abs(float(a) - float(b)) <= 0.02 for a, b in zip(row[1:], run[1:])), (row, run, "regenerate the README table")
 
 
 def test_localize_auto_sizes_the_skill_on_validation_texts(folders, capsys):
