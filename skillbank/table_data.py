@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import random
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from skillbank.errors import SkillbankError
 from skillbank.fewshot import balanced_indices
+from skillbank.labelled_text import json_lines
 from skillbank.text_tasks import TextSplit, task_loader
 
 __all__ = ["MAX_TABLE_BYTES", "TextClassificationData", "read_table"]
@@ -49,7 +49,7 @@ def read_table(path: str | Path, text_column: str = "text", label_column: str = 
     if len(data) > MAX_TABLE_BYTES:
         raise SkillbankError(f"{path} is larger than {MAX_TABLE_BYTES >> 20} MiB.")
     text = data.decode("utf-8-sig", errors="replace")
-    rows = _jsonl_rows(path, text) if kind == ".jsonl" else _delimited_rows(path, text, "\t" if kind == ".tsv" else ",")
+    rows = json_lines(path, text, "a JSON object per line") if kind == ".jsonl" else _delimited_rows(path, text, "\t" if kind == ".tsv" else ",")
     texts, raw = [], []
     for line, row in rows:
         for column in (text_column, label_column):
@@ -69,21 +69,6 @@ def read_table(path: str | Path, text_column: str = "text", label_column: str = 
         names = sorted(set(raw))
         labels = [names.index(r) for r in raw]
     return TextSplit(tuple(texts), tuple(labels)), names
-
-
-def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict]]:
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise SkillbankError(f"{path}:{number}: not JSON ({str(exc)[:60]}).") from None
-        if not isinstance(row, dict):
-            raise SkillbankError(f"{path}:{number}: expected a JSON object per line.")
-        rows.append((number, row))
-    return rows
 
 
 def _delimited_rows(path: Path, text: str, delimiter: str) -> list[tuple[int, dict]]:
