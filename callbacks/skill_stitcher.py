@@ -167,11 +167,12 @@ class SkillStitcher(Callback):
     def _bank_names(self) -> list[str]:
         """The bank's skill names (none while it does not exist: it is never created here), warning once
         about a missing bank and about requested skills it does not hold."""
-        if not (self.bank / "manifest.json").is_file():
+        bank = SkillBank.if_exists(self.bank)
+        if bank is None:
             self._warn_once("no bank", f"SkillStitcher: there is no bank at {self.bank} (yet), so nothing is stitched. It "
                             "is looked at again at each look; check the path unless another run is about to fill it.")
             return []
-        names = SkillBank(self.bank, create=False).names()
+        names = bank.names()
         missing = [n for n in self.skills or [] if n not in names]
         if missing:
             self._warn_once(f"missing {missing}", f"SkillStitcher: {missing} are not in {self.bank} (yet; it holds "
@@ -349,8 +350,7 @@ class SkillStitcher(Callback):
                 for name, saved in self._restored_base.items():
                     flat = state[name].data.view(-1)
                     flat.index_copy_(0, saved["indices"].to(flat.device), saved["values"].to(flat.device, flat.dtype))
-        bank = SkillBank(self.bank, create=False) if (self.bank / "manifest.json").is_file() else None
-        self._stitcher = Stitcher(model, self.base, bank=bank, rule=self.rule)
+        self._stitcher = Stitcher(model, self.base, bank=SkillBank.if_exists(self.bank), rule=self.rule)
         for name in self._restored:
             self._stitcher.add(name)
         if self._restored:

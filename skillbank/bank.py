@@ -133,6 +133,11 @@ class SkillBank:
         if self.writable:
             self._cleanup_quietly()
 
+    @classmethod
+    def if_exists(cls, path: str | os.PathLike[str], **kwargs: Any) -> SkillBank | None:
+        """The bank at ``path``, or ``None`` when there is none yet (never creates one)."""
+        return cls(path, create=False, **kwargs) if (Path(path) / _MANIFEST).is_file() else None
+
     # -- reading -----------------------------------------------------------
 
     @property

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from skillbank.skill import VALUE_DTYPES, Region, Skill, SkillMetadata
 from skillbank.sparse import check_sparsity, global_topk, num_selected
 from skillbank.task_vectors import TaskVector, matches
 
-__all__ = ["localize_dataless", "skill_from_mask", "skill_from_regions"]
+__all__ = ["dataless_settings", "eligible_names", "localize_dataless", "skill_from_mask", "skill_from_regions"]
 
 
 def skill_from_mask(
@@ -99,10 +99,21 @@ def localize_dataless(
             :func:`skill_from_mask`.
     """
     check_sparsity(sparsity)
-    eligible = {p: t.abs() for p, t in tv.shared.items() if not matches(p, exclude)}
-    if not eligible:
-        raise TaskVectorError(f"exclude={list(exclude)} leaves no shared parameter to localize.")
+    eligible = {p: tv.shared[p].abs() for p in eligible_names(tv.shared, exclude)}
     k = num_selected(sparsity, sum(t.numel() for t in eligible.values()))
     indices = global_topk(eligible, k)
-    settings = {"k": k, "exclude": list(exclude), "tie_break": "earliest position"}
-    return skill_from_mask(tv, indices, name=name, sparsity=sparsity, method="dataless", settings=settings, **skill_fields)
+    return skill_from_mask(tv, indices, name=name, sparsity=sparsity, method="dataless",
+                           settings=dataless_settings(k, exclude), **skill_fields)
+
+
+def eligible_names(shared: Iterable[str], exclude: Sequence[str]) -> list[str]:
+    """The shared parameters a dataless mask may select from (``exclude`` left out); an error if none is left."""
+    eligible = [p for p in shared if not matches(p, exclude)]
+    if not eligible:
+        raise TaskVectorError(f"exclude={list(exclude)} leaves no shared parameter to localize.")
+    return eligible
+
+
+def dataless_settings(k: int, exclude: Sequence[str]) -> dict[str, Any]:
+    """What a dataless skill records about how it was chosen."""
+    return {"k": k, "exclude": list(exclude), "tie_break": "earliest position"}

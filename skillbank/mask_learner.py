@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -420,9 +419,10 @@ class MaskLearner(pl.LightningModule):
         if stage != "fit" or self.bank is None:
             return
         error = None
-        if self.trainer.is_global_zero and (Path(self.bank) / "manifest.json").is_file():
+        if self.trainer.is_global_zero:
             try:
-                if self.skill_name in SkillBank(self.bank, create=False):
+                bank = SkillBank.if_exists(self.bank)
+                if bank is not None and self.skill_name in bank:
                     raise SkillNameError(f"bank {self.bank} already has a skill {self.skill_name!r}; pick another "
                                          "skill_name (or remove that skill) before training.")
             except SkillbankError as exc:

@@ -22,6 +22,7 @@ __all__ = [
     "encode_indices",
     "global_topk",
     "num_selected",
+    "topk_positions",
 ]
 
 #: Block length of the ``blocked`` index code: positions are stored as their low
@@ -48,6 +49,21 @@ def num_selected(sparsity: float, total: int) -> int:
     return max(1, min(total, math.ceil(Fraction(repr(float(sparsity))) * total)))
 
 
+def topk_positions(scores: Tensor, k: int) -> Tensor:
+    """Ascending positions of the ``k`` largest entries of the flat ``scores`` (all of them when ``k`` covers
+    them); ties at the threshold go to the earliest positions, so the result never depends on the backend's sort.
+
+    >>> topk_positions(torch.tensor([1., 3., 3., 0.]), 2).tolist()
+    [1, 2]
+    """
+    if k >= scores.numel():
+        return torch.arange(scores.numel(), device=scores.device)
+    threshold = torch.kthvalue(scores.cpu(), scores.numel() - k + 1).values.to(scores.device)
+    keep = scores > threshold
+    keep[torch.nonzero(scores == threshold).squeeze(1)[: k - int(keep.sum())]] = True
+    return torch.nonzero(keep).squeeze(1)
+
+
 def global_topk(scores: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
     """Sorted flat indices of the ``k`` largest entries over all tensors together.
 
@@ -71,15 +87,7 @@ def global_topk(scores: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
     total = flat.numel()
     if not 1 <= k <= total:
         raise SkillbankError(f"cannot select {k} entries out of {total}.")
-    if k == total:
-        chosen = torch.arange(total, device=flat.device)
-    else:
-        threshold = torch.kthvalue(flat.cpu(), total - k + 1).values.to(flat.device)
-        above = flat > threshold
-        missing = k - int(above.sum())
-        ties = torch.nonzero(flat == threshold).squeeze(1)[:missing]
-        above[ties] = True
-        chosen = torch.nonzero(above).squeeze(1)
+    chosen = topk_positions(flat, k)
     del flat
     sizes = [scores[n].numel() for n in names]
     offsets = torch.tensor([0, *sizes], device=chosen.device).cumsum(0)

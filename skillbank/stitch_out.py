@@ -198,16 +198,16 @@ def export_skill(base: str | Path, bank: SkillBank, name: str, out: str | Path) 
             params[dst].copy_(skill.head[src])
     with _building(out) as folder:
         model.save_pretrained(folder)
-        (folder / "README.md").write_text(_export_card(base, bank, name, skill))
+        (folder / "README.md").write_text(_export_card(base, bank, skill))
     return out
 
 
-def _export_card(base: str | Path, bank: SkillBank, name: str, skill: Skill) -> str:
+def _export_card(base: str | Path, bank: SkillBank, skill: Skill) -> str:
     meta = skill.metadata
     return "\n".join([
         "---", "library_name: transformers", "tags: [skillbank, localize-and-stitch]", "---", "",
         f"# {_md(meta.name)}: a single-task model exported from skillbank", "",
         f"Base {_md(base)} plus the skill {_md(meta.name)} (task {_md(meta.task)}, {_md(meta.method)} mask, "
         f"{skill.num_entries:,} of {skill.num_shared:,} entries = {skill.num_entries / skill.num_shared:.2%}) "
-        f"and its own head, from the bank {_md(bank.path)}. Source: {_md(_source(skill.metadata.source))}.", "",
+        f"and its own head, from the bank {_md(bank.path)}. Source: {_md(_source(meta.source))}.", "",
     ])

@@ -462,8 +462,9 @@ class Stitcher:
         lasts = firsts + torch.tensor([n - 1 for _, _, n in spans], dtype=torch.int64)
         numels = torch.tensor([self._tensors[d].numel() for d, _, _ in spans], dtype=torch.int64)
         in_range = (local[firsts] >= 0) & (local[lasts] < numels) if spans else torch.ones(0, dtype=torch.bool)
-        if not (bool(ascending.all()) and bool(in_range.all())):
-            at = int(torch.nonzero(~ascending)[0]) if not bool(ascending.all()) else int(firsts[torch.nonzero(~in_range)[0]])
+        ordered = bool(ascending.all())
+        if not (ordered and bool(in_range.all())):
+            at = int(torch.nonzero(~ascending)[0]) if not ordered else int(firsts[torch.nonzero(~in_range)[0]])
             dst = next(d for d, s, n in spans if s <= at < s + n)
             raise StitchError(
                 f"skill {skill!r}: indices of {dst!r} fall outside its {self._tensors[dst].numel()} entries "

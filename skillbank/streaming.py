@@ -20,12 +20,12 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from skillbank.errors import SkillbankError, TaskVectorError
-from skillbank.localize import skill_from_regions
+from skillbank.errors import SkillbankError
+from skillbank.localize import dataless_settings, eligible_names, skill_from_regions
 from skillbank.skill import Region, Skill
-from skillbank.sparse import check_sparsity, num_selected
-from skillbank.task_vectors import Plausibility, check_finite, matches, nonfinite_error
-from skillbank.weights import align_names, chunked_digest, fingerprint_from_digests, require_safetensors
+from skillbank.sparse import check_sparsity, num_selected, topk_positions
+from skillbank.task_vectors import Plausibility, check_finite, nonfinite_error, pair_shared
+from skillbank.weights import chunked_digest, fingerprint_from_digests, require_safetensors
 
 __all__ = ["CHUNK_ENTRIES", "SafetensorsReader", "localize_streaming"]
 
@@ -123,20 +123,10 @@ class _RunningTopk:
         held = self.scores.numel()
         scores = torch.cat([self.scores, new]) if held else new
         del new
-        chosen = None
-        if scores.numel() > self.k:
-            threshold = torch.kthvalue(scores, scores.numel() - self.k + 1).values
-            keep = scores > threshold
-            missing = self.k - int(keep.sum())
-            keep[torch.nonzero(scores == threshold).squeeze(1)[:missing]] = True  # ties: earliest positions
-            chosen = torch.nonzero(keep).squeeze(1)
-            del keep
-            scores = scores[chosen]
-        else:
-            chosen = torch.arange(scores.numel())  # at most k entries
+        chosen = topk_positions(scores, self.k)  # ties: earliest positions
         cut = int(torch.searchsorted(chosen, torch.tensor(held)))  # kept entries first, then new ones, both ascending
         arrived = chosen[cut:] - held if local is None else local[chosen[cut:] - held]
-        self.scores = scores
+        self.scores = scores[chosen]
         self.positions = torch.cat([self.positions[chosen[:cut]], arrived + offset])
         self.values = torch.cat([self.values[chosen[:cut]], flat[arrived]])
 
@@ -179,18 +169,9 @@ def localize_streaming(
     """
     check_sparsity(sparsity)
     base_reader, ft_reader = SafetensorsReader(base), SafetensorsReader(finetuned)
-    names = align_names(base_reader.float_names, ft_reader.float_names)
-    shared = {b: f for b, f in names.items() if base_reader.shape[b] == ft_reader.shape[f]
-              and not matches(b, head_patterns) and not matches(f, head_patterns)}
-    if not shared:
-        raise TaskVectorError(
-            "the base and finetuned models share no floating-point parameter with the same name and shape "
-            f"(base has e.g. {sorted(base_reader.float_names)[:3]}, finetuned has e.g. {sorted(ft_reader.float_names)[:3]}); "
-            "is this the base the model was finetuned from?"
-        )
-    eligible = [b for b in shared if not matches(b, exclude)]
-    if not eligible:
-        raise TaskVectorError(f"exclude={list(exclude)} leaves no shared parameter to localize.")
+    shared = pair_shared({n: base_reader.shape[n] for n in base_reader.float_names},
+                         {n: ft_reader.shape[n] for n in ft_reader.float_names}, head_patterns)
+    eligible = eligible_names(shared, exclude)
     sizes = {b: math.prod(base_reader.shape[b]) for b in eligible}
     k = num_selected(sparsity, sum(sizes.values()))
     selection, offsets, digests, dtypes = _RunningTopk(k), {}, {}, {}
@@ -217,8 +198,8 @@ def localize_streaming(
             regions[b] = Region(selection.positions[lo:hi] - offsets[b], selection.values[lo:hi].clone())
         else:
             regions[b] = Region(torch.empty(0, dtype=torch.int64), torch.empty(0))
-    settings = {"k": k, "exclude": list(exclude), "tie_break": "earliest position"}
     return skill_from_regions(
         regions, shapes={b: base_reader.shape[b] for b in shared}, base_fingerprint=fingerprint_from_digests(digests),
-        dtypes=dtypes, head=head, name=name, sparsity=sparsity, method="dataless", settings=settings, **skill_fields,
+        dtypes=dtypes, head=head, name=name, sparsity=sparsity, method="dataless", settings=dataless_settings(k, exclude),
+        **skill_fields,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +15,7 @@ from skillbank.adapters import Finetune, merged_finetune
 from skillbank.errors import TaskVectorError
 from skillbank.weights import WeightsSource, align_names, base_fingerprint, is_float, load_state_dict
 
-__all__ = ["MAX_RELATIVE_NORM", "Plausibility", "TaskVector", "check_finite", "matches", "nonfinite_error", "task_vector"]
+__all__ = ["MAX_RELATIVE_NORM", "Plausibility", "TaskVector", "check_finite", "matches", "nonfinite_error", "pair_shared", "task_vector"]
 
 #: ``‖τ‖ / ‖θ_pre‖`` over the weight matrices above which a "finetune" is warned about: finetunes stay far
 #: below 1, while two independent initializations (another base) differ by about √2 ≈ 1.41.
@@ -54,6 +54,25 @@ class TaskVector:
 def matches(name: str, patterns: Sequence[str]) -> bool:
     """Whether ``name`` matches any of the regexes ``patterns``."""
     return any(re.search(p, name) for p in patterns)
+
+
+def pair_shared(base: Mapping[str, list[int]], finetuned: Mapping[str, list[int]],
+                head_patterns: Sequence[str] = ()) -> dict[str, str]:
+    """``{base name: finetuned name}`` of the floating-point tensors both hold with one shape (names aligned
+    across a wrapper prefix), leaving out what ``head_patterns`` match; from the shapes alone.
+
+    Raises:
+        TaskVectorError: they share none.
+    """
+    shared = {b: f for b, f in align_names(base, finetuned).items()
+              if base[b] == finetuned[f] and not matches(b, head_patterns) and not matches(f, head_patterns)}
+    if not shared:
+        raise TaskVectorError(
+            "the base and finetuned models share no floating-point parameter with the same name and shape "
+            f"(base has e.g. {sorted(base)[:3]}, finetuned has e.g. {sorted(finetuned)[:3]}); "
+            "is this the base the model was finetuned from?"
+        )
+    return shared
 
 
 def check_finite(tensors: dict[str, Tensor], what: str) -> None:
@@ -127,18 +146,8 @@ def task_vector(
     head_patterns = (*head_patterns, *finetune.head_patterns)
     base_state = {k: v for k, v in load_state_dict(base).items() if is_float(v)}
     ft_state = {k: v for k, v in load_state_dict(finetune.weights).items() if is_float(v)}
-    names = align_names(base_state, ft_state)
-    shared_names = {
-        b: f
-        for b, f in names.items()
-        if base_state[b].shape == ft_state[f].shape and not matches(b, head_patterns) and not matches(f, head_patterns)
-    }
-    if not shared_names:
-        raise TaskVectorError(
-            "the base and finetuned models share no floating-point parameter with the same name and shape "
-            f"(base has e.g. {sorted(base_state)[:3]}, finetuned has e.g. {sorted(ft_state)[:3]}); "
-            "is this the base the model was finetuned from?"
-        )
+    shared_names = pair_shared({k: list(v.shape) for k, v in base_state.items()},
+                               {k: list(v.shape) for k, v in ft_state.items()}, head_patterns)
     used = set(shared_names.values())
     shared = {b: ft_state[f].detach().float() - base_state[b].detach().float() for b, f in shared_names.items()}
     head = {f: t.detach() for f, t in ft_state.items() if f not in used}
