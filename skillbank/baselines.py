@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from skillbank.devices import OnDevice, device_of
 from skillbank.errors import TaskVectorError
 from skillbank.sparse import check_sparsity, num_selected
 from skillbank.weights import align_names
@@ -33,7 +34,9 @@ __all__ = ["apply_delta", "arrivals", "average", "consensus", "magmax", "opcm", 
 TaskVectors = Sequence[Mapping[str, Tensor]]
 
 
-def _names(taus: TaskVectors) -> list[str]:
+def _checked(taus: TaskVectors) -> tuple[list[str], list[Mapping[str, Tensor]]]:
+    """The parameter names the task vectors share, and the task vectors as seen on the first one's device
+    (the others are moved one tensor at a time: :mod:`skillbank.devices`)."""
     if not taus:
         raise TaskVectorError("no task vectors to merge.")
     names = list(taus[0])
@@ -43,12 +46,14 @@ def _names(taus: TaskVectors) -> list[str]:
         bad = [n for n in names if tau[n].shape != taus[0][n].shape]
         if bad:
             raise TaskVectorError(f"task vector {i} has other shapes for {bad[:3]}; merge task vectors of one base.")
-    return names
+    device = device_of(taus[0].values())
+    return names, [OnDevice(tau, device) for tau in taus]
 
 
 def task_arithmetic(taus: TaskVectors, scale: float = 0.3) -> dict[str, Tensor]:
     """``λ · Σ_t τ_t`` (Ilharco et al., 2023); ``λ`` is usually chosen on validation data."""
-    return {n: scale * torch.stack([t[n].float() for t in taus]).sum(0) for n in _names(taus)}
+    names, taus = _checked(taus)
+    return {n: scale * torch.stack([t[n].float() for t in taus]).sum(0) for n in names}
 
 
 def average(taus: TaskVectors) -> dict[str, Tensor]:
@@ -74,7 +79,7 @@ def trim_top(tau: Mapping[str, Tensor], density: float) -> dict[str, Tensor]:
 def ties(taus: TaskVectors, density: float = 0.2, scale: float = 1.0) -> dict[str, Tensor]:
     """TIES-merging (Yadav et al., 2023): trim each ``τ_t`` to its top ``density``, elect the sign of the
     summed trimmed values per entry, and average only the entries that agree with it (disjoint mean); times ``λ``."""
-    names = _names(taus)
+    names, taus = _checked(taus)
     trimmed = [trim_top(t, density) for t in taus]
     merged = {}
     for n in names:
@@ -92,7 +97,7 @@ def tall_masks(taus: TaskVectors, lam: float | Sequence[float] = 0.4, merged: Ma
     An entry is in task ``t``'s mask when ``τ_t`` is a large enough part of the
     multi-task vector there.
     """
-    names = _names(taus)
+    names, taus = _checked(taus)
     lams = [float(lam)] * len(taus) if isinstance(lam, (int, float)) else [float(x) for x in lam]
     if len(lams) != len(taus):
         raise TaskVectorError(f"{len(lams)} lambdas for {len(taus)} task vectors.")
@@ -105,7 +110,7 @@ def consensus(taus: TaskVectors, k: int = 2, lam: float | Sequence[float] = 0.4,
     in at least ``k`` TALL masks; entries only one task (``k=2``) or no task relies on are dropped."""
     if k < 1:
         raise TaskVectorError(f"k must be at least 1, got {k}.")
-    names = _names(taus)
+    names, taus = _checked(taus)
     total = {n: torch.stack([t[n].float() for t in taus]).sum(0) for n in names}
     masks = tall_masks(taus, lam, total)
     return {n: scale * total[n] * (torch.stack([m[n] for m in masks]).sum(0) >= k) for n in names}
@@ -119,7 +124,8 @@ def magmax(taus: TaskVectors, scale: float = 1.0) -> dict[str, Tensor]:
     [-2.0, -3.0]
     """
     merged = {}
-    for n in _names(taus):
+    names, taus = _checked(taus)
+    for n in names:
         stack = torch.stack([t[n].float() for t in taus])
         pick = stack.abs().argmax(0, keepdim=True)  # the first maximum on ties
         merged[n] = scale * stack.gather(0, pick).squeeze(0)
@@ -160,7 +166,7 @@ def opcm_steps(taus: TaskVectors, alpha: float = 0.5, matrices: Callable[[str, T
     """
     if not 0 <= alpha < 1:
         raise TaskVectorError(f"alpha must be in [0, 1), got {alpha}.")
-    names = _names(taus)
+    names, taus = _checked(taus)
     project = matrices or _is_matrix
     total: dict[str, Tensor] = {}
     norms: list[float] = []

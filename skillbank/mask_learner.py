@@ -24,6 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from skillbank.adapters import find_peft_model, is_adapter_folder, merged_finetune
 from skillbank.bank import SkillBank, check_skill_name
+from skillbank.devices import device_of
 from skillbank.errors import BaseMismatchError, SkillbankError, SkillNameError, TaskVectorError
 from skillbank.localize import skill_from_mask
 from skillbank.mask_recipes import MaskRecipe, resolve_recipe
@@ -207,7 +208,9 @@ class MaskLearner(pl.LightningModule):
                 f"no shared floating-point parameter is left to score (exclude={list(self.exclude)}); "
                 "check the base model and the exclude patterns."
             )
-        tau = torch.cat([tv.shared[b].reshape(-1) for b in eligible])
+        # the learner works where its model lives (a τ computed elsewhere is brought here once)
+        device = device_of(self.model.parameters())
+        tau = torch.cat([tv.shared[b].reshape(-1).to(device) for b in eligible])
         layout, start = [], 0
         for b in eligible:
             layout.append((b, start, tv.shared[b].numel()))
@@ -222,8 +225,9 @@ class MaskLearner(pl.LightningModule):
         if self.exclude:
             raise SkillbankError("context= with exclude= is not supported: learn in context over every shared tensor.")
         starts = {b: start for b, start, _ in self._layout}
-        acc = torch.zeros(self.tau.numel(), self.rule.columns, dtype=torch.float64)
-        count = torch.zeros(self.tau.numel(), dtype=torch.float64)
+        device = self.tau.device
+        acc = torch.zeros(self.tau.numel(), self.rule.columns, dtype=torch.float64, device=device)
+        count = torch.zeros(self.tau.numel(), dtype=torch.float64, device=device)
         for skill in context:
             if skill.metadata.base_fingerprint != tv.base_fingerprint:
                 raise BaseMismatchError(f"context skill {skill.name!r} was localized on another base than this finetune.")
@@ -232,11 +236,11 @@ class MaskLearner(pl.LightningModule):
                     continue
                 if b not in starts or skill.metadata.shapes.get(b) != list(tv.shared[b].shape):
                     raise TaskVectorError(f"context skill {skill.name!r} covers {b!r}, which this task vector does not share.")
-                positions = region.indices.to(torch.int64) + starts[b]
+                positions = region.indices.to(device, torch.int64) + starts[b]
                 rows = acc.index_select(0, positions)
-                self.rule.update(rows, region.values.double(), 1)
+                self.rule.update(rows, region.values.to(device, torch.float64), 1)
                 acc.index_copy_(0, positions, rows)
-                count.index_add_(0, positions, torch.ones(positions.numel(), dtype=torch.float64))
+                count.index_add_(0, positions, torch.ones(positions.numel(), dtype=torch.float64, device=device))
         return acc.float(), count.float()
 
     def _initial_scores(self, tau: Tensor) -> Tensor:

@@ -58,7 +58,9 @@ def topk_positions(scores: Tensor, k: int) -> Tensor:
     """
     if k >= scores.numel():
         return torch.arange(scores.numel(), device=scores.device)
-    threshold = torch.kthvalue(scores.cpu(), scores.numel() - k + 1).values.to(scores.device)
+    # kthvalue runs where the scores live on CPU and CUDA (no copy of a whole model's scores); elsewhere on the CPU
+    source = scores if scores.device.type in ("cpu", "cuda") else scores.cpu()
+    threshold = torch.kthvalue(source, scores.numel() - k + 1).values.to(scores.device)
     keep = scores > threshold
     keep[torch.nonzero(scores == threshold).squeeze(1)[: k - int(keep.sum())]] = True
     return torch.nonzero(keep).squeeze(1)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from skillbank.adapters import Finetune, merged_finetune
+from skillbank.devices import device_of
 from skillbank.errors import TaskVectorError
 from skillbank.weights import WeightsSource, align_names, base_fingerprint, is_float, load_state_dict
 
@@ -124,6 +125,7 @@ def task_vector(
     finetuned: WeightsSource | Finetune,
     *,
     head_patterns: Sequence[str] = (),
+    device: torch.device | str | None = None,
 ) -> TaskVector:
     """Split ``finetuned`` against ``base``.
 
@@ -136,6 +138,10 @@ def task_vector(
             become the head (:func:`skillbank.adapters.merged_finetune`).
         head_patterns: regexes of shared names to treat as head anyway (e.g. a
             classifier both models have but that is task specific).
+        device: where ``τ`` and the head are computed and kept; default the
+            finetuned weights' device (a folder is read onto the CPU). The base is
+            brought there one tensor at a time, wherever it lives
+            (:mod:`skillbank.devices`).
 
     Raises:
         TaskVectorError: no shared floating-point parameters, NaN/Inf values, or
@@ -149,8 +155,10 @@ def task_vector(
     shared_names = pair_shared({k: list(v.shape) for k, v in base_state.items()},
                                {k: list(v.shape) for k, v in ft_state.items()}, head_patterns)
     used = set(shared_names.values())
-    shared = {b: ft_state[f].detach().float() - base_state[b].detach().float() for b, f in shared_names.items()}
-    head = {f: t.detach() for f, t in ft_state.items() if f not in used}
+    where = torch.device(device) if device is not None else device_of(ft_state.values())
+    shared = {b: ft_state[f].detach().to(where, torch.float32) - base_state[b].detach().to(where, torch.float32)
+              for b, f in shared_names.items()}
+    head = {f: t.detach().to(where) for f, t in ft_state.items() if f not in used}
     check_finite(shared, "task vector of")
     check_finite(head, "head tensor")
     plausibility = Plausibility()
