@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from skillbank import multi_tensor
 from skillbank.bank import SkillBank
 from skillbank.errors import BaseMismatchError, SkillFileError, SkillNameError, StitchError
 from skillbank.heads import use_head
@@ -31,7 +32,7 @@ from skillbank.overlap import OverlapRule, get_rule
 from skillbank.skill import Region, Skill, SkillMetadata
 from skillbank.weights import WeightsSource, align_names, fingerprint_from_digests, load_state_dict, tensor_digest
 
-__all__ = ["Stitcher"]
+__all__ = ["PreparedSkill", "Stitcher"]
 
 
 @dataclass
@@ -132,6 +133,53 @@ def _per_entry(per_span: list[int], spans: list[tuple[str, int, int]], total: in
     return jumps.cumsum(0)
 
 
+class _PerTensor:
+    """Reads and writes a batch's entries one tensor at a time (``index_select`` / ``index_copy_``)."""
+
+    def __init__(self, flats: list[tuple[Tensor, Tensor, int, int]]) -> None:
+        self.flats = flats  # (the tensor's flat view, its local indices, start in the batch, count)
+
+    def read(self, fresh: Tensor) -> Tensor:
+        """Live values (float64) at the batch positions ``fresh`` (ascending)."""
+        total = sum(n for _, _, _, n in self.flats)
+        if fresh.numel() == total:
+            return torch.cat([flat.index_select(0, idx).double() for flat, idx, _, _ in self.flats])
+        cuts = torch.tensor([s for _, _, s, _ in self.flats] + [total], device=fresh.device)
+        bounds = torch.searchsorted(fresh, cuts).tolist()
+        return torch.cat([flat.index_select(0, idx.index_select(0, fresh[lo:hi] - start)).double()
+                          for (flat, idx, start, _), lo, hi in zip(self.flats, bounds, bounds[1:])])
+
+    def write(self, values: Tensor) -> None:
+        """Write the batch's ``values`` (float64), each cast to its tensor's dtype."""
+        for flat, idx, start, n in self.flats:
+            flat.index_copy_(0, idx, values[start : start + n].to(flat.dtype))
+
+
+class _OneLaunch:
+    """Reads and writes a batch's entries in all its tensors with one kernel each (:mod:`skillbank.multi_tensor`)."""
+
+    def __init__(self, table: Tensor, placed: _Placed, dtype: torch.dtype) -> None:
+        assert placed.ids is not None
+        self.table, self.ids, self.positions, self.dtype = table, placed.ids, placed.positions, dtype
+
+    def read(self, fresh: Tensor) -> Tensor:
+        return multi_tensor.gather(self.table, self.ids, self.positions, fresh, self.dtype).double()
+
+    def write(self, values: Tensor) -> None:
+        # cast by torch, as the per-tensor path does, then moved as raw words: the same bits land
+        multi_tensor.scatter(self.table, self.ids, self.positions, values.to(self.dtype))
+
+
+@dataclass
+class _Placed:
+    """A batch on the model's device: local indices, values, global flat positions and tensor numbers per entry."""
+
+    local: Tensor
+    values: Tensor
+    positions: Tensor
+    ids: Tensor | None  # only where the one-launch path serves the batch
+
+
 @dataclass
 class _Batch:
     """One skill's entries, concatenated: ``spans`` are (tensor name, start, length) into ``local``/``values``."""
@@ -140,6 +188,28 @@ class _Batch:
     local: Tensor
     values: Tensor
     name: str = ""
+    placed: _Placed | None = None  # kept by a PreparedSkill, so its adds and removes skip the layout work
+
+
+@dataclass(frozen=True)
+class PreparedSkill:
+    """A skill checked against one :class:`Stitcher`'s model and laid out on its device (:meth:`Stitcher.prepare`).
+
+    Adding or removing it does only the stitching itself: no bank read, no
+    checks, no copy to the device. Holds about 24 bytes per entry there.
+    """
+
+    metadata: SkillMetadata
+    head: dict[str, Tensor]
+    sha256: str | None  # the bank copy's, when prepared by name
+    names: dict[str, str]
+    batch: _Batch
+    owner: int  # id() of the stitcher it was prepared for
+
+    @property
+    def name(self) -> str:
+        """The skill's name."""
+        return self.metadata.name
 
 
 @dataclass
@@ -151,6 +221,7 @@ class _Stitched:
     sha256: str | None
     head: dict[str, Tensor]
     metadata: SkillMetadata
+    prepared: PreparedSkill | None = None  # its entries stay laid out on the device
 
 
 class Stitcher:
@@ -203,6 +274,8 @@ class Stitcher:
         sizes = [t.numel() for t in self._tensors.values()]
         self._offsets = dict(zip(self._tensors, itertools.accumulate([0, *sizes[:-1]])))
         self._numel = sum(sizes)
+        self._ids = {name: i for i, name in enumerate(self._tensors)}
+        self._addresses = multi_tensor.AddressTable(list(self._tensors.values()), list(self._offsets.values()))
         self._digests: dict[str, str] = {}
         self._names: dict[tuple[str, ...], dict[str, str]] = {}
         self._union: _Union | None = None
@@ -261,8 +334,8 @@ class Stitcher:
     def __len__(self) -> int:
         return len(self._stitched)
 
-    def add(self, skill: Skill | str) -> None:
-        """Stitch ``skill`` (a :class:`Skill`, or a name read from the bank).
+    def add(self, skill: Skill | str | PreparedSkill) -> None:
+        """Stitch ``skill`` (a :class:`Skill`, a name read from the bank, or one :meth:`prepare` returned).
 
         Everything is checked before the model is touched: on any error the
         model is exactly as before the call.
@@ -272,69 +345,85 @@ class Stitcher:
                 another shape, or the skill's entries are out of range or not finite.
             BaseMismatchError: the skill comes from another base model.
         """
-        sha = None
-        if isinstance(skill, str):
-            bank = self._require_bank(skill)
-            sha = bank.entry(skill).sha256
-            skill = bank.get(skill)
-        if skill.name in self._stitched:
-            raise StitchError(f"skill {skill.name!r} is already stitched; remove it first to re-apply it.")
-        names = self._match(skill)
-        batch = self._flatten(skill.name, skill.regions, names)
-        self._check_base(skill, names)
+        name = _name_of(skill)
+        if name in self._stitched:
+            raise StitchError(f"skill {name!r} is already stitched; remove it first to re-apply it.")
+        if isinstance(skill, PreparedSkill):
+            if skill.owner != id(self):
+                raise StitchError(f"skill {name!r} was prepared for another Stitcher; prepare it with this one.")
+            prepared, kept, sha, names, batch, head, metadata = (
+                skill, None, skill.sha256, skill.names, skill.batch, skill.head, skill.metadata)
+        else:
+            kept, sha, names, batch = self._checked(skill)
+            prepared, head, metadata = None, kept.head, kept.metadata
         self._apply(batch, adding=True)
-        self._stitched[skill.name] = _Stitched(
-            names=names,
-            skill=None if sha is not None else skill,
-            sha256=sha,
-            head=skill.head,
-            metadata=skill.metadata,
-        )
+        self._stitched[name] = _Stitched(names=names, skill=None if sha is not None else kept, sha256=sha, head=head,
+                                         metadata=metadata, prepared=prepared)
+
+    def prepare(self, skill: Skill | str) -> PreparedSkill:
+        """Check ``skill`` against this model and lay its entries out on the model's device, once.
+
+        ``add(prepared)``, its removal and switches to it then do only the
+        stitching: no bank read, no checks, no copy to the device (on a GPU, what
+        makes an add take about a millisecond). Holds about 24 bytes per entry on
+        the device for as long as it is kept.
+        """
+        kept, sha, names, batch = self._checked(skill)
+        if batch.spans:
+            placed = self._place(batch, self._device_of(batch))
+            batch = _Batch(batch.spans, placed.local, placed.values, batch.name, placed)
+        return PreparedSkill(kept.metadata, kept.head, sha, names, batch, id(self))
 
     def remove(self, name: str) -> None:
         """Take skill ``name`` out again; entries it alone covered return to the base bitwise."""
         if name not in self._stitched:
             raise StitchError(f"skill {name!r} is not stitched (stitched: {self.stitched or 'none'}).")
         record = self._stitched[name]
-        regions = record.skill.regions if record.skill is not None else self._banked(name, record.sha256).regions
-        self._apply(self._flatten(name, regions, record.names), adding=False)
+        if record.prepared is not None:
+            batch = record.prepared.batch
+        else:
+            regions = record.skill.regions if record.skill is not None else self._banked(name, record.sha256).regions
+            batch = self._flatten(name, regions, record.names)
+        self._apply(batch, adding=False)
         del self._stitched[name]
 
-    def switch(self, skills: Sequence[Skill | str]) -> None:
+    def switch(self, skills: Sequence[Skill | str | PreparedSkill]) -> None:
         """Hold exactly ``skills`` from now on (names are read from the bank; order is the add order).
 
         Skills not named are removed, named ones not yet stitched are added; only the
         entries of the skills that leave or arrive are rewritten, and every entry no
         remaining skill covers gets its base value back bit for bit. ``switch([])``
-        returns the model to the base.
+        returns the model to the base. Prepared skills (:meth:`prepare`) switch fastest.
 
         Raises:
             StitchError: a name repeats, or a skill cannot be added or removed (the
                 model then holds what the last completed step left: every skill
                 removed so far is out, every one added so far is in).
         """
-        wanted = [s if isinstance(s, str) else s.name for s in skills]
+        wanted = [_name_of(s) for s in skills]
         if len(set(wanted)) != len(wanted):
             raise StitchError(f"skill names repeat in {wanted}.")
         for name in [n for n in self.stitched if n not in wanted]:
             self.remove(name)
         for skill in skills:
-            if (skill if isinstance(skill, str) else skill.name) not in self._stitched:
+            if _name_of(skill) not in self._stitched:
                 self.add(skill)
 
     @contextmanager
-    def active(self, *skills: Skill | str, head: bool = True) -> Iterator[nn.Module | Mapping[str, Tensor]]:
+    def active(self, *skills: Skill | str | PreparedSkill, head: bool = True) -> Iterator[nn.Module | Mapping[str, Tensor]]:
         """Context manager: the model holding exactly ``skills`` for the block, then what it held before.
 
         With one skill and ``head=True`` that skill's head is swapped in too, so
         ``with stitcher.active("sst2") as m: m(**batch)`` answers with sst2's own
         model. Switching in and back rewrites only the masks involved, both ways.
         """
-        before = [record.skill if record.skill is not None else name for name, record in self._stitched.items()]
+        before: list[Skill | str | PreparedSkill] = [
+            record.prepared if record.prepared is not None else record.skill if record.skill is not None else name
+            for name, record in self._stitched.items()]
         self.switch(skills)
         try:
             if head and len(skills) == 1 and isinstance(self.model, nn.Module):
-                name = skills[0] if isinstance(skills[0], str) else skills[0].name
+                name = _name_of(skills[0])
                 with use_head(self.model, self._stitched[name].head) as model:
                     yield model
             else:
@@ -365,6 +454,18 @@ class Stitcher:
                 tensor.data.view(-1).index_copy_(0, indices.to(tensor.device), values.to(tensor.device))
         self._union = None
         self._stitched.clear()
+
+    def _checked(self, skill: Skill | str) -> tuple[Skill, str | None, dict[str, str], _Batch]:
+        """``skill`` (read from the bank when named), its bank sha256, its names in the model, and its checked batch."""
+        sha = None
+        if isinstance(skill, str):
+            bank = self._require_bank(skill)
+            sha = bank.entry(skill).sha256
+            skill = bank.get(skill)
+        names = self._match(skill)
+        batch = self._flatten(skill.name, skill.regions, names)
+        self._check_base(skill, names)
+        return skill, sha, names, batch
 
     def _banked(self, name: str, sha256: str | None) -> Skill:
         """Skill ``name`` as it was stitched, read from the bank again (checked by sha256)."""
@@ -476,36 +577,50 @@ class Stitcher:
             raise StitchError(f"skill {skill!r} has NaN/Inf values in {dst!r}; it cannot be stitched.")
         return _Batch(spans, local, values, skill)
 
-    def _apply(self, batch: _Batch, *, adding: bool) -> None:
-        if not batch.spans:
-            return
+    def _device_of(self, batch: _Batch) -> torch.device:
         device = self._tensors[batch.spans[0][0]].device
         if any(self._tensors[dst].device != device for dst, _, _ in batch.spans):
             raise StitchError("stitching needs every tensor of a skill on one device; move the model first.")
-        if self._union is None:
-            self._union = _Union(self._numel, device, self.rule)
+        return device
+
+    def _one_launch(self, batch: _Batch) -> bool:
+        """Whether the batch's tensors take the one-launch gather/scatter (CUDA, one dtype, Triton)."""
+        return multi_tensor.enabled([self._tensors[dst] for dst, _, _ in batch.spans])
+
+    def _place(self, batch: _Batch, device: torch.device) -> _Placed:
+        """The batch on ``device``, with each entry's global flat position (and tensor number, for one launch)."""
         local = batch.local.to(device)  # one transfer per skill
         values = batch.values.to(device)
         positions = local + _per_entry([self._offsets[d] for d, _, _ in batch.spans], batch.spans, local.numel(), device)
+        ids = None
+        if self._one_launch(batch):
+            ids = _per_entry([self._ids[d] for d, _, _ in batch.spans], batch.spans, local.numel(), device).int()
+        return _Placed(local, values, positions, ids)
+
+    def _apply(self, batch: _Batch, *, adding: bool) -> None:
+        if not batch.spans:
+            return
+        device = self._device_of(batch)
+        if self._union is None:
+            self._union = _Union(self._numel, device, self.rule)
+        placed = batch.placed
+        if placed is None or placed.positions.device != device or (placed.ids is None and self._one_launch(batch)):
+            placed = self._place(batch, device)
         with torch.no_grad():
-            flats = [(self._tensors[dst].data.view(-1), local[start : start + n], start, n) for dst, start, n in batch.spans]
-
-            def read(fresh: Tensor) -> Tensor:
-                if fresh.numel() == local.numel():
-                    return torch.cat([flat.index_select(0, idx).double() for flat, idx, _, _ in flats])
-                bounds = torch.searchsorted(fresh, torch.tensor([s for _, _, s, _ in flats] + [local.numel()], device=device)).tolist()
-                return torch.cat([flat.index_select(0, idx.index_select(0, fresh[lo:hi] - start)).double()
-                                  for (flat, idx, start, _), lo, hi in zip(flats, bounds, bounds[1:])])
-
-            plan = self._union.plan(positions, values, 1 if adding else -1, read)
+            writer: _PerTensor | _OneLaunch
+            if placed.ids is not None and self._one_launch(batch):
+                dtype = self._tensors[batch.spans[0][0]].dtype
+                table = self._addresses.current(device, torch.empty((), dtype=dtype).element_size())
+                writer = _OneLaunch(table, placed, dtype)
+            else:
+                writer = _PerTensor([(self._tensors[dst].data.view(-1), placed.local[start : start + n], start, n)
+                                     for dst, start, n in batch.spans])
+            plan = self._union.plan(placed.positions, placed.values, 1 if adding else -1, writer.read)
             self._check_fits(batch, plan.merged)
             try:
-                for flat, idx, start, n in flats:
-                    flat.index_copy_(0, idx, plan.merged[start : start + n].to(flat.dtype))
+                writer.write(plan.merged)
             except BaseException:  # an interrupt mid-write: put every touched entry back
-                before = self._union.before(plan)
-                for flat, idx, start, n in flats:
-                    flat.index_copy_(0, idx, before[start : start + n].to(flat.dtype))
+                writer.write(self._union.before(plan))
                 raise
             self._union.commit(plan)
 
@@ -521,3 +636,7 @@ class Stitcher:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.stitched)
+
+
+def _name_of(skill: Skill | str | PreparedSkill) -> str:
+    return skill if isinstance(skill, str) else skill.name
