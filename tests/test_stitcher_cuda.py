@@ -8,7 +8,7 @@ import torch
 from conftest import live_copy, make_skill, reference_stitch
 from skillbank import Stitcher
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 def test_cuda_stitching_matches_the_batch_formula_and_restores_the_base(base_model):
