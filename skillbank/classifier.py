@@ -31,6 +31,10 @@ class SequenceClassifier(pl.LightningModule):
             evenly, so dataless top-|τ| masks localize SGD finetunes far better.
         skill_head: evaluate with this skill's head from ``self.skill_heads``
             (set by :class:`~skillbank.callbacks.SkillStitcher`) instead of the model's own.
+        gradient_clip_val: clip the gradients' global norm to this before each step
+            (unless the Trainer's own ``gradient_clip_val`` is set, which wins). SGD
+            finetunes of real tasks at lr 1e-2 collapse to one class without it; the
+            recipes use 1.0 with SGD.
     """
 
     def __init__(
@@ -41,10 +45,14 @@ class SequenceClassifier(pl.LightningModule):
         weight_decay: float = 0.0,
         optimizer: str = "adamw",
         skill_head: str | None = None,
+        gradient_clip_val: float | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in ("adamw", "sgd"):
             raise SkillbankError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}.")
+        if gradient_clip_val is not None and not gradient_clip_val > 0:
+            raise SkillbankError(f"gradient_clip_val must be > 0 (or None: no clipping), got {gradient_clip_val}.")
+        self.gradient_clip_val = gradient_clip_val
         self.model = load_model(model, num_labels)
         self.skill_head = skill_head
         self.lr = lr
@@ -72,6 +80,13 @@ class SequenceClassifier(pl.LightningModule):
         self.val_acc(out.logits.argmax(-1), batch["labels"])
         self.log("val_loss", out.loss, sync_dist=True)
         self.log("val_acc", self.val_acc, prog_bar=True)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """The Trainer's clipping when it sets one, else ``gradient_clip_val`` (by norm)."""
+        if gradient_clip_val is None and self.gradient_clip_val is not None:
+            gradient_clip_val, gradient_clip_algorithm = self.gradient_clip_val, "norm"
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer == "sgd":
