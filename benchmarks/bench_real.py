@@ -210,7 +210,7 @@ def stage_localize(b: Bench) -> None:
                 continue
             start = time.perf_counter()
             if method == "dataless":
-                tv = task_vector(base, b.finetuned_dir(name))
+                tv = task_vector(base, b.finetuned_dir(name), device=b.device)
                 bank.add(localize_dataless(tv, b.args.sparsity, name=name, task=name,
                                            source={"kind": "full finetune", "finetuned": str(b.finetuned_dir(name))}))
                 seconds = time.perf_counter() - start
@@ -230,7 +230,7 @@ def stage_auto(b: Bench) -> None:
     dataless, learned = SkillBank(b.work / "banks" / "dataless-auto"), SkillBank(b.work / "banks" / "learned-auto")
     for name in b.tasks:
         val = list(b.validation(name))  # tokenized once, scored at every size
-        tv = task_vector(base, b.finetuned_dir(name))
+        tv = task_vector(base, b.finetuned_dir(name), device=b.device)
         if name not in dataless:
             start = time.perf_counter()
             dataless.add(localize_auto(tv, live, val, name=name, target=a.target_recovery, task=name,
@@ -355,7 +355,7 @@ def stage_evaluate(b: Bench) -> None:
     def shared_taus() -> list[dict]:
         nonlocal taus
         if taus is None:
-            taus = [task_vector(base, b.finetuned_dir(n)).shared for n in b.tasks]
+            taus = [task_vector(base, b.finetuned_dir(n), device=b.device).shared for n in b.tasks]
         return taus
 
     run("finetuned", lambda: {n: finetune[n]["test_acc"] for n in b.tasks})
@@ -409,7 +409,7 @@ def stage_arrivals(b: Bench) -> None:
     def shared_taus() -> list[dict]:
         nonlocal taus
         if taus is None:
-            taus = [task_vector(base, b.finetuned_dir(n)).shared for n in order]
+            taus = [task_vector(base, b.finetuned_dir(n), device=b.device).shared for n in order]
         return taus
 
     def merged_runs(deltas) -> list[dict]:  # noqa: ANN001
@@ -484,7 +484,7 @@ def stage_switch(b: Bench) -> None:
         with stitcher.active(name) as model:
             switch_ms.append(1e3 * (time.perf_counter() - tick))
             correct = torch.cat([_correct(model, _moved(batch, b)) for batch in b.test(name)])
-        right = torch.tensor([r == name for r in routed[name]])
+        right = torch.tensor([r == name for r in routed[name]], device=correct.device)
         switched[name] = float(correct.float().mean())
         routed_acc[name] = float((correct & right).float().mean())  # a misrouted request counts as wrong
         router_acc[name] = float(right.float().mean())
@@ -560,7 +560,7 @@ def stage_pooler(b: Bench) -> None:
     bank = SkillBank(b.work / "banks" / "dataless-pooler-head")
     for name in b.tasks:
         if name not in bank:
-            tv = task_vector(base, b.finetuned_dir(name), head_patterns=[r"(^|\.)pooler\."])
+            tv = task_vector(base, b.finetuned_dir(name), head_patterns=[r"(^|\.)pooler\."], device=b.device)
             bank.add(localize_dataless(tv, b.args.sparsity, name=name, task=name))
     for key, fn in (("L&S dataless, pooler as head, skill alone", _alone), ("L&S dataless, pooler as head", _stitched)):
         if key not in results:
@@ -605,7 +605,7 @@ def stage_lora(b: Bench) -> None:
         if skill_name not in bank:
             start = time.perf_counter()
             if method == "dataless":
-                bank.add(localize_dataless(task_vector(str(b.base_dir), folder), a.sparsity, name=skill_name, task=name))
+                bank.add(localize_dataless(task_vector(str(b.base_dir), folder, device=b.device), a.sparsity, name=skill_name, task=name))
             else:
                 learner = MaskLearner(str(folder), str(b.base_dir), sparsity=a.sparsity, num_labels=task.num_labels,
                                       task=name, skill_name=skill_name)
@@ -655,7 +655,7 @@ def stage_curve(b: Bench) -> None:
                 if skill_name not in bank:
                     if method == "dataless":
                         if name not in taus:
-                            taus[name] = task_vector(base, b.finetuned_dir(name))
+                            taus[name] = task_vector(base, b.finetuned_dir(name), device=b.device)
                         bank.add(localize_dataless(taus[name], s, name=skill_name, task=name))
                     else:
                         bank.add(learn_skill(b, name, s, base, skill_name)[0])

@@ -6,7 +6,9 @@ A RoBERTa-base-sized model (about 125M parameters, random init from the default
 ``RobertaConfig``) and 1% skills with random masks (a uniform 1% per tensor: the
 worst case for union growth, since real skills overlap more). Measures:
 
-* the time of ``Stitcher.add`` for the n-th skill, n = 1 … ``--skills``;
+* the time of ``Stitcher.add`` for the n-th skill, n = 1 … ``--skills``, from a ``Skill`` in memory, and from
+  one laid out on the device beforehand (``Stitcher.prepare``, not timed) with the one-launch gather/scatter
+  (CUDA + Triton: :mod:`skillbank.multi_tensor`) and with the per-tensor loop (first 20 skills);
 * a dense re-merge of 8 skills as the paper's released ``Stitcher`` does it (dense
   masks averaged by pairwise intersections, then ``θ += γ'_i ⊙ (θ_ft − θ_pre)`` over
   dense finetuned weights), and a leaner one-pass dense merge; the dense masks and
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -31,7 +34,7 @@ from pathlib import Path
 import torch
 from transformers import RobertaConfig, RobertaModel
 
-from skillbank import Region, Skill, SkillBank, SkillMetadata, Stitcher, base_fingerprint
+from skillbank import Region, Skill, SkillBank, SkillMetadata, Stitcher, base_fingerprint, multi_tensor
 
 
 def make_base(device: str) -> RobertaModel:
@@ -51,6 +54,18 @@ def random_skill(state: dict, fingerprint: str, name: str, seed: int, sparsity: 
         regions[pname] = Region(idx, torch.randn(k, generator=gen) * 1e-3)
     meta = SkillMetadata(name, fingerprint, sparsity, {k: list(v.shape) for k, v in state.items()})
     return Skill(meta, regions)
+
+
+def warm_up_kernels(device: str) -> None:
+    """Compile the one-launch kernels for float32 before timing (Triton specializes on a count divisible by 16)."""
+    tensors = [torch.zeros(64, device=device), torch.zeros(64, device=device)]
+    table = multi_tensor.AddressTable(tensors, [0, 64]).current(torch.device(device), 4)
+    for n in (16, 17):
+        ids = torch.zeros(n, dtype=torch.int32, device=device)
+        positions = torch.arange(n, device=device)
+        multi_tensor.scatter(table, ids, positions, torch.ones(n, device=device))
+        multi_tensor.gather(table, ids, positions, positions, torch.float32)
+    sync(device)
 
 
 def sync(device: str) -> None:
@@ -111,6 +126,32 @@ def bench_add_and_dense(device: str, n_skills: int, n_dense: int) -> dict:
         print(f"add #{i + 1}: {add_s[-1] * 1e3:.1f} ms, covered {stitcher.covered / params:.2%}", file=sys.stderr)
     state_bytes = stitcher.state_nbytes
     del stitcher
+    prepared_ms: dict[str, list[float]] = {}
+    if multi_tensor.enabled([state[next(iter(state))]]):
+        warm_up_kernels(device)
+    for label, one_launch in (("one_launch", "1"), ("per_tensor", "0")):
+        # skills laid out on the device beforehand (Stitcher.prepare, not timed): the add alone
+        os.environ["SKILLBANK_MULTI_TENSOR"] = one_launch
+        fresh = make_base(device)
+        stitcher = Stitcher(fresh)
+        stitcher._check_base(skills[0], stitcher._match(skills[0]))
+        times = []
+        try:
+            for skill in skills if one_launch == "1" else skills[:20]:
+                ready = stitcher.prepare(skill)
+                sync(device)
+                start = time.perf_counter()
+                stitcher.add(ready)
+                sync(device)
+                times.append((time.perf_counter() - start) * 1e3)
+                del ready
+        except Exception as exc:  # noqa: BLE001 - recorded, so the other figures still come back
+            print(f"prepared adds ({label}) failed: {exc!r}", file=sys.stderr)
+            times = times or [float("nan")]
+        prepared_ms[label] = times
+        print(f"prepared adds ({label}): median {statistics.median(times):.2f} ms, max {max(times):.2f} ms", file=sys.stderr)
+        del stitcher, fresh
+    os.environ.pop("SKILLBANK_MULTI_TENSOR")
     dense_inputs = ([], [])
     for skill in skills[:n_dense]:
         masks, taus = {}, {}
@@ -137,6 +178,7 @@ def bench_add_and_dense(device: str, n_skills: int, n_dense: int) -> dict:
     return {
         "params": params,
         "add_ms": [t * 1e3 for t in add_s],
+        "prepared_add_ms": prepared_ms,
         "paper_remerge_8_ms": dense_s["paper"] * 1e3,
         "linear_remerge_8_ms": dense_s["linear"] * 1e3,
         "skill_bytes_fp32": sizes["fp32"],
@@ -209,6 +251,11 @@ def main() -> None:
         "speedup_vs_paper_first_8": result["paper_remerge_8_ms"] / statistics.median(add[:8]),
         "speedup_vs_paper_last_8": result["paper_remerge_8_ms"] / statistics.median(add[-8:]),
         "speedup_vs_linear_last_8": result["linear_remerge_8_ms"] / statistics.median(add[-8:]),
+        "prepared_add_ms_median": {k: statistics.median(v) for k, v in result["prepared_add_ms"].items()},
+        "prepared_add_ms_max": {k: max(v) for k, v in result["prepared_add_ms"].items()},
+        "prepared_add_ms_first_8_vs_last_8": [statistics.median(result["prepared_add_ms"]["one_launch"][:8]),
+                                              statistics.median(result["prepared_add_ms"]["one_launch"][-8:])],
+        "speedup_prepared_vs_linear": result["linear_remerge_8_ms"] / statistics.median(result["prepared_add_ms"]["one_launch"]),
         "file_ratio_fp32": result["skill_bytes_fp32"] / result["dense_checkpoint_bytes"],
         "file_ratio_bf16": result["skill_bytes_bf16"] / result["dense_checkpoint_bytes"],
     }
