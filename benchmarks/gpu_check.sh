@@ -40,7 +40,8 @@ echo "bench_stitch exit $?" >> "$OUT/stitch.log"; tail -30 "$OUT/stitch.log"
 
 echo "== bench_real ($SECONDS s)"
 WORK=/tmp/real-gpu
-for stages in pull,finetune,localize evaluate curve,report switch auto context,arrivals lora,pooler report; do
+# REAL_STAGES: space-separated groups, run in order while time is left (e.g. "pull,finetune,localize switch lora,pooler")
+for stages in ${REAL_STAGES:-pull,finetune,localize evaluate curve,report switch auto context,arrivals lora,pooler report}; do
   left=$((BUDGET - SECONDS))
   [ $left -lt 20 ] && { echo "no time left for $stages" >> "$OUT/real.log"; continue; }
   timeout $left $PY benchmarks/bench_real.py --work $WORK --device cuda --stages $stages --switch-bank learned \

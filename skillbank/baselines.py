@@ -4,7 +4,8 @@ and the continual mergers MagMax and OPCM.
 Each function takes the shared task vectors ``τ_t`` (``{name: tensor}``, one
 dict per task, same names and shapes) and returns one merged delta ``δ``; the
 merged model is ``θ_pre + δ`` (:func:`apply_delta`), evaluated with each task's
-own head. Pure tensor functions, tested against plain reference code. For tasks
+own head. Pure tensor functions, tested against plain reference code; the merge is
+computed on the first task vector's device (the others are moved a tensor at a time). For tasks
 that arrive one at a time, :func:`arrivals` gives the merged delta after each
 arrival (OPCM carries its state forward instead of starting over).
 

@@ -93,6 +93,8 @@ class MaskLearner(pl.LightningModule):
         owned_penalty: with ``context``, an extra ``owned_penalty · mean(σ(S))`` over
             the entries earlier skills own, so the mask pays for diluting them.
 
+    The learner works on its model's device (``τ`` computed elsewhere is brought
+    there); a Trainer then moves all of it to its accelerator, as with any module.
     Batches are mappings (the target under ``"labels"``) or ``(inputs, target)`` pairs.
     The wrapped model always runs in eval mode (no dropout), as in the paper,
     so the mask gradient does not depend on the process or device count.

@@ -241,6 +241,9 @@ class Stitcher:
             ``"sum"``, ``"sign_mean"`` (TIES-style), or an
             :class:`~skillbank.overlap.OverlapRule`; see :mod:`skillbank.overlap`.
 
+    Skills are written on the model's device and in its dtype (its state lives
+    there too); :meth:`prepare` places a skill there ahead of time.
+
     >>> import torch
     >>> from skillbank.skill import Region, Skill, SkillMetadata
     >>> from skillbank.weights import base_fingerprint
