@@ -20,6 +20,7 @@ from skillbank.auto_sparsity import DEFAULT_GRID, search_sparsity, stitched_scor
 from skillbank.baselines import apply_delta
 from skillbank.bank import SkillBank
 from skillbank.callbacks._model import wrapped_model
+from skillbank.causal_lm import is_causal_lm
 from skillbank.errors import SkillbankError, SkillNameError
 from skillbank.localize import localize_dataless
 from skillbank.mask_learner import MaskLearner
@@ -126,8 +127,9 @@ class SkillHarvester(Callback):
                     model = wrapped_model(pl_module, self.model_attr)
                     if find_peft_model(model) is not None:  # a LoRA model: its weights as a plain model (B = 0 here)
                         model = merged_finetune(model).weights
-                    # a Hugging Face model's head (outside .base_model) is task specific, not part of the base
-                    state = getattr(model, "base_model", model).state_dict()
+                    # a Hugging Face model's head (outside .base_model) is task specific, not part of the base;
+                    # a causal LM's head is the base's own LM head
+                    state = (model if is_causal_lm(model) else getattr(model, "base_model", model)).state_dict()
                     self._captured = {k: v.detach().to("cpu", copy=True) for k, v in state.items() if is_float(v)}
             except SkillbankError as exc:
                 error = exc

@@ -24,6 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from skillbank.adapters import find_peft_model, is_adapter_folder, merged_finetune
 from skillbank.bank import SkillBank, check_skill_name
+from skillbank.causal_lm import NextTokenAccuracy, is_causal_lm, is_causal_lm_config, with_lm_labels
 from skillbank.devices import device_of
 from skillbank.errors import BaseMismatchError, SkillbankError, SkillNameError, TaskVectorError
 from skillbank.localize import skill_from_mask
@@ -45,17 +46,24 @@ _NO_UPDATES = (
 
 
 def load_model(model: nn.Module | str, num_labels: int | None = None) -> nn.Module:
-    """``model`` itself, or a Hugging Face sequence classifier loaded from a local folder (or ``pulled:<alias>``)."""
+    """``model`` itself, or a model loaded from a local Hugging Face folder (or ``pulled:<alias>``): a causal
+    language model when its config names a ``…ForCausalLM``/``…LMHeadModel`` architecture, else a sequence classifier."""
     if isinstance(model, nn.Module):
         return model
-    from transformers import AutoModelForSequenceClassification
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from skillbank.pull import resolve_model
     from skillbank.weights import require_safetensors
 
-    model = require_safetensors(resolve_model(model))
+    folder = require_safetensors(resolve_model(model))
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() and config_file.stat().st_size < 1 << 20 else {}
+    if is_causal_lm_config(config):
+        return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     extra = {} if num_labels is None else {"num_labels": num_labels}
-    return AutoModelForSequenceClassification.from_pretrained(model, local_files_only=True, use_safetensors=True, **extra)
+    return AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True, use_safetensors=True, **extra)
 
 
 class MaskLearner(pl.LightningModule):
@@ -77,9 +85,12 @@ class MaskLearner(pl.LightningModule):
         exclude: regexes of shared parameter names that get no score (never in
             the mask, kept at the base), e.g. ``"embeddings"``.
         loss_fn: ``loss_fn(logits, target)``; without it the model's own loss is
-            used (Hugging Face: ``labels`` in the batch -> ``outputs.loss``).
+            used (Hugging Face: ``labels`` in the batch -> ``outputs.loss``). A causal
+            LM gets its next-token loss; a batch without ``labels`` is labelled with its
+            ``input_ids``, padding ignored (:mod:`skillbank.causal_lm`).
         metric: a torchmetrics metric of ``(logits, target)``; default accuracy over
-            ``num_labels`` classes (taken from ``model.config`` when not given).
+            ``num_labels`` classes (taken from ``model.config`` when not given), or
+            next-token accuracy for a causal LM.
         bank, skill_name, task: when ``bank`` is set, the skill is added to it at
             the end of fitting, by rank 0 only.
         value_dtype: dtype of the stored skill values.
@@ -156,6 +167,7 @@ class MaskLearner(pl.LightningModule):
         adapter = merged_finetune(model, base) if is_adapter_folder(model) or find_peft_model(model) is not None else None
         self.model = load_model(adapter.weights if adapter else model, num_labels)  # a PEFT model: its merged copy
         self.model.requires_grad_(False)
+        self.causal_lm = is_causal_lm(self.model)  # next-token loss and metric (skillbank.causal_lm)
         own = adapter or self.model
         tv = finetuned if isinstance(finetuned, TaskVector) else task_vector(base, own if finetuned is None else finetuned)
         self._names = self._reset_to_base(tv, base, finetuned is not None)
@@ -253,6 +265,8 @@ class MaskLearner(pl.LightningModule):
         return scores
 
     def _default_metric(self, num_labels: int | None) -> Metric:
+        if self.causal_lm:
+            return NextTokenAccuracy()
         num_labels = num_labels or getattr(getattr(self.model, "config", None), "num_labels", None)
         if not num_labels:
             raise SkillbankError("cannot tell the number of classes: pass num_labels= or metric=.")
@@ -287,6 +301,8 @@ class MaskLearner(pl.LightningModule):
         gate = torch.sigmoid(self.scores) if gate is None else gate
         weights = self.masked_weights(gate)
         if isinstance(batch, Mapping):
+            if self.causal_lm:
+                batch = with_lm_labels(batch)  # input_ids as labels, padding ignored, unless the batch has its own
             target = batch.get("labels")
             inputs = dict(batch) if self.loss_fn is None else {k: v for k, v in batch.items() if k != "labels"}
             out = functional_call(self.model, weights, args=(), kwargs=inputs, strict=False)

@@ -28,6 +28,7 @@ __all__ = [
     "align_names",
     "base_fingerprint",
     "chunked_digest",
+    "drop_aliases",
     "fingerprint_from_digests",
     "is_float",
     "load_state_dict",
@@ -81,6 +82,21 @@ def load_state_dict(source: WeightsSource) -> StateDict:
             return state
         require_safetensors(path)  # raises, saying whether only pickled weights are there
     raise SkillbankError(f"no model at {path}: the path does not exist.")
+
+
+def drop_aliases(state: Mapping[str, Tensor]) -> StateDict:
+    """``state`` without the later names of a tensor that several names share (tied embeddings and LM
+    head), so every entry is counted once; safetensors files never hold such aliases."""
+    seen: set[tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...]]] = set()
+    out: StateDict = {}
+    for name, tensor in state.items():
+        if tensor.device.type != "meta" and tensor.numel():
+            key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+            if key in seen:
+                continue
+            seen.add(key)
+        out[name] = tensor
+    return out
 
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
