@@ -179,7 +179,7 @@ def _fewshot_loader(b: Bench, name: str, seed: int):  # noqa: ANN202
 
 
 def learn_skill(b: Bench, name: str, sparsity: float, base: dict, skill_name: str | None = None,
-                context: Sequence = ()) -> tuple:
+                context: Sequence = (), **learner_kwargs) -> tuple:  # noqa: ANN003
     """Learn ``name``'s mask at ``sparsity`` with a Trainer (keeps the best-validating mask); (skill, seconds).
 
     With ``context`` (skills already stitched) the mask is learned against the model holding them (rule ``--rule``).
@@ -189,7 +189,7 @@ def learn_skill(b: Bench, name: str, sparsity: float, base: dict, skill_name: st
     pl.seed_everything(a.seed, verbose=False)
     extra = dict(context=list(context), rule=a.context_rule, owned_penalty=a.owned_penalty) if context else {}
     learner = MaskLearner(str(finetuned), base, str(finetuned), sparsity, num_labels=b.task(name).num_labels,
-                          task=name, skill_name=skill_name or name, **extra)
+                          task=name, skill_name=skill_name or name, **extra, **learner_kwargs)
     trainer = pl.Trainer(max_epochs=a.mask_epochs, accelerator=b.device.type, devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=a.progress, enable_model_summary=False,
                          num_sanity_val_steps=0)

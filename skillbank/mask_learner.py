@@ -9,6 +9,7 @@ only trainable tensor, so DDP all-reduces mask gradients and nothing else.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -27,12 +28,12 @@ from skillbank.bank import SkillBank, check_skill_name
 from skillbank.causal_lm import NextTokenAccuracy, is_causal_lm, is_causal_lm_config, with_lm_labels
 from skillbank.devices import device_of
 from skillbank.errors import BaseMismatchError, SkillbankError, SkillNameError, TaskVectorError
-from skillbank.localize import skill_from_mask
+from skillbank.localize import skill_from_mask, skill_from_regions
 from skillbank.mask_recipes import MaskRecipe, resolve_recipe
 from skillbank.overlap import get_rule
 from skillbank.ranks import raise_everywhere
-from skillbank.skill import Skill
-from skillbank.sparse import check_sparsity, global_topk, num_selected
+from skillbank.skill import Region, Skill
+from skillbank.sparse import check_sparsity, global_topk, num_selected, topk_positions
 from skillbank.task_vectors import TaskVector, matches, task_vector
 from skillbank.weights import WeightsSource, align_names, load_state_dict
 
@@ -103,6 +104,12 @@ class MaskLearner(pl.LightningModule):
             ``"sum"``: rules with a differentiable form); used with ``context``.
         owned_penalty: with ``context``, an extra ``owned_penalty · mean(σ(S))`` over
             the entries earlier skills own, so the mask pays for diluting them.
+        pool: score only a candidate pool: the top ``pool · k`` entries of ``|τ|``
+            (e.g. 10), so ``τ``, the scores and the optimizer's state follow the pool,
+            not the model (about 32 bytes per pool entry instead of 16 per entry of the
+            model); the mask is chosen inside the pool. ``None`` (default): every entry.
+        pool_small: with ``pool``, tensors of at most this many entries (biases,
+            LayerNorms) join the pool whole.
 
     The learner works on its model's device (``τ`` computed elsewhere is brought
     there); a Trainer then moves all of it to its accelerator, as with any module.
@@ -137,6 +144,8 @@ class MaskLearner(pl.LightningModule):
         context: Sequence[Skill] = (),
         rule: str = "mean",
         owned_penalty: float = 0.0,
+        pool: float | None = None,
+        pool_small: int = 0,
     ) -> None:
         super().__init__()
         self.sparsity = check_sparsity(sparsity)
@@ -158,10 +167,15 @@ class MaskLearner(pl.LightningModule):
             raise SkillbankError(f"owned_penalty must be >= 0, got {owned_penalty}.")
         self.owned_penalty = float(owned_penalty)
         self.context_names = [c.name for c in context]
+        if pool is not None and not pool >= 1:
+            raise SkillbankError(f"pool must be >= 1 (the pool holds pool·k entries), got {pool}.")
+        if pool is not None and context:
+            raise SkillbankError("pool= with context= is not supported: learn in context over every entry.")
+        self.pool, self.pool_small = pool, int(pool_small)
         self.save_hyperparameters(
             {"sparsity": self.sparsity, "recipe": self.recipe.to_dict(), "exclude": list(self.exclude),
              "skill_name": skill_name, "bank": bank, "context": self.context_names, "rule": self.rule.name,
-             "owned_penalty": self.owned_penalty}
+             "owned_penalty": self.owned_penalty, "pool": pool, "pool_small": self.pool_small}
         )
 
         adapter = merged_finetune(model, base) if is_adapter_folder(model) or find_peft_model(model) is not None else None
@@ -172,13 +186,21 @@ class MaskLearner(pl.LightningModule):
         tv = finetuned if isinstance(finetuned, TaskVector) else task_vector(base, own if finetuned is None else finetuned)
         self._names = self._reset_to_base(tv, base, finetuned is not None)
         self._tv, self._layout, tau = self._flatten(tv)
+        self.num_eligible = tau.numel()
+        self.k = num_selected(self.sparsity, self.num_eligible)
+        self.pooled = pool is not None
+        if self.pooled:
+            scored = self._candidates(tau)
+            tau = tau[scored]
+            self.register_buffer("scored", scored)  # ascending flat positions of the pool (checkpointed)
+            self.register_buffer("_pool_local", scored - self._starts_of(scored), persistent=False)
+            self._pool_counts = self._per_tensor_counts(scored)
         self.tau = nn.Parameter(tau, requires_grad=False)
         self.scores = nn.Parameter(self._initial_scores(tau))
         if context:
             acc, count = self._context_state(context, tv)
             self.register_buffer("context_acc", acc, persistent=False)
             self.register_buffer("context_count", count, persistent=False)
-        self.k = num_selected(self.sparsity, tau.numel())
         self.val_acc = metric if metric is not None else self._default_metric(num_labels)
         self.val_acc_soft = copy.deepcopy(self.val_acc)
         self.skill: Skill | None = None
@@ -232,6 +254,29 @@ class MaskLearner(pl.LightningModule):
         shapes = {b: torch.empty(t.shape, device="meta") for b, t in tv.shared.items()}
         return replace(tv, shared=shapes), layout, tau
 
+    def _candidates(self, tau: Tensor) -> Tensor:
+        """The pool: ascending flat positions of the top ``pool · k`` of ``|τ|``, plus small tensors whole."""
+        assert self.pool is not None
+        size = min(tau.numel(), math.ceil(self.pool * self.k))
+        parts = [topk_positions(tau.abs(), size)]
+        parts += [torch.arange(start, start + n, device=tau.device) for _, start, n in self._layout if n <= self.pool_small]
+        return torch.unique(torch.cat(parts)) if len(parts) > 1 else parts[0]
+
+    def _starts_of(self, positions: Tensor) -> Tensor:
+        """For each ascending flat position, the start of the tensor it falls in."""
+        starts = torch.tensor([start for _, start, _ in self._layout], device=positions.device)
+        return starts[torch.searchsorted(starts, positions, right=True) - 1]
+
+    def _per_tensor_counts(self, positions: Tensor) -> list[int]:
+        """How many of the ascending flat ``positions`` fall in each tensor of the layout."""
+        bounds = torch.tensor([start for _, start, _ in self._layout] + [self.num_eligible], device=positions.device)
+        return torch.searchsorted(positions, bounds).diff().tolist()
+
+    def _per_tensor(self, positions: Tensor) -> dict[str, Tensor]:
+        """Ascending flat positions as ``{base name: local indices}`` over the layout."""
+        parts = torch.split(positions, self._per_tensor_counts(positions))
+        return {b: part - start for (b, start, _), part in zip(self._layout, parts)}
+
     def _context_state(self, context: Sequence[Skill], tv: TaskVector) -> tuple[Tensor, Tensor]:
         """The rule's accumulators and the cover count of the earlier skills, flat over the scored entries."""
         # a rule without a differentiable form fails here, before any work
@@ -259,7 +304,8 @@ class MaskLearner(pl.LightningModule):
 
     def _initial_scores(self, tau: Tensor) -> Tensor:
         start = self.recipe.init_sparsity or self.sparsity
-        chosen = global_topk({"tau": tau.abs()}, num_selected(start, tau.numel()))["tau"]
+        # the start's size counts every eligible entry; a pool holds the top of |τ|, so its top is the global top
+        chosen = global_topk({"tau": tau.abs()}, min(tau.numel(), num_selected(start, self.num_eligible)))["tau"]
         scores = torch.full_like(tau, -self.recipe.init_scale)
         scores[chosen] = self.recipe.init_scale
         return scores
@@ -288,9 +334,17 @@ class MaskLearner(pl.LightningModule):
             delta = self.rule.relaxed(self.context_acc, self.context_count, gate, self.tau)
         else:
             delta = gate * self.tau
-        parts = torch.split(delta, [numel for _, _, numel in self._layout])
         params = dict(self.model.named_parameters())
         out = {}
+        if self.pooled:  # τ only at the pool's entries: added where they are, the rest stays at the base
+            parts = torch.split(delta, self._pool_counts)
+            locals_ = torch.split(self._pool_local, self._pool_counts)
+            for (b, _, _), part, local in zip(self._layout, parts, locals_):
+                if part.numel():
+                    p = params[self._names[b]]
+                    out[self._names[b]] = p.float().reshape(-1).index_add(0, local, part).view(p.shape).to(p.dtype)
+            return out
+        parts = torch.split(delta, [numel for _, _, numel in self._layout])
         for (b, _, _), part in zip(self._layout, parts):
             p = params[self._names[b]]
             out[self._names[b]] = (p.float() + part.view(p.shape)).to(p.dtype)
@@ -329,21 +383,27 @@ class MaskLearner(pl.LightningModule):
         if self.owned_penalty and self.context_names:
             owned = self.owned_penalty * (gate * (self.context_count > 0)).mean()
         if self.recipe.regularizer == "mean_sigmoid":
-            return self.recipe.l1 * gate.mean() + owned
+            # the mean over every eligible entry: a pool's entries feel the pull they would feel in full scoring
+            mean = gate.sum() / self.num_eligible if self.pooled else gate.mean()
+            return self.recipe.l1 * mean + owned
         # d/dS |σ(S) - ½| = sign(S)·σ'(S): one plain step of lr on this term is the paper's S += λ·sign(S)·σ'(S).
         return -(self.recipe.l1 / self.recipe.lr) * (gate - 0.5).abs().sum() + owned
 
     def binary_mask(self) -> dict[str, Tensor]:
         """Sorted flat indices per base name of the final mask (top-k of ``S``, or ``S > 0``)."""
-        views = {b: self.scores.detach()[s : s + n] for b, s, n in self._layout}
+        scores = self.scores.detach()
+        if self.pooled:
+            chosen = topk_positions(scores, self.k) if self.recipe.binarize == "topk" else torch.nonzero(scores > 0).squeeze(1)
+            return self._per_tensor(self.scored[chosen])
+        views = {b: scores[s : s + n] for b, s, n in self._layout}
         if self.recipe.binarize == "topk":
             return global_topk(views, self.k)
         return {b: torch.nonzero(v > 0).squeeze(1) for b, v in views.items()}
 
     def _gate_of(self, indices: Mapping[str, Tensor]) -> Tensor:
         gate = torch.zeros_like(self.tau)
-        for b, start, _ in self._layout:
-            gate[indices[b] + start] = 1.0
+        flat = torch.cat([indices[b] + start for b, start, _ in self._layout])
+        gate[torch.searchsorted(self.scored, flat) if self.pooled else flat] = 1.0
         return gate
 
     # ---- training -----------------------------------------------------------------------------
@@ -411,8 +471,8 @@ class MaskLearner(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         scores = self.scores.detach()
-        self.log("mask_density", float(self._binary.mean()), rank_zero_only=True)
-        self.log("mask_density_round", float((scores > 0).float().mean()), rank_zero_only=True)
+        self.log("mask_density", float(self._binary.sum()) / self.num_eligible, rank_zero_only=True)
+        self.log("mask_density_round", float((scores > 0).sum()) / self.num_eligible, rank_zero_only=True)
         if not self.trainer.sanity_checking:
             value = float(self.val_acc.compute())  # synced over ranks, so every rank keeps the same mask
             if self._best is None or value >= self._best[0]:
@@ -486,11 +546,31 @@ class MaskLearner(pl.LightningModule):
             settings.update(context=self.context_names, rule=self.rule.name, owned_penalty=self.owned_penalty)
         if best is not None:
             metrics["val_acc"] = best[0]
+        if self.pooled:
+            settings.update(pool=self.pool, pool_small=self.pool_small, pool_entries=int(self.scored.numel()))
         fields = {"task": self.task, "metrics": metrics, "value_dtype": self.value_dtype, **skill_fields}
-        sparsity = self.sparsity if self.recipe.binarize == "topk" else chosen / self.tau.numel()
+        sparsity = self.sparsity if self.recipe.binarize == "topk" else chosen / self.num_eligible
         indices = {b: i.cpu() for b, i in indices.items()}
+        if self.pooled:
+            return self._pooled_skill(indices, name=name, sparsity=sparsity, settings=settings, **fields)
         tau = self.tau.detach().cpu()
         shared = {b: torch.zeros((), dtype=torch.float32).expand(t.shape) for b, t in self._tv.shared.items()}
         shared.update({b: tau[s : s + n].view(self._tv.shared[b].shape) for b, s, n in self._layout})
         tv = replace(self._tv, shared=shared)
         return skill_from_mask(tv, indices, name=name, sparsity=sparsity, method="learned", settings=settings, **fields)
+
+    def _pooled_skill(self, indices: Mapping[str, Tensor], *, name: str, sparsity: float, settings: dict[str, Any],
+                      **fields: Any) -> Skill:
+        """The skill of a pooled learner: each chosen entry's ``τ`` read from the pool (every chosen entry is in it)."""
+        tau, scored = self.tau.detach(), self.scored
+        starts = {b: start for b, start, _ in self._layout}
+        regions = {}
+        for b in self._tv.shared:
+            idx = indices.get(b, torch.empty(0, dtype=torch.int64)).to("cpu", torch.int64)
+            values = tau[torch.searchsorted(scored, idx.to(scored.device) + starts[b])] if idx.numel() else torch.empty(0)
+            regions[b] = Region(idx, values.to("cpu", torch.float32))
+        source = {**dict(fields.pop("source", None) or {}), **self._tv.source}
+        return skill_from_regions(
+            regions, shapes={b: list(t.shape) for b, t in self._tv.shared.items()},
+            base_fingerprint=self._tv.base_fingerprint, dtypes=self._tv.dtypes, head=self._tv.head, name=name,
+            sparsity=sparsity, method="learned", settings=settings, source=source, **fields)

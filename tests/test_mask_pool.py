@@ -1,0 +1,71 @@
+"""MaskLearner(pool=...): scores and optimizer state over a candidate pool of the top pool·k entries of |τ|."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import finetune_like, make_skill
+from skillbank import MaskLearner, SkillbankError, task_vector
+from skillbank.synthetic import DEMO_TASKS, TokenDataset
+
+
+def loader(n: int = 32, seed: int = 0) -> DataLoader:
+    ids, labels = DEMO_TASKS[0].sample(n, torch.Generator().manual_seed(seed))
+    return DataLoader(TokenDataset(ids, labels), batch_size=16)
+
+
+def learned(base_model, finetuned, **kwargs):
+    torch.manual_seed(0)
+    learner = MaskLearner(copy.deepcopy(finetuned), base_model, sparsity=0.02, **kwargs)
+    return learner, learner.learn(loader(), epochs=3, name="s")
+
+
+def test_a_pool_holding_every_entry_learns_the_full_scoring_mask(base_model):
+    finetuned = finetune_like(base_model, seed=1, scale=0.05)
+    full_learner, full = learned(base_model, finetuned)
+    pooled_learner, pooled = learned(base_model, finetuned, pool=1e9)
+    assert pooled_learner.scored.numel() == full_learner.tau.numel()
+    for name, region in full.regions.items():
+        assert torch.equal(pooled.regions[name].indices, region.indices), name
+        assert torch.equal(pooled.regions[name].values, region.values), name
+    assert pooled.metadata.settings["pool_entries"] == full_learner.tau.numel()
+
+
+def test_a_small_pool_keeps_state_small_and_picks_k_entries_from_the_top_of_tau(base_model):
+    finetuned = finetune_like(base_model, seed=2, scale=0.05)
+    learner, skill = learned(base_model, finetuned, pool=3)
+    k = learner.k
+    assert learner.tau.numel() == learner.scores.numel() == 3 * k  # the state follows the pool
+    assert skill.num_entries == k
+    tv = task_vector(base_model, finetuned)
+    flat = torch.cat([tv.shared[b].reshape(-1).abs() for b in tv.shared])
+    threshold = flat.topk(3 * k).values[-1]
+    for name, region in skill.regions.items():
+        if len(region):
+            assert torch.equal(region.values, tv.shared[name].reshape(-1)[region.indices]), name
+            assert bool((region.values.abs() >= threshold).all()), name
+    assert skill.metadata.settings["pool"] == 3
+
+
+def test_small_tensors_join_the_pool_whole(base_model):
+    finetuned = finetune_like(base_model, seed=3, scale=0.05)
+    learner = MaskLearner(copy.deepcopy(finetuned), base_model, sparsity=0.02, pool=2, pool_small=64)
+    scored = set(learner.scored.tolist())
+    small = [(b, start, n) for b, start, n in learner._layout if n <= 64]
+    assert small and all(set(range(start, start + n)) <= scored for _, start, n in small)
+    restored = MaskLearner(copy.deepcopy(finetuned), base_model, sparsity=0.02, pool=2, pool_small=64)
+    restored.load_state_dict(learner.state_dict())  # the pool is part of the checkpointed state
+    assert torch.equal(restored.scored, learner.scored)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"pool": 0.5}, "pool must be >= 1"),
+                                             ({"pool": 5, "context": True}, "pool= with context=")])
+def test_bad_pools_are_refused_before_any_work(base_model, kwargs, message):
+    if kwargs.get("context"):
+        kwargs["context"] = [make_skill(base_model, "earlier", seed=5)]
+    with pytest.raises(SkillbankError, match=message):
+        MaskLearner(finetune_like(base_model, seed=4), base_model, sparsity=0.02, **kwargs)
