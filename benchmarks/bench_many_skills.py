@@ -30,7 +30,6 @@ from bench_stitch import random_skill  # noqa: E402
 
 from skillbank import SkillBank, base_fingerprint  # noqa: E402
 from skillbank.bank import SkillEntry  # noqa: E402
-from skillbank.durable import atomic_write  # noqa: E402
 
 
 def make_bank(path: Path, state: dict, n: int) -> SkillBank:

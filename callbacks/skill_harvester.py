@@ -11,7 +11,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
@@ -24,7 +23,7 @@ from skillbank.causal_lm import is_causal_lm
 from skillbank.errors import SkillbankError, SkillNameError
 from skillbank.localize import localize_dataless
 from skillbank.mask_learner import MaskLearner
-from skillbank.ranks import raise_everywhere
+from skillbank.ranks import bank_on_rank_zero, raise_everywhere
 from skillbank.routing import routing_centroids, with_routing
 from skillbank.skill import Skill
 from skillbank.sparse import check_sparsity
@@ -137,15 +136,9 @@ class SkillHarvester(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        error = None
-        if trainer.is_global_zero:
-            try:
-                self.skill = self.harvest(trainer, pl_module)
-                SkillBank(self.bank).add(self.skill)
-                rank_zero_info(f"SkillHarvester: added {self.name!r} ({self.skill.num_entries} entries) to {self.bank}")
-            except Exception as exc:  # noqa: BLE001 - shared with every rank below, then raised
-                error = exc
-        raise_everywhere(trainer.strategy, error, "SkillHarvester")
+        skill = bank_on_rank_zero(trainer, self.bank, lambda: self.harvest(trainer, pl_module), "SkillHarvester")
+        if skill is not None:  # rank 0
+            self.skill = skill
 
     def harvest(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Skill:
         """Localize the finetuned model (this process only) and return the skill, not yet banked."""

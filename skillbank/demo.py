@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 from transformers.utils import logging as hf_logging
 

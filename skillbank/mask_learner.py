@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -17,7 +18,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.func import functional_call
 from torchmetrics import Metric
@@ -31,7 +31,7 @@ from skillbank.errors import BaseMismatchError, SkillbankError, SkillNameError, 
 from skillbank.localize import skill_from_mask, skill_from_regions
 from skillbank.mask_recipes import MaskRecipe, resolve_recipe
 from skillbank.overlap import get_rule
-from skillbank.ranks import raise_everywhere
+from skillbank.ranks import bank_on_rank_zero, raise_everywhere
 from skillbank.skill import Region, Skill
 from skillbank.sparse import check_sparsity, global_topk, num_selected, topk_positions
 from skillbank.task_vectors import TaskVector, matches, task_vector
@@ -125,7 +125,7 @@ class MaskLearner(pl.LightningModule):
         finetuned: WeightsSource | TaskVector | None = None,
         sparsity: float = 0.01,
         *,
-        recipe: str | MaskRecipe = "topk",
+        recipe: str | MaskRecipe | Mapping[str, Any] = "topk",
         lr: float | None = None,
         l1: float | None = None,
         init_scale: float | None = None,
@@ -148,6 +148,13 @@ class MaskLearner(pl.LightningModule):
         pool_small: int = 0,
     ) -> None:
         super().__init__()
+        # every argument that is plain data, so load_from_checkpoint(path) rebuilds the learner from folders
+        # (pass model=/base=/... again where they were modules or tensors)
+        objects = [n for n, v in (("model", model), ("base", base), ("finetuned", finetuned))
+                   if not isinstance(v, (str, os.PathLike, type(None)))]
+        self.save_hyperparameters(ignore=[*objects, "loss_fn", "metric", "context"])
+        if isinstance(recipe, MaskRecipe):
+            self.hparams["recipe"] = recipe.to_dict()
         self.sparsity = check_sparsity(sparsity)
         self.recipe = resolve_recipe(
             recipe, lr=lr, l1=l1, init_scale=init_scale, init_sparsity=init_sparsity,
@@ -172,11 +179,6 @@ class MaskLearner(pl.LightningModule):
         if pool is not None and context:
             raise SkillbankError("pool= with context= is not supported: learn in context over every entry.")
         self.pool, self.pool_small = pool, int(pool_small)
-        self.save_hyperparameters(
-            {"sparsity": self.sparsity, "recipe": self.recipe.to_dict(), "exclude": list(self.exclude),
-             "skill_name": skill_name, "bank": bank, "context": self.context_names, "rule": self.rule.name,
-             "owned_penalty": self.owned_penalty, "pool": pool, "pool_small": self.pool_small}
-        )
 
         adapter = merged_finetune(model, base) if is_adapter_folder(model) or find_peft_model(model) is not None else None
         self.model = load_model(adapter.weights if adapter else model, num_labels)  # a PEFT model: its merged copy
@@ -516,16 +518,9 @@ class MaskLearner(pl.LightningModule):
     def on_fit_end(self) -> None:
         if self._updates == 0:
             raise SkillbankError(_NO_UPDATES)
-        self.skill = self.to_skill(self.skill_name or "learned")
+        skill = self.skill = self.to_skill(self.skill_name or "learned")  # every rank holds the same mask
         if self.bank is not None:
-            error = None
-            if self.trainer.is_global_zero:
-                try:
-                    SkillBank(self.bank).add(self.skill)
-                    rank_zero_info(f"added skill {self.skill_name!r} to {self.bank}")
-                except Exception as exc:  # noqa: BLE001 - shared with every rank, then raised
-                    error = exc
-            raise_everywhere(self.trainer.strategy, error, "MaskLearner")
+            bank_on_rank_zero(self.trainer, self.bank, lambda: skill, "MaskLearner")
 
     def to_skill(self, name: str, **skill_fields: Any) -> Skill:
         """The learned mask as a :class:`Skill`, with the recipe and the validation metrics."""

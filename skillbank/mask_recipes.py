@@ -6,6 +6,7 @@ exact settings of every learned skill are recorded in its metadata.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -77,12 +78,15 @@ RECIPES: dict[str, MaskRecipe] = {
 }
 
 
-def resolve_recipe(recipe: str | MaskRecipe, **overrides: Any) -> MaskRecipe:
-    """A named recipe (or a given one) with the non-``None`` ``overrides`` applied.
+def resolve_recipe(recipe: str | MaskRecipe | Mapping[str, Any], **overrides: Any) -> MaskRecipe:
+    """A named recipe (or a given one, or its ``to_dict()``, as checkpoints keep it) with the non-``None``
+    ``overrides`` applied.
 
     >>> resolve_recipe("paper", lr=1e6).lr
     1000000.0
     """
+    if isinstance(recipe, Mapping):
+        recipe = MaskRecipe(**recipe)
     if isinstance(recipe, str):
         if recipe not in RECIPES:
             raise SkillbankError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}.")

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
+from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.utilities import rank_zero_info
 
 from skillbank.errors import SkillbankError
+from skillbank.skill import Skill
 
-__all__ = ["raise_everywhere"]
+__all__ = ["bank_on_rank_zero", "raise_everywhere"]
 
 
 def raise_everywhere(strategy: Strategy, error: BaseException | None, what: str) -> None:
@@ -20,3 +26,23 @@ def raise_everywhere(strategy: Strategy, error: BaseException | None, what: str)
         raise error
     if message is not None:
         raise SkillbankError(f"{what} failed on rank 0: {message}")
+
+
+def bank_on_rank_zero(trainer: Trainer, bank: str | Path, make: Callable[[], Skill], what: str) -> Skill | None:
+    """The one way a run writes a bank: rank 0 makes the skill and adds it, every rank learns how it went.
+
+    Returns the skill on rank 0 (``None`` elsewhere); raises on every rank if making
+    or adding it failed on rank 0. Used by ``MaskLearner`` and ``SkillHarvester``.
+    """
+    from skillbank.bank import SkillBank
+
+    skill, error = None, None
+    if trainer.is_global_zero:
+        try:
+            skill = make()
+            SkillBank(bank).add(skill)
+            rank_zero_info(f"{what}: added {skill.name!r} ({skill.num_entries} entries) to {bank}")
+        except Exception as exc:  # noqa: BLE001 - shared with every rank, then raised
+            error = exc
+    raise_everywhere(trainer.strategy, error, what)
+    return skill

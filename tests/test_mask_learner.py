@@ -29,6 +29,7 @@ from skillbank import (
     task_vector,
 )
 from skillbank.classifier import accuracy
+from skillbank.mask_recipes import resolve_recipe
 from skillbank.fewshot import balanced_indices
 from skillbank.demo import _classifier, _finetune, _quiet, pretrained_base
 from skillbank.synthetic import DEMO_TASKS, TokenDataset, make_splits
@@ -346,3 +347,19 @@ def test_a_resumed_run_keeps_the_best_mask_and_the_update_count(base_model, tmp_
     assert resumed._updates == straight._updates == 4 * 4
     assert resumed._best[:2] == straight._best[:2]  # the best epoch, found before or after the interruption
     assert entries(resumed.skill) == entries(straight.skill)
+
+
+def test_load_from_checkpoint_rebuilds_the_learner_from_folders_or_given_modules(base_model, tmp_path):
+    finetuned = finetune_like(base_model, seed=9, scale=0.05)
+    finetuned.save_pretrained(tmp_path / "ft")
+    base_model.save_pretrained(tmp_path / "base")
+    for label, args, again in (("folders", (str(tmp_path / "ft"), str(tmp_path / "base")), {}),
+                               ("modules", (copy.deepcopy(finetuned), base_model),
+                                {"model": copy.deepcopy(finetuned), "base": base_model})):
+        learner = MaskLearner(*args, sparsity=0.05, num_labels=2, recipe=resolve_recipe("topk", lr=0.05), pool=3)
+        run = trainer(max_epochs=2, enable_checkpointing=True, default_root_dir=tmp_path / label)
+        run.fit(learner, token_loader())
+        restored = MaskLearner.load_from_checkpoint(run.checkpoint_callback.best_model_path, **again)
+        assert torch.equal(restored.scores, learner.scores) and torch.equal(restored.scored, learner.scored), label
+        assert restored.recipe == learner.recipe and restored.sparsity == 0.05 and restored.pool == 3, label
+        assert restored.binary_mask().keys() == learner.binary_mask().keys()
