@@ -275,6 +275,7 @@ class Stitcher:
         tensors = model.state_dict(keep_vars=True) if isinstance(model, nn.Module) else model
         self._tensors = {k: v for k, v in tensors.items() if v.is_floating_point()}
         sizes = [t.numel() for t in self._tensors.values()]
+        self._sizes = dict(zip(self._tensors, sizes))
         self._offsets = dict(zip(self._tensors, itertools.accumulate([0, *sizes[:-1]])))
         self._numel = sum(sizes)
         self._ids = {name: i for i, name in enumerate(self._tensors)}
@@ -581,9 +582,16 @@ class Stitcher:
         return _Batch(spans, local, values, skill)
 
     def _device_of(self, batch: _Batch) -> torch.device:
+        """The one device of the batch's tensors, checked to have kept their size and layout since the stitcher
+        was made (a prepared batch's positions, and the one-launch path's addresses, rely on both)."""
         device = self._tensors[batch.spans[0][0]].device
-        if any(self._tensors[dst].device != device for dst, _, _ in batch.spans):
-            raise StitchError("stitching needs every tensor of a skill on one device; move the model first.")
+        for dst, _, _ in batch.spans:
+            tensor = self._tensors[dst]
+            if tensor.device != device:
+                raise StitchError("stitching needs every tensor of a skill on one device; move the model first.")
+            if tensor.numel() != self._sizes[dst] or not tensor.is_contiguous():
+                raise StitchError(f"{dst!r} changed size or layout since this Stitcher was made; make a new Stitcher "
+                                  "(after putting the base back) for the changed model.")
         return device
 
     def _one_launch(self, batch: _Batch) -> bool:

@@ -241,3 +241,15 @@ def test_removal_restores_base_bitwise_even_when_the_running_sum_rounded():
     stitcher.remove("big")
     stitcher.remove("one")
     assert torch.equal(model.bert.pooler.dense.bias, BASE_STATE[name])
+
+
+def test_a_tensor_that_changed_size_since_the_stitcher_was_made_is_refused(base_model):
+    skill = make_skill(base_model, "a", seed=1)
+    model = live_copy(base_model)
+    stitcher = Stitcher(model, base_model)
+    prepared = stitcher.prepare(skill)
+    name = next(n for n, r in skill.regions.items() if len(r))
+    target = dict(model.bert.named_parameters())[name]
+    target.data = target.data.reshape(-1)[: target.numel() // 2].clone()  # smaller storage under the same parameter
+    with pytest.raises(StitchError, match="changed size or layout"):
+        stitcher.add(prepared)
