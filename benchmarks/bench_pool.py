@@ -8,7 +8,7 @@ best-validating mask): scoring every entry, and scoring only the top ``pool · k
 (``MaskLearner(pool=...)``); then tests each skill alone and the skills of all tasks
 stitched, normalized by the finetuned accuracy. Also: the learner's state bytes (τ, scores,
 Adam's two moments, the pool's positions) and the median time of a training step of each,
-the two alternated on one task. Writes ``pool.json`` into --work.
+the two alternated on one task. Writes ``pool.json`` into --work (results under "full" and "pool <c>").
 """
 
 from __future__ import annotations
@@ -59,27 +59,28 @@ def main() -> None:
     live = b.classifier()
     base = b.base_state(live)
     out = b.read("pool.json")
-    banks = {"full": SkillBank(b.work / "banks" / "pool-bench-full"), "pool": SkillBank(b.work / "banks" / f"pool-bench-{ours.pool:g}")}
+    label = f"pool {ours.pool:g}"
+    banks = {"full": SkillBank(b.work / "banks" / "pool-bench-full"), label: SkillBank(b.work / "banks" / f"pool-bench-{ours.pool:g}")}
     for name in b.tasks:
         for key, bank in banks.items():
             if name not in bank:
-                kwargs = {"pool": ours.pool} if key == "pool" else {}
+                kwargs = {"pool": ours.pool} if key == label else {}
                 skill, seconds = learn_skill(b, name, args.sparsity, base, **kwargs)
                 bank.add(skill)
                 out.setdefault("learn_seconds", {}).setdefault(key, {})[name] = round(seconds, 1)
                 b.write("pool.json", out)
-                print(f"  {key:<4} {name:<13} learned in {seconds:.0f} s", file=sys.stderr)
+                print(f"  {key:<8} {name:<13} learned in {seconds:.0f} s", file=sys.stderr)
     finetuned = b.read("finetune.json")
     for key, bank in banks.items():
         alone, stitched = _alone(b, live, base, bank), _stitched(b, live, base, bank)
         out[key] = {"alone": alone, "stitched": stitched,
                     "alone_normalized": statistics.mean(alone[n] / finetuned[n]["test_acc"] for n in b.tasks),
                     "stitched_normalized": statistics.mean(stitched[n] / finetuned[n]["test_acc"] for n in b.tasks)}
-        print(f"  {key:<4} alone {out[key]['alone_normalized']:.4f}  stitched {out[key]['stitched_normalized']:.4f}")
-    out["step"] = step_times(b, b.tasks[0], base, ours.pool)
-    out["pool"], out["tasks"] = ours.pool, b.tasks
+        print(f"  {key:<8} alone {out[key]['alone_normalized']:.4f}  stitched {out[key]['stitched_normalized']:.4f}")
+    out.setdefault("step", {})[label] = step_times(b, b.tasks[0], base, ours.pool)
+    out["tasks"] = b.tasks
     b.write("pool.json", out)
-    print(json.dumps({k: out[k] for k in ("step", "pool")}, indent=1))
+    print(json.dumps(out["step"][label], indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,46 @@
+"""The README's "Learned masks": learn a skill's mask on a few labelled examples with a Lightning Trainer and bank it,
+then the same with a candidate pool (state over the top 10·k entries of |τ| only).
+
+    python examples/learned_mask.py [WORKDIR]      # default: ./learned-mask-example
+
+The base and finetuned folders are tiny ones made by ``tiny_models`` (swap in your own).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from skillbank import MaskLearner, SkillBank, Stitcher
+from skillbank.classifier import accuracy
+from tiny_models import loader, tiny_models
+
+warnings.filterwarnings("ignore", ".*(does not have many workers|eval mode|LeafSpec).*")
+
+
+def main(workdir: Path) -> None:
+    base, finetuned = tiny_models(workdir)
+    bank = SkillBank(workdir / "skills")
+    few_shot, val, test = loader("topic", n=64, seed=1), loader("topic", n=128, seed=2), loader("topic", n=256, seed=3)
+    for name, pool in (("topic-learned", None), ("topic-pooled", 10)):
+        if name in bank:  # a rerun: replace the earlier copy
+            bank.remove(name)
+        learner = MaskLearner(str(finetuned["topic"]), str(base), sparsity=0.02, bank=str(bank.path), skill_name=name,
+                              pool=pool)  # the name is checked before training
+        trainer = pl.Trainer(max_epochs=learner.recipe.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(learner, few_shot, val)  # keeps the best-validating mask; adds the skill to the bank at the end
+        model = learner.model  # the finetuned classifier, reset to the base in its shared parameters
+        stitcher = Stitcher(model, str(base), bank=bank)
+        stitcher.add(name)
+        with stitcher.use_head(name) as m:
+            print(f"{name}: {bank.get(name).num_entries:,} entries, base + skill {accuracy(m, test):.3f}, "
+                  f"scored {learner.scores.numel():,} of {learner.num_eligible:,} entries")
+        stitcher.remove(name)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "learned-mask-example"))
