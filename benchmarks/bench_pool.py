@@ -26,8 +26,8 @@ from skillbank.mask_learner import MaskLearner
 
 
 def state_bytes(learner: MaskLearner) -> int:
-    """τ, the scores, Adam's two moments (the size of the scores each) and the pool's positions."""
-    pool = learner.scored.numel() * 8 if learner.pooled else 0
+    """τ, the scores, Adam's two moments (the size of the scores each) and the pool's positions (global and local)."""
+    pool = learner.scored.numel() * 16 if learner.pooled else 0
     return learner.tau.numel() * 4 + learner.scores.numel() * 4 * 3 + pool
 
 

@@ -1,5 +1,5 @@
 """The README's "Learned masks": learn a skill's mask on a few labelled examples with a Lightning Trainer and bank it,
-then the same with a candidate pool (state over the top 10·k entries of |τ| only).
+then the same with a candidate pool (state over the top 30·k entries of |τ| only).
 
     python examples/learned_mask.py [WORKDIR]      # default: ./learned-mask-example
 
@@ -25,7 +25,7 @@ def main(workdir: Path) -> None:
     base, finetuned = tiny_models(workdir)
     bank = SkillBank(workdir / "skills")
     few_shot, val, test = loader("topic", n=64, seed=1), loader("topic", n=128, seed=2), loader("topic", n=256, seed=3)
-    for name, pool in (("topic-learned", None), ("topic-pooled", 10)):
+    for name, pool in (("topic-learned", None), ("topic-pooled", 30)):
         if name in bank:  # a rerun: replace the earlier copy
             bank.remove(name)
         learner = MaskLearner(str(finetuned["topic"]), str(base), sparsity=0.02, bank=str(bank.path), skill_name=name,
