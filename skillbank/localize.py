@@ -13,7 +13,8 @@ from skillbank.skill import VALUE_DTYPES, Region, Skill, SkillMetadata
 from skillbank.sparse import check_sparsity, global_topk, num_selected
 from skillbank.task_vectors import TaskVector, matches
 
-__all__ = ["dataless_settings", "eligible_names", "localize_dataless", "skill_from_mask", "skill_from_regions"]
+__all__ = ["dataless_settings", "eligible_names", "localize_dataless", "skill_from_mask", "skill_from_regions",
+           "skill_from_task_vector"]
 
 
 def skill_from_mask(
@@ -36,11 +37,24 @@ def skill_from_mask(
         idx = indices.get(pname, empty).to("cpu", torch.int64)
         values = tau.reshape(-1)[idx.to(tau.device)] if idx.numel() else torch.empty(0)
         regions[pname] = Region(idx, values.to("cpu", torch.float32))
+    return skill_from_task_vector(tv, regions, name=name, sparsity=sparsity, method=method, task=task, settings=settings,
+                                  metrics=metrics, source=source, value_dtype=value_dtype)
+
+
+def skill_from_task_vector(
+    tv: TaskVector,
+    regions: Mapping[str, Region],
+    *,
+    source: Mapping[str, Any] | None = None,
+    **fields: Any,
+) -> Skill:
+    """:func:`skill_from_regions` with what ``tv`` records (shapes, base fingerprint, dtypes, head, source);
+    ``fields`` as there (``name``, ``sparsity``, ``method``, …)."""
     return skill_from_regions(
         regions, shapes={p: list(t.shape) for p, t in tv.shared.items()}, base_fingerprint=tv.base_fingerprint,
-        dtypes=tv.dtypes, head=tv.head, name=name, sparsity=sparsity, method=method, task=task, settings=settings,
-        metrics=metrics, source={**dict(source or {}), **tv.source},  # the task vector knows whether an adapter was merged
-        value_dtype=value_dtype,
+        dtypes=tv.dtypes, head=tv.head,
+        source={**dict(source or {}), **tv.source},  # the task vector knows whether an adapter was merged
+        **fields,
     )
 
 

@@ -28,7 +28,7 @@ from skillbank.bank import SkillBank, check_skill_name
 from skillbank.causal_lm import NextTokenAccuracy, is_causal_lm, is_causal_lm_config, with_lm_labels
 from skillbank.devices import device_of
 from skillbank.errors import BaseMismatchError, SkillbankError, SkillNameError, TaskVectorError
-from skillbank.localize import skill_from_mask, skill_from_regions
+from skillbank.localize import skill_from_task_vector
 from skillbank.mask_recipes import MaskRecipe, resolve_recipe
 from skillbank.overlap import get_rule
 from skillbank.ranks import bank_on_rank_zero, raise_everywhere
@@ -191,7 +191,6 @@ class MaskLearner(pl.LightningModule):
         self._tv, self._layout, tau = self._flatten(tv)
         self.num_eligible = tau.numel()
         self.k = num_selected(self.sparsity, self.num_eligible)
-        self.pooled = pool is not None
         if self.pooled:
             scored = self._candidates(tau)
             tau = tau[scored]
@@ -256,6 +255,11 @@ class MaskLearner(pl.LightningModule):
             start += tv.shared[b].numel()
         shapes = {b: torch.empty(t.shape, device="meta") for b, t in tv.shared.items()}
         return replace(tv, shared=shapes), layout, tau
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the learner scores a candidate pool rather than every entry."""
+        return self.pool is not None
 
     def _candidates(self, tau: Tensor) -> Tensor:
         """The pool: ascending flat positions of the top ``pool · k`` of ``|τ|``, plus small tensors whole."""
@@ -546,27 +550,19 @@ class MaskLearner(pl.LightningModule):
             settings.update(pool=self.pool, pool_small=self.pool_small, pool_entries=int(self.scored.numel()))
         fields = {"task": self.task, "metrics": metrics, "value_dtype": self.value_dtype, **skill_fields}
         sparsity = self.sparsity if self.recipe.binarize == "topk" else chosen / self.num_eligible
-        indices = {b: i.cpu() for b, i in indices.items()}
-        if self.pooled:
-            return self._pooled_skill(indices, name=name, sparsity=sparsity, settings=settings, **fields)
-        tau = self.tau.detach().cpu()
-        shared = {b: torch.zeros((), dtype=torch.float32).expand(t.shape) for b, t in self._tv.shared.items()}
-        shared.update({b: tau[s : s + n].view(self._tv.shared[b].shape) for b, s, n in self._layout})
-        tv = replace(self._tv, shared=shared)
-        return skill_from_mask(tv, indices, name=name, sparsity=sparsity, method="learned", settings=settings, **fields)
+        return skill_from_task_vector(self._tv, self._regions(indices), name=name, sparsity=sparsity, method="learned",
+                                      settings=settings, **fields)
 
-    def _pooled_skill(self, indices: Mapping[str, Tensor], *, name: str, sparsity: float, settings: dict[str, Any],
-                      **fields: Any) -> Skill:
-        """The skill of a pooled learner: each chosen entry's ``τ`` read from the pool (every chosen entry is in it)."""
-        tau, scored = self.tau.detach(), self.scored
-        starts = {b: start for b, start, _ in self._layout}
+    def _regions(self, indices: Mapping[str, Tensor]) -> dict[str, Region]:
+        """Each shared tensor's chosen local indices and their ``τ`` (from the flat ``τ``: at the entry's flat
+        position, or at its place in the pool, which holds every chosen entry)."""
+        tau, starts = self.tau.detach(), {b: start for b, start, _ in self._layout}
         regions = {}
         for b in self._tv.shared:
             idx = indices.get(b, torch.empty(0, dtype=torch.int64)).to("cpu", torch.int64)
-            values = tau[torch.searchsorted(scored, idx.to(scored.device) + starts[b])] if idx.numel() else torch.empty(0)
+            values = torch.empty(0)
+            if idx.numel():
+                flat = idx.to(tau.device) + starts[b]
+                values = tau[torch.searchsorted(self.scored, flat) if self.pooled else flat]
             regions[b] = Region(idx, values.to("cpu", torch.float32))
-        source = {**dict(fields.pop("source", None) or {}), **self._tv.source}
-        return skill_from_regions(
-            regions, shapes={b: list(t.shape) for b, t in self._tv.shared.items()},
-            base_fingerprint=self._tv.base_fingerprint, dtypes=self._tv.dtypes, head=self._tv.head, name=name,
-            sparsity=sparsity, method="learned", settings=settings, source=source, **fields)
+        return regions
