@@ -374,7 +374,7 @@ class Stitcher:
         """
         kept, sha, names, batch = self._checked(skill)
         if batch.spans:
-            placed = self._place(batch, self._device_of(batch))
+            placed = self._place(batch, self._device_of(batch), self._one_launch(batch))
             batch = _Batch(batch.spans, placed.local, placed.values, batch.name, placed)
         return PreparedSkill(kept.metadata, kept.head, sha, names, batch, id(self))
 
@@ -598,13 +598,13 @@ class Stitcher:
         """Whether the batch's tensors take the one-launch gather/scatter (CUDA, one dtype, Triton)."""
         return multi_tensor.enabled([self._tensors[dst] for dst, _, _ in batch.spans])
 
-    def _place(self, batch: _Batch, device: torch.device) -> _Placed:
+    def _place(self, batch: _Batch, device: torch.device, one_launch: bool) -> _Placed:
         """The batch on ``device``, with each entry's global flat position (and tensor number, for one launch)."""
         local = batch.local.to(device)  # one transfer per skill
         values = batch.values.to(device)
         positions = local + _per_entry([self._offsets[d] for d, _, _ in batch.spans], batch.spans, local.numel(), device)
         ids = None
-        if self._one_launch(batch):
+        if one_launch:
             ids = _per_entry([self._ids[d] for d, _, _ in batch.spans], batch.spans, local.numel(), device).int()
         return _Placed(local, values, positions, ids)
 
@@ -614,12 +614,13 @@ class Stitcher:
         device = self._device_of(batch)
         if self._union is None:
             self._union = _Union(self._numel, device, self.rule)
+        one_launch = self._one_launch(batch)
         placed = batch.placed
-        if placed is None or placed.positions.device != device or (placed.ids is None and self._one_launch(batch)):
-            placed = self._place(batch, device)
+        if placed is None or placed.positions.device != device or (one_launch and placed.ids is None):
+            placed = self._place(batch, device, one_launch)
         with torch.no_grad():
             writer: _PerTensor | _OneLaunch
-            if placed.ids is not None and self._one_launch(batch):
+            if one_launch:
                 dtype = self._tensors[batch.spans[0][0]].dtype
                 table = self._addresses.current(device, torch.empty((), dtype=dtype).element_size())
                 writer = _OneLaunch(table, placed, dtype)
