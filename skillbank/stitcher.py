@@ -8,16 +8,17 @@ skill rewrites only the entries in that skill's mask, so every other entry stays
 bitwise identical, and an entry no skill covers any more gets its stored base
 value back, bit for bit.
 
-All float tensors share one flat address space; position → entry lookup goes
-through one int32 map over it, so an add costs O(skill size) whatever the
-number of skills already stitched, and each tensor sees one gather and one
-scatter per skill.
+All float tensors share one flat address space; the covered entries' rows are
+found through a hash table over it (:mod:`skillbank.union_support`), so an add
+costs O(skill size) whatever the number of skills already stitched, the state
+follows the covered entries (nothing is held for the rest of the model), and
+each tensor sees one gather and one scatter per skill.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
@@ -30,98 +31,10 @@ from skillbank.errors import BaseMismatchError, SkillFileError, SkillNameError, 
 from skillbank.heads import use_head
 from skillbank.overlap import OverlapRule, get_rule
 from skillbank.skill import Region, Skill, SkillMetadata
+from skillbank.union_support import UnionSupport
 from skillbank.weights import WeightsSource, align_names, fingerprint_from_digests, load_state_dict, tensor_digest
 
 __all__ = ["PreparedSkill", "Stitcher"]
-
-
-@dataclass
-class _Plan:
-    """An add or remove worked out but not yet applied."""
-
-    slots: Tensor
-    rows: Tensor
-    fresh: Tensor
-    fresh_positions: Tensor
-    allocated: Tensor
-    merged: Tensor
-
-
-class _Union:
-    """Union-support state over one flat address space of all of a model's float tensors.
-
-    ``rows[e] = (base value, cover count, the rule's accumulators…)`` in float64
-    (exact for the base of every float dtype and for counts) for every covered
-    entry ``e``; ``slot`` maps a flat position to its row. One table means one
-    gather and one scatter per skill.
-    """
-
-    def __init__(self, numel: int, device: torch.device, rule: OverlapRule) -> None:
-        self.rule = rule
-        self.slot = torch.full((numel,), -1, dtype=torch.int32, device=device)
-        self.rows = torch.zeros((0, 2 + rule.columns), dtype=torch.float64, device=device)
-        self.size = 0
-
-    def _reserve(self, extra: int) -> None:
-        needed = self.size + extra
-        if needed <= self.rows.shape[0]:
-            return
-        grown = torch.zeros((max(needed, 2 * self.rows.shape[0]), self.rows.shape[1]), dtype=torch.float64, device=self.rows.device)
-        grown[: self.size] = self.rows[: self.size]
-        self.rows = grown
-
-    def plan(self, positions: Tensor, values: Tensor, sign: int, read: Callable[[Tensor], Tensor]) -> _Plan:
-        """The rows after adding (``sign=1``) or removing (``-1``) ``values`` at ``positions``; nothing changes yet.
-
-        ``read(fresh)`` returns the live values (float64) at the batch positions
-        ``fresh`` of entries no skill has touched yet: their base. Every other
-        entry's value comes from the rows, so a remove reads nothing from the model.
-        """
-        slots = self.slot.index_select(0, positions).long()
-        fresh = torch.nonzero(slots < 0).squeeze(1) if sign > 0 else slots[:0]
-        allocated = torch.arange(self.size, self.size + fresh.numel(), device=slots.device)
-        if fresh.numel():
-            self._reserve(fresh.numel())  # the only allocation: done before the model is written
-            slots.index_copy_(0, fresh, allocated)
-        rows = self.rows.index_select(0, slots)
-        if fresh.numel():
-            rows[fresh, 0] = read(fresh)
-        rows[:, 1] += sign
-        self.rule.update(rows[:, 2:], values.double(), sign)
-        if sign < 0:
-            # An uncovered entry's accumulators are reset to exactly 0, so it restores the base bit for bit.
-            rows[:, 2:] = torch.where((rows[:, 1] > 0).unsqueeze(1), rows[:, 2:], 0.0)
-        return _Plan(slots, rows, fresh, positions.index_select(0, fresh), allocated, self._values(rows))
-
-    def before(self, plan: _Plan) -> Tensor:
-        """What the model held at ``plan``'s entries before it: the way back when writing it fails."""
-        values = self._values(self.rows.index_select(0, plan.slots))
-        values[plan.fresh] = plan.rows[plan.fresh, 0]
-        return values
-
-    def _values(self, rows: Tensor) -> Tensor:
-        """The model's value for each row: base + the rule's offset where covered, the base elsewhere."""
-        covered = rows[:, 1] > 0
-        return torch.where(covered, rows[:, 0] + self.rule.delta(rows[:, 2:], rows[:, 1].clamp(min=1)), rows[:, 0])
-
-    def commit(self, plan: _Plan) -> None:
-        """Make ``plan`` the state (index_copy_ into preallocated memory: nothing left to fail)."""
-        # index_select / index_copy_ rather than x[i]: about 3x faster on CPU.
-        self.rows.index_copy_(0, plan.slots, plan.rows)
-        if plan.allocated.numel():
-            self.slot.index_copy_(0, plan.fresh_positions, plan.allocated.int())
-            self.size += plan.allocated.numel()
-
-    def covered(self) -> int:
-        return int((self.rows[: self.size, 1] > 0).sum())
-
-    def touched(self) -> tuple[Tensor, Tensor]:
-        """Flat positions of every entry ever covered, ascending, and their base values (float64)."""
-        positions = torch.nonzero(self.slot >= 0).squeeze(1)
-        return positions, self.rows.index_select(0, self.slot.index_select(0, positions).long())[:, 0]
-
-    def nbytes(self) -> int:
-        return self.slot.numel() * self.slot.element_size() + self.rows.numel() * self.rows.element_size()
 
 
 def _per_entry(per_span: list[int], spans: list[tuple[str, int, int]], total: int, device: torch.device) -> Tensor:
@@ -282,7 +195,7 @@ class Stitcher:
         self._addresses = multi_tensor.AddressTable(list(self._tensors.values()), list(self._offsets.values()))
         self._digests: dict[str, str] = {}
         self._names: dict[tuple[str, ...], dict[str, str]] = {}
-        self._union: _Union | None = None
+        self._union: UnionSupport | None = None
         self._stitched: dict[str, _Stitched] = {}
         if base is not None:
             self._adopt_base(load_state_dict(base))
@@ -311,7 +224,7 @@ class Stitcher:
 
     @property
     def state_nbytes(self) -> int:
-        """Bytes of union-support state the stitcher holds (its position → entry map included)."""
+        """Bytes of union-support state the stitcher holds (rows of the covered entries and their hash table)."""
         return self._union.nbytes() if self._union is not None else 0
 
     def base_values(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -613,7 +526,8 @@ class Stitcher:
             return
         device = self._device_of(batch)
         if self._union is None:
-            self._union = _Union(self._numel, device, self.rule)
+            wide = any(t.dtype == torch.float64 for t in self._tensors.values())
+            self._union = UnionSupport(self._numel, device, self.rule, torch.float64 if wide else torch.float32)
         one_launch = self._one_launch(batch)
         placed = batch.placed
         if placed is None or placed.positions.device != device or (one_launch and placed.ids is None):
