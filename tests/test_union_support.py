@@ -149,3 +149,31 @@ def test_a_rebuild_that_fails_leaves_the_state_as_it_was(monkeypatch):
     monkeypatch.undo()
     rows, _ = union._find(torch.arange(0, 600, 3))
     assert bool((rows >= 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_written_values_are_the_float64_formula_cast_bit_for_bit(dtype):
+    """What the position map wrote: base + the float64 mean of the covering τ, cast to the model's dtype."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(50, 40, bias=False).to(dtype)
+    base = model.weight.detach().clone()
+    fingerprint = base_fingerprint(model.state_dict())
+    skills = []
+    for name, indices, seed in (("a", torch.arange(0, 1_500, 2), 1), ("b", torch.arange(0, 1_500, 3), 2)):
+        values = torch.randn(indices.numel(), generator=torch.Generator().manual_seed(seed)) * 1e-2
+        meta = SkillMetadata(name, fingerprint, 0.5, {"weight": [40, 50]})
+        skills.append(Skill(meta, {"weight": Region(indices, values)}))
+    stitcher = Stitcher(model)
+    for skill in skills:
+        stitcher.add(skill)
+    total, count = torch.zeros(2_000, dtype=torch.float64), torch.zeros(2_000, dtype=torch.float64)
+    for skill in skills:
+        region = skill.regions["weight"]
+        total[region.indices] += region.values.double()
+        count[region.indices] += 1
+    flat = base.reshape(-1).double()
+    want = torch.where(count > 0, flat + total / count.clamp(min=1), flat).to(dtype)
+    assert torch.equal(model.weight.detach().reshape(-1), want)
+    stitcher.remove("a")
+    stitcher.remove("b")
+    assert torch.equal(model.weight, base)
