@@ -10,12 +10,14 @@ moment leaves the bank openable with every acknowledged skill intact.
 
 from __future__ import annotations
 
+import builtins
 import errno
 import hashlib
 import json
 import os
 import re
 import stat
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -154,9 +156,14 @@ class SkillBank:
         """Fingerprint of the base every skill in the bank was localized on (None while empty)."""
         return self._current().base_fingerprint
 
-    def list(self) -> list[SkillEntry]:
+    def entries(self) -> list[SkillEntry]:
         """Entries of every skill, in the order they were added."""
         return list(self._current().entries)
+
+    def list(self) -> builtins.list[SkillEntry]:
+        """Deprecated: :meth:`entries` (this name shadowed the builtin ``list``)."""
+        warnings.warn("SkillBank.list() is now SkillBank.entries(); list() will be removed.", DeprecationWarning, stacklevel=2)
+        return self.entries()
 
     def names(self) -> list[str]:
         """Names of every skill, in the order they were added."""
@@ -169,7 +176,7 @@ class SkillBank:
         return len(self._current().entries)
 
     def __iter__(self) -> Iterator[SkillEntry]:
-        return iter(self.list())
+        return iter(self.entries())
 
     def entry(self, name: str) -> SkillEntry:
         """The manifest entry of ``name``; :class:`SkillNameError` if unknown."""

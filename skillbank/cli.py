@@ -248,7 +248,7 @@ def _escape(text: str) -> str:
 
 def _list(args: argparse.Namespace) -> int:
     bank = SkillBank(args.bank, create=False)
-    entries = bank.list()
+    entries = bank.entries()
     if args.json:
         return _print_json({"schema": "skillbank.list/1", "bank": str(bank.path), "skills": [asdict(e) for e in entries]})
     if not entries:

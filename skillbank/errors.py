@@ -38,8 +38,12 @@ class BankError(SkillbankError):
     """The bank directory cannot be opened or written."""
 
 
-class BankLockedError(BankError):
-    """Another process holds the bank's write lock for too long."""
+class BankLockedError(BankError, TimeoutError):
+    """Another process holds the bank's write lock for too long.
+
+    Also a :class:`TimeoutError`: waiting longer, or retrying later, may succeed
+    (every other skillbank error needs the input fixed).
+    """
 
 
 class StitchError(SkillbankError):

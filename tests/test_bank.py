@@ -29,6 +29,9 @@ def test_add_get_list_remove_verify(tmp_path, base_model):
     assert bank.names() == ["t0", "t2"]
     assert not (tmp_path / "bank" / "t1.safetensors").exists()
     assert bank.base_fingerprint == skills[0].metadata.base_fingerprint
+    assert [e.name for e in bank.entries()] == ["t0", "t2"] == [e.name for e in bank]
+    with pytest.warns(DeprecationWarning, match=r"entries\(\)"):  # the old name, which shadowed the builtin
+        assert bank.list() == bank.entries()
 
 
 def test_duplicate_and_unknown_names(tmp_path, base_model):
@@ -151,3 +154,21 @@ def test_leftover_temporary_files_are_cleaned_on_open(tmp_path, base_model):
     SkillBank(tmp_path)
     assert not list(tmp_path.glob(".tmp-*"))
     assert SkillBank(tmp_path).verify() == {"t": "ok"}
+
+
+def test_a_lock_held_too_long_is_a_timeout_error(tmp_path):
+    import fcntl
+    import os
+
+    from skillbank.durable import exclusive_lock
+    from skillbank.errors import BankLockedError
+
+    lock = tmp_path / ".lock"
+    holder = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another open file holds it: as another process would
+    try:
+        with pytest.raises(TimeoutError, match="held the write lock") as caught, exclusive_lock(lock, timeout=0.05):
+            pass
+        assert isinstance(caught.value, BankLockedError)  # and a SkillbankError, like every other
+    finally:
+        os.close(holder)
