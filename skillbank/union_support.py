@@ -3,14 +3,16 @@
 Every entry that at least one stitched skill covers has a row: its flat position
 (the key), its base value, how many skills cover it and the overlap rule's
 float64 accumulators. Rows are found through an open-addressing hash table
-(double hashing, a prime capacity, loaded 37.5–75%), so an add or a removal costs
-O(skill size) whatever the number of skills already stitched, and nothing is
-held for an entry no skill covers: memory follows the skills, not the model.
+(double hashing, a power-of-two capacity, loaded 25–75%; 37.5–75% as it grows),
+so an add or a removal costs O(skill size) whatever the number of skills already
+stitched, and nothing is held for an entry no skill covers: memory follows the
+skills, not the model.
 
 Bytes per covered entry (the default ``mean`` rule on a float32 or half-precision
 model of fewer than 2**31 entries): key 4 + base 4 + count 2 + accumulator 8 =
-18 in the rows (up to a quarter more of spare room), plus 4 / load (5.3–10.7)
-in the table: 23–33 bytes. The base is kept in float32 (exact for float32,
+18 in the rows (up to a quarter more of spare room), plus 4 / load in the table
+(5.3–10.7 as it grows, up to 16 just after a rebuild that dropped rows): 23–33
+bytes, at most 39. The base is kept in float32 (exact for float32,
 bfloat16 and float16 values; float64 where the model has float64 tensors), so writing it back
 restores the model bit for bit. Entries whose cover count drops to 0 keep their
 row until the table is rebuilt (when it fills, or when such rows outnumber the
@@ -22,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -31,7 +35,7 @@ from skillbank.overlap import OverlapRule
 __all__ = ["Plan", "UnionSupport"]
 
 _MAX_LOAD = 0.75  # rebuild above this table load
-_REBUILT_LOAD = 0.375  # the load right after a rebuild: the table doubles
+_REBUILT_LOAD = 0.5  # the most load right after a rebuild (a full table doubles: 0.375)
 _ROWS_GROWTH = 1.25  # the rows' spare room, at most
 _MAX_COUNT = torch.iinfo(torch.int16).max
 _MASKED_ROUNDS = 4  # on CUDA: probe rounds over the whole batch before the first wait for the device
@@ -59,14 +63,6 @@ def _masked_rounds(device: torch.device) -> int:
     """Probe rounds run over the whole batch before the first wait for the device: on CUDA only (on the CPU the
     work follows the entries, so every round takes only those still probing)."""
     return _MASKED_ROUNDS if device.type == "cuda" else 0
-
-
-def _next_prime(n: int) -> int:
-    """The smallest prime ≥ ``n`` (double hashing visits every slot of a prime-sized table)."""
-    n = max(n, 3)
-    while any(n % d == 0 for d in range(2, int(n**0.5) + 1)):
-        n += 1
-    return n
 
 
 class UnionSupport:
@@ -192,7 +188,7 @@ class UnionSupport:
         self.table = torch.full((slots,), _EMPTY, dtype=torch.int32, device=self.device)
 
     def _rebuild(self, extra: int) -> None:
-        """Keep the covered rows only, with room for ``extra`` more, in a table loaded ``_REBUILT_LOAD``.
+        """Keep the covered rows only, with room for ``extra`` more, in a table loaded at most ``_REBUILT_LOAD``.
 
         All or nothing: if it fails (out of memory, an interrupt), the state is as it was.
         """
@@ -200,11 +196,11 @@ class UnionSupport:
         try:
             keep = torch.nonzero(self.count[: self.size] > 0).squeeze(1)
             rows = keep.numel() + extra
-            self._allocate(int(rows * _ROWS_GROWTH), _next_prime(int(rows / _REBUILT_LOAD) + 1))
+            self._allocate(int(rows * _ROWS_GROWTH), 1 << max(2, math.ceil(math.log2(rows / _REBUILT_LOAD + 1))))
             for new, column in zip((self.keys, self.base, self.count, self.acc), old):
                 new[: keep.numel()] = column.index_select(0, keep)
             self.size = self.live = keep.numel()
-            self._insert(torch.arange(self.size, device=self.device))
+            self._insert(torch.arange(self.size, device=self.device), empty_table=True)
         except BaseException:
             self.keys, self.base, self.count, self.acc, self.table, self.size, self.live = old
             raise
@@ -219,16 +215,21 @@ class UnionSupport:
             setattr(self, name, new)
 
     def _mix(self, keys: Tensor) -> Tensor:
-        mixed = keys.long() * _HASH
-        return mixed ^ (mixed >> 29)
+        """Fibonacci hashing: the key times 2**64 / φ, wrapping; its top bits pick the slot, the next the step."""
+        return keys.long() * _HASH
+
+    def _home(self, mixed: Tensor) -> Tensor:
+        """Each key's first slot: the top bits of its hash."""
+        bits = self.table.numel().bit_length() - 1
+        return (mixed >> (64 - bits)) & (self.table.numel() - 1)
 
     def _step(self, mixed: Tensor) -> Tensor:
-        """Each key's probe step, in [1, slots) (double hashing; the table's size is prime)."""
-        return 1 + torch.remainder(mixed >> 17, self.table.numel() - 1)
+        """Each key's probe step: odd, so it visits every slot of the power-of-two table (double hashing)."""
+        bits = self.table.numel().bit_length() - 1
+        return ((mixed >> max(64 - 2 * bits, 0)) & (self.table.numel() - 1)) | 1
 
     def _advance(self, slot: Tensor, step: Tensor) -> Tensor:
-        slot = slot + step
-        return torch.where(slot >= self.table.numel(), slot - self.table.numel(), slot)
+        return (slot + step) & (self.table.numel() - 1)
 
     def _find(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """The row of each position (-1 where it has none) and, where it has none, the empty slot its probe ended at."""
@@ -238,7 +239,7 @@ class UnionSupport:
             return rows, ends
         keys = positions.to(self.key_dtype)
         mixed = self._mix(keys)
-        slot = torch.remainder(mixed, self.table.numel())
+        slot = self._home(mixed)
         todo = torch.arange(positions.numel(), device=positions.device)
         rounds = _masked_rounds(positions.device)
         if rounds:
@@ -269,19 +270,24 @@ class UnionSupport:
             slot = self._advance(slot, step)
         return rows, ends
 
-    def _insert(self, rows: Tensor, free: Tensor | None = None) -> None:
+    def _insert(self, rows: Tensor, free: Tensor | None = None, *, empty_table: bool = False) -> None:
         """Put ``rows`` (whose keys are not in the table yet, and distinct) into the table.
 
         ``free``: an empty slot on each one's probe sequence to try first (where its lookup ended), or -1.
+        ``empty_table``: the table holds nothing yet, so the first round claims without looking.
         """
         mixed = self._mix(self.keys.index_select(0, rows))
-        slot = torch.remainder(mixed, self.table.numel())
+        slot = self._home(mixed)
         if free is not None:
             slot = torch.where(free >= 0, free, slot)
         ids, step = rows.int(), None
         while True:
-            empty = torch.nonzero(self.table.index_select(0, slot) < 0).squeeze(1)
-            self.table.index_put_((slot[empty],), ids[empty])  # where several claim one slot, one of them wins
+            if empty_table:
+                self.table.index_put_((slot,), ids)
+                empty_table = False
+            else:
+                empty = torch.nonzero(self.table.index_select(0, slot) < 0).squeeze(1)
+                self.table.index_put_((slot[empty],), ids[empty])  # where several claim one slot, one of them wins
             going = torch.nonzero(self.table.index_select(0, slot) != ids).squeeze(1)
             if not going.numel():
                 return

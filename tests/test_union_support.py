@@ -88,7 +88,7 @@ def test_state_bytes_follow_the_covered_entries_not_the_model(rows):
     stitcher.add(one_tensor_skill(model, "a", torch.arange(0, 20_000, 10)))  # 2,000 entries
     assert stitcher.covered == 2_000
     # rows (key 4 + base 4 + count 2 + sum 8 bytes, with spare room) and the table, not 4 bytes a model entry
-    assert stitcher.state_nbytes <= 34 * 2_000
+    assert stitcher.state_nbytes <= 39 * 2_000
     assert Stitcher(model).state_nbytes == 0  # an empty stitcher holds nothing
 
 
