@@ -117,30 +117,24 @@ def write_model(folder: Path, layers: int, make: Callable[[str, torch.Size, int]
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     config.save_pretrained(tmp)
-    shard: dict[str, torch.Tensor] = {}
-    files: list[dict[str, torch.Tensor]] = []
-    weight_map, total = {}, 0
-    names = list(shapes)
-
-    def flush() -> None:
-        files.append({})
-        name = f"model-{len(files):05d}.safetensors"
-        save_file(shard, str(tmp / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-        shard.clear()
-
-    for i, name in enumerate(names):
-        tensor = make(name, shapes[name], i)
-        if shard and sum(t.numel() * 2 for t in shard.values()) + tensor.numel() * 2 > SHARD_BYTES:
-            flush()
-        shard[name] = tensor.contiguous()
-        total += tensor.numel() * 2
-    flush()
-    count = len(files)
-    for j in range(count):  # the index names shards "-of-N" as save_pretrained does
-        (tmp / f"model-{j + 1:05d}.safetensors").rename(tmp / f"model-{j + 1:05d}-of-{count:05d}.safetensors")
-    weight_map = {k: v.replace(".safetensors", f"-of-{count:05d}.safetensors") for k, v in weight_map.items()}
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    nbytes = {name: math.prod(shape) * 2 for name, shape in shapes.items()}  # bfloat16
+    shards: list[list[str]] = [[]]  # names, in order, cut at SHARD_BYTES
+    size = 0
+    for name in shapes:
+        if shards[-1] and size + nbytes[name] > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes[name]
+    seed = {name: i for i, name in enumerate(shapes)}
+    weight_map = {}
+    for j, names in enumerate(shards, 1):
+        file = f"model-{j:05d}-of-{len(shards):05d}.safetensors"  # as save_pretrained names them
+        save_file({name: make(name, shapes[name], seed[name]).contiguous() for name in names}, str(tmp / file),
+                  metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+    index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index))
     tmp.rename(folder)
 
 
