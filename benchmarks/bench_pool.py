@@ -25,12 +25,6 @@ from skillbank import SkillBank
 from skillbank.mask_learner import MaskLearner
 
 
-def state_bytes(learner: MaskLearner) -> int:
-    """τ, the scores, Adam's two moments (the size of the scores each) and the pool's positions (global and local)."""
-    pool = learner.scored.numel() * 16 if learner.pooled else 0
-    return learner.tau.numel() * 4 + learner.scores.numel() * 4 * 3 + pool
-
-
 def step_times(b: Bench, name: str, base: dict, pool: float, steps: int = 12) -> dict[str, float]:
     """Median seconds of a training step (forward, backward, Adam) of each learner, alternated step by step."""
     finetuned = str(b.finetuned_dir(name))
@@ -46,7 +40,7 @@ def step_times(b: Bench, name: str, base: dict, pool: float, steps: int = 12) ->
             learner._step(batches[i % len(batches)], 0, 1, optimizers[key], lambda loss: loss.backward())
             times[key].append(time.perf_counter() - start)
     return {k: statistics.median(v[2:]) for k, v in times.items()} | {
-        f"state_bytes_{k}": state_bytes(v) for k, v in learners.items()} | {"shared_entries": learners["full"].tau.numel()}
+        f"state_bytes_{k}": v.state_nbytes for k, v in learners.items()} | {"shared_entries": learners["full"].tau.numel()}
 
 
 def main() -> None:

@@ -92,8 +92,7 @@ for i in range(steps):
     learner._step(batch, 0, 1, optimizer, lambda loss: loss.backward())
     times.append(time.perf_counter() - t)
 result["step_seconds"] = times
-# τ, the scores and Adam's two moments over the pool (float32), the pool's global and local positions (int64)
-result["learner_state_bytes"] = learner.scores.numel() * 16 + (learner.scored.numel() * 16 if learner.pooled else 0)
+result["learner_state_bytes"] = learner.state_nbytes
 """
 
 

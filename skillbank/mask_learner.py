@@ -261,6 +261,14 @@ class MaskLearner(pl.LightningModule):
         """Whether the learner scores a candidate pool rather than every entry."""
         return self.pool is not None
 
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of what the learner keeps per scored entry: ``τ``, the scores, Adam's two moments (the scores' size
+        each, whether or not a step has made them yet) and, with a pool, its global and local positions."""
+        scores = self.scores.numel() * self.scores.element_size()
+        pool = [self.scored, self._pool_local] if self.pooled else []
+        return self.tau.numel() * self.tau.element_size() + 3 * scores + sum(t.numel() * t.element_size() for t in pool)
+
     def _candidates(self, tau: Tensor) -> Tensor:
         """The pool: ascending flat positions of the top ``pool · k`` of ``|τ|``, plus small tensors whole."""
         assert self.pool is not None

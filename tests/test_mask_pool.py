@@ -40,6 +40,8 @@ def test_a_small_pool_keeps_state_small_and_picks_k_entries_from_the_top_of_tau(
     learner, skill = learned(base_model, finetuned, pool=3)
     k = learner.k
     assert learner.tau.numel() == learner.scores.numel() == 3 * k  # the state follows the pool
+    # τ, S and Adam's two moments in float32, the pool's global and local positions in int64: 32 B a pool entry
+    assert learner.state_nbytes == 32 * 3 * k
     assert skill.num_entries == k
     tv = task_vector(base_model, finetuned)
     flat = torch.cat([tv.shared[b].reshape(-1).abs() for b in tv.shared])
