@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 
@@ -25,7 +24,7 @@ def main() -> None:
     import skillbank
 
     assert skillbank.__file__.startswith(repo), f"skillbank came from {skillbank.__file__}, not {repo}"
-    from bench_stitch import make_base, random_skill
+    from bench_stitch import make_base, random_skill, timed_adds
 
     from skillbank import Stitcher, base_fingerprint
 
@@ -33,14 +32,8 @@ def main() -> None:
     state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
     params = sum(v.numel() for v in state.values())
     fingerprint = base_fingerprint(state)
-    stitcher, times = Stitcher(model), []
-    for i in range(n):
-        skill = random_skill(state, fingerprint, f"s{i}", seed=i)
-        if i == 0:
-            stitcher._check_base(skill, stitcher._match(skill))  # one-time base fingerprinting, not an add cost
-        start = time.perf_counter()
-        stitcher.add(skill)
-        times.append(time.perf_counter() - start)
+    stitcher = Stitcher(model)
+    times = timed_adds(stitcher, (random_skill(state, fingerprint, f"s{i}", seed=i) for i in range(n)), "cpu", params)
     print(json.dumps({"repo": repo, "median_ms": statistics.median(times) * 1e3,
                       "first8_ms": statistics.median(times[:8]) * 1e3, "last8_ms": statistics.median(times[-8:]) * 1e3,
                       "total_s": sum(times), "slowest_ms": max(times) * 1e3, "covered": stitcher.covered / params,

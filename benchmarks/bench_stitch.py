@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -103,6 +104,21 @@ def linear_remerge(base: dict, masks: list[dict], finetuned: list[dict]) -> dict
     return out
 
 
+def timed_adds(stitcher: Stitcher, skills: Iterable[Skill], device: str, params: int) -> list[float]:
+    """Seconds of each ``stitcher.add``, one skill after another; the base is fingerprinted before the first, untimed."""
+    seconds = []
+    for i, skill in enumerate(skills):
+        if i == 0:
+            stitcher._check_base(skill, stitcher._match(skill))  # one-time base fingerprinting, not an add cost
+        sync(device)
+        start = time.perf_counter()
+        stitcher.add(skill)
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+        print(f"add #{i + 1}: {seconds[-1] * 1e3:.1f} ms, covered {stitcher.covered / params:.2%}", file=sys.stderr)
+    return seconds
+
+
 def bench_add_and_dense(device: str, n_skills: int, n_dense: int) -> dict:
     model = make_base(device)
     state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
@@ -115,15 +131,7 @@ def bench_add_and_dense(device: str, n_skills: int, n_dense: int) -> dict:
     sizes["bf16"] = len(skills[0].to_bytes())
     skills[0].metadata.value_dtype = "float32"
     stitcher = Stitcher(model)
-    stitcher._check_base(skills[0], stitcher._match(skills[0]))  # one-time base fingerprinting, not an add cost
-    add_s = []
-    for i, skill in enumerate(skills):
-        sync(device)
-        start = time.perf_counter()
-        stitcher.add(skill)
-        sync(device)
-        add_s.append(time.perf_counter() - start)
-        print(f"add #{i + 1}: {add_s[-1] * 1e3:.1f} ms, covered {stitcher.covered / params:.2%}", file=sys.stderr)
+    add_s = timed_adds(stitcher, skills, device, params)
     state_bytes = stitcher.state_nbytes
     del stitcher
     prepared_ms: dict[str, list[float]] = {}
