@@ -108,23 +108,23 @@ def steps_report(args: argparse.Namespace) -> None:
 
 
 def demo_report(args: argparse.Namespace) -> None:
-    from skillbank.demo import _classifier, _finetune, _quiet, pretrained_base
+    from skillbank.demo import demo_classifier, finetune_demo_task, quiet, pretrained_base
     from skillbank.synthetic import DEMO_TASKS, make_splits
 
-    _quiet()
+    quiet()
     base = pretrained_base()
     print(f"{'finetune':<9}{'task':<11}{'finetuned':>10}{'dataless':>10}{'learned':>9}{'paper':>8}{'paper density':>15}")
     finetunes = []  # all finetunes first, in the demo's order, so the SGD ones are the demo's own
     for optimizer, lr in (("sgd", 0.01), ("adamw", 1e-3)):
         for i, task in enumerate(DEMO_TASKS):
-            finetunes.append((optimizer, i, task, *_finetune(base, task, 500, seed=i, lr=lr, optimizer=optimizer)))
+            finetunes.append((optimizer, i, task, *finetune_demo_task(base, task, 500, seed=i, lr=lr, optimizer=optimizer)))
     for optimizer, i, task, finetuned, test in finetunes:
         train_loader, val_loader, _ = make_splits(task, seed=i)
         train = train_loader.dataset
         few = torch.utils.data.Subset(train, balanced_indices(train.labels, 64, seed=0))
 
         def stitched_accuracy(skill) -> float:  # noqa: ANN001
-            stitcher = Stitcher(_classifier(base, task.num_labels).eval(), base)
+            stitcher = Stitcher(demo_classifier(base, task.num_labels).eval(), base)
             stitcher.add(skill)
             with stitcher.use_head(skill.metadata.name) as model:
                 return accuracy(model, test)

@@ -36,7 +36,7 @@ from skillbank.arrivals import arrival_metrics
 from skillbank.auto_sparsity import DEFAULT_GRID, localize_auto, search_sparsity, stitched_scorer, with_choice
 from skillbank.baselines import apply_delta, arrivals, average, consensus, magmax, opcm_steps, task_arithmetic, ties
 from skillbank.classifier import SequenceClassifier, accuracy
-from skillbank.demo import _quiet as quiet_demo
+from skillbank.demo import quiet as quiet_demo
 from skillbank.fewshot import balanced_indices
 from skillbank.mask_learner import MaskLearner
 from skillbank.pull import package_root, pull

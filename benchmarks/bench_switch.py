@@ -9,7 +9,7 @@ A RoBERTa-base-sized model (about 125M parameters, random init from the default
 * **skill switch**: the live model holds skill A; ``Stitcher.switch([B])``
   rewrites the union of A's and B's masks (skills in memory, and read from the
   bank: one file read + parse per switch);
-* **dense reload**: ``load_state_dict`` of a whole finetuned checkpoint read from
+* **dense reload**: ``load_weights`` of a whole finetuned checkpoint read from
   a safetensors file (what serving a task with its own finetune costs);
 * **PEFT hot-swap**: ``peft.utils.hotswap.hotswap_adapter`` of a LoRA adapter
   (every linear layer of the encoder, rank chosen so the adapter file is about

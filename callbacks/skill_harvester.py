@@ -28,7 +28,7 @@ from skillbank.routing import routing_centroids, with_routing
 from skillbank.skill import Skill
 from skillbank.sparse import check_sparsity
 from skillbank.task_vectors import TaskVector, task_vector
-from skillbank.weights import WeightsSource, is_float, load_state_dict
+from skillbank.weights import WeightsSource, is_float, load_weights
 
 __all__ = ["SkillHarvester"]
 
@@ -91,7 +91,9 @@ class SkillHarvester(Callback):
         validation: Iterable[Any] | None = None,
         routing: Iterable[Any] | None = None,
     ) -> None:
-        if sparsity != "auto":
+        if isinstance(sparsity, str) and sparsity != "auto":
+            raise SkillbankError(f"sparsity must be a fraction in (0, 1] or 'auto', got {sparsity!r}.")
+        if not isinstance(sparsity, str):
             check_sparsity(sparsity)
         if method not in METHODS:
             raise SkillbankError(f"method must be one of {METHODS}, got {method!r}.")
@@ -151,21 +153,22 @@ class SkillHarvester(Callback):
                   "epochs": trainer.current_epoch}
         finetune = merged_finetune(model)  # a LoRA model is merged on a copy, once
         tv = task_vector(base, finetune, head_patterns=self.head_patterns)
-        fields = dict(exclude=self.exclude, task=self.task, metrics=metrics, source=source, value_dtype=self.value_dtype)
+        fields: dict[str, Any] = dict(exclude=self.exclude, task=self.task, metrics=metrics, source=source, value_dtype=self.value_dtype)
         plain = finetune.weights if finetune.source else model
         # the base with the finetuned head: copied once, for the routing features and the auto size search
-        base_probe = functools.cache(lambda: apply_delta(copy.deepcopy(plain), load_state_dict(base), {}).eval())
+        base_probe = functools.cache(lambda: apply_delta(copy.deepcopy(plain), load_weights(base), {}).eval())
         centroids = None
         if self.routing is not None:  # before a learner may reset a merged copy to the base
             centroids = routing_centroids(base_probe(), self.routing)  # the base's features are what routes
-        if self.sparsity == "auto":
+        sparsity = self.sparsity
+        if isinstance(sparsity, str):  # "auto"
             skill = self._harvest_auto(trainer, plain, base, tv, fields, base_probe)
         elif self.method == "dataless":
-            skill = localize_dataless(tv, self.sparsity, name=self.name, **fields)
+            skill = localize_dataless(tv, sparsity, name=self.name, **fields)
         elif finetune.source:  # merged: already a copy the learner may reset to the base
-            skill = self._learn(finetune.weights, base, tv, self.sparsity, fields, copy_model=False)
+            skill = self._learn(finetune.weights, base, tv, sparsity, fields, copy_model=False)
         else:
-            skill = self._learn(model, base, tv, self.sparsity, fields)
+            skill = self._learn(model, base, tv, sparsity, fields)
         return skill if centroids is None else with_routing(skill, centroids)
 
     def _learn(self, model: torch.nn.Module, base: Any, tv: TaskVector, sparsity: float, fields: dict,
@@ -174,6 +177,7 @@ class SkillHarvester(Callback):
             copy.deepcopy(model) if copy_model else model, base, tv, sparsity, exclude=self.exclude, task=self.task,
             value_dtype=self.value_dtype, **self.learner_kwargs,
         )
+        assert self.few_shot is not None  # __init__ refuses method="learned" without it
         skill = learner.learn(self.few_shot, name=self.name)
         skill.metadata.metrics.update(fields["metrics"])
         skill.metadata.source.update({**fields["source"], **tv.source})

@@ -60,8 +60,10 @@ class SkillStitcher(Callback):
     moments as otherwise, so skills banked meanwhile become servable at the next
     look; a batch naming a skill not seen at the last look is an error.
 
-    Heads: ``pl_module.skill_heads`` is set to ``{name: head tensors}`` and
-    :meth:`use_head` swaps one in, so each task is evaluated with its own head.
+    Heads: the callback keeps them (:attr:`heads`, ``{name: head tensors}``) and
+    :meth:`use_head` swaps one in, so each task is evaluated with its own head;
+    nothing is written onto the user's module, which reaches them through
+    ``SkillStitcher.find(self.trainer)``.
     Resumable: the checkpoint records which skills are stitched and the base
     values under them, so a resumed run carries on without stitching twice.
     Under DDP rank 0 reads the manifest and broadcasts it: all ranks stitch the
@@ -114,6 +116,16 @@ class SkillStitcher(Callback):
         """Names of the stitched skills, in order."""
         return self._stitcher.stitched if self._stitcher is not None else list(self._restored)
 
+    @staticmethod
+    def find(trainer: pl.Trainer) -> SkillStitcher:
+        """The trainer's one ``SkillStitcher``: how a LightningModule reaches the stitched skills' heads
+        (``SkillStitcher.find(self.trainer).use_head(name)``) without the callback writing onto it."""
+        found = [c for c in trainer.callbacks if isinstance(c, SkillStitcher)]  # type: ignore[attr-defined]
+        if len(found) != 1:
+            raise SkillbankError(f"the trainer has {len(found)} SkillStitcher callbacks; SkillStitcher.find needs exactly one "
+                                 "(pass Trainer(callbacks=[SkillStitcher(...)]), or keep a reference to the one you want).")
+        return found[0]
+
     @property
     def heads(self) -> dict[str, dict[str, Tensor]]:
         """Each stitched skill's head tensors."""
@@ -141,7 +153,8 @@ class SkillStitcher(Callback):
         returns their names (the same on every rank)."""
         stitcher = self._ensure_stitcher(pl_module)
         known = self.servable if self.serving else stitcher.stitched
-        new, error = None, None
+        new: list[str] = []
+        error: str | None = None
         if trainer.is_global_zero:
             try:
                 wanted = self._bank_names()
@@ -160,8 +173,6 @@ class SkillStitcher(Callback):
             stitcher.add(name)
             self.history.append((name, trainer.global_step))
             rank_zero_info(f"SkillStitcher: stitched {name!r} at step {trainer.global_step} ({len(stitcher)} skills)")
-        if new:
-            pl_module.skill_heads = stitcher.heads
         return new
 
     def _bank_names(self) -> list[str]:
@@ -353,7 +364,5 @@ class SkillStitcher(Callback):
         self._stitcher = Stitcher(model, self.base, bank=SkillBank.if_exists(self.bank), rule=self.rule)
         for name in self._restored:
             self._stitcher.add(name)
-        if self._restored:
-            pl_module.skill_heads = self._stitcher.heads
         self._restored, self._restored_base = [], None
         return self._stitcher

@@ -28,7 +28,7 @@ from torch import nn
 
 from skillbank.callbacks import SkillHarvester, SkillStitcher
 from skillbank.classifier import SequenceClassifier
-from skillbank.demo import _classifier, _quiet, pretrained_base
+from skillbank.demo import demo_classifier, quiet, pretrained_base
 from skillbank.fewshot import balanced_indices
 from skillbank.heads import use_head
 from skillbank.mask_learner import load_model
@@ -59,7 +59,7 @@ def demo_arrivals(base: nn.Module) -> Iterator[Arrival]:
         few = torch.utils.data.DataLoader(
             torch.utils.data.Subset(train.dataset, balanced_indices(train.dataset.labels, 64, seed=0)), batch_size=32
         )
-        yield Arrival(task.name, task.num_labels, _classifier(base, task.num_labels), train, val, test, few,
+        yield Arrival(task.name, task.num_labels, demo_classifier(base, task.num_labels), train, val, test, few,
                       {"lr": 0.01, "optimizer": "sgd"})
 
 
@@ -85,7 +85,7 @@ class ServingModel(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         task = self.tasks[dataloader_idx]
-        with use_head(self.model, self.skill_heads[task]) as model:
+        with use_head(self.model, SkillStitcher.find(self.trainer).heads[task]) as model:
             predictions = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
         counts = self.correct.setdefault(task, [0, 0])
         counts[0] += int((predictions == batch["labels"]).sum())
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--method", choices=("dataless", "learned"), default="dataless", help="localization (default: dataless)")
     parser.add_argument("--real", action="store_true", help="real MiniLM and three real tasks instead of the synthetic demo")
     args = parser.parse_args()
-    _quiet()
+    quiet()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="skillbank-continual-"))
     if args.real:
         base = resolve_model("pulled:minilm")
@@ -114,7 +114,7 @@ def main() -> None:
     else:
         base = pretrained_base()
         steps, names, arrivals = args.steps or 500, [t.name for t in DEMO_TASKS], demo_arrivals(base)
-        serving = ServingModel(_classifier(base, 2), tasks=[])
+        serving = ServingModel(demo_classifier(base, 2), tasks=[])
     stitcher = SkillStitcher(workdir / "bank", base=base)
     tests, table = [], []
     for i, task in enumerate(arrivals):

@@ -27,7 +27,8 @@ _LAZY = {
     "SkillBank": "bank", "SkillEntry": "bank", "use_head": "heads", "localize_dataless": "localize",
     "skill_from_mask": "localize", "MaskLearner": "mask_learner", "RECIPES": "mask_recipes", "MaskRecipe": "mask_recipes",
     "Region": "skill", "Skill": "skill", "SkillMetadata": "skill", "Stitcher": "stitcher", "TaskVector": "task_vectors",
-    "task_vector": "task_vectors", "align_names": "weights", "base_fingerprint": "weights", "load_state_dict": "weights",
+    "task_vector": "task_vectors", "align_names": "weights", "base_fingerprint": "weights", "load_weights": "weights",
+    "load_state_dict": "weights",
 }
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from skillbank.skill import Region, Skill, SkillMetadata
     from skillbank.stitcher import Stitcher
     from skillbank.task_vectors import TaskVector, task_vector
-    from skillbank.weights import align_names, base_fingerprint, load_state_dict
+    from skillbank.weights import align_names, base_fingerprint, load_state_dict, load_weights
 
 
 def __getattr__(name: str) -> Any:
@@ -78,6 +79,7 @@ __all__ = [
     "align_names",
     "base_fingerprint",
     "load_state_dict",
+    "load_weights",
     "localize_dataless",
     "skill_from_mask",
     "task_vector",

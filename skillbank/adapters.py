@@ -61,7 +61,7 @@ def _head_patterns(modules_to_save: list[str] | None) -> tuple[str, ...]:
     return tuple(rf"(^|\.){re.escape(m)}\." for m in (modules_to_save or []))
 
 
-def _merge(peft_model: nn.Module, origin: str, *, own: bool = False) -> Finetune:
+def _merge(peft_model: Any, origin: str, *, own: bool = False) -> Finetune:  # a peft.PeftModel
     """Merge ``peft_model``: on a copy, unless ``own`` (a model built here, nobody else holds it)."""
     config = peft_model.peft_config[peft_model.active_adapter]
     peft_type = getattr(config, "peft_type", "LORA")
@@ -90,19 +90,18 @@ def _base_for_adapter(base: Any, folder: Path, config: dict[str, Any]) -> nn.Mod
     """A fresh model of the adapter's kind holding the base weights (never the caller's module)."""
     from transformers import AutoModel, AutoModelForSequenceClassification
 
-    from skillbank.pull import resolve_model
-    from skillbank.weights import align_names, load_state_dict, require_safetensors
+    from skillbank.weights import align_names, load_weights, model_path, require_safetensors
 
     seq_cls = config.get("task_type") == "SEQ_CLS"
     labels = _labels_in_adapter(folder) if seq_cls else None
     extra = {"num_labels": labels} if labels else {}
     auto = AutoModelForSequenceClassification if seq_cls else AutoModel
-    base = resolve_model(base)
+    base = model_path(base) if isinstance(base, str) else base
     if isinstance(base, (str, Path)) and Path(base).is_dir():
         return auto.from_pretrained(require_safetensors(base), local_files_only=True, use_safetensors=True, **extra)
     if isinstance(base, nn.Module) and hasattr(base, "config"):
         model = auto.from_config(copy.deepcopy(base.config), **extra)
-        state = load_state_dict(base)
+        state = load_weights(base)
         target = dict(model.state_dict(keep_vars=True))
         for src, dst in align_names(state, target).items():
             if target[dst].shape == state[src].shape:

@@ -138,7 +138,9 @@ def stitched_scorer(model: nn.Module, batches: Batches, metric: Callable[[nn.Mod
     ``model`` must hold the base weights; it holds them again after every call.
     """
     if metric is None:
-        from skillbank.classifier import accuracy as metric
+        from skillbank.classifier import accuracy
+
+        metric = accuracy
     stitcher = Stitcher(model)
 
     def score(skill: Skill) -> float:

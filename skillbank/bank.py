@@ -44,7 +44,7 @@ MAX_MANIFEST_BYTES = 256 * 2**20
 MAX_SKILL_BYTES = 16 * 2**30
 #: Manifest fields a reader relies on, with their types (others are summaries, type-checked too).
 _REQUIRED = {"name": str, "file": str, "bytes": int, "sha256": str}
-_SUMMARY = {"task": str, "method": str, "sparsity": (int, float), "entries": int, "value_dtype": str, "created": str,
+_SUMMARY: dict[str, type | tuple[type, ...]] = {"task": str, "method": str, "sparsity": (int, float), "entries": int, "value_dtype": str, "created": str,
             "metrics": dict}
 _MAX_TEXT = 4096
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -159,11 +159,6 @@ class SkillBank:
     def entries(self) -> list[SkillEntry]:
         """Entries of every skill, in the order they were added."""
         return list(self._current().entries)
-
-    def list(self) -> builtins.list[SkillEntry]:
-        """Deprecated: :meth:`entries` (this name shadowed the builtin ``list``)."""
-        warnings.warn("SkillBank.list() is now SkillBank.entries(); list() will be removed.", DeprecationWarning, stacklevel=2)
-        return self.entries()
 
     def names(self) -> list[str]:
         """Names of every skill, in the order they were added."""
@@ -413,6 +408,12 @@ class SkillBank:
         if removed:
             fsync_dir(self.path)
 
+    # last in the class body: after it, ``list`` in an annotation here would name this method
+    def list(self) -> builtins.list[SkillEntry]:
+        """Deprecated: :meth:`entries` (this name shadowed the builtin ``list``)."""
+        warnings.warn("SkillBank.list() is now SkillBank.entries(); list() will be removed.", DeprecationWarning, stacklevel=2)
+        return self.entries()
+
 
 class _Unreadable(Exception):
     """A bank file that is not a regular file of the expected size (a link, a FIFO, a device, too large)."""
@@ -488,9 +489,9 @@ def _manifest_problem(body: dict[str, Any]) -> str:
         seen.add(name)
         if entry["bytes"] < 0 or not _SHA256.fullmatch(entry["sha256"]):
             return f"{where} ({name}): a negative size or a malformed sha256"
-        for key, kind in _SUMMARY.items():
+        for key, kinds in _SUMMARY.items():
             value = entry.get(key)
-            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
                 return f"{where} ({name}): {key!r} has the wrong type"
             if isinstance(value, str) and len(value) > _MAX_TEXT:
                 return f"{where} ({name}): {key!r} is longer than {_MAX_TEXT} characters"

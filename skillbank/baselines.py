@@ -172,13 +172,13 @@ def opcm_steps(taus: TaskVectors, alpha: float = 0.5, matrices: Callable[[str, T
     total: dict[str, Tensor] = {}
     norms: list[float] = []
     for tau in taus:
-        norms.append(float(torch.sqrt(sum((tau[n].double() ** 2).sum() for n in names))))
+        norms.append(float(torch.sqrt(sum(((tau[n].double() ** 2).sum() for n in names), torch.zeros((), dtype=torch.float64)))))
         for n in names:
             new = tau[n].float()
             if n in total and project(n, new):
                 new = _orthogonal_part(total[n], new, alpha)
             total[n] = total[n] + new if n in total else new.clone()
-        norm = float(torch.sqrt(sum((total[n].double() ** 2).sum() for n in names)))
+        norm = float(torch.sqrt(sum(((total[n].double() ** 2).sum() for n in names), torch.zeros((), dtype=torch.float64))))
         scale = (sum(norms) / len(norms)) / norm if norm > 0 else 0.0
         yield {n: t * scale for n, t in total.items()}
 

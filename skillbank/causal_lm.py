@@ -64,18 +64,20 @@ class NextTokenAccuracy(Metric):
     """
 
     full_state_update = False
+    correct: Tensor  # states made by add_state
+    total: Tensor
 
     def __init__(self) -> None:
         super().__init__()
         self.add_state("correct", default=torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
 
-    def update(self, logits: Tensor, labels: Tensor) -> None:  # type: ignore[override]
+    def update(self, logits: Tensor, labels: Tensor) -> None:
         predicted = logits[:, :-1].argmax(-1)
         target = labels[:, 1:]
         counted = target != -100
         self.correct += (predicted.eq(target) & counted).sum()
         self.total += counted.sum()
 
-    def compute(self) -> Tensor:  # type: ignore[override]
+    def compute(self) -> Tensor:
         return self.correct.float() / self.total.clamp_min(1)

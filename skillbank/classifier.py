@@ -29,8 +29,8 @@ class SequenceClassifier(pl.LightningModule):
             vector proportional to the accumulated gradient, which concentrates
             it on the parameters that matter; Adam's normalized steps spread it
             evenly, so dataless top-|τ| masks localize SGD finetunes far better.
-        skill_head: evaluate with this skill's head from ``self.skill_heads``
-            (set by :class:`~skillbank.callbacks.SkillStitcher`) instead of the model's own.
+        skill_head: evaluate with this skill's head, stitched by the trainer's
+            :class:`~skillbank.callbacks.SkillStitcher`, instead of the model's own.
         gradient_clip_val: clip the gradients' global norm to this before each step
             (unless the Trainer's own ``gradient_clip_val`` is set, which wins). SGD
             finetunes of real tasks at lr 1e-2 collapse to one class without it; the
@@ -72,7 +72,9 @@ class SequenceClassifier(pl.LightningModule):
         if self.skill_head is None:
             out = self.model(**batch)
         else:
-            heads = getattr(self, "skill_heads", {})
+            from skillbank.callbacks import SkillStitcher
+
+            heads = SkillStitcher.find(self.trainer).heads
             if self.skill_head not in heads:
                 raise SkillbankError(f"skill {self.skill_head!r} is not stitched (stitched: {sorted(heads) or 'none'}).")
             with use_head(self.model, heads[self.skill_head]) as model:

@@ -7,10 +7,10 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 # Only what --help, list and remove need is imported here; torch, transformers and lightning load with the
 # command that uses them, so those answer at once.
@@ -40,7 +40,7 @@ def _fmt(value: object) -> str:
     return _escape(str(value))
 
 
-def _bar(iterable=None, **kwargs):  # noqa: ANN001, ANN003, ANN202 - tqdm's own signature
+def _bar(iterable: Iterable[Any] | None = None, **kwargs: Any) -> Any:  # a tqdm bar; kwargs as tqdm's
     """A tqdm progress bar on stderr, shown only on a terminal (a log file gets no ``\\r`` lines)."""
     from tqdm.auto import tqdm
 
@@ -97,16 +97,15 @@ def _demo(args: argparse.Namespace) -> int:
 def _localize(args: argparse.Namespace) -> int:
     from skillbank.adapters import is_adapter_folder
     from skillbank.localize import localize_dataless
-    from skillbank.pull import resolve_model
     from skillbank.streaming import localize_streaming
     from skillbank.task_vectors import task_vector
-    from skillbank.weights import load_state_dict
+    from skillbank.weights import load_weights
 
     bank = SkillBank(args.bank)  # fail fast on a bad bank path before the heavy work
     if args.name in bank:
         raise SkillbankError(f"a skill named {args.name!r} is already in {bank.path}; pick another --name.")
     fields = dict(name=args.name, task=args.task or args.name, exclude=args.exclude, value_dtype=args.value_dtype,
-                  source={"kind": "full finetune", "base": str(args.base), "finetuned": str(args.finetuned)})
+                  source={"kind": "full finetune", "base": args.given["base"], "finetuned": args.given["finetuned"]})
     with _bar(total=4, desc=f"localize {args.name}", unit="step") as bar:
         adapter = is_adapter_folder(args.finetuned)  # merged onto the base model itself, so both stay paths
         if not adapter and args.sparsity != "auto":  # read one tensor at a time: memory follows the skill, not the model
@@ -115,8 +114,8 @@ def _localize(args: argparse.Namespace) -> int:
             bar.update(2)
         else:
             bar.set_postfix_str("loading weights")
-            base = args.base if adapter else load_state_dict(args.base)
-            finetuned = args.finetuned if adapter else load_state_dict(args.finetuned)
+            base = args.base if adapter else load_weights(args.base)
+            finetuned = args.finetuned if adapter else load_weights(args.finetuned)
             bar.update()
             bar.set_postfix_str("task vector")
             tv = task_vector(base, finetuned, head_patterns=args.head_pattern)
@@ -128,7 +127,7 @@ def _localize(args: argparse.Namespace) -> int:
                 bar.set_postfix_str("top-k")
                 skill = localize_dataless(tv, args.sparsity, **fields)
         # --val-data doubles as routing data when the base is a model folder (routing needs its encoder)
-        base_is_folder = (Path(resolve_model(str(args.base))) / "config.json").is_file()
+        base_is_folder = (Path(args.base) / "config.json").is_file()
         routing_data = args.routing_data or (args.val_data if base_is_folder else None)
         if routing_data:
             bar.set_postfix_str("routing centroids")
@@ -158,7 +157,7 @@ def _localize_auto(args: argparse.Namespace, base: WeightsSource, tv: TaskVector
     from skillbank.baselines import apply_delta
     from skillbank.labelled_text import read_jsonl
     from skillbank.text_tasks import task_loader
-    from skillbank.weights import load_state_dict, require_safetensors
+    from skillbank.weights import load_weights, require_safetensors
 
     if not args.val_data:
         raise SkillbankError("--sparsity auto needs --val-data FILE (JSON lines of {\"text\": ..., \"label\": ...}) "
@@ -168,7 +167,7 @@ def _localize_auto(args: argparse.Namespace, base: WeightsSource, tv: TaskVector
         raise SkillbankError("--sparsity auto needs --finetuned to be a Hugging Face classifier folder (with its tokenizer).")
     probe = AutoModelForSequenceClassification.from_pretrained(
         require_safetensors(folder), local_files_only=True, use_safetensors=True).eval()
-    apply_delta(probe, load_state_dict(base), {})  # the base with the finetuned head: where each mask is tried
+    apply_delta(probe, load_weights(base), {})  # the base with the finetuned head: where each mask is tried
     split = read_jsonl(args.val_data, probe.config.num_labels)
     batches = list(task_loader(split, _tokenizer(folder, args.base), max_length=args.max_length, batch_size=64))
     return localize_auto(tv, probe, batches, target=args.target_recovery, **fields)
@@ -177,13 +176,11 @@ def _localize_auto(args: argparse.Namespace, base: WeightsSource, tv: TaskVector
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
 
 
-def _tokenizer(*folders: str):  # noqa: ANN202 - a Hugging Face tokenizer
+def _tokenizer(*folders: str | Path) -> Any:  # a Hugging Face tokenizer
     """The tokenizer of the first folder that has one."""
     from transformers import AutoTokenizer
 
-    from skillbank.pull import resolve_model
-
-    for folder in map(resolve_model, folders):
+    for folder in folders:
         if not any((Path(folder) / f).is_file() for f in _TOKENIZER_FILES):
             continue  # transformers 5 would build an empty tokenizer that maps every word to [UNK]
         try:
@@ -194,17 +191,15 @@ def _tokenizer(*folders: str):  # noqa: ANN202 - a Hugging Face tokenizer
                          "(tokenizer.save_pretrained(folder)).")
 
 
-def _base_encoder(base: str):  # noqa: ANN202 - a transformers model
+def _base_encoder(base: str) -> Any:  # a transformers model
     """The base model folder as a Hugging Face encoder (for routing features), in eval mode."""
     from transformers import AutoModel
 
-    from skillbank.pull import resolve_model
     from skillbank.weights import require_safetensors
 
-    folder = resolve_model(base)
-    if not (Path(folder) / "config.json").is_file():
+    if not (Path(base) / "config.json").is_file():
         raise SkillbankError(f"routing needs --base to be a Hugging Face model folder (with config.json), not {base}.")
-    return AutoModel.from_pretrained(require_safetensors(folder), local_files_only=True, use_safetensors=True).eval()
+    return AutoModel.from_pretrained(require_safetensors(base), local_files_only=True, use_safetensors=True).eval()
 
 
 def _with_routing(args: argparse.Namespace, skill: Skill, data: str) -> Skill:
@@ -320,7 +315,7 @@ def _diff(args: argparse.Namespace) -> int:
     a, b = bank.get(args.a), bank.get(args.b)
     overlap = float(jaccard([a, b])[0, 1])
     shared = round(overlap * (a.num_entries + b.num_entries) / (1 + overlap))  # |A ∩ B| from the Jaccard index
-    rows = [("task", a.metadata.task, b.metadata.task), ("method", a.metadata.method, b.metadata.method),
+    rows: list[tuple[str, object, object]] = [("task", a.metadata.task, b.metadata.task), ("method", a.metadata.method, b.metadata.method),
             ("sparsity", a.metadata.sparsity, b.metadata.sparsity), ("entries", f"{a.num_entries:,}", f"{b.num_entries:,}"),
             ("bytes", f"{bank.entry(a.name).bytes:,}", f"{bank.entry(b.name).bytes:,}"),
             ("head tensors", len(a.head), len(b.head)), ("created", a.metadata.created, b.metadata.created)]
@@ -328,8 +323,8 @@ def _diff(args: argparse.Namespace) -> int:
         rows.append((key, a.metadata.metrics.get(key, "-"), b.metadata.metrics.get(key, "-")))
     in_a, in_b = placement(a), placement(b)
     top = sorted(set(in_a) | set(in_b), key=lambda k: (-(in_a.get(k, 0) + in_b.get(k, 0)), k))[:5]
-    for key in top:
-        rows.append((f"in {key[0]} / {key[1]}", f"{in_a.get(key, 0):,}", f"{in_b.get(key, 0):,}"))
+    for place in top:
+        rows.append((f"in {place[0]} / {place[1]}", f"{in_a.get(place, 0):,}", f"{in_b.get(place, 0):,}"))
     print(_table(("", a.name, b.name), rows))
     print(f"\nmask overlap: {shared:,} shared entries, Jaccard {overlap:.4f}")
     return 0
@@ -599,6 +594,19 @@ def _quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
 
 
+def _resolve_models(args: argparse.Namespace) -> None:
+    """Turn ``pulled:<alias>`` model arguments into their folders (pulling on first use), here at the edge:
+    the core only reads folders. ``args.given`` keeps what was typed, for the skills' provenance."""
+    args.given = {}
+    for key in ("base", "finetuned"):
+        value = getattr(args, key, None)
+        if isinstance(value, str):
+            from skillbank.pull import resolve_model
+
+            args.given[key] = value
+            setattr(args, key, str(resolve_model(value)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``skillbank`` command; returns the exit code (2 on bad input, with the reason on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -614,6 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         _quiet_libraries()
     try:
+        _resolve_models(args)
         return args.run(args)
     except SkillbankError as exc:
         print(f"skillbank {args.command}: error: {exc}", file=sys.stderr)

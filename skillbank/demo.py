@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import lightning.pytorch as pl
+from torch.utils.data import DataLoader
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 from transformers.utils import logging as hf_logging
 
@@ -19,7 +22,7 @@ from skillbank.stitcher import Stitcher
 from skillbank.synthetic import DEMO_TASKS, PRETEXT_TASK, SEQ_LEN, VOCAB_SIZE, SyntheticTask, make_splits
 from skillbank.task_vectors import task_vector
 
-__all__ = ["DemoRow", "demo_config", "format_table", "run_demo"]
+__all__ = ["DemoRow", "demo_classifier", "demo_config", "finetune_demo_task", "format_table", "pretrained_base", "quiet", "run_demo"]
 
 
 @dataclass
@@ -35,13 +38,16 @@ class DemoRow:
 
 def demo_config(num_labels: int = 2) -> BertConfig:
     """The demo's small BERT (2 layers, hidden 64; about 110k parameters)."""
-    return BertConfig(
+    config = BertConfig(
         vocab_size=VOCAB_SIZE, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, max_position_embeddings=SEQ_LEN, num_labels=num_labels,
+        intermediate_size=128, max_position_embeddings=SEQ_LEN,
     )
+    config.num_labels = num_labels
+    return config
 
 
-def _quiet() -> None:
+def quiet() -> None:
+    """Transformers' and Lightning's chatter off (errors only), for scripts whose own lines should be read."""
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
@@ -49,34 +55,39 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
-def _classifier(base: BertModel, num_labels: int) -> BertForSequenceClassification:
+def demo_classifier(base: BertModel, num_labels: int) -> BertForSequenceClassification:
+    """A fresh sequence classifier over a copy of ``base``'s weights (a new, randomly initialized head)."""
     model = BertForSequenceClassification(demo_config(num_labels))
     model.bert.load_state_dict(base.state_dict())
     return model
 
 
-def _finetune(
-    base: BertModel, task: SyntheticTask, steps: int, seed: int, **optim: object
-) -> tuple[BertForSequenceClassification, object]:
+def finetune_demo_task(
+    base: BertModel, task: SyntheticTask, steps: int, seed: int, **optim: Any
+) -> tuple[BertForSequenceClassification, DataLoader]:
+    """Finetune a :func:`demo_classifier` of ``base`` on ``task`` for ``steps`` steps on the CPU
+    (``optim``: :class:`SequenceClassifier`'s optimizer settings); returns the model in eval mode and the test split."""
     train, val, test = make_splits(task, seed=seed)
-    module = SequenceClassifier(_classifier(base, task.num_labels), task.num_labels, **optim)
+    module = SequenceClassifier(demo_classifier(base, task.num_labels), task.num_labels, **optim)
     trainer = pl.Trainer(
         max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, check_val_every_n_epoch=None,
         val_check_interval=steps, num_sanity_val_steps=0,
     )
     trainer.fit(module, train, val)
-    return module.model.eval(), test
+    return cast(BertForSequenceClassification, module.model).eval(), test
 
 
 def pretrained_base(steps: int = 400, seed: int = 0) -> BertModel:
     """The demo's base: a small BERT pretrained on :data:`PRETEXT_TASK` (its head dropped)."""
     pl.seed_everything(seed, verbose=False)
-    model, _ = _finetune(BertModel(demo_config()), PRETEXT_TASK, steps, seed=10_000 + seed, lr=1e-3, optimizer="adamw")
+    model, _ = finetune_demo_task(BertModel(demo_config()), PRETEXT_TASK, steps, seed=10_000 + seed, lr=1e-3, optimizer="adamw")
     return model.bert.eval()
 
 
-def run_demo(workdir: str | Path, *, steps: int = 500, sparsity: float = 0.01, seed: int = 0, log=print) -> list[DemoRow]:  # noqa: ANN001
+def run_demo(
+    workdir: str | Path, *, steps: int = 500, sparsity: float = 0.01, seed: int = 0, log: Callable[[str], None] = print
+) -> list[DemoRow]:
     """Finetune each demo task, harvest its skill into a bank, then stitch all of them.
 
     The base is pretrained on a pretext task (:func:`pretrained_base`); each
@@ -89,14 +100,15 @@ def run_demo(workdir: str | Path, *, steps: int = 500, sparsity: float = 0.01, s
     head, the finetuned model, the base with only that skill stitched, and the
     base with every skill stitched.
     """
-    _quiet()
+    quiet()
     workdir = Path(workdir)
     base = pretrained_base(seed=seed)
     base.save_pretrained(workdir / "base")
     bank = SkillBank(workdir / "bank")
-    tests, finetuned_acc = {}, {}
+    tests: dict[str, DataLoader] = {}
+    finetuned_acc: dict[str, float] = {}
     for i, task in enumerate(DEMO_TASKS):
-        finetuned, tests[task.name] = _finetune(base, task, steps, seed=seed + i, lr=0.01, optimizer="sgd",
+        finetuned, tests[task.name] = finetune_demo_task(base, task, steps, seed=seed + i, lr=0.01, optimizer="sgd",
                                                 gradient_clip_val=1.0)
         finetuned_acc[task.name] = accuracy(finetuned, tests[task.name])
         finetuned.save_pretrained(workdir / "finetuned" / task.name)
@@ -109,7 +121,7 @@ def run_demo(workdir: str | Path, *, steps: int = 500, sparsity: float = 0.01, s
         log(f"[{i + 1}/{len(DEMO_TASKS)}] finetuned {task.name!r} ({finetuned_acc[task.name]:.3f} test acc), "
             f"localized {skill.num_entries} of {skill.num_shared} entries, added to {bank.path}")
 
-    live = _classifier(base, 2).eval()
+    live = demo_classifier(base, 2).eval()
     alone = {}
     for name in bank.names():
         single = Stitcher(live, base, bank=bank)
@@ -126,7 +138,7 @@ def run_demo(workdir: str | Path, *, steps: int = 500, sparsity: float = 0.01, s
                 scores.append(f"{done} {accuracy(model, tests[done]):.3f}")
         log(f"stitched {name!r}: " + ", ".join(scores))
     rows = []
-    base_live = _classifier(base, 2).eval()
+    base_live = demo_classifier(base, 2).eval()
     for name in stitcher.stitched:
         with use_head(base_live, stitcher.heads[name]) as model:
             base_acc = accuracy(model, tests[name])

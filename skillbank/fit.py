@@ -10,6 +10,7 @@ shows every setting with its default.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 
@@ -18,7 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from skillbank.errors import SkillbankError
 
-__all__ = ["run_lightning"]
+__all__ = ["resolve_pulled", "run_lightning"]
 
 
 def run_lightning(subcommand: str, argv: Sequence[str]) -> int:
@@ -50,8 +51,33 @@ def _cli(argv: Sequence[str]) -> LightningCLI:
         sys.argv = command_line
 
 
+def resolve_pulled(value: object) -> object:
+    """``value`` with every ``pulled:<alias>`` string in it (nested in namespaces, dicts and lists) replaced by the
+    model's folder, pulled on first use: configs name pulled models, the classes they build take folders."""
+    if isinstance(value, str):
+        from skillbank.pull import PULLED, resolve_model
+
+        return resolve_model(value) if value.startswith(PULLED) else value
+    if isinstance(value, argparse.Namespace):
+        for key, item in vars(value).items():
+            setattr(value, key, resolve_pulled(item))
+        return value
+    if isinstance(value, dict):
+        return {key: resolve_pulled(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [resolve_pulled(item) for item in value]
+    return value
+
+
+class _SkillbankCLI(LightningCLI):
+    """LightningCLI that resolves pulled models' aliases once, in the launching process, before building any class."""
+
+    def before_instantiate_classes(self) -> None:
+        resolve_pulled(self.config)
+
+
 def _lightning_cli(argv: Sequence[str]) -> LightningCLI:
-    return LightningCLI(
+    return _SkillbankCLI(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import replace
 from typing import Any
 
@@ -35,7 +35,7 @@ from skillbank.ranks import bank_on_rank_zero, raise_everywhere
 from skillbank.skill import Region, Skill
 from skillbank.sparse import check_sparsity, global_topk, num_selected, topk_positions
 from skillbank.task_vectors import TaskVector, matches, task_vector
-from skillbank.weights import WeightsSource, align_names, load_state_dict
+from skillbank.weights import WeightsSource, align_names, load_weights
 
 __all__ = ["MaskLearner", "load_model"]
 
@@ -47,7 +47,7 @@ _NO_UPDATES = (
 
 
 def load_model(model: nn.Module | str, num_labels: int | None = None) -> nn.Module:
-    """``model`` itself, or a model loaded from a local Hugging Face folder (or ``pulled:<alias>``): a causal
+    """``model`` itself, or a model loaded from a local Hugging Face folder: a causal
     language model when its config names a ``…ForCausalLM``/``…LMHeadModel`` architecture, else a sequence classifier."""
     if isinstance(model, nn.Module):
         return model
@@ -55,10 +55,9 @@ def load_model(model: nn.Module | str, num_labels: int | None = None) -> nn.Modu
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from skillbank.pull import resolve_model
-    from skillbank.weights import require_safetensors
+    from skillbank.weights import model_path, require_safetensors
 
-    folder = require_safetensors(resolve_model(model))
+    folder = require_safetensors(model_path(model))
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() and config_file.stat().st_size < 1 << 20 else {}
     if is_causal_lm_config(config):
@@ -118,6 +117,12 @@ class MaskLearner(pl.LightningModule):
     The wrapped model always runs in eval mode (no dropout), as in the paper,
     so the mask gradient does not depend on the process or device count.
     """
+
+    # buffers registered in __init__ (typed here: nn.Module's attribute lookup is untyped)
+    scored: Tensor
+    _pool_local: Tensor
+    context_acc: Tensor
+    context_count: Tensor
 
     def __init__(
         self,
@@ -223,7 +228,7 @@ class MaskLearner(pl.LightningModule):
                 f"the model has no parameter for {len(missing)} shared tensor(s) of the task vector, e.g. {missing[:3]}; "
                 "give the architecture the finetune was made with."
             )
-        base_state = load_state_dict(base)
+        base_state = load_weights(base)
         model_names = {b: names[f] for b, f in tv.names.items()}
         with torch.no_grad():
             for b, m in model_names.items():
@@ -383,18 +388,19 @@ class MaskLearner(pl.LightningModule):
         if self.loss_fn is not None:
             loss = self.loss_fn(logits, target)
         else:
-            loss = getattr(out, "loss", None)
-            if loss is None:
+            own_loss = getattr(out, "loss", None)
+            if own_loss is None:
                 raise SkillbankError(
                     "the model returned no loss: put the target under 'labels' in the batch of a Hugging Face "
                     "model, or pass loss_fn= (e.g. torch.nn.CrossEntropyLoss())."
                 )
+            loss = own_loss
         return loss, logits, target
 
     def regularizer(self) -> Tensor:
         """The recipe's penalty on the scores."""
         gate = torch.sigmoid(self.scores)
-        owned = 0.0
+        owned: Tensor | float = 0.0
         if self.owned_penalty and self.context_names:
             owned = self.owned_penalty * (gate * (self.context_count > 0)).mean()
         if self.recipe.regularizer == "mean_sigmoid":
@@ -460,7 +466,7 @@ class MaskLearner(pl.LightningModule):
         """
         optimizer = self.configure_optimizers()
         device = self.scores.device
-        total = len(loader) if hasattr(loader, "__len__") else float("inf")
+        total = len(loader) if isinstance(loader, Sized) else float("inf")
         self.train()
         for _ in range(self.recipe.epochs if epochs is None else epochs):
             for batch_idx, batch in enumerate(loader):
@@ -486,6 +492,7 @@ class MaskLearner(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         scores = self.scores.detach()
+        assert self._binary is not None  # made at the epoch's start
         self.log("mask_density", float(self._binary.sum()) / self.num_eligible, rank_zero_only=True)
         self.log("mask_density_round", float((scores > 0).sum()) / self.num_eligible, rank_zero_only=True)
         if not self.trainer.sanity_checking:

@@ -140,7 +140,7 @@ def _json_file(path: str | Path, what: str) -> Any:
         raise SkillbankError(f"the {what} file {path} is not readable JSON ({str(exc)[:120]}).") from None
 
 
-def _pyplot():  # noqa: ANN202
+def _pyplot() -> Any:  # matplotlib.pyplot, imported on first use
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,9 +235,9 @@ def plot_recovery(curve: str | Path | Mapping[str, Mapping[str, float]], out: st
         lines.setdefault(method, {})[sparsity] = sum(per_task[t] for t in tasks) / len(tasks)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for method, points in sorted(lines.items()):
-        xs = sorted(points)
-        ax.plot([100 * x for x in xs], [points[x] for x in xs], marker="o", label=method)
+    for method, by_sparsity in sorted(lines.items()):
+        xs = sorted(by_sparsity)
+        ax.plot([100 * x for x in xs], [by_sparsity[x] for x in xs], marker="o", label=method)
     ax.set_xscale("log")
     ax.set_xlabel("entries kept (% of parameters)")
     ax.set_ylabel("recovery (skill alone / finetuned)")

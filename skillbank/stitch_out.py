@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import load_file, save_file
 import torch
@@ -19,6 +20,7 @@ from skillbank.errors import SkillbankError
 from skillbank.overlap import OverlapRule, get_rule
 from skillbank.skill import Skill
 from skillbank.stitcher import Stitcher
+from skillbank.weights import model_path
 
 __all__ = ["export_skill", "load_base_model", "stitch_to_folder"]
 
@@ -129,11 +131,9 @@ def stitch_to_folder(
         raise SkillbankError(f"skill names repeat in {list(names)}.")
     for name in names:
         bank.entry(name)
-    from skillbank.pull import resolve_model
-
-    base_path = Path(resolve_model(str(base)))
+    base_path = model_path(base)
     if base_path.is_dir():
-        model: nn.Module | dict = load_base_model(base_path)
+        model: Any = load_base_model(base_path)  # a transformers model (else, below, a flat state dict)
         stitcher = Stitcher(model, base_path, bank=bank, rule=rule)
     else:
         model = load_file(str(base_path))
@@ -141,7 +141,7 @@ def stitch_to_folder(
     for name in progress(names):
         stitcher.add(name)
     with _building(out) as folder:
-        if isinstance(model, nn.Module):
+        if not isinstance(model, dict):  # a transformers model
             model.save_pretrained(folder)
         else:
             save_file({k: v.contiguous() for k, v in model.items()}, str(folder / "model.safetensors"))
@@ -169,13 +169,12 @@ def export_skill(base: str | Path, bank: SkillBank, name: str, out: str | Path) 
     """
     import transformers
 
-    from skillbank.pull import resolve_model
     from skillbank.weights import align_names, require_safetensors
 
     out = Path(out)
     _check_out(out)
     skill = bank.get(name)
-    base_path = Path(resolve_model(str(base)))
+    base_path = model_path(base)
     if not base_path.is_dir():
         raise SkillbankError(f"--base {base} is not a model folder; export needs the base's save_pretrained folder.")
     labels = _labels_of(skill.head)

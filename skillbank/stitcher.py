@@ -32,7 +32,7 @@ from skillbank.heads import use_head
 from skillbank.overlap import OverlapRule, get_rule
 from skillbank.skill import Region, Skill, SkillMetadata
 from skillbank.union_support import UnionSupport
-from skillbank.weights import WeightsSource, align_names, fingerprint_from_digests, load_state_dict, tensor_digest
+from skillbank.weights import WeightsSource, align_names, fingerprint_from_digests, load_weights, tensor_digest
 
 __all__ = ["PreparedSkill", "Stitcher"]
 
@@ -198,7 +198,7 @@ class Stitcher:
         self._union: UnionSupport | None = None
         self._stitched: dict[str, _Stitched] = {}
         if base is not None:
-            self._adopt_base(load_state_dict(base))
+            self._adopt_base(load_weights(base))
 
     # -- public ------------------------------------------------------------
 

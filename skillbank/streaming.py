@@ -25,7 +25,7 @@ from skillbank.localize import dataless_settings, eligible_names, skill_from_reg
 from skillbank.skill import Region, Skill
 from skillbank.sparse import check_sparsity, num_selected, topk_positions
 from skillbank.task_vectors import Plausibility, check_finite, nonfinite_error, pair_shared
-from skillbank.weights import chunked_digest, fingerprint_from_digests, require_safetensors
+from skillbank.weights import chunked_digest, fingerprint_from_digests, model_path, require_safetensors
 
 __all__ = ["CHUNK_ENTRIES", "SafetensorsReader", "localize_streaming"]
 
@@ -45,9 +45,7 @@ class SafetensorsReader:
     """
 
     def __init__(self, source: str | Path) -> None:
-        from skillbank.pull import resolve_model
-
-        path = Path(resolve_model(str(source)))
+        path = model_path(source)
         if path.is_dir():
             require_safetensors(path)
             index = path / "model.safetensors.index.json"

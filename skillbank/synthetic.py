@@ -116,8 +116,9 @@ class DemoTaskData(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         train, val, test = make_splits(self.task, seed=self.seed + self.index, batch_size=self.batch_size)
-        train_set = train.dataset
+        train_set: Dataset = train.dataset
         if self.shots_per_class is not None:
+            assert isinstance(train_set, TokenDataset)
             train_set = Subset(train_set, balanced_indices(train_set.labels, self.shots_per_class, seed=self.seed))
         self.train_set, self.val_set, self.test_set = train_set, val.dataset, test.dataset
 

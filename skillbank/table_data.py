@@ -125,6 +125,12 @@ class TextClassificationData(pl.LightningDataModule):
             self.label_names = read_table(self.path, self.text_column, self.label_column)[1]
         return len(self.label_names)
 
+    def prepare_data(self) -> None:
+        """Pull the tokenizer's model if it is a ``pulled:`` alias (Lightning calls this on one process per node)."""
+        from skillbank.pull import resolve_model
+
+        resolve_model(self.tokenizer_source)
+
     def setup(self, stage: str | None = None) -> None:
         from transformers import AutoTokenizer
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from skillbank.adapters import Finetune, merged_finetune
 from skillbank.devices import device_of
 from skillbank.errors import TaskVectorError
-from skillbank.weights import WeightsSource, align_names, base_fingerprint, drop_aliases, is_float, load_state_dict
+from skillbank.weights import WeightsSource, align_names, base_fingerprint, drop_aliases, is_float, load_weights
 
 __all__ = ["MAX_RELATIVE_NORM", "Plausibility", "TaskVector", "check_finite", "matches", "nonfinite_error", "pair_shared", "task_vector"]
 
@@ -151,8 +151,8 @@ def task_vector(
     finetune = merged_finetune(finetuned, base)
     head_patterns = (*head_patterns, *finetune.head_patterns)
     # one name per tensor: tied input embeddings and LM head are one tensor, counted once
-    base_state = {k: v for k, v in drop_aliases(load_state_dict(base)).items() if is_float(v)}
-    ft_state = {k: v for k, v in drop_aliases(load_state_dict(finetune.weights)).items() if is_float(v)}
+    base_state = {k: v for k, v in drop_aliases(load_weights(base)).items() if is_float(v)}
+    ft_state = {k: v for k, v in drop_aliases(load_weights(finetune.weights)).items() if is_float(v)}
     shared_names = pair_shared({k: list(v.shape) for k, v in base_state.items()},
                                {k: list(v.shape) for k, v in ft_state.items()}, head_patterns)
     used = set(shared_names.values())

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from skillbank.errors import SkillbankError
 from skillbank.fewshot import balanced_indices
 from skillbank.pull import resolve_model
 from skillbank.text_tasks import TextSplit, TextTask, load_task, task_loader
@@ -79,15 +80,22 @@ class TextTaskData(pl.LightningDataModule):
         return task_loader(split, self.tokenizer, max_length=self.max_length, batch_size=self.batch_size,
                            shuffle=shuffle, indices=indices, seed=self.seed)
 
+    def _ready(self) -> TextTask:
+        if self.task is None:
+            raise SkillbankError("TextTaskData has no task yet: call prepare_data() and setup() first (the Trainer does).")
+        return self.task
+
     def train_dataloader(self) -> DataLoader:
-        train = self.task.train
+        train = self._ready().train
         indices = None
         if self.shots_per_class is not None:
             indices = balanced_indices(torch.tensor(train.labels), self.shots_per_class, seed=self.seed)
         return self._loader(train, indices, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.task.validation, self._subset(self.task.validation, self.val_size, 1))
+        validation = self._ready().validation
+        return self._loader(validation, self._subset(validation, self.val_size, 1))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.task.test, self._subset(self.task.test, self.test_size, 2))
+        test = self._ready().test
+        return self._loader(test, self._subset(test, self.test_size, 2))

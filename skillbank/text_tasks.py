@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
@@ -221,7 +222,7 @@ class _Encoded(Dataset):
 
 def task_loader(
     split: TextSplit,
-    tokenizer,  # noqa: ANN001 - any Hugging Face tokenizer
+    tokenizer: Any,  # any Hugging Face tokenizer
     *,
     max_length: int = 128,
     batch_size: int = 32,

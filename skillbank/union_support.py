@@ -197,7 +197,7 @@ class UnionSupport:
             keep = torch.nonzero(self.count[: self.size] > 0).squeeze(1)
             rows = keep.numel() + extra
             self._allocate(int(rows * _ROWS_GROWTH), 1 << max(2, math.ceil(math.log2(rows / _REBUILT_LOAD + 1))))
-            for new, column in zip((self.keys, self.base, self.count, self.acc), old):
+            for new, column in zip((self.keys, self.base, self.count, self.acc), old[:4]):
                 new[: keep.numel()] = column.index_select(0, keep)
             self.size = self.live = keep.numel()
             self._insert(torch.arange(self.size, device=self.device), empty_table=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Union
@@ -20,7 +21,6 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from skillbank.errors import SkillbankError
-from skillbank.pull import resolve_model
 
 __all__ = [
     "StateDict",
@@ -32,6 +32,8 @@ __all__ = [
     "fingerprint_from_digests",
     "is_float",
     "load_state_dict",
+    "load_weights",
+    "model_path",
     "require_safetensors",
     "tensor_digest",
 ]
@@ -39,20 +41,36 @@ __all__ = [
 StateDict = dict[str, Tensor]
 WeightsSource = Union[str, Path, Mapping[str, Tensor], nn.Module]
 
+# skillbank.pull.PULLED, spelled out: the core reads folders and never imports the module that downloads
+_PULLED = "pulled:"
+
+
+def model_path(source: str | Path) -> Path:
+    """``source`` as a path; a pulled model's alias (``pulled:minilm``) is refused with what to do.
+
+    Aliases are resolved at the edges — the CLI, configs run by ``skillbank fit`` and the
+    DataModules' ``prepare_data`` — so nothing in the core downloads, on any rank.
+    """
+    if str(source).startswith(_PULLED):
+        raise SkillbankError(
+            f"{str(source)!r} is a pulled model's alias, which only the command line, configs and DataModules "
+            f"resolve; in Python pass its folder: skillbank.pull.resolve_model({str(source)!r}) (it pulls on first use).")
+    return Path(source)
+
 
 def is_float(tensor: Tensor) -> bool:
     """Whether ``tensor`` holds floating-point values (the only kind skills touch)."""
     return tensor.is_floating_point()
 
 
-def load_state_dict(source: WeightsSource) -> StateDict:
+def load_weights(source: WeightsSource) -> StateDict:
     """Return the weights of ``source`` as a plain ``{name: tensor}`` dict.
 
     Args:
         source: a Hugging Face model folder (``save_pretrained`` output, single or
             sharded safetensors), a ``.safetensors`` file, an ``nn.Module`` (its
             ``state_dict``, sharing memory), a mapping of tensors, or a pulled
-            model's alias such as ``"pulled:minilm"`` (:func:`skillbank.pull.resolve_model`).
+            model's folder (:func:`skillbank.pull.resolve_model` turns ``"pulled:minilm"`` into one).
 
     Only safetensors files are read: pickled checkpoints are refused, because
     unpickling runs arbitrary code.
@@ -61,7 +79,7 @@ def load_state_dict(source: WeightsSource) -> StateDict:
         return dict(source.state_dict())
     if isinstance(source, Mapping):
         return dict(source)
-    path = Path(resolve_model(source))
+    path = model_path(source)
     if path.is_file():
         if path.suffix != ".safetensors":
             raise SkillbankError(
@@ -82,6 +100,13 @@ def load_state_dict(source: WeightsSource) -> StateDict:
             return state
         require_safetensors(path)  # raises, saying whether only pickled weights are there
     raise SkillbankError(f"no model at {path}: the path does not exist.")
+
+
+def load_state_dict(source: WeightsSource) -> StateDict:
+    """Deprecated: :func:`load_weights` (this name read as torch's ``Module.load_state_dict``, which does the opposite)."""
+    warnings.warn("skillbank.load_state_dict() is now skillbank.load_weights(); the old name will be removed.",
+                  DeprecationWarning, stacklevel=2)
+    return load_weights(source)
 
 
 def drop_aliases(state: Mapping[str, Tensor]) -> StateDict:
@@ -165,7 +190,7 @@ def chunked_digest(dtype: torch.dtype, shape: Iterable[int], chunks: Iterable[Te
     """:func:`tensor_digest` of the tensor whose row-major pieces, in order, are ``chunks`` (read one at a time)."""
     digest = hashlib.sha256(f"{dtype}|{tuple(shape)}|".encode())
     for chunk in chunks:
-        digest.update(memoryview(chunk.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+        digest.update(chunk.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 
