@@ -1,24 +1,12 @@
-"""Shared fixtures: tiny transformers built from configs, and a plain reference of the stitch formula."""
+"""Shared fixtures (a tiny base model) and the ``real`` lane's opt-in; helpers live in ``tests/helpers/``."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import pytest
 import torch
-from torch import Tensor
-from transformers import BertConfig, BertForSequenceClassification, BertModel
+from transformers import BertConfig, BertModel
 
-from skillbank import Skill, localize_dataless, task_vector
-
-
-def tiny_config(**overrides) -> BertConfig:
-    settings = dict(
-        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=32, num_labels=2,
-    )
-    settings.update(overrides)
-    return BertConfig(**settings)
+from helpers.models import tiny_config
 
 
 @pytest.fixture
@@ -30,54 +18,6 @@ def config() -> BertConfig:
 def base_model(config) -> BertModel:
     torch.manual_seed(0)
     return BertModel(config).eval()
-
-
-def finetune_like(base: BertModel, seed: int, scale: float = 0.02, num_labels: int = 2) -> BertForSequenceClassification:
-    """A 'finetuned' classifier: the base backbone plus seeded noise, and its own head."""
-    torch.manual_seed(seed)
-    model = BertForSequenceClassification(tiny_config(num_labels=num_labels)).eval()
-    model.bert.load_state_dict(base.state_dict())
-    with torch.no_grad():
-        for p in model.bert.parameters():
-            p.add_(torch.randn_like(p) * scale)
-    return model
-
-
-def make_skill(base: BertModel, name: str, seed: int, sparsity: float = 0.05) -> Skill:
-    return localize_dataless(task_vector(base, finetune_like(base, seed)), sparsity, name=name)
-
-
-def tiny_tokenizer(words: Sequence[str]):  # noqa: ANN201 - a BertTokenizerFast
-    """A word-level BERT tokenizer over the special tokens plus ``words``.
-
-    Built from a vocab mapping: transformers 5 ignores ``vocab_file=`` and would map every word to [UNK].
-    """
-    from transformers import BertTokenizerFast
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
-    return BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
-
-
-def live_copy(base: BertModel) -> BertForSequenceClassification:
-    model = BertForSequenceClassification(base.config).eval()
-    model.bert.load_state_dict(base.state_dict())
-    return model
-
-
-def reference_stitch(base: Mapping[str, Tensor], skills: Sequence[Skill]) -> dict[str, Tensor]:
-    """The batch formula θ_pre + Σ γ'_i ⊙ τ_i, written densely and plainly."""
-    out = {}
-    for name, theta in base.items():
-        total = torch.zeros(theta.numel(), dtype=torch.float64)
-        count = torch.zeros(theta.numel(), dtype=torch.float64)
-        for skill in skills:
-            region = skill.regions.get(name)
-            if region is not None and len(region):
-                total[region.indices] += region.values.double()
-                count[region.indices] += 1
-        merged = theta.reshape(-1).double() + torch.where(count > 0, total / count.clamp(min=1), 0.0)
-        out[name] = merged.to(theta.dtype).reshape(theta.shape)
-    return out
 
 
 def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001

@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from transformers import BertForSequenceClassification, BertModel
 
-from conftest import finetune_like, tiny_config
-from ddp_teardown import teardown
+from helpers.models import finetune_like, tiny_config
+from helpers.ddp_teardown import teardown
 from skillbank import MaskLearner
 from skillbank.fewshot import balanced_indices
 from skillbank.synthetic import DEMO_TASKS, TokenDataset

@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForSequenceClassification, BertForSequenceClassification, BertModel
 
-from conftest import tiny_config
+from helpers.models import tiny_config
 from skillbank import MaskLearner, SkillBank, Stitcher, localize_dataless, task_vector
 from skillbank.callbacks import SkillHarvester
 from skillbank.cli import main

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from conftest import finetune_like, live_copy, make_skill, tiny_config
+from helpers.models import finetune_like, live_copy, make_skill, tiny_config
 from skillbank import (
     BankError,
     BaseMismatchError,

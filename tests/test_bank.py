@@ -9,7 +9,7 @@ import stat
 import pytest
 import torch
 
-from conftest import make_skill, tiny_config
+from helpers.models import make_skill, tiny_config
 from skillbank import BankError, BaseMismatchError, SkillBank, SkillFileError, SkillNameError
 from transformers import BertModel
 

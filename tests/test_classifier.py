@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import live_copy
+from helpers.models import live_copy
 from skillbank.classifier import SequenceClassifier
 from skillbank.errors import SkillbankError
 from skillbank.synthetic import DEMO_TASKS, TokenDataset

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import finetune_like, live_copy, make_skill, reference_stitch
+from helpers.models import finetune_like, live_copy, make_skill, reference_stitch
 from skillbank import MaskLearner, SkillBank, Stitcher, StitchError, localize_dataless, task_vector
 from skillbank.baselines import apply_delta, magmax, opcm, task_arithmetic, ties
 from skillbank.stitch_out import stitch_to_folder

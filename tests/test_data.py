@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_tokenizer
+from helpers.models import tiny_tokenizer
 
 from skillbank.pull import PACKAGES, DataError, WheelFiles, package_root, pull
 from skillbank.text_tasks import (

@@ -11,6 +11,7 @@ import pytest
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, says", [
     ("quickstart.py", r"sentiment: finetuned [01]\.\d+, base \+ its [\d,]+-entry skill [01]\.\d+; removed again"),
     ("switching.py", r"topic: its own skill and head 0\.\d+\nrouted to their own task's skill: [01]\.\d+ of 256"),

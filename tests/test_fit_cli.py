@@ -10,7 +10,7 @@ import torch
 import yaml
 from transformers import BertModel
 
-from conftest import finetune_like, tiny_config
+from helpers.models import finetune_like, tiny_config
 from skillbank import SkillBank
 from skillbank.cli import main
 
@@ -124,23 +124,31 @@ def test_real_config_parses_offline(capsys):
     assert config["data"]["init_args"]["task"] == "spam" and config["trainer"]["max_steps"] == 150
 
 
-def test_your_own_csv_becomes_a_banked_skill_with_no_python(tmp_path):
+def test_your_own_csv_becomes_a_banked_skill_with_no_python(tmp_path, monkeypatch):
+    """The shipped config as written, ``pulled:minilm`` included: the alias is resolved once, by ``skillbank fit``,
+    from a cache that already holds the pulled files (here a tiny model in their place), before any class is built."""
     import csv
 
-    from conftest import tiny_tokenizer
+    from helpers.models import tiny_tokenizer
+    from skillbank.pull import MODELS, PACKAGES, package_root
 
+    monkeypatch.setenv("SKILLBANK_CACHE", str(tmp_path / "cache"))
+    package, folder = MODELS["minilm"]
+    base = package_root(package) / folder
+    package_root(package).mkdir(parents=True)
+    (package_root(package) / ".complete").write_text(f"{PACKAGES[package].package}\n")
     words = ["good", "great", "fine", "bad", "awful", "poor", "the", "film", "was", "plot"]
     tokenizer = tiny_tokenizer(words)
     torch.manual_seed(0)
-    BertModel(tiny_config(vocab_size=len(tokenizer))).save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
+    BertModel(tiny_config(vocab_size=len(tokenizer))).save_pretrained(base)
+    tokenizer.save_pretrained(base)
     rows = [{"review": f"the film was {w} {w}", "verdict": "positive" if w in words[:3] else "negative"}
             for w in words[:6] for _ in range(12)]
     with (tmp_path / "my.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, ["review", "verdict"])
         writer.writeheader()
         writer.writerows(rows)
-    config = yaml.safe_load((CONFIGS / "finetune_my_data.yaml").read_text().replace("pulled:minilm", str(tmp_path / "base"))
+    config = yaml.safe_load((CONFIGS / "finetune_my_data.yaml").read_text()
                             .replace("my-bank", str(tmp_path / "bank")).replace("my-runs", str(tmp_path / "runs")))
     config["trainer"].update({"accelerator": "cpu", "enable_progress_bar": False, "max_epochs": 2})
     config["trainer"]["callbacks"][0]["init_args"]["sparsity"] = 0.05

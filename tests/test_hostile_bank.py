@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from conftest import make_skill
+from helpers.models import make_skill
 from skillbank import BankError, Skill, SkillBank, SkillbankError, SkillFileError
 from skillbank.bank import _manifest_bytes, _manifest_checksum
 from skillbank.cli import main
@@ -200,7 +200,7 @@ def test_a_deeply_nested_skill_header_is_a_clear_error(base_model):
 def test_escapes_in_skill_fields_reach_neither_the_terminal_nor_the_model_card(tmp_path, base_model, capsys):
     from skillbank import localize_dataless, task_vector
 
-    from conftest import finetune_like
+    from helpers.models import finetune_like
 
     base_model.save_pretrained(tmp_path / "base")
     hostile = "\x1b]0;owned\x07\x1b[2J| fake | row |\n<img src=x onerror=alert(1)>"
@@ -225,7 +225,7 @@ def test_a_skill_that_overflows_a_half_precision_model_is_refused_and_the_model_
     import copy
     from dataclasses import replace
 
-    from conftest import finetune_like, live_copy
+    from helpers.models import finetune_like, live_copy
     from skillbank import Region, StitchError, Stitcher, localize_dataless, task_vector
 
     base16 = copy.deepcopy(base_model).half()
@@ -332,7 +332,7 @@ def test_a_folder_with_only_pickled_weights_is_refused_before_anything_is_deseri
 
 @pytest.mark.parametrize("what", ["removed", "replaced", "deleted file"])
 def test_a_skill_whose_bank_copy_changed_is_refused_clearly_and_reset_restores_the_base(bank, base_model, what):
-    from conftest import live_copy
+    from helpers.models import live_copy
     from skillbank import StitchError, Stitcher
 
     live = live_copy(base_model)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from transformers import BertForSequenceClassification, BertModel
 
-from conftest import finetune_like, live_copy, make_skill, tiny_config
+from helpers.models import finetune_like, live_copy, make_skill, tiny_config
 from skillbank import (
     MaskLearner,
     SkillBank,
@@ -31,7 +31,7 @@ from skillbank import (
 from skillbank.classifier import accuracy
 from skillbank.mask_recipes import resolve_recipe
 from skillbank.fewshot import balanced_indices
-from skillbank.demo import _classifier, _finetune, _quiet, pretrained_base
+from skillbank.demo import demo_classifier, finetune_demo_task, quiet, pretrained_base
 from skillbank.synthetic import DEMO_TASKS, TokenDataset, make_splits
 
 TESTS = Path(__file__).parent
@@ -148,12 +148,13 @@ def test_any_module_with_a_loss_function():
 @pytest.fixture(scope="module")
 def adam_finetune():
     """The demo's pretrained base and an Adam finetune of its sentiment task: dataless masks fail on it."""
-    _quiet()
+    quiet()
     base = pretrained_base(steps=400, seed=0)
-    finetuned, test = _finetune(base, DEMO_TASKS[0], 200, seed=0, lr=1e-3, optimizer="adamw")
+    finetuned, test = finetune_demo_task(base, DEMO_TASKS[0], 200, seed=0, lr=1e-3, optimizer="adamw")
     return base, finetuned, make_splits(DEMO_TASKS[0], seed=0)[0].dataset, test
 
 
+@pytest.mark.slow
 def test_learned_mask_beats_dataless_on_an_adam_finetune(adam_finetune, tmp_path):
     base, finetuned, train, test = adam_finetune
     few = DataLoader(Subset(train, balanced_indices(train.labels, 64, seed=0)), batch_size=32, shuffle=True,
@@ -164,7 +165,7 @@ def test_learned_mask_beats_dataless_on_an_adam_finetune(adam_finetune, tmp_path
     dataless = localize_dataless(task_vector(base, finetuned), 0.01, name="sentiment")
     scores = {}
     for kind, skill in (("dataless", dataless), ("learned", SkillBank(tmp_path / "bank").get("sentiment"))):
-        stitcher = Stitcher(_classifier(base, 2).eval(), base)
+        stitcher = Stitcher(demo_classifier(base, 2).eval(), base)
         stitcher.add(skill)
         with stitcher.use_head("sentiment") as model:
             scores[kind] = accuracy(model, test)
@@ -175,6 +176,7 @@ def test_learned_mask_beats_dataless_on_an_adam_finetune(adam_finetune, tmp_path
 
 
 @pytest.mark.ddp
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ddp_learns_the_same_mask_and_writes_the_bank_once(tmp_path):
     script = str(TESTS / "mask_ddp_run.py")
@@ -253,7 +255,7 @@ def test_a_model_without_a_loss_needs_loss_fn():
 
 @pytest.mark.parametrize("rule", ["mean", "sum"])
 def test_in_context_forward_is_the_stitched_model_it_will_join(base_model, rule):
-    from conftest import make_skill
+    from helpers.models import make_skill
 
     context = [make_skill(base_model, "c1", seed=11, sparsity=0.2), make_skill(base_model, "c2", seed=12, sparsity=0.2)]
     finetuned = finetune_like(base_model, seed=3, scale=0.05)
@@ -274,7 +276,7 @@ def test_in_context_forward_is_the_stitched_model_it_will_join(base_model, rule)
 
 
 def test_in_context_learning_records_the_context_and_penalizes_owned_entries(base_model):
-    from conftest import make_skill
+    from helpers.models import make_skill
 
     context = [make_skill(base_model, "c1", seed=11, sparsity=0.3)]
     finetuned = finetune_like(base_model, seed=3, scale=0.05)
@@ -296,7 +298,7 @@ def test_in_context_learning_records_the_context_and_penalizes_owned_entries(bas
     (dict(foreign=True), SkillbankError, "another base"),
 ])
 def test_bad_context_settings_are_refused(base_model, kwargs, error, words):
-    from conftest import make_skill
+    from helpers.models import make_skill
 
     torch.manual_seed(5)
     other = BertModel(tiny_config()).eval()
@@ -307,7 +309,7 @@ def test_bad_context_settings_are_refused(base_model, kwargs, error, words):
 
 
 def test_in_context_masks_depend_on_what_arrived_before_not_on_its_order(base_model):
-    from conftest import make_skill
+    from helpers.models import make_skill
 
     c1, c2 = make_skill(base_model, "c1", seed=11, sparsity=0.3), make_skill(base_model, "c2", seed=12, sparsity=0.3)
     finetuned = finetune_like(base_model, seed=3, scale=0.05)

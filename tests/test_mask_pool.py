@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import finetune_like, make_skill
+from helpers.models import finetune_like, make_skill
 from skillbank import MaskLearner, SkillbankError, task_vector
 from skillbank.synthetic import DEMO_TASKS, TokenDataset
 

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from conftest import live_copy, make_skill
+from helpers.models import live_copy, make_skill
 from skillbank import Stitcher, multi_tensor
 from skillbank.stitcher import PreparedSkill
 

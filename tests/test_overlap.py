@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import finetune_like, live_copy, tiny_config
+from helpers.models import finetune_like, live_copy, tiny_config
 from skillbank import StitchError, Stitcher, localize_dataless, task_vector
 from skillbank.baselines import ties
 from skillbank.overlap import RULES, OverlapRule, get_rule

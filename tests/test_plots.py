@@ -13,7 +13,7 @@ from skillbank.cli import main
 from skillbank.errors import SkillbankError
 from skillbank.plots import component, jaccard, layer_of, placement, plot_recovery
 
-from conftest import finetune_like, make_skill
+from helpers.models import finetune_like, make_skill
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bank_faults
-from conftest import finetune_like, live_copy, make_skill, reference_stitch
+from helpers.models import finetune_like, live_copy, make_skill, reference_stitch
 from skillbank import BankError, SkillBank, SkillFileError, Stitcher, localize_dataless, task_vector
 
 
@@ -39,7 +39,7 @@ def test_four_concurrent_writers_and_a_reader(tmp_path):
 @pytest.fixture(scope="module")
 def damaged_bank_source(tmp_path_factory):
     torch.manual_seed(0)
-    from conftest import tiny_config
+    from helpers.models import tiny_config
     from transformers import BertModel
 
     base = BertModel(tiny_config()).eval()

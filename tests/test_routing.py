@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from conftest import finetune_like, make_skill, tiny_tokenizer
+from helpers.models import finetune_like, make_skill, tiny_tokenizer
 from skillbank import Skill, SkillBank
 from skillbank.cli import main
 from skillbank.errors import SkillbankError, SkillFileError

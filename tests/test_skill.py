@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from conftest import make_skill
+from helpers.models import make_skill
 from skillbank import Skill, SkillFileError, SkillMetadata
 
 

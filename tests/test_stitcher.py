@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import finetune_like, live_copy, make_skill, reference_stitch, tiny_config
+from helpers.models import finetune_like, live_copy, make_skill, reference_stitch, tiny_config
 from skillbank import (
     BaseMismatchError,
     Region,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import live_copy, make_skill, reference_stitch
+from helpers.models import live_copy, make_skill, reference_stitch
 from skillbank import Stitcher
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

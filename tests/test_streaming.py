@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import finetune_like
+from helpers.models import finetune_like
 from skillbank import SkillbankError, TaskVectorError, localize_dataless, task_vector
 from skillbank.streaming import SafetensorsReader, localize_streaming
 
@@ -64,9 +64,9 @@ def test_the_reader_lists_from_the_headers_and_reads_one_tensor(folders):
 
 
 def finetune_like_weight(folders, name: str) -> torch.Tensor:  # noqa: ANN001
-    from skillbank.weights import load_state_dict
+    from skillbank.weights import load_weights
 
-    return load_state_dict(folders / "sharded")[name]
+    return load_weights(folders / "sharded")[name]
 
 
 def test_streaming_refuses_what_the_in_memory_path_refuses(folders, tmp_path):

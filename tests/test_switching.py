@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import live_copy, make_skill, reference_stitch
+from helpers.models import live_copy, make_skill, reference_stitch
 from skillbank import SkillBank, StitchError, Stitcher
 from test_stitcher import BASE, BASE_STATE, bert_state, in_mask, random_skill
 

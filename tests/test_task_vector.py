@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import finetune_like, tiny_config
+from helpers.models import finetune_like, tiny_config
 from skillbank import (
     SkillbankError,
     TaskVectorError,
     align_names,
     base_fingerprint,
-    load_state_dict,
+    load_weights,
     localize_dataless,
     task_vector,
 )
@@ -102,18 +102,18 @@ def test_align_names_prefers_the_prefix_that_matches_most():
 
 def test_load_state_dict_from_folder_file_and_refuses_pickle(tmp_path, base_model):
     base_model.save_pretrained(tmp_path / "model")
-    state = load_state_dict(tmp_path / "model")
+    state = load_weights(tmp_path / "model")
     assert torch.equal(state["pooler.dense.weight"], base_model.pooler.dense.weight)
     save_file({"w": torch.ones(2)}, tmp_path / "w.safetensors")
-    assert torch.equal(load_state_dict(tmp_path / "w.safetensors")["w"], torch.ones(2))
+    assert torch.equal(load_weights(tmp_path / "w.safetensors")["w"], torch.ones(2))
     (tmp_path / "model.bin").write_bytes(b"not allowed")
     with pytest.raises(SkillbankError, match="safetensors"):
-        load_state_dict(tmp_path / "model.bin")
+        load_weights(tmp_path / "model.bin")
     with pytest.raises(SkillbankError, match="does not exist"):
-        load_state_dict(tmp_path / "nowhere")
+        load_weights(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(SkillbankError, match="no model.safetensors"):
-        load_state_dict(tmp_path / "empty")
+        load_weights(tmp_path / "empty")
 
 
 def test_load_state_dict_reads_sharded_folders(tmp_path):
@@ -121,7 +121,7 @@ def test_load_state_dict_reads_sharded_folders(tmp_path):
     model = BertModel(tiny_config(hidden_size=64, intermediate_size=256)).eval()
     model.save_pretrained(tmp_path, max_shard_size="50KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    state = load_state_dict(tmp_path)
+    state = load_weights(tmp_path)
     assert set(state) >= {k for k in model.state_dict() if "position_ids" not in k}
     assert torch.equal(state["encoder.layer.1.output.dense.weight"], model.encoder.layer[1].output.dense.weight)
 

@@ -8,8 +8,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from conftest import live_copy, make_skill, reference_stitch
-from helpers import Watcher, quiet_trainer, task_loader
+from helpers.models import live_copy, make_skill, reference_stitch
+from helpers.modules import Watcher, quiet_trainer, task_loader
 from skillbank import SkillBank, localize_dataless, task_vector
 from skillbank.callbacks import SkillHarvester, SkillStitcher
 from skillbank.classifier import SequenceClassifier

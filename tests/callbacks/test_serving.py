@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from conftest import finetune_like, live_copy
-from helpers import quiet_trainer
+from helpers.models import finetune_like, live_copy
+from helpers.modules import quiet_trainer
 from skillbank import SkillBank, SkillbankError, Stitcher, localize_dataless, task_vector
 from skillbank.callbacks import SkillStitcher
 from skillbank.switching import group_by_skill

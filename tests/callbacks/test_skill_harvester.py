@@ -8,8 +8,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from conftest import live_copy
-from helpers import quiet_trainer, task_loader
+from helpers.models import live_copy
+from helpers.modules import quiet_trainer, task_loader
 from skillbank import SkillBank, SkillNameError, localize_dataless, task_vector
 from skillbank.callbacks import SkillHarvester
 from skillbank.classifier import SequenceClassifier
@@ -109,7 +109,7 @@ class HoldsNet(pl.LightningModule):
 
 
 def test_a_model_kept_under_another_name_is_named_not_folded_into_the_task_vector(base_model, tmp_path):
-    from conftest import finetune_like
+    from helpers.models import finetune_like
 
     trainer = quiet_trainer(max_steps=2, callbacks=[SkillHarvester(tmp_path / "b", "s")], enable_checkpointing=False)
     with pytest.raises(SkillbankError, match=r"holds its Hugging Face model as self.net, not self.model; pass model_attr='net'"):
@@ -121,6 +121,7 @@ def test_a_model_kept_under_another_name_is_named_not_folded_into_the_task_vecto
 
 
 @pytest.mark.ddp
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ddp_finetune_is_harvested_once(tmp_path):
     import subprocess

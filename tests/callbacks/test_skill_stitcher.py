@@ -9,8 +9,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from conftest import live_copy, make_skill, reference_stitch
-from helpers import Watcher, quiet_trainer, task_loader
+from helpers.models import live_copy, make_skill, reference_stitch
+from helpers.modules import Watcher, quiet_trainer, task_loader
 from skillbank import SkillBank, SkillbankError, Stitcher
 from skillbank.callbacks import SkillStitcher
 
@@ -54,7 +54,8 @@ def test_a_skill_added_mid_run_is_stitched_at_the_next_moment(base_model, skills
     expected = reference_stitch(base_model.state_dict(), [a, b])
     for name, tensor in expected.items():
         torch.testing.assert_close(after[f"bert.{name}"], tensor.to(torch.float32), rtol=0, atol=1e-6)
-    assert sorted(module.skill_heads) == ["a", "b"]
+    assert sorted(SkillStitcher.find(module.trainer).heads) == ["a", "b"] == sorted(stitcher.heads)
+    assert not hasattr(module, "skill_heads")  # the callback keeps the heads; nothing is written onto the module
 
 
 @pytest.mark.parametrize("accumulate", [1, 4])
@@ -161,6 +162,7 @@ def test_bad_arguments_fail_fast(tmp_path, kwargs, words):
 
 
 @pytest.mark.ddp
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ddp_ranks_stitch_the_same_skills_in_the_same_order(base_model, skills, tmp_path):
     import json

@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 from transformers import BertForSequenceClassification
 
 import lightning.pytorch as pl
+from skillbank.callbacks import SkillStitcher
 from skillbank.synthetic import DEMO_TASKS, TokenDataset
 
 
@@ -29,7 +30,7 @@ class Watcher(pl.LightningModule):
         return (self.dummy - 1.0).pow(2).sum()
 
     def validation_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
-        self.seen_heads.append(sorted(getattr(self, "skill_heads", {})))
+        self.seen_heads.append(sorted(SkillStitcher.find(self.trainer).heads))
 
     def predict_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
         return self.model(input_ids=batch["input_ids"]).logits
