@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
+from torch.distributed.constants import default_pg_timeout
 from typing_extensions import override
 
 from skillbank.adapters import find_peft_model, merged_finetune
@@ -20,7 +22,7 @@ from skillbank.baselines import apply_delta
 from skillbank.bank import SkillBank
 from skillbank.callbacks._model import wrapped_model
 from skillbank.causal_lm import is_causal_lm
-from skillbank.errors import SkillbankError, SkillNameError
+from skillbank.errors import SkillbankError, SkillNameError, TimeLimitError
 from skillbank.localize import localize_dataless
 from skillbank.mask_learner import MaskLearner
 from skillbank.ranks import bank_on_rank_zero, raise_everywhere
@@ -30,9 +32,18 @@ from skillbank.sparse import check_sparsity
 from skillbank.task_vectors import TaskVector, task_vector
 from skillbank.weights import WeightsSource, is_float, load_weights
 
-__all__ = ["SkillHarvester"]
+__all__ = ["SkillHarvester", "wait_budget"]
 
 METHODS = ("dataless", "learned")
+
+
+def wait_budget(trainer: Any) -> float | None:
+    """Seconds the other ranks can wait while rank 0 harvests: 80% of the process group's timeout under DDP
+    (``DDPStrategy(timeout=...)``, else torch's default of 30 minutes); ``None`` in a single process."""
+    if trainer.world_size <= 1:
+        return None
+    timeout = getattr(trainer.strategy, "_timeout", None) or default_pg_timeout
+    return 0.8 * timeout.total_seconds()
 
 
 class SkillHarvester(Callback):
@@ -70,6 +81,10 @@ class SkillHarvester(Callback):
     The run's final ``trainer.callback_metrics`` (validation accuracy, …) go into the
     skill's metadata. Under DDP rank 0 localizes and writes; every rank waits for
     it and raises the same error if it fails. The skill is kept as ``self.skill`` on rank 0.
+    A learned mask is learned on rank 0 alone, so it must be done within 80% of the
+    process group's timeout (:func:`wait_budget`, 24 of torch's default 30 minutes):
+    a learn projected past it stops early with a :class:`~skillbank.errors.TimeLimitError`
+    that says how to go on, instead of the other ranks timing out.
     """
 
     def __init__(
@@ -109,6 +124,7 @@ class SkillHarvester(Callback):
         self.routing = routing
         self.skill: Skill | None = None
         self._captured: dict[str, Tensor] | None = None
+        self._deadline: float | None = None  # time.monotonic() by which a learned mask must be done (DDP)
 
     @property
     @override
@@ -144,6 +160,8 @@ class SkillHarvester(Callback):
 
     def harvest(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Skill:
         """Localize the finetuned model (this process only) and return the skill, not yet banked."""
+        budget = wait_budget(trainer)
+        self._deadline = None if budget is None else time.monotonic() + budget
         model = wrapped_model(pl_module, self.model_attr)
         base = self.base if self.base is not None else self._captured
         if base is None:
@@ -178,7 +196,15 @@ class SkillHarvester(Callback):
             value_dtype=self.value_dtype, **self.learner_kwargs,
         )
         assert self.few_shot is not None  # __init__ refuses method="learned" without it
-        skill = learner.learn(self.few_shot, name=self.name)
+        limit = None if self._deadline is None else self._deadline - time.monotonic()
+        try:
+            skill = learner.learn(self.few_shot, name=self.name, time_limit=limit)
+        except TimeLimitError as exc:
+            raise TimeLimitError(
+                f"SkillHarvester: {exc} Under DDP rank 0 learns the mask alone while the other ranks wait for it, up to "
+                "80% of the process group's timeout. Raise the timeout (Trainer(strategy=DDPStrategy(timeout=timedelta("
+                "hours=2)))), learn on fewer few-shot batches or epochs, or harvest method='dataless' now and learn the "
+                "mask afterwards in one process (MaskLearner(...).learn, or skillbank fit with a MaskLearner config).") from None
         skill.metadata.metrics.update(fields["metrics"])
         skill.metadata.source.update({**fields["source"], **tv.source})
         return skill

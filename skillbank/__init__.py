@@ -19,6 +19,7 @@ from skillbank.errors import (
     SkillNameError,
     StitchError,
     TaskVectorError,
+    TimeLimitError,
 )
 
 # Where each public name lives. They are imported on first use, so ``import skillbank`` (and the CLI's
@@ -76,6 +77,7 @@ __all__ = [
     "StitchError",
     "TaskVector",
     "TaskVectorError",
+    "TimeLimitError",
     "align_names",
     "base_fingerprint",
     "load_state_dict",

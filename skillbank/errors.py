@@ -11,6 +11,7 @@ __all__ = [
     "SkillNameError",
     "StitchError",
     "TaskVectorError",
+    "TimeLimitError",
 ]
 
 
@@ -44,6 +45,10 @@ class BankLockedError(BankError, TimeoutError):
     Also a :class:`TimeoutError`: waiting longer, or retrying later, may succeed
     (every other skillbank error needs the input fixed).
     """
+
+
+class TimeLimitError(SkillbankError, TimeoutError):
+    """Work that others wait on would outlast the time they can wait (e.g. a mask learned on one DDP rank)."""
 
 
 class StitchError(SkillbankError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import replace
 from typing import Any
@@ -27,7 +28,7 @@ from skillbank.adapters import find_peft_model, is_adapter_folder, merged_finetu
 from skillbank.bank import SkillBank, check_skill_name
 from skillbank.causal_lm import NextTokenAccuracy, is_causal_lm, is_causal_lm_config, with_lm_labels
 from skillbank.devices import device_of
-from skillbank.errors import BaseMismatchError, SkillbankError, SkillNameError, TaskVectorError
+from skillbank.errors import BaseMismatchError, SkillbankError, SkillNameError, TaskVectorError, TimeLimitError
 from skillbank.localize import skill_from_task_vector
 from skillbank.mask_recipes import MaskRecipe, resolve_recipe
 from skillbank.overlap import get_rule
@@ -458,24 +459,43 @@ class MaskLearner(pl.LightningModule):
         self.log("train_loss", task_loss, prog_bar=True)
         return task_loss
 
-    def learn(self, loader: Iterable[Any], epochs: int | None = None, name: str | None = None) -> Skill:
+    def learn(
+        self, loader: Iterable[Any], epochs: int | None = None, name: str | None = None, *, time_limit: float | None = None
+    ) -> Skill:
         """Fit in this process without a Trainer (e.g. inside another run's callback) and return the skill.
 
         Same updates as under a Trainer, on the learner's current device; no
         validation, no logging. Use a Trainer for multi-device runs.
+        ``time_limit`` (seconds): stop with an error, as early as it can be told,
+        when the whole fit would take longer (the time so far, projected over every
+        step when the loader has a length): for callers that others wait on.
         """
         optimizer = self.configure_optimizers()
         device = self.scores.device
         total = len(loader) if isinstance(loader, Sized) else float("inf")
+        num_epochs = self.recipe.epochs if epochs is None else epochs
+        started, steps = time.perf_counter(), 0
         self.train()
-        for _ in range(self.recipe.epochs if epochs is None else epochs):
+        for _ in range(num_epochs):
             for batch_idx, batch in enumerate(loader):
                 batch = move_data_to_device(batch, device)
                 self._step(batch, batch_idx, total, optimizer, lambda loss: loss.backward())
+                steps += 1
+                if time_limit is not None:
+                    self._check_time(time.perf_counter() - started, steps, total * num_epochs, time_limit)
         if self._updates == 0:
             raise SkillbankError(_NO_UPDATES)
         self.skill = self.to_skill(name or self.skill_name or "learned")
         return self.skill
+
+    @staticmethod
+    def _check_time(elapsed: float, steps: int, all_steps: float, limit: float) -> None:
+        projected = elapsed / steps * all_steps if math.isfinite(all_steps) else elapsed
+        if projected > limit:
+            raise TimeLimitError(
+                f"learning this mask would take about {projected / 60:.1f} min ({steps} of "
+                f"{all_steps if math.isfinite(all_steps) else 'an unknown number of'} steps took {elapsed:.1f} s), "
+                f"more than the {limit / 60:.1f} min allowed.")
 
     def on_validation_epoch_start(self) -> None:
         self._binary_indices = self.binary_mask()

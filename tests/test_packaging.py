@@ -48,7 +48,10 @@ def test_the_core_refuses_an_alias_with_what_to_do():
     from skillbank import SkillbankError, load_weights
     from skillbank.streaming import localize_streaming
 
-    for call in (lambda: load_weights("pulled:minilm"), lambda: localize_streaming("pulled:minilm", "x", 0.01, name="s")):
+    from skillbank.mask_learner import load_model
+
+    for call in (lambda: load_weights("pulled:minilm"), lambda: localize_streaming("pulled:minilm", "x", 0.01, name="s"),
+                 lambda: load_model("pulled:minilm")):  # MaskLearner's and SequenceClassifier's loader: no pull on any rank
         with pytest.raises(SkillbankError, match=r"pulled model's alias.*resolve_model\('pulled:minilm'\)"):
             call()
 

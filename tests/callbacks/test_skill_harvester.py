@@ -50,6 +50,32 @@ def test_learned_harvest_uses_the_few_shot_loader(base_model, tmp_path):
     assert "val_acc" in skill.metadata.metrics and skill.num_entries == harvester.skill.num_entries
 
 
+def test_the_ranks_wait_budget_follows_the_process_group_timeout():
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from skillbank.callbacks.skill_harvester import wait_budget
+
+    assert wait_budget(SimpleNamespace(world_size=1, strategy=None)) is None
+    assert wait_budget(SimpleNamespace(world_size=2, strategy=SimpleNamespace(_timeout=timedelta(minutes=10)))) == 480
+    assert wait_budget(SimpleNamespace(world_size=4, strategy=SimpleNamespace())) == 0.8 * 30 * 60  # torch's default
+
+
+def test_a_learned_mask_that_would_outlast_the_ranks_wait_stops_early_and_says_what_to_do(base_model, tmp_path, monkeypatch):
+    """Under DDP rank 0 learns alone while the others wait at a broadcast; a learn projected past their budget stops
+    after its first step with the ways out, rather than the other ranks timing out (the budget is shrunk here)."""
+    import skillbank.callbacks.skill_harvester as harvester_module
+    from skillbank import TimeLimitError
+
+    monkeypatch.setattr(harvester_module, "wait_budget", lambda trainer: 1e-3)
+    harvester = SkillHarvester(tmp_path / "bank", "s", base=copy.deepcopy(base_model), sparsity=0.05, method="learned",
+                               few_shot=task_loader(n=64), learner_kwargs={"recipe": "topk"})
+    with pytest.raises(TimeLimitError, match=r"would take about .* min \(1 of 160 steps.*DDPStrategy\(timeout=") as caught:
+        finetune(base_model, harvester)
+    assert isinstance(caught.value, TimeoutError)  # "1 of 160 steps": stopped after the first
+    assert SkillBank(tmp_path / "bank").names() == []
+
+
 def test_routing_data_gives_the_skill_centroids_of_the_base_features(base_model, tmp_path):
     from skillbank.routing import routing_centroids
 
@@ -78,6 +104,7 @@ def test_a_taken_name_fails_before_training(base_model, tmp_path):
         (dict(method="magic"), "method must be one of"),
         (dict(method="learned"), "needs few_shot="),
         (dict(name=""), "name the skill"),
+        (dict(sparsity="half"), r"sparsity must be a fraction in \(0, 1\] or 'auto', got 'half'"),
     ],
 )
 def test_bad_arguments_fail_fast(tmp_path, kwargs, words):
