@@ -87,6 +87,15 @@ def test_unknown_rule_names_the_known_ones():
         Stitcher(live_copy(BASE), rule="median")
 
 
+def test_a_second_rule_of_a_taken_name_is_refused():
+    from skillbank.errors import SkillbankError
+    from skillbank.overlap import get_rule
+    from skillbank.overlap.rule import register_rule
+
+    with pytest.raises(SkillbankError, match="'mean' is registered already; give the new rule another name"):
+        register_rule(type(get_rule("mean")))
+
+
 @pytest.mark.parametrize("rule", ["mean", "sum"])
 def test_relaxed_form_equals_the_rule_at_binary_gates(rule):
     impl: OverlapRule = get_rule(rule)

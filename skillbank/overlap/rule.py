@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
-from skillbank.errors import StitchError
+from skillbank.errors import SkillbankError, StitchError
 
 if TYPE_CHECKING:  # torch is not imported to list the rules (the CLI's --help)
     from torch import Tensor
@@ -63,7 +63,7 @@ class OverlapRule(ABC):
 def register_rule(cls: type[OverlapRule]) -> type[OverlapRule]:
     """Class decorator: make ``cls`` available by its ``name``."""
     if cls.name in RULES:
-        raise ValueError(f"an overlap rule named {cls.name!r} is registered already.")
+        raise SkillbankError(f"an overlap rule named {cls.name!r} is registered already; give the new rule another name.")
     RULES[cls.name] = cls
     return cls
 
