@@ -34,10 +34,21 @@ def main() -> None:
     fingerprint = base_fingerprint(state)
     stitcher = Stitcher(model)
     times = timed_adds(stitcher, (random_skill(state, fingerprint, f"s{i}", seed=i) for i in range(n)), "cpu", params)
-    print(json.dumps({"repo": repo, "median_ms": statistics.median(times) * 1e3,
-                      "first8_ms": statistics.median(times[:8]) * 1e3, "last8_ms": statistics.median(times[-8:]) * 1e3,
-                      "total_s": sum(times), "slowest_ms": max(times) * 1e3, "covered": stitcher.covered / params,
-                      "state_bytes": stitcher.state_nbytes, "bytes_per_covered": stitcher.state_nbytes / stitcher.covered}))
+    print(
+        json.dumps(
+            {
+                "repo": repo,
+                "median_ms": statistics.median(times) * 1e3,
+                "first8_ms": statistics.median(times[:8]) * 1e3,
+                "last8_ms": statistics.median(times[-8:]) * 1e3,
+                "total_s": sum(times),
+                "slowest_ms": max(times) * 1e3,
+                "covered": stitcher.covered / params,
+                "state_bytes": stitcher.state_nbytes,
+                "bytes_per_covered": stitcher.state_nbytes / stitcher.covered,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

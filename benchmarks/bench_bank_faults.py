@@ -52,7 +52,8 @@ def main() -> None:
         "present_after_all": sum(t["present"] for t in trials),
         "failures": len(failures),
         "crash_seconds": round(crash_s, 1),
-        "concurrent": {k: v for k, v in concurrent.items() if k != "reader_errors"} | {"reader_errors": len(concurrent["reader_errors"])},
+        "concurrent": {k: v for k, v in concurrent.items() if k != "reader_errors"}
+        | {"reader_errors": len(concurrent["reader_errors"])},
     }
     print(json.dumps(summary, indent=1))
     if args.out:

@@ -40,8 +40,14 @@ def make_bank(path: Path, state: dict, n: int) -> SkillBank:
     for i in range(n):
         skill = random_skill(state, fingerprint, f"s{i:05d}", seed=i)
         data = skill.to_bytes()
-        entry = SkillEntry(name=skill.name, file=f"{skill.name}.safetensors", bytes=len(data),
-                           sha256=hashlib.sha256(data).hexdigest(), sparsity=0.01, entries=skill.num_entries)
+        entry = SkillEntry(
+            name=skill.name,
+            file=f"{skill.name}.safetensors",
+            bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            sparsity=0.01,
+            entries=skill.num_entries,
+        )
         (path / entry.file).write_bytes(data)
         manifest["skills"].append(asdict(entry))
     manifest["base_fingerprint"] = fingerprint
@@ -52,8 +58,12 @@ def make_bank(path: Path, state: dict, n: int) -> SkillBank:
 def timed(argv: list[str]) -> float:
     """Seconds one ``skillbank`` command takes as a child process (it must succeed)."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import sys; from skillbank.cli import main; sys.exit(main())", *argv],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-c", "import sys; from skillbank.cli import main; sys.exit(main())", *argv],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return time.perf_counter() - start
 
 
@@ -63,8 +73,14 @@ def main() -> None:
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args()
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     model = BertModel(config).eval()
     state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
     results = {}
@@ -74,11 +90,14 @@ def main() -> None:
         for n in args.skills:
             bank = Path(work) / f"bank-{n}"
             make_bank(bank, state, n)
-            row = {"stitch --out s": timed(["stitch", "--bank", str(bank), "--base", str(base),
-                                            "--out", str(Path(work) / f"out-{n}")]),
-                   "list s": timed(["list", str(bank)]),
-                   "verify s": timed(["verify", str(bank)]),
-                   "--help s": timed(["--help"])}
+            row = {
+                "stitch --out s": timed(
+                    ["stitch", "--bank", str(bank), "--base", str(base), "--out", str(Path(work) / f"out-{n}")]
+                ),
+                "list s": timed(["list", str(bank)]),
+                "verify s": timed(["verify", str(bank)]),
+                "--help s": timed(["--help"]),
+            }
             results[str(n)] = row
             print(f"{n} skills: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()), flush=True)
     if args.out:

@@ -80,6 +80,7 @@ def time_steps(mode: str, device: str, batch: int, seq: int, steps: int) -> dict
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
     times = []
     for _ in range(steps + 2):
         if device.startswith("cuda"):
@@ -97,11 +98,15 @@ def steps_report(args: argparse.Namespace) -> None:
     for mode in ("finetune", "mask"):
         out = subprocess.run(
             [sys.executable, __file__, "_child", mode, args.device, str(args.batch), str(args.seq), str(args.steps)],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
         results[mode] = json.loads(out.strip().splitlines()[-1])
     ratio = results["mask"]["median_s"] / results["finetune"]["median_s"]
-    print(f"device {args.device}, batch {args.batch} x {args.seq} tokens, MiniLM-sized (22.7M params), median of {args.steps} steps")
+    print(
+        f"device {args.device}, batch {args.batch} x {args.seq} tokens, MiniLM-sized (22.7M params), median of {args.steps} steps"
+    )
     for mode, r in results.items():
         print(f"  {mode:<9} {r['median_s'] * 1000:8.1f} ms/step   peak {r['peak_bytes'] / 2**20:8.0f} MiB")
     print(f"  mask / finetune step time: {ratio:.2f}x")
@@ -135,12 +140,21 @@ def demo_report(args: argparse.Namespace) -> None:
             learner = MaskLearner(copy.deepcopy(finetuned), base, sparsity=0.01, recipe=recipe, skill_name=task.name)
             loader = torch.utils.data.DataLoader(few, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
             epochs = args.epochs if recipe == "topk" else learner.recipe.epochs
-            pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                       enable_progress_bar=False, enable_model_summary=False).fit(learner, loader, val_loader)
+            pl.Trainer(
+                max_epochs=epochs,
+                accelerator="cpu",
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            ).fit(learner, loader, val_loader)
             row[recipe] = stitched_accuracy(learner.skill)
             row[f"{recipe}_density"] = learner.skill.num_entries / learner.tau.numel()
-        print(f"{optimizer:<9}{task.name:<11}{row['finetuned']:>10.3f}{row['dataless']:>10.3f}{row['topk']:>9.3f}"
-              f"{row['paper']:>8.3f}{row['paper_density']:>15.4f}", flush=True)
+        print(
+            f"{optimizer:<9}{task.name:<11}{row['finetuned']:>10.3f}{row['dataless']:>10.3f}{row['topk']:>9.3f}"
+            f"{row['paper']:>8.3f}{row['paper_density']:>15.4f}",
+            flush=True,
+        )
 
 
 def main() -> None:

@@ -28,8 +28,10 @@ from skillbank.mask_learner import MaskLearner
 def step_times(b: Bench, name: str, base: dict, pool: float, steps: int = 12) -> dict[str, float]:
     """Median seconds of a training step (forward, backward, Adam) of each learner, alternated step by step."""
     finetuned = str(b.finetuned_dir(name))
-    learners = {"full": MaskLearner(finetuned, base, finetuned, b.args.sparsity, num_labels=b.task(name).num_labels),
-                "pool": MaskLearner(finetuned, base, finetuned, b.args.sparsity, num_labels=b.task(name).num_labels, pool=pool)}
+    learners = {
+        "full": MaskLearner(finetuned, base, finetuned, b.args.sparsity, num_labels=b.task(name).num_labels),
+        "pool": MaskLearner(finetuned, base, finetuned, b.args.sparsity, num_labels=b.task(name).num_labels, pool=pool),
+    }
     optimizers = {k: v.configure_optimizers() for k, v in learners.items()}
     batches = list(_fewshot_loader(b, name, 0))
     times: dict[str, list[float]] = {k: [] for k in learners}
@@ -39,8 +41,11 @@ def step_times(b: Bench, name: str, base: dict, pool: float, steps: int = 12) ->
             start = time.perf_counter()
             learner._step(batches[i % len(batches)], 0, 1, optimizers[key], lambda loss: loss.backward())
             times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v[2:]) for k, v in times.items()} | {
-        f"state_bytes_{k}": v.state_nbytes for k, v in learners.items()} | {"shared_entries": learners["full"].tau.numel()}
+    return (
+        {k: statistics.median(v[2:]) for k, v in times.items()}
+        | {f"state_bytes_{k}": v.state_nbytes for k, v in learners.items()}
+        | {"shared_entries": learners["full"].tau.numel()}
+    )
 
 
 def main() -> None:
@@ -54,7 +59,10 @@ def main() -> None:
     base = b.base_state(live)
     out = b.read("pool.json")
     label = f"pool {ours.pool:g}"
-    banks = {"full": SkillBank(b.work / "banks" / "pool-bench-full"), label: SkillBank(b.work / "banks" / f"pool-bench-{ours.pool:g}")}
+    banks = {
+        "full": SkillBank(b.work / "banks" / "pool-bench-full"),
+        label: SkillBank(b.work / "banks" / f"pool-bench-{ours.pool:g}"),
+    }
     for name in b.tasks:
         for key, bank in banks.items():
             if name not in bank:
@@ -67,9 +75,12 @@ def main() -> None:
     finetuned = b.read("finetune.json")
     for key, bank in banks.items():
         alone, stitched = _alone(b, live, base, bank), _stitched(b, live, base, bank)
-        out[key] = {"alone": alone, "stitched": stitched,
-                    "alone_normalized": statistics.mean(alone[n] / finetuned[n]["test_acc"] for n in b.tasks),
-                    "stitched_normalized": statistics.mean(stitched[n] / finetuned[n]["test_acc"] for n in b.tasks)}
+        out[key] = {
+            "alone": alone,
+            "stitched": stitched,
+            "alone_normalized": statistics.mean(alone[n] / finetuned[n]["test_acc"] for n in b.tasks),
+            "stitched_normalized": statistics.mean(stitched[n] / finetuned[n]["test_acc"] for n in b.tasks),
+        }
         print(f"  {key:<8} alone {out[key]['alone_normalized']:.4f}  stitched {out[key]['stitched_normalized']:.4f}")
     out.setdefault("step", {})[label] = step_times(b, b.tasks[0], base, ours.pool)
     out["tasks"] = b.tasks

@@ -43,8 +43,20 @@ from skillbank.pull import package_root, pull
 from skillbank.routing import SkillRouter, mean_pooled_features, routing_centroids
 from skillbank.text_tasks import TASKS, TextTask, load_task, task_loader
 
-STAGES = ("pull", "finetune", "localize", "auto", "context", "evaluate", "arrivals", "switch", "lora", "pooler", "curve",
-          "report")
+STAGES = (
+    "pull",
+    "finetune",
+    "localize",
+    "auto",
+    "context",
+    "evaluate",
+    "arrivals",
+    "switch",
+    "lora",
+    "pooler",
+    "curve",
+    "report",
+)
 CURVE = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 #: The banks the evaluate stage stitches when they hold every task (see the localize, auto and context stages).
 BANKS = ("dataless", "learned", "dataless-auto", "learned-auto", "learned-context")
@@ -108,8 +120,14 @@ class Bench:
     def loader(self, name: str, split: str, cap: int = 0, **kwargs) -> torch.utils.data.DataLoader:  # noqa: ANN003
         data = getattr(self.task(name), split)
         indices = kwargs.pop("indices", None) or self.subset(len(data), cap, salt=("train", "validation", "test").index(split))
-        return task_loader(data, self.tokenizer, max_length=self.args.max_length, indices=indices,
-                           batch_size=kwargs.pop("batch_size", self.args.eval_batch_size), **kwargs)
+        return task_loader(
+            data,
+            self.tokenizer,
+            max_length=self.args.max_length,
+            indices=indices,
+            batch_size=kwargs.pop("batch_size", self.args.eval_batch_size),
+            **kwargs,
+        )
 
     def test(self, name: str, cap: int | None = None) -> torch.utils.data.DataLoader:
         return self.loader(name, "test", self.args.test_size if cap is None else cap)
@@ -123,7 +141,8 @@ class Bench:
 
     def classifier(self, source: Path | None = None, num_labels: int = 2) -> nn.Module:
         model = AutoModelForSequenceClassification.from_pretrained(
-            source or self.base_dir, num_labels=num_labels, local_files_only=True)
+            source or self.base_dir, num_labels=num_labels, local_files_only=True
+        )
         return model.to(self.device).eval()
 
     def base_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -139,8 +158,10 @@ class Bench:
 
 def stage_pull(b: Bench) -> None:
     pull(cache=b.cache)
-    sizes = {n: {s: len(getattr(b.task(n), s)) for s in ("train", "validation", "test")} | {"labels": b.task(n).num_labels}
-             for n in b.tasks}
+    sizes = {
+        n: {s: len(getattr(b.task(n), s)) for s in ("train", "validation", "test")} | {"labels": b.task(n).num_labels}
+        for n in b.tasks
+    }
     b.write("data.json", sizes)
     for n, s in sizes.items():
         print(f"  {n:<13} {s['labels']:>2} labels  train {s['train']:>6}  validation {s['validation']:>5}  test {s['test']:>5}")
@@ -154,19 +175,32 @@ def stage_finetune(b: Bench) -> None:
             continue
         task = b.task(name)
         pl.seed_everything(a.seed + i, verbose=False)
-        module = SequenceClassifier(b.classifier(num_labels=task.num_labels).train(), task.num_labels,
-                                    lr=a.lr, optimizer="adamw", weight_decay=0.01)
+        module = SequenceClassifier(
+            b.classifier(num_labels=task.num_labels).train(), task.num_labels, lr=a.lr, optimizer="adamw", weight_decay=0.01
+        )
         train = b.loader(name, "train", batch_size=a.batch_size, shuffle=True, seed=a.seed + i)
-        trainer = pl.Trainer(max_steps=a.steps, accelerator=b.device.type, devices=1, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=a.progress, enable_model_summary=False,
-                             limit_val_batches=0, num_sanity_val_steps=0)
+        trainer = pl.Trainer(
+            max_steps=a.steps,
+            accelerator=b.device.type,
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=a.progress,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+        )
         start = time.perf_counter()
         trainer.fit(module, train)
         seconds = time.perf_counter() - start
         model = module.model.eval()
         model.save_pretrained(b.finetuned_dir(name))
-        done[name] = {"seconds": round(seconds, 1), "test_acc": b.acc(model, b.test(name)),
-                      "val_acc": b.acc(model, b.validation(name)), "steps": a.steps}
+        done[name] = {
+            "seconds": round(seconds, 1),
+            "test_acc": b.acc(model, b.test(name)),
+            "val_acc": b.acc(model, b.validation(name)),
+            "steps": a.steps,
+        }
         b.write("finetune.json", done)
         print(f"  finetuned {name:<13} test acc {done[name]['test_acc']:.3f}  ({seconds:.0f} s)")
     b.timed("finetune (all tasks)", sum(done[n]["seconds"] for n in b.tasks))
@@ -178,8 +212,9 @@ def _fewshot_loader(b: Bench, name: str, seed: int):  # noqa: ANN202
     return b.loader(name, "train", indices=idx, batch_size=b.args.batch_size, shuffle=True, seed=seed)
 
 
-def learn_skill(b: Bench, name: str, sparsity: float, base: dict, skill_name: str | None = None,
-                context: Sequence = (), **learner_kwargs) -> tuple:  # noqa: ANN003
+def learn_skill(
+    b: Bench, name: str, sparsity: float, base: dict, skill_name: str | None = None, context: Sequence = (), **learner_kwargs
+) -> tuple:  # noqa: ANN003
     """Learn ``name``'s mask at ``sparsity`` with a Trainer (keeps the best-validating mask); (skill, seconds).
 
     With ``context`` (skills already stitched) the mask is learned against the model holding them (rule ``--rule``).
@@ -188,16 +223,35 @@ def learn_skill(b: Bench, name: str, sparsity: float, base: dict, skill_name: st
     finetuned = b.finetuned_dir(name)
     pl.seed_everything(a.seed, verbose=False)
     extra = dict(context=list(context), rule=a.context_rule, owned_penalty=a.owned_penalty) if context else {}
-    learner = MaskLearner(str(finetuned), base, str(finetuned), sparsity, num_labels=b.task(name).num_labels,
-                          task=name, skill_name=skill_name or name, **extra, **learner_kwargs)
-    trainer = pl.Trainer(max_epochs=a.mask_epochs, accelerator=b.device.type, devices=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=a.progress, enable_model_summary=False,
-                         num_sanity_val_steps=0)
+    learner = MaskLearner(
+        str(finetuned),
+        base,
+        str(finetuned),
+        sparsity,
+        num_labels=b.task(name).num_labels,
+        task=name,
+        skill_name=skill_name or name,
+        **extra,
+        **learner_kwargs,
+    )
+    trainer = pl.Trainer(
+        max_epochs=a.mask_epochs,
+        accelerator=b.device.type,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=a.progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     start = time.perf_counter()
     trainer.fit(learner, _fewshot_loader(b, name, a.seed), b.validation(name))
     seconds = time.perf_counter() - start
-    skill = learner.to_skill(skill_name or name, task=name, source={
-        "kind": "full finetune", "finetuned": str(finetuned), "shots_per_class": a.shots, "epochs": a.mask_epochs})
+    skill = learner.to_skill(
+        skill_name or name,
+        task=name,
+        source={"kind": "full finetune", "finetuned": str(finetuned), "shots_per_class": a.shots, "epochs": a.mask_epochs},
+    )
     return skill, seconds
 
 
@@ -211,8 +265,15 @@ def stage_localize(b: Bench) -> None:
             start = time.perf_counter()
             if method == "dataless":
                 tv = task_vector(base, b.finetuned_dir(name), device=b.device)
-                bank.add(localize_dataless(tv, b.args.sparsity, name=name, task=name,
-                                           source={"kind": "full finetune", "finetuned": str(b.finetuned_dir(name))}))
+                bank.add(
+                    localize_dataless(
+                        tv,
+                        b.args.sparsity,
+                        name=name,
+                        task=name,
+                        source={"kind": "full finetune", "finetuned": str(b.finetuned_dir(name))},
+                    )
+                )
                 seconds = time.perf_counter() - start
             else:
                 skill, seconds = learn_skill(b, name, b.args.sparsity, base)
@@ -233,8 +294,17 @@ def stage_auto(b: Bench) -> None:
         tv = task_vector(base, b.finetuned_dir(name), device=b.device)
         if name not in dataless:
             start = time.perf_counter()
-            dataless.add(localize_auto(tv, live, val, name=name, target=a.target_recovery, task=name,
-                                       source={"kind": "full finetune", "finetuned": str(b.finetuned_dir(name))}))
+            dataless.add(
+                localize_auto(
+                    tv,
+                    live,
+                    val,
+                    name=name,
+                    target=a.target_recovery,
+                    task=name,
+                    source={"kind": "full finetune", "finetuned": str(b.finetuned_dir(name))},
+                )
+            )
             b.timed(f"auto dataless {name}", time.perf_counter() - start)
         auto = dataless.get(name).metadata.settings["auto"]
         print(f"  dataless {name:<13} sparsity {auto['sparsity']:g}  recovery {auto['recovery']:.3f}  tried {auto['tried']}")
@@ -242,12 +312,20 @@ def stage_auto(b: Bench) -> None:
             continue
         start = time.perf_counter()
         grid = DEFAULT_GRID if a.auto_step_down else [s for s in DEFAULT_GRID if s >= auto["sparsity"]]
-        skill, choice = search_sparsity(lambda s: learn_skill(b, name, s, base)[0], stitched_scorer(live, val),
-                                        auto["reference"], target=a.target_recovery, grid=grid, start=auto["sparsity"])
+        skill, choice = search_sparsity(
+            lambda s: learn_skill(b, name, s, base)[0],
+            stitched_scorer(live, val),
+            auto["reference"],
+            target=a.target_recovery,
+            grid=grid,
+            start=auto["sparsity"],
+        )
         learned.add(with_choice(skill, choice))
         b.timed(f"auto learned {name}", time.perf_counter() - start)
-        print(f"  learned  {name:<13} sparsity {choice.sparsity:g}  recovery {choice.recovery:.3f}  "
-              f"tried {choice.to_dict()['tried']}  ({time.perf_counter() - start:.0f} s)")
+        print(
+            f"  learned  {name:<13} sparsity {choice.sparsity:g}  recovery {choice.recovery:.3f}  "
+            f"tried {choice.to_dict()['tried']}  ({time.perf_counter() - start:.0f} s)"
+        )
 
 
 def stage_context(b: Bench) -> None:
@@ -270,8 +348,9 @@ def stage_context(b: Bench) -> None:
         print(f"  in context {name:<13} after {len(context)} skills  ({seconds:.0f} s)")
 
 
-def _eval_heads(b: Bench, model: nn.Module, heads: dict, loaders: Callable[[str], object],
-                names: Sequence[str] | None = None) -> dict[str, float]:
+def _eval_heads(
+    b: Bench, model: nn.Module, heads: dict, loaders: Callable[[str], object], names: Sequence[str] | None = None
+) -> dict[str, float]:
     """Accuracy of ``model`` on each task (``names``, default all) with that task's head."""
     out = {}
     for name in b.tasks if names is None else names:
@@ -290,8 +369,9 @@ def _heads(b: Bench) -> dict[str, dict[str, torch.Tensor]]:
     raise SystemExit(f"no bank in {b.work / 'banks'} holds every task yet: run the localize stage first.")
 
 
-def _sweep(b: Bench, live: nn.Module, base: dict, heads: dict, make: Callable[[float], dict], grid: Sequence[float],
-           test: bool = True) -> tuple[float, dict]:
+def _sweep(
+    b: Bench, live: nn.Module, base: dict, heads: dict, make: Callable[[float], dict], grid: Sequence[float], test: bool = True
+) -> tuple[float, dict]:
     """Pick the scale with the best mean validation accuracy; return it and the test accuracies (if ``test``)."""
     best = (-1.0, None)
     for scale in grid:
@@ -361,18 +441,26 @@ def stage_evaluate(b: Bench) -> None:
     run("finetuned", lambda: {n: finetune[n]["test_acc"] for n in b.tasks})
     run("base + finetuned head", lambda: _eval_heads(b, live, heads, b.test))
     run("linear probe", lambda: {n: _linear_probe(b, live, n) for n in b.tasks})
-    run("simple averaging", lambda: (apply_delta(live, base, average(shared_taus())),
-                                     _eval_heads(b, live, heads, b.test), apply_delta(live, base, {}))[1])
+    run(
+        "simple averaging",
+        lambda: (
+            apply_delta(live, base, average(shared_taus())),
+            _eval_heads(b, live, heads, b.test),
+            apply_delta(live, base, {}),
+        )[1],
+    )
     for label, build, grid in (
         ("task arithmetic", lambda: task_arithmetic(shared_taus(), 1.0), (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)),
         ("TIES (top-20%)", lambda: ties(shared_taus(), 0.2, 1.0), (0.3, 0.5, 0.7, 1.0, 1.5)),
         ("consensus (TALL, k=2)", lambda: consensus(shared_taus(), 2, 0.4, 1.0), (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)),
     ):
+
         def swept(build=build, grid=grid, label=label) -> dict:  # noqa: ANN001
             unit = build()  # each baseline is linear in its scale: merge once, scale per grid point
             scale, test = _sweep(b, live, base, heads, lambda s: {n: s * t for n, t in unit.items()}, grid)
             results.setdefault("chosen scales", {})[label] = scale
             return test
+
         run(label, swept)
     for method in BANKS:
         folder = b.work / "banks" / method
@@ -431,13 +519,17 @@ def stage_arrivals(b: Bench) -> None:
         return out
 
     methods: dict[str, Callable[[], list[dict]]] = {}
-    for bank_name, label in (("learned-auto", "L&S learned auto"), ("learned-context", "L&S learned in context"),
-                             ("learned", "L&S learned 1%")):
+    for bank_name, label in (
+        ("learned-auto", "L&S learned auto"),
+        ("learned-context", "L&S learned in context"),
+        ("learned", "L&S learned 1%"),
+    ):
         folder = b.work / "banks" / bank_name
         if folder.is_dir() and all(n in SkillBank(folder, create=False) for n in order):
             for rule in ("mean", *a.rules):
-                methods[label if rule == "mean" else f"{label} [{rule}]"] = (
-                    lambda folder=folder, rule=rule: stitched_runs(SkillBank(folder, create=False), rule))
+                methods[label if rule == "mean" else f"{label} [{rule}]"] = lambda folder=folder, rule=rule: stitched_runs(
+                    SkillBank(folder, create=False), rule
+                )
     ta, ti = scales.get("task arithmetic", 0.5), scales.get("TIES (top-20%)", 1.0)
     methods[f"running TA (λ={ta:g})"] = lambda: merged_runs(arrivals(lambda ts: task_arithmetic(ts, ta), shared_taus()))
     methods[f"running TIES (λ={ti:g})"] = lambda: merged_runs(arrivals(lambda ts: ties(ts, 0.2, ti), shared_taus()))
@@ -458,8 +550,10 @@ def stage_arrivals(b: Bench) -> None:
         b.timed(f"arrivals {label}", time.perf_counter() - start)
         b.write("arrivals.json", data)
         m = arrival_metrics(data["methods"][label], order, data["finetuned"])
-        print(f"  {label:<28} average " + " ".join(f"{x:.3f}" for x in m["average"]) + f"  final BWT {m['bwt'][-1]:+.3f}"
-              f"  ({time.perf_counter() - start:.0f} s)")
+        print(
+            f"  {label:<28} average " + " ".join(f"{x:.3f}" for x in m["average"]) + f"  final BWT {m['bwt'][-1]:+.3f}"
+            f"  ({time.perf_counter() - start:.0f} s)"
+        )
 
 
 def stage_switch(b: Bench) -> None:
@@ -497,8 +591,10 @@ def stage_switch(b: Bench) -> None:
     b.write("routing.json", {"bank": method, "confusion": confusion, "switch_ms": switch_ms})
     ft = results["finetuned"]
     for label, accs in (("switched", switched), ("routed", routed_acc)):
-        print(f"  {label:<9} normalized {sum(accs[n] / ft[n] for n in b.tasks) / len(b.tasks):.3f}  "
-              + " ".join(f"{n} {accs[n]:.3f}" for n in b.tasks))
+        print(
+            f"  {label:<9} normalized {sum(accs[n] / ft[n] for n in b.tasks) / len(b.tasks):.3f}  "
+            + " ".join(f"{n} {accs[n]:.3f}" for n in b.tasks)
+        )
     print("  router accuracy " + " ".join(f"{n} {router_acc[n]:.3f}" for n in b.tasks) + f"  ({route_seconds:.0f} s)")
     print(f"  switches (base -> skill -> base inside active()): median {sorted(switch_ms)[len(switch_ms) // 2]:.1f} ms")
 
@@ -581,19 +677,34 @@ def stage_lora(b: Bench) -> None:
     task = b.task(name)
     if "finetuned" not in out:
         pl.seed_everything(a.seed, verbose=False)
-        config = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "key", "value", "dense"])
+        config = LoraConfig(
+            task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "key", "value", "dense"]
+        )
         peft_model = get_peft_model(b.classifier(num_labels=task.num_labels).train(), config)
         module = SequenceClassifier(peft_model, task.num_labels, lr=a.lora_lr, optimizer="adamw")
-        trainer = pl.Trainer(max_steps=a.steps, accelerator=b.device.type, devices=1, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=a.progress, enable_model_summary=False,
-                             limit_val_batches=0, num_sanity_val_steps=0)
+        trainer = pl.Trainer(
+            max_steps=a.steps,
+            accelerator=b.device.type,
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=a.progress,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+        )
         start = time.perf_counter()
         trainer.fit(module, b.loader(name, "train", batch_size=a.batch_size, shuffle=True, seed=a.seed))
         b.timed(f"lora finetune {name}", time.perf_counter() - start)
         peft_model.eval().save_pretrained(folder)
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-        out.update(finetuned=b.acc(peft_model, b.test(name)), trainable=trainable, adapter_bytes=sum(
-            p.stat().st_size for p in folder.glob("*.safetensors")), steps=a.steps, lr=a.lora_lr)
+        out.update(
+            finetuned=b.acc(peft_model, b.test(name)),
+            trainable=trainable,
+            adapter_bytes=sum(p.stat().st_size for p in folder.glob("*.safetensors")),
+            steps=a.steps,
+            lr=a.lora_lr,
+        )
         b.write("lora.json", out)
     live = b.classifier()
     base = b.base_state(live)
@@ -605,13 +716,30 @@ def stage_lora(b: Bench) -> None:
         if skill_name not in bank:
             start = time.perf_counter()
             if method == "dataless":
-                bank.add(localize_dataless(task_vector(str(b.base_dir), folder, device=b.device), a.sparsity, name=skill_name, task=name))
+                bank.add(
+                    localize_dataless(
+                        task_vector(str(b.base_dir), folder, device=b.device), a.sparsity, name=skill_name, task=name
+                    )
+                )
             else:
-                learner = MaskLearner(str(folder), str(b.base_dir), sparsity=a.sparsity, num_labels=task.num_labels,
-                                      task=name, skill_name=skill_name)
-                pl.Trainer(max_epochs=a.mask_epochs, accelerator=b.device.type, devices=1, logger=False,
-                           enable_checkpointing=False, enable_progress_bar=a.progress, enable_model_summary=False,
-                           num_sanity_val_steps=0).fit(learner, _fewshot_loader(b, name, a.seed), b.validation(name))
+                learner = MaskLearner(
+                    str(folder),
+                    str(b.base_dir),
+                    sparsity=a.sparsity,
+                    num_labels=task.num_labels,
+                    task=name,
+                    skill_name=skill_name,
+                )
+                pl.Trainer(
+                    max_epochs=a.mask_epochs,
+                    accelerator=b.device.type,
+                    devices=1,
+                    logger=False,
+                    enable_checkpointing=False,
+                    enable_progress_bar=a.progress,
+                    enable_model_summary=False,
+                    num_sanity_val_steps=0,
+                ).fit(learner, _fewshot_loader(b, name, a.seed), b.validation(name))
                 bank.add(learner.to_skill(skill_name, task=name))
             b.timed(f"lora localize {method}", time.perf_counter() - start)
         stitcher = Stitcher(live, base, bank=bank)
@@ -664,8 +792,11 @@ def stage_curve(b: Bench) -> None:
                 with stitcher.use_head(skill_name) as m:
                     acc = b.acc(m, b.test(name, a.curve_test_size))
                 stitcher.remove(skill_name)
-                ft = b.acc(b.classifier(b.finetuned_dir(name), b.task(name).num_labels), b.test(name, a.curve_test_size)) \
-                    if f"ft {name}" not in curve else curve[f"ft {name}"]
+                ft = (
+                    b.acc(b.classifier(b.finetuned_dir(name), b.task(name).num_labels), b.test(name, a.curve_test_size))
+                    if f"ft {name}" not in curve
+                    else curve[f"ft {name}"]
+                )
                 curve[f"ft {name}"] = ft
                 done[name] = acc / ft
                 curve[key] = done
@@ -682,11 +813,25 @@ def stage_report(b: Bench) -> None:
 
     results, timings = b.read("results.json"), b.read("timings.json")
     ft = results["finetuned"]
-    short = {"sentiment": "sent", "subjectivity": "subj", "spam": "spam", "newsgroups": "20ng", "reuters": "r8", "tweets": "tweets"}
+    short = {
+        "sentiment": "sent",
+        "subjectivity": "subj",
+        "spam": "spam",
+        "newsgroups": "20ng",
+        "reuters": "r8",
+        "tweets": "tweets",
+    }
     head = "| method | " + " | ".join(short.get(t, t) for t in b.tasks) + " | avg | norm. avg |"
     lines = [head, "|" + "---|" * (len(b.tasks) + 3)]
-    order = ["finetuned", "base + finetuned head", "linear probe", "simple averaging", "task arithmetic",
-             "TIES (top-20%)", "consensus (TALL, k=2)"]
+    order = [
+        "finetuned",
+        "base + finetuned head",
+        "linear probe",
+        "simple averaging",
+        "task arithmetic",
+        "TIES (top-20%)",
+        "consensus (TALL, k=2)",
+    ]
     for bank in BANKS:
         order += [f"L&S {bank}, skill alone", f"L&S {bank}"] + [f"L&S {bank} [{r}]" for r in ("sum", "sign_mean")]
         order += [f"L&S {bank}, switched (task given)", f"L&S {bank}, routed (task not given)"]
@@ -694,22 +839,31 @@ def stage_report(b: Bench) -> None:
     for key in [k for k in order if k in results]:
         accs = results[key]
         norm = sum(accs[t] / ft[t] for t in b.tasks) / len(b.tasks)
-        lines.append(f"| {key} | " + " | ".join(f"{accs[t]:.3f}" for t in b.tasks) + f" | {_mean(accs, b.tasks):.3f} | {norm:.3f} |")
+        lines.append(
+            f"| {key} | " + " | ".join(f"{accs[t]:.3f}" for t in b.tasks) + f" | {_mean(accs, b.tasks):.3f} | {norm:.3f} |"
+        )
     print("\n".join(lines))
     for method, accs in results.get("router accuracy", {}).items():
-        print(f"router accuracy ({method}; nearest centroid of the base's features of {b.args.shots} shots per class): "
-              + ", ".join(f"{t} {accs[t]:.3f}" for t in b.tasks) + f"; mean {_mean(accs, b.tasks):.3f}")
+        print(
+            f"router accuracy ({method}; nearest centroid of the base's features of {b.args.shots} shots per class): "
+            + ", ".join(f"{t} {accs[t]:.3f}" for t in b.tasks)
+            + f"; mean {_mean(accs, b.tasks):.3f}"
+        )
     banks = [m for m in BANKS if (b.work / "banks" / m).is_dir()]
     for method in banks:
         bank = SkillBank(b.work / "banks" / method, create=False)
         sizes = [bank.entry(n).bytes for n in b.tasks if n in bank]
         sparsities = [bank.entry(n).sparsity for n in b.tasks if n in bank]
-        print(f"\n{method} skills: {sum(sizes):,} bytes for {len(sizes)} skills ({sum(sizes) / len(sizes) / 1e6:.2f} MB each), "
-              f"mean sparsity {sum(sparsities) / len(sparsities):.4g}")
+        print(
+            f"\n{method} skills: {sum(sizes):,} bytes for {len(sizes)} skills ({sum(sizes) / len(sizes) / 1e6:.2f} MB each), "
+            f"mean sparsity {sum(sparsities) / len(sparsities):.4g}"
+        )
         for n in b.tasks:
             auto = bank.get(n).metadata.settings.get("auto") if n in bank else None
             if auto:
-                print(f"  {n:<13} sparsity {auto['sparsity']:g}  validation recovery {auto['recovery']:.3f}  tried {auto['tried']}")
+                print(
+                    f"  {n:<13} sparsity {auto['sparsity']:g}  validation recovery {auto['recovery']:.3f}  tried {auto['tried']}"
+                )
     dense = sum(p.stat().st_size for p in b.finetuned_dir(b.tasks[0]).glob("*.safetensors"))
     print(f"one finetuned model: {dense:,} bytes")
     arrived = b.read("arrivals.json")
@@ -722,8 +876,10 @@ def stage_report(b: Bench) -> None:
             print(f"| {label} | " + " | ".join(f"{x:.3f}" for x in m["average"]) + f" | {m['bwt'][-1]:+.3f} |")
     lora = b.read("lora.json")
     if lora:
-        print(f"\nLoRA ({b.args.lora_task}, rank 8): " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                                                   for k, v in lora.items()}))
+        print(
+            f"\nLoRA ({b.args.lora_task}, rank 8): "
+            + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in lora.items()})
+        )
     print("\nchosen scales:", json.dumps(results.get("chosen scales", {})))
     print("order independence:", json.dumps(results.get("order independence", {})))
     print("\ntimings (s):", json.dumps(timings, indent=1))
@@ -755,25 +911,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the finetunes (default %(default)s)")
     p.add_argument("--sparsity", type=float, default=0.01)
-    p.add_argument("--localize-methods", type=lambda s: s.split(","), default=["dataless", "learned"],
-                   help="banks the localize stage fills at --sparsity (default: dataless,learned)")
+    p.add_argument(
+        "--localize-methods",
+        type=lambda s: s.split(","),
+        default=["dataless", "learned"],
+        help="banks the localize stage fills at --sparsity (default: dataless,learned)",
+    )
     p.add_argument("--target-recovery", type=float, default=0.99, help="auto stage: recovery to keep (default %(default)s)")
-    p.add_argument("--no-auto-learned", dest="auto_learned", action="store_false",
-                   help="auto stage: size dataless skills only")
-    p.add_argument("--auto-step-down", action="store_true",
-                   help="auto stage: learned masks also try sizes below the dataless choice (one more mask learning each)")
+    p.add_argument("--no-auto-learned", dest="auto_learned", action="store_false", help="auto stage: size dataless skills only")
+    p.add_argument(
+        "--auto-step-down",
+        action="store_true",
+        help="auto stage: learned masks also try sizes below the dataless choice (one more mask learning each)",
+    )
     p.add_argument("--context-rule", default="mean", help="context stage: the overlap rule masks are learned against")
     p.add_argument("--owned-penalty", type=float, default=0.0, help="context stage: penalty on entries earlier skills own")
-    p.add_argument("--switch-bank", default="learned-auto", choices=BANKS,
-                   help="switch stage: the bank whose skills answer each request alone (default: %(default)s)")
-    p.add_argument("--rules", type=lambda s: [r for r in s.split(",") if r], default=["sign_mean"],
-                   help="evaluate and arrivals stages: overlap rules besides the mean to stitch every bank with (default: sign_mean)")
-    p.add_argument("--skip-rows", type=lambda s: set(s.split(";")), default=set(),
-                   help="evaluate stage: semicolon-separated rows not to compute (e.g. 'linear probe;consensus (TALL, k=2)')")
+    p.add_argument(
+        "--switch-bank",
+        default="learned-auto",
+        choices=BANKS,
+        help="switch stage: the bank whose skills answer each request alone (default: %(default)s)",
+    )
+    p.add_argument(
+        "--rules",
+        type=lambda s: [r for r in s.split(",") if r],
+        default=["sign_mean"],
+        help="evaluate and arrivals stages: overlap rules besides the mean to stitch every bank with (default: sign_mean)",
+    )
+    p.add_argument(
+        "--skip-rows",
+        type=lambda s: set(s.split(";")),
+        default=set(),
+        help="evaluate stage: semicolon-separated rows not to compute (e.g. 'linear probe;consensus (TALL, k=2)')",
+    )
     p.add_argument("--arrival-test-size", type=int, default=500, help="arrivals stage: test examples per task")
     p.add_argument("--opcm-alpha", type=float, default=0.5, help="arrivals stage: OPCM's split of the singular values")
-    p.add_argument("--magmax-grid", type=lambda s: [float(x) for x in s.split(",")], default=[0.3, 0.5, 0.7, 1.0],
-                   help="arrivals stage: MagMax scales tried on validation")
+    p.add_argument(
+        "--magmax-grid",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[0.3, 0.5, 0.7, 1.0],
+        help="arrivals stage: MagMax scales tried on validation",
+    )
     p.add_argument("--shots", type=int, default=64, help="few-shot examples per class for learned masks")
     p.add_argument("--mask-epochs", type=int, default=10)
     p.add_argument("--test-size", type=int, default=1000, help="test examples per task (seeded subset; 0: all)")

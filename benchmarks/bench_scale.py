@@ -35,8 +35,16 @@ from pathlib import Path
 
 import torch
 
-SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
-         "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048, "tie_word_embeddings": False}
+SHAPE = {
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
 SHARD_BYTES = 1 << 30
 
 MEASURE = """
@@ -129,8 +137,11 @@ def write_model(folder: Path, layers: int, make: Callable[[str, torch.Size, int]
     weight_map = {}
     for j, names in enumerate(shards, 1):
         file = f"model-{j:05d}-of-{len(shards):05d}.safetensors"  # as save_pretrained names them
-        save_file({name: make(name, shapes[name], seed[name]).contiguous() for name in names}, str(tmp / file),
-                  metadata={"format": "pt"})
+        save_file(
+            {name: make(name, shapes[name], seed[name]).contiguous() for name in names},
+            str(tmp / file),
+            metadata={"format": "pt"},
+        )
         weight_map.update(dict.fromkeys(names, file))
     index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -195,19 +206,35 @@ def main() -> None:
         write_model(finetuned, SHAPE["num_hidden_layers"], finetune_of(base))
     results["checkpoint_bytes"] = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     shutil.rmtree(bank, ignore_errors=True)
-    results["localize"] = measure("skillbank.cli.main(sys.argv[2:])", "localize", "--base", str(base), "--finetuned",
-                                  str(finetuned), "--bank", str(bank), "--name", "real", "--sparsity", str(args.sparsity))
+    results["localize"] = measure(
+        "skillbank.cli.main(sys.argv[2:])",
+        "localize",
+        "--base",
+        str(base),
+        "--finetuned",
+        str(finetuned),
+        "--bank",
+        str(bank),
+        "--name",
+        "real",
+        "--sparsity",
+        str(args.sparsity),
+    )
     print("localize", results["localize"], flush=True)
     random_skills(bank, args.skills - 1, args.sparsity)
     results["stitch"] = measure(STITCH, str(base), str(bank))
     print("stitch", {k: v for k, v in results["stitch"].items() if k != "adds"}, flush=True)
     for i, add in enumerate(results["stitch"]["adds"]):
-        print(f"  add {i + 1}: {add['seconds']:.2f} s, covered {add['covered']:,}, state {add['state_bytes'] / 2**20:,.0f} MiB "
-              f"({add['state_bytes'] / add['covered']:.1f} B per covered entry)", flush=True)
+        print(
+            f"  add {i + 1}: {add['seconds']:.2f} s, covered {add['covered']:,}, state {add['state_bytes'] / 2**20:,.0f} MiB "
+            f"({add['state_bytes'] / add['covered']:.1f} B per covered entry)",
+            flush=True,
+        )
     out = work / "stitched"
     shutil.rmtree(out, ignore_errors=True)
-    results["stitch_out"] = measure("skillbank.cli.main(sys.argv[2:])", "stitch", "--base", str(base), "--bank",
-                                    str(bank), "--out", str(out))
+    results["stitch_out"] = measure(
+        "skillbank.cli.main(sys.argv[2:])", "stitch", "--base", str(base), "--bank", str(bank), "--out", str(out)
+    )
     print("stitch --out", results["stitch_out"], flush=True)
     shutil.rmtree(out, ignore_errors=True)
     if args.learner_layers:

@@ -235,8 +235,11 @@ def main() -> None:
     if args.memory_child:
         print(json.dumps(bench_memory(args.device, args.memory_child)))
         return
-    result = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    result = {
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     result.update(bench_add_and_dense(args.device, args.skills, args.dense_skills))
     with tempfile.TemporaryDirectory() as tmp:
         model = make_base("cpu")
@@ -246,8 +249,12 @@ def main() -> None:
         for i in range(8):
             bank.add(random_skill(state, fingerprint, f"s{i}", seed=i))
         del model, state
-        child = subprocess.run([sys.executable, __file__, "--device", args.device, "--memory-child", str(bank.path)],
-                               capture_output=True, text=True, check=True)
+        child = subprocess.run(
+            [sys.executable, __file__, "--device", args.device, "--memory-child", str(bank.path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         result["memory_8"] = json.loads(child.stdout.strip().splitlines()[-1])
     add = result["add_ms"]
     summary = {
@@ -261,8 +268,10 @@ def main() -> None:
         "speedup_vs_linear_last_8": result["linear_remerge_8_ms"] / statistics.median(add[-8:]),
         "prepared_add_ms_median": {k: statistics.median(v) for k, v in result["prepared_add_ms"].items()},
         "prepared_add_ms_max": {k: max(v) for k, v in result["prepared_add_ms"].items()},
-        "prepared_add_ms_first_8_vs_last_8": [statistics.median(result["prepared_add_ms"]["one_launch"][:8]),
-                                              statistics.median(result["prepared_add_ms"]["one_launch"][-8:])],
+        "prepared_add_ms_first_8_vs_last_8": [
+            statistics.median(result["prepared_add_ms"]["one_launch"][:8]),
+            statistics.median(result["prepared_add_ms"]["one_launch"][-8:]),
+        ],
         "speedup_prepared_vs_linear": result["linear_remerge_8_ms"] / statistics.median(result["prepared_add_ms"]["one_launch"]),
         "file_ratio_fp32": result["skill_bytes_fp32"] / result["dense_checkpoint_bytes"],
         "file_ratio_bf16": result["skill_bytes_bf16"] / result["dense_checkpoint_bytes"],

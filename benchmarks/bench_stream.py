@@ -70,16 +70,34 @@ def main() -> None:
         del model
         results["checkpoint MB"] = (base / "model.safetensors").stat().st_size / 2**20
         for way in ("in memory", "streaming"):
-            done = subprocess.run([sys.executable, "-c", CHILD, way, str(base), str(finetuned), str(args.sparsity),
-                                   str(Path(work) / f"{way}.safetensors")], capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    CHILD,
+                    way,
+                    str(base),
+                    str(finetuned),
+                    str(args.sparsity),
+                    str(Path(work) / f"{way}.safetensors"),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             results[way] = json.loads(done.stdout.strip().splitlines()[-1])
-            print(f"{way}: peak {results[way]['peak MB above the imports']:.0f} MB above the imports, "
-                  f"{results[way]['seconds']:.1f} s", flush=True)
+            print(
+                f"{way}: peak {results[way]['peak MB above the imports']:.0f} MB above the imports, "
+                f"{results[way]['seconds']:.1f} s",
+                flush=True,
+            )
         from skillbank import Skill
 
         a, b = (Skill.load(Path(work) / f"{way}.safetensors") for way in ("in memory", "streaming"))
-        results["same skill"] = all(torch.equal(r.indices, b.regions[n].indices) and torch.equal(r.values, b.regions[n].values)
-                                    for n, r in a.regions.items()) and list(a.regions) == list(b.regions)
+        results["same skill"] = all(
+            torch.equal(r.indices, b.regions[n].indices) and torch.equal(r.values, b.regions[n].values)
+            for n, r in a.regions.items()
+        ) and list(a.regions) == list(b.regions)
     print(f"checkpoint {results['checkpoint MB']:.0f} MB, same skill bit for bit: {results['same skill']}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))

@@ -57,8 +57,11 @@ def median_ms(fn: Callable[[], None], repeats: int, device: str) -> float:
 
 def lora_rank_for(model: torch.nn.Module, target_bytes: int) -> int:
     """The LoRA rank (float32, every encoder linear layer) whose adapter holds about ``target_bytes``."""
-    per_rank = sum(m.in_features + m.out_features for n, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and "encoder" in n and n.endswith(tuple(LINEAR_MODULES)))
+    per_rank = sum(
+        m.in_features + m.out_features
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "encoder" in n and n.endswith(tuple(LINEAR_MODULES))
+    )
     return max(1, round(target_bytes / (4 * per_rank)))
 
 
@@ -69,10 +72,14 @@ def bench(device: str, repeats: int, work: Path) -> dict:
     dense = work / "finetuned.safetensors"
     save_file({k: (v + 1e-3 * torch.randn_like(v)).cpu().contiguous() for k, v in base.items()}, dense)
     dense_bytes = dense.stat().st_size
-    out: dict = {"device": str(torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"),
-                 "parameters": sum(v.numel() for v in base.values()), "dense checkpoint bytes": dense_bytes,
-                 "dense reload ms": median_ms(lambda: model.load_state_dict(load_file(dense, device=device), strict=False),
-                                              max(3, repeats // 4), device)}
+    out: dict = {
+        "device": str(torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"),
+        "parameters": sum(v.numel() for v in base.values()),
+        "dense checkpoint bytes": dense_bytes,
+        "dense reload ms": median_ms(
+            lambda: model.load_state_dict(load_file(dense, device=device), strict=False), max(3, repeats // 4), device
+        ),
+    }
     model.load_state_dict(base, strict=False)
     print(f"dense reload of a {dense_bytes / 1e6:.0f} MB checkpoint: {out['dense reload ms']:.0f} ms", flush=True)
     for sparsity in (0.01, 0.05):
@@ -93,16 +100,27 @@ def bench(device: str, repeats: int, work: Path) -> dict:
         from_bank = median_ms(lambda: flip(["s0", "s1"]), repeats, device)
         stitcher.switch([])
         lora = bench_lora(model, skill_bytes, work / f"lora-{sparsity:g}", repeats, device)
-        out[f"{sparsity:g}"] = {"skill bytes": skill_bytes, "switch ms (skills in memory)": in_memory,
-                                "switch ms (read from the bank)": from_bank, **lora}
-        print(f"{sparsity:.0%} skills ({skill_bytes / 1e6:.1f} MB): switch {in_memory:.1f} ms in memory, "
-              f"{from_bank:.1f} ms from the bank; LoRA r={lora['lora rank']} ({lora['lora bytes'] / 1e6:.1f} MB): "
-              f"hot-swap {lora['peft hotswap ms']:.1f} ms, set_adapter {lora['peft set_adapter ms']:.2f} ms", flush=True)
-    out["memory bytes"] = {str(n): {"base + N skills (1%)": dense_bytes + n * out["0.01"]["skill bytes"],
-                                    "base + N skills (5%)": dense_bytes + n * out["0.05"]["skill bytes"],
-                                    "N dense finetunes": n * dense_bytes,
-                                    "base + N LoRA (1%-sized)": dense_bytes + n * out["0.01"]["lora bytes"]}
-                           for n in (6, 100)}
+        out[f"{sparsity:g}"] = {
+            "skill bytes": skill_bytes,
+            "switch ms (skills in memory)": in_memory,
+            "switch ms (read from the bank)": from_bank,
+            **lora,
+        }
+        print(
+            f"{sparsity:.0%} skills ({skill_bytes / 1e6:.1f} MB): switch {in_memory:.1f} ms in memory, "
+            f"{from_bank:.1f} ms from the bank; LoRA r={lora['lora rank']} ({lora['lora bytes'] / 1e6:.1f} MB): "
+            f"hot-swap {lora['peft hotswap ms']:.1f} ms, set_adapter {lora['peft set_adapter ms']:.2f} ms",
+            flush=True,
+        )
+    out["memory bytes"] = {
+        str(n): {
+            "base + N skills (1%)": dense_bytes + n * out["0.01"]["skill bytes"],
+            "base + N skills (5%)": dense_bytes + n * out["0.05"]["skill bytes"],
+            "N dense finetunes": n * dense_bytes,
+            "base + N LoRA (1%-sized)": dense_bytes + n * out["0.01"]["lora bytes"],
+        }
+        for n in (6, 100)
+    }
     return out
 
 

@@ -139,7 +139,9 @@ class SkillHarvester(Callback):
         if trainer.is_global_zero:
             try:
                 if self.name in SkillBank(self.bank).names():
-                    raise SkillNameError(f"bank {self.bank} already has a skill {self.name!r}; pick another name= before training.")
+                    raise SkillNameError(
+                        f"bank {self.bank} already has a skill {self.name!r}; pick another name= before training."
+                    )
                 if self.base is None:
                     model = wrapped_model(pl_module, self.model_attr)
                     if find_peft_model(model) is not None:  # a LoRA model: its weights as a plain model (B = 0 here)
@@ -165,13 +167,21 @@ class SkillHarvester(Callback):
         model = wrapped_model(pl_module, self.model_attr)
         base = self.base if self.base is not None else self._captured
         if base is None:
-            raise SkillbankError("no base weights: pass base=, or let the harvester capture them (fit set-up ran on another rank?).")
+            raise SkillbankError(
+                "no base weights: pass base=, or let the harvester capture them (fit set-up ran on another rank?)."
+            )
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
-        source = {"kind": "full finetune", "module": type(pl_module).__name__, "global_step": trainer.global_step,
-                  "epochs": trainer.current_epoch}
+        source = {
+            "kind": "full finetune",
+            "module": type(pl_module).__name__,
+            "global_step": trainer.global_step,
+            "epochs": trainer.current_epoch,
+        }
         finetune = merged_finetune(model)  # a LoRA model is merged on a copy, once
         tv = task_vector(base, finetune, head_patterns=self.head_patterns)
-        fields: dict[str, Any] = dict(exclude=self.exclude, task=self.task, metrics=metrics, source=source, value_dtype=self.value_dtype)
+        fields: dict[str, Any] = dict(
+            exclude=self.exclude, task=self.task, metrics=metrics, source=source, value_dtype=self.value_dtype
+        )
         plain = finetune.weights if finetune.source else model
         # the base with the finetuned head: copied once, for the routing features and the auto size search
         base_probe = functools.cache(lambda: apply_delta(copy.deepcopy(plain), load_weights(base), {}).eval())
@@ -189,11 +199,18 @@ class SkillHarvester(Callback):
             skill = self._learn(model, base, tv, sparsity, fields)
         return skill if centroids is None else with_routing(skill, centroids)
 
-    def _learn(self, model: torch.nn.Module, base: Any, tv: TaskVector, sparsity: float, fields: dict,
-               copy_model: bool = True) -> Skill:
+    def _learn(
+        self, model: torch.nn.Module, base: Any, tv: TaskVector, sparsity: float, fields: dict, copy_model: bool = True
+    ) -> Skill:
         learner = MaskLearner(
-            copy.deepcopy(model) if copy_model else model, base, tv, sparsity, exclude=self.exclude, task=self.task,
-            value_dtype=self.value_dtype, **self.learner_kwargs,
+            copy.deepcopy(model) if copy_model else model,
+            base,
+            tv,
+            sparsity,
+            exclude=self.exclude,
+            task=self.task,
+            value_dtype=self.value_dtype,
+            **self.learner_kwargs,
         )
         assert self.few_shot is not None  # __init__ refuses method="learned" without it
         limit = None if self._deadline is None else self._deadline - time.monotonic()
@@ -204,24 +221,44 @@ class SkillHarvester(Callback):
                 f"SkillHarvester: {exc} Under DDP rank 0 learns the mask alone while the other ranks wait for it, up to "
                 "80% of the process group's timeout. Raise the timeout (Trainer(strategy=DDPStrategy(timeout=timedelta("
                 "hours=2)))), learn on fewer few-shot batches or epochs, or harvest method='dataless' now and learn the "
-                "mask afterwards in one process (MaskLearner(...).learn, or skillbank fit with a MaskLearner config).") from None
+                "mask afterwards in one process (MaskLearner(...).learn, or skillbank fit with a MaskLearner config)."
+            ) from None
         skill.metadata.metrics.update(fields["metrics"])
         skill.metadata.source.update({**fields["source"], **tv.source})
         return skill
 
-    def _harvest_auto(self, trainer: pl.Trainer, model: torch.nn.Module, base: Any, tv: TaskVector, fields: dict,
-                      base_probe: Callable[[], torch.nn.Module]) -> Skill:
+    def _harvest_auto(
+        self,
+        trainer: pl.Trainer,
+        model: torch.nn.Module,
+        base: Any,
+        tv: TaskVector,
+        fields: dict,
+        base_probe: Callable[[], torch.nn.Module],
+    ) -> Skill:
         """The smallest dataless (then learned, searched from the dataless size) skill that keeps the target."""
         validation = self.validation if self.validation is not None else trainer.val_dataloaders
         if validation is None:
-            raise SkillbankError("sparsity='auto' needs validation data: give the fit a validation dataloader, "
-                                 "or SkillHarvester(validation=...).")
+            raise SkillbankError(
+                "sparsity='auto' needs validation data: give the fit a validation dataloader, or SkillHarvester(validation=...)."
+            )
         score = stitched_scorer(base_probe(), validation)
         reference = score(localize_dataless(tv, 1.0, name=self.name, exclude=self.exclude))
-        dataless, choice = search_sparsity(lambda s: localize_dataless(tv, s, name=self.name, **fields), score, reference,
-                                           target=self.target_recovery, grid=self.grid)
+        dataless, choice = search_sparsity(
+            lambda s: localize_dataless(tv, s, name=self.name, **fields),
+            score,
+            reference,
+            target=self.target_recovery,
+            grid=self.grid,
+        )
         if self.method == "dataless":
             return with_choice(dataless, choice)
-        learned, choice = search_sparsity(lambda s: self._learn(model, base, tv, s, fields), score, reference,
-                                          target=self.target_recovery, grid=self.grid, start=choice.sparsity)
+        learned, choice = search_sparsity(
+            lambda s: self._learn(model, base, tv, s, fields),
+            score,
+            reference,
+            target=self.target_recovery,
+            grid=self.grid,
+            start=choice.sparsity,
+        )
         return with_choice(learned, choice)

@@ -122,8 +122,10 @@ class SkillStitcher(Callback):
         (``SkillStitcher.find(self.trainer).use_head(name)``) without the callback writing onto it."""
         found = [c for c in trainer.callbacks if isinstance(c, SkillStitcher)]  # type: ignore[attr-defined]
         if len(found) != 1:
-            raise SkillbankError(f"the trainer has {len(found)} SkillStitcher callbacks; SkillStitcher.find needs exactly one "
-                                 "(pass Trainer(callbacks=[SkillStitcher(...)]), or keep a reference to the one you want).")
+            raise SkillbankError(
+                f"the trainer has {len(found)} SkillStitcher callbacks; SkillStitcher.find needs exactly one "
+                "(pass Trainer(callbacks=[SkillStitcher(...)]), or keep a reference to the one you want)."
+            )
         return found[0]
 
     @property
@@ -180,15 +182,21 @@ class SkillStitcher(Callback):
         about a missing bank and about requested skills it does not hold."""
         bank = SkillBank.if_exists(self.bank)
         if bank is None:
-            self._warn_once("no bank", f"SkillStitcher: there is no bank at {self.bank} (yet), so nothing is stitched. It "
-                            "is looked at again at each look; check the path unless another run is about to fill it.")
+            self._warn_once(
+                "no bank",
+                f"SkillStitcher: there is no bank at {self.bank} (yet), so nothing is stitched. It "
+                "is looked at again at each look; check the path unless another run is about to fill it.",
+            )
             return []
         names = bank.names()
         missing = [n for n in self.skills or [] if n not in names]
         if missing:
-            self._warn_once(f"missing {missing}", f"SkillStitcher: {missing} are not in {self.bank} (yet; it holds "
-                            f"{names or 'no skills'}), so they are not stitched; they will be when they arrive. Check the "
-                            "names unless they are coming.")
+            self._warn_once(
+                f"missing {missing}",
+                f"SkillStitcher: {missing} are not in {self.bank} (yet; it holds "
+                f"{names or 'no skills'}), so they are not stitched; they will be when they arrive. Check the "
+                "names unless they are coming.",
+            )
         return names
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -227,7 +235,12 @@ class SkillStitcher(Callback):
 
     @override
     def on_predict_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
         self._release()
@@ -240,8 +253,10 @@ class SkillStitcher(Callback):
         """The skill that answers ``batch`` in serving mode."""
         if self.dataloader_skills is not None:
             if dataloader_idx >= len(self.dataloader_skills):
-                raise SkillbankError(f"dataloader {dataloader_idx} has no skill: dataloader_skills lists "
-                                     f"{len(self.dataloader_skills)} ({self.dataloader_skills}).")
+                raise SkillbankError(
+                    f"dataloader {dataloader_idx} has no skill: dataloader_skills lists "
+                    f"{len(self.dataloader_skills)} ({self.dataloader_skills})."
+                )
             return self.dataloader_skills[dataloader_idx]
         value = batch.get(self.switch_by) if isinstance(batch, Mapping) else None
         if isinstance(value, (list, tuple)) and value and all(v == value[0] for v in value):
@@ -249,20 +264,25 @@ class SkillStitcher(Callback):
         if not isinstance(value, str):
             names = sorted({str(v) for v in value}) if isinstance(value, (list, tuple)) else None
             raise SkillbankError(
-                f"batch {batch_idx} " + (f"mixes the skills {names}: give each batch one skill "
-                                        "(DataLoader(batch_sampler=skillbank.switching.group_by_skill(...)))."
-                                        if names else f"names no skill under {self.switch_by!r}; put the skill's name there.")
+                f"batch {batch_idx} "
+                + (
+                    f"mixes the skills {names}: give each batch one skill "
+                    "(DataLoader(batch_sampler=skillbank.switching.group_by_skill(...)))."
+                    if names
+                    else f"names no skill under {self.switch_by!r}; put the skill's name there."
+                )
             )
         return value
 
-    def _serve(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
-               dataloader_idx: int) -> None:
+    def _serve(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
         if not self.serving:
             return
         name = self.skill_of(batch, batch_idx, dataloader_idx)
         if name not in self.servable:
-            raise SkillbankError(f"batch {batch_idx} asks for skill {name!r}, which {self.bank} did not hold at the "
-                                 f"last look (servable: {self.servable or 'none'}).")
+            raise SkillbankError(
+                f"batch {batch_idx} asks for skill {name!r}, which {self.bank} did not hold at the "
+                f"last look (servable: {self.servable or 'none'})."
+            )
         stitcher = self._ensure_stitcher(pl_module)
         stitcher.switch([name])
         self._head = stitcher.use_head(name)
@@ -279,28 +299,45 @@ class SkillStitcher(Callback):
             self._stitcher.switch([])
 
     @override
-    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
-                                  dataloader_idx: int = 0) -> None:
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         self._serve(trainer, pl_module, batch, batch_idx, dataloader_idx)
 
     @override
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._release()
 
     @override
-    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
-                            dataloader_idx: int = 0) -> None:
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         self._serve(trainer, pl_module, batch, batch_idx, dataloader_idx)
 
     @override
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._release()
 
     @override
-    def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
-                               dataloader_idx: int = 0) -> None:
+    def on_predict_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         self._serve(trainer, pl_module, batch, batch_idx, dataloader_idx)
 
     @override

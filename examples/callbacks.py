@@ -26,8 +26,14 @@ warnings.filterwarnings("ignore", ".*(does not have many workers|eval mode|LeafS
 
 
 def trainer(**settings) -> pl.Trainer:  # noqa: ANN003
-    return pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, **settings)
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **settings,
+    )
 
 
 def main(workdir: Path) -> None:
@@ -42,12 +48,17 @@ def main(workdir: Path) -> None:
         module = SequenceClassifier(str(base), num_labels=labels, lr=1e-3)
         harvest = SkillHarvester(bank.path, name, sparsity=0.05, task=task)  # captures the base at set-up
         trainer(max_steps=120, callbacks=[harvest]).fit(module, loader(task, n=512, seed=5), loader(task, seed=6))
-        print(f"banked {name!r}: {bank.get(name).num_entries:,} entries, finetuned val_acc "
-              f"{bank.get(name).metadata.metrics['val_acc']:.3f}")
+        print(
+            f"banked {name!r}: {bank.get(name).num_entries:,} entries, finetuned val_acc "
+            f"{bank.get(name).metadata.metrics['val_acc']:.3f}"
+        )
 
     topic_labels = DEMO_TASKS[TASKS["topic"]].num_labels
-    serving = SequenceClassifier(BertForSequenceClassification.from_pretrained(base, num_labels=topic_labels).eval(),
-                                 num_labels=topic_labels, skill_head="topic-run")  # validated with topic's own head
+    serving = SequenceClassifier(
+        BertForSequenceClassification.from_pretrained(base, num_labels=topic_labels).eval(),
+        num_labels=topic_labels,
+        skill_head="topic-run",
+    )  # validated with topic's own head
     stitch = SkillStitcher(bank.path, base=str(base))  # stitches every skill the bank holds at each validation start
     metrics = trainer(callbacks=[stitch]).validate(serving, loader("topic", n=256, seed=7), verbose=False)[0]
     print(f"serving {stitch.stitched}: topic val_acc {metrics['val_acc']:.3f} with both skills stitched")

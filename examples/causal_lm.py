@@ -36,8 +36,16 @@ def counting(n: int, seed: int) -> DataLoader:
 
 def main(workdir: Path) -> None:
     torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32, pad_token_id=PAD)
+    config = LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=32,
+        pad_token_id=PAD,
+    )
     base = LlamaForCausalLM(config).eval()
     finetuned = copy.deepcopy(base).train()
     optimizer = torch.optim.AdamW(finetuned.parameters(), lr=3e-3)
@@ -51,8 +59,14 @@ def main(workdir: Path) -> None:
     if "count" in bank:  # a rerun: replace the earlier copy
         bank.remove("count")
     learner = MaskLearner(finetuned.eval(), base, sparsity=0.05, exclude=LM_EXCLUDE, bank=str(bank.path), skill_name="count")
-    pl.Trainer(max_epochs=10, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False).fit(learner, counting(64, seed=1), counting(32, seed=2))
+    pl.Trainer(
+        max_epochs=10,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(learner, counting(64, seed=1), counting(32, seed=2))
 
     live = copy.deepcopy(base)
     stitcher = Stitcher(live, base, bank=bank)
@@ -60,8 +74,10 @@ def main(workdir: Path) -> None:
     prompt = torch.tensor([[7, 8, 9]])
     out = live.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False, pad_token_id=PAD)
     skill = bank.get("count")
-    print(f"count: {skill.num_entries:,} entries (next-token val_acc {skill.metadata.metrics['val_acc']:.3f}); "
-          f"base + skill continues 7 8 9 with {out[0, 3:].tolist()}")
+    print(
+        f"count: {skill.num_entries:,} entries (next-token val_acc {skill.metadata.metrics['val_acc']:.3f}); "
+        f"base + skill continues 7 8 9 with {out[0, 3:].tolist()}"
+    )
 
 
 if __name__ == "__main__":

@@ -59,8 +59,16 @@ def demo_arrivals(base: nn.Module) -> Iterator[Arrival]:
         few = torch.utils.data.DataLoader(
             torch.utils.data.Subset(train.dataset, balanced_indices(train.dataset.labels, 64, seed=0)), batch_size=32
         )
-        yield Arrival(task.name, task.num_labels, demo_classifier(base, task.num_labels), train, val, test, few,
-                      {"lr": 0.01, "optimizer": "sgd"})
+        yield Arrival(
+            task.name,
+            task.num_labels,
+            demo_classifier(base, task.num_labels),
+            train,
+            val,
+            test,
+            few,
+            {"lr": 0.01, "optimizer": "sgd"},
+        )
 
 
 def real_arrivals(base_folder: str) -> Iterator[Arrival]:
@@ -69,9 +77,16 @@ def real_arrivals(base_folder: str) -> Iterator[Arrival]:
         data.setup()
         few = TextTaskData(name, tokenizer=base_folder, shots_per_class=64)
         few.setup()
-        yield Arrival(name, data.num_labels, load_model(base_folder, data.num_labels), data.train_dataloader(),
-                      data.val_dataloader(), data.test_dataloader(), few.train_dataloader(),
-                      {"lr": 1e-4, "optimizer": "adamw", "weight_decay": 0.01})
+        yield Arrival(
+            name,
+            data.num_labels,
+            load_model(base_folder, data.num_labels),
+            data.train_dataloader(),
+            data.val_dataloader(),
+            data.test_dataloader(),
+            few.train_dataloader(),
+            {"lr": 1e-4, "optimizer": "adamw", "weight_decay": 0.01},
+        )
 
 
 class ServingModel(pl.LightningModule):
@@ -93,8 +108,15 @@ class ServingModel(pl.LightningModule):
 
 
 def quiet_trainer(**settings: object) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, **settings)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **settings,
+    )
 
 
 def main() -> None:
@@ -118,13 +140,23 @@ def main() -> None:
     stitcher = SkillStitcher(workdir / "bank", base=base)
     tests, table = [], []
     for i, task in enumerate(arrivals):
-        harvester = SkillHarvester(workdir / "bank", task.name, base=base, sparsity=args.sparsity, method=args.method,
-                                   few_shot=task.few_shot if args.method == "learned" else None, task=task.name)
+        harvester = SkillHarvester(
+            workdir / "bank",
+            task.name,
+            base=base,
+            sparsity=args.sparsity,
+            method=args.method,
+            few_shot=task.few_shot if args.method == "learned" else None,
+            task=task.name,
+        )
         learner = SequenceClassifier(task.classifier, task.num_labels, **task.optim)
-        quiet_trainer(max_steps=steps, callbacks=[harvester], val_check_interval=steps,
-                      check_val_every_n_epoch=None, num_sanity_val_steps=0).fit(learner, task.train, task.val)
-        print(f"task {i + 1} arrived: {task.name!r}, finetuned val acc {float(harvester.skill.metadata.metrics['val_acc']):.3f}, "
-              f"{harvester.skill.num_entries} entries banked")
+        quiet_trainer(
+            max_steps=steps, callbacks=[harvester], val_check_interval=steps, check_val_every_n_epoch=None, num_sanity_val_steps=0
+        ).fit(learner, task.train, task.val)
+        print(
+            f"task {i + 1} arrived: {task.name!r}, finetuned val acc {float(harvester.skill.metadata.metrics['val_acc']):.3f}, "
+            f"{harvester.skill.num_entries} entries banked"
+        )
 
         serving.tasks.append(task.name)
         tests.append(task.test)

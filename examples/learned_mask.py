@@ -28,17 +28,26 @@ def main(workdir: Path) -> None:
     for name, pool in (("topic-learned", None), ("topic-pooled", 30)):
         if name in bank:  # a rerun: replace the earlier copy
             bank.remove(name)
-        learner = MaskLearner(str(finetuned["topic"]), str(base), sparsity=0.02, bank=str(bank.path), skill_name=name,
-                              pool=pool)  # the name is checked before training
-        trainer = pl.Trainer(max_epochs=learner.recipe.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False)
+        learner = MaskLearner(
+            str(finetuned["topic"]), str(base), sparsity=0.02, bank=str(bank.path), skill_name=name, pool=pool
+        )  # the name is checked before training
+        trainer = pl.Trainer(
+            max_epochs=learner.recipe.epochs,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(learner, few_shot, val)  # keeps the best-validating mask; adds the skill to the bank at the end
         model = learner.model  # the finetuned classifier, reset to the base in its shared parameters
         stitcher = Stitcher(model, str(base), bank=bank)
         stitcher.add(name)
         with stitcher.use_head(name) as m:
-            print(f"{name}: {bank.get(name).num_entries:,} entries, base + skill {accuracy(m, test):.3f}, "
-                  f"scored {learner.scores.numel():,} of {learner.num_eligible:,} entries")
+            print(
+                f"{name}: {bank.get(name).num_entries:,} entries, base + skill {accuracy(m, test):.3f}, "
+                f"scored {learner.scores.numel():,} of {learner.num_eligible:,} entries"
+            )
         stitcher.remove(name)
 
 

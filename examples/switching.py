@@ -20,22 +20,22 @@ from tiny_models import TASKS, loader, tiny_models
 
 def main(workdir: Path) -> None:
     base, finetuned = tiny_models(workdir)
-    encoder = BertModel.from_pretrained(base).eval()            # the base: routing reads its features
+    encoder = BertModel.from_pretrained(base).eval()  # the base: routing reads its features
     bank = SkillBank(workdir / "skills")
     for task in TASKS:
-        if task not in bank:                                    # each skill carries centroids of its examples
+        if task not in bank:  # each skill carries centroids of its examples
             skill = localize_dataless(task_vector(base, finetuned[task]), 0.3, name=task)  # tiny Adam finetunes: big masks
             bank.add(with_routing(skill, routing_centroids(encoder, loader(task, n=64, seed=1))))
 
     model = BertForSequenceClassification.from_pretrained(base, num_labels=2)
     stitcher = Stitcher(model, base, bank=bank)
-    stitcher.switch(["sentiment"])                              # hold exactly these skills
+    stitcher.switch(["sentiment"])  # hold exactly these skills
     for task in TASKS:
-        with stitcher.active(task) as m:                        # for one block: this skill and its head, then back
+        with stitcher.active(task) as m:  # for one block: this skill and its head, then back
             print(f"{task}: its own skill and head {accuracy(m, loader(task, n=256, seed=99)):.3f}")
     assert stitcher.stitched == ["sentiment"]
 
-    router = SkillRouter([bank.get(n) for n in bank.names()])   # a clear error if a skill has no routing data
+    router = SkillRouter([bank.get(n) for n in bank.names()])  # a clear error if a skill has no routing data
     right = total = 0
     for task in TASKS:
         for batch in loader(task, n=128, seed=7):
@@ -43,7 +43,7 @@ def main(workdir: Path) -> None:
             right += sum(n == task for n in names)
             total += len(names)
     print(f"routed to their own task's skill: {right / total:.3f} of {total} requests")
-    stitcher.switch([])                                         # the base again, bit for bit
+    stitcher.switch([])  # the base again, bit for bit
     with torch.no_grad():
         assert torch.equal(model.bert.embeddings.word_embeddings.weight, encoder.embeddings.word_embeddings.weight)
 

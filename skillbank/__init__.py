@@ -25,10 +25,23 @@ from skillbank.errors import (
 # Where each public name lives. They are imported on first use, so ``import skillbank`` (and the CLI's
 # --help and list) costs no torch, transformers or lightning import until a name that needs them is used.
 _LAZY = {
-    "SkillBank": "bank", "SkillEntry": "bank", "use_head": "heads", "localize_dataless": "localize",
-    "skill_from_mask": "localize", "MaskLearner": "mask_learner", "RECIPES": "mask_recipes", "MaskRecipe": "mask_recipes",
-    "Region": "skill", "Skill": "skill", "SkillMetadata": "skill", "Stitcher": "stitcher", "TaskVector": "task_vectors",
-    "task_vector": "task_vectors", "align_names": "weights", "base_fingerprint": "weights", "load_weights": "weights",
+    "SkillBank": "bank",
+    "SkillEntry": "bank",
+    "use_head": "heads",
+    "localize_dataless": "localize",
+    "skill_from_mask": "localize",
+    "MaskLearner": "mask_learner",
+    "RECIPES": "mask_recipes",
+    "MaskRecipe": "mask_recipes",
+    "Region": "skill",
+    "Skill": "skill",
+    "SkillMetadata": "skill",
+    "Stitcher": "stitcher",
+    "TaskVector": "task_vectors",
+    "task_vector": "task_vectors",
+    "align_names": "weights",
+    "base_fingerprint": "weights",
+    "load_weights": "weights",
     "load_state_dict": "weights",
 }
 

@@ -67,7 +67,9 @@ def _merge(peft_model: Any, origin: str, *, own: bool = False) -> Finetune:  # a
     peft_type = getattr(config, "peft_type", "LORA")
     if getattr(peft_type, "value", peft_type) != "LORA":
         raise SkillbankError(f"{origin}: only LoRA adapters can be merged into a task vector, got {config.peft_type}.")
-    merged = (peft_model if own else copy.deepcopy(peft_model)).merge_and_unload()  # PEFT's own merge; the caller's model is untouched
+    merged = (
+        peft_model if own else copy.deepcopy(peft_model)
+    ).merge_and_unload()  # PEFT's own merge; the caller's model is untouched
     saved = sorted(set(getattr(config, "modules_to_save", None) or []))
     source = {"kind": "lora adapter", "origin": origin, "adapter_config": _json_safe(config.to_dict()), "modules_to_save": saved}
     return Finetune(merged.eval(), source, _head_patterns(saved))

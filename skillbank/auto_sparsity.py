@@ -131,8 +131,9 @@ def with_choice(skill: Skill, choice: SizeChoice) -> Skill:
     return replace(skill, metadata=replace(meta, settings=settings, metrics=metrics))
 
 
-def stitched_scorer(model: nn.Module, batches: Batches, metric: Callable[[nn.Module, Batches], float] | None = None
-                    ) -> Callable[[Skill], float]:
+def stitched_scorer(
+    model: nn.Module, batches: Batches, metric: Callable[[nn.Module, Batches], float] | None = None
+) -> Callable[[Skill], float]:
     """``score(skill)``: ``metric`` (default accuracy) of ``model`` with only ``skill`` stitched and its head in.
 
     ``model`` must hold the base weights; it holds them again after every call.
@@ -185,12 +186,14 @@ def localize_auto(
         SkillbankError: no validation data was given.
     """
     if validation is None:
-        raise SkillbankError("sparsity='auto' needs validation data to measure what a mask keeps: pass a validation "
-                             "loader (CLI: --val-data), or give a number as the sparsity.")
+        raise SkillbankError(
+            "sparsity='auto' needs validation data to measure what a mask keeps: pass a validation "
+            "loader (CLI: --val-data), or give a number as the sparsity."
+        )
     score = stitched_scorer(model, validation)
     if reference is None:
         reference = score(localize_dataless(tv, 1.0, name=name, exclude=exclude))
     skill, choice = search_sparsity(
-        lambda s: localize_dataless(tv, s, name=name, exclude=exclude, **skill_fields), score, reference,
-        target=target, grid=grid)
+        lambda s: localize_dataless(tv, s, name=name, exclude=exclude, **skill_fields), score, reference, target=target, grid=grid
+    )
     return with_choice(skill, choice)

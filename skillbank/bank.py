@@ -44,8 +44,15 @@ MAX_MANIFEST_BYTES = 256 * 2**20
 MAX_SKILL_BYTES = 16 * 2**30
 #: Manifest fields a reader relies on, with their types (others are summaries, type-checked too).
 _REQUIRED = {"name": str, "file": str, "bytes": int, "sha256": str}
-_SUMMARY: dict[str, type | tuple[type, ...]] = {"task": str, "method": str, "sparsity": (int, float), "entries": int, "value_dtype": str, "created": str,
-            "metrics": dict}
+_SUMMARY: dict[str, type | tuple[type, ...]] = {
+    "task": str,
+    "method": str,
+    "sparsity": (int, float),
+    "entries": int,
+    "value_dtype": str,
+    "created": str,
+    "metrics": dict,
+}
 _MAX_TEXT = 4096
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -128,8 +135,10 @@ class SkillBank:
             raise BankError(f"bank path {self.path} is a file, not a directory; pass a directory (new or existing bank).")
         if not (self.path / _MANIFEST).is_file():
             if not create:
-                raise BankError(f"no skill bank at {self.path} (no {_MANIFEST}); check the path. A bank is made by "
-                                f"the first skill added to it (skillbank localize --bank {self.path} ...).")
+                raise BankError(
+                    f"no skill bank at {self.path} (no {_MANIFEST}); check the path. A bank is made by "
+                    f"the first skill added to it (skillbank localize --bank {self.path} ...)."
+                )
             self._initialize()
         self._read_manifest()
         if self.writable:
@@ -235,7 +244,9 @@ class SkillBank:
         with self._locked():
             manifest = self._read_manifest()
             if any(e["name"] == skill.name for e in manifest["skills"]):
-                raise SkillNameError(f"a skill named {skill.name!r} is already in {self.path}; pick another name or remove it first.")
+                raise SkillNameError(
+                    f"a skill named {skill.name!r} is already in {self.path}; pick another name or remove it first."
+                )
             base = manifest["base_fingerprint"]
             if base is not None and base != skill.metadata.base_fingerprint:
                 raise BaseMismatchError(
@@ -254,8 +265,10 @@ class SkillBank:
                     raise
             except OSError as exc:
                 if exc.errno in _NO_SPACE:
-                    raise BankError(f"no space left to add {skill.name!r} ({len(data):,} bytes) to {self.path}; the bank "
-                                    "is unchanged. Free space (e.g. skillbank remove an old skill) and add it again.") from None
+                    raise BankError(
+                        f"no space left to add {skill.name!r} ({len(data):,} bytes) to {self.path}; the bank "
+                        "is unchanged. Free space (e.g. skillbank remove an old skill) and add it again."
+                    ) from None
                 raise
         return entry
 
@@ -285,8 +298,10 @@ class SkillBank:
                     self._write_manifest(manifest)
                 except OSError as again:
                     if again.errno in _NO_SPACE:
-                        raise BankError(f"no space left on the disk of {self.path}, not even to rewrite its manifest after "
-                                        f"deleting {name!r}'s file; free space elsewhere and run remove again.") from None
+                        raise BankError(
+                            f"no space left on the disk of {self.path}, not even to rewrite its manifest after "
+                            f"deleting {name!r}'s file; free space elsewhere and run remove again."
+                        ) from None
                     raise
                 return
             _unlink_regular(file)
@@ -307,7 +322,9 @@ class SkillBank:
             )
         with self._locked():
             if not (self.path / _MANIFEST).is_file():
-                self._write_manifest({"format": "skillbank", "format_version": FORMAT_VERSION, "base_fingerprint": None, "skills": []})
+                self._write_manifest(
+                    {"format": "skillbank", "format_version": FORMAT_VERSION, "base_fingerprint": None, "skills": []}
+                )
 
     def _current(self) -> _Snapshot:
         """The manifest as last validated, parsed and validated again only when its bytes changed."""
@@ -349,8 +366,10 @@ class SkillBank:
             raise BankError(f"{path} is damaged (its checksum does not match its bytes); restore it from a backup.")
         problem = _manifest_problem(body)
         if problem:
-            raise BankError(f"{path} is crafted or damaged: {problem}. Nothing was read or changed; "
-                            "restore the manifest from a backup or get the bank again from its source.")
+            raise BankError(
+                f"{path} is crafted or damaged: {problem}. Nothing was read or changed; "
+                "restore the manifest from a backup or get the bank again from its source."
+            )
         entries = tuple(SkillEntry.from_dict(e) for e in body["skills"])
         self._snapshot = _Snapshot(raw, body.get("base_fingerprint"), entries, {e.name: e for e in entries})
         return body
@@ -369,7 +388,9 @@ class SkillBank:
         except _Unreadable as exc:
             raise SkillFileError(f"skill {entry.name!r}: {exc}") from None
         if digest != entry.sha256:
-            raise SkillFileError(f"skill {entry.name!r}: {path} fails its sha256 check (corrupted); restore it or remove the skill.")
+            raise SkillFileError(
+                f"skill {entry.name!r}: {path} fails its sha256 check (corrupted); restore it or remove the skill."
+            )
         from skillbank.skill import Skill
 
         skill = Skill.from_bytes(data, origin=str(path))
@@ -496,8 +517,9 @@ def _manifest_problem(body: dict[str, Any]) -> str:
             if isinstance(value, str) and len(value) > _MAX_TEXT:
                 return f"{where} ({name}): {key!r} is longer than {_MAX_TEXT} characters"
         metrics = entry.get("metrics") or {}
-        if len(metrics) > 256 or not all(isinstance(k, str) and len(k) <= 256 and isinstance(v, (int, float))
-                                         and not isinstance(v, bool) for k, v in metrics.items()):
+        if len(metrics) > 256 or not all(
+            isinstance(k, str) and len(k) <= 256 and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in metrics.items()
+        ):
             return f"{where} ({name}): 'metrics' must map at most 256 short names to numbers"
     return ""
-

@@ -29,8 +29,19 @@ from skillbank.errors import TaskVectorError
 from skillbank.sparse import check_sparsity, num_selected
 from skillbank.weights import align_names
 
-__all__ = ["apply_delta", "arrivals", "average", "consensus", "magmax", "opcm", "opcm_steps", "tall_masks",
-           "task_arithmetic", "ties", "trim_top"]
+__all__ = [
+    "apply_delta",
+    "arrivals",
+    "average",
+    "consensus",
+    "magmax",
+    "opcm",
+    "opcm_steps",
+    "tall_masks",
+    "task_arithmetic",
+    "ties",
+    "trim_top",
+]
 
 TaskVectors = Sequence[Mapping[str, Tensor]]
 
@@ -92,7 +103,9 @@ def ties(taus: TaskVectors, density: float = 0.2, scale: float = 1.0) -> dict[st
     return merged
 
 
-def tall_masks(taus: TaskVectors, lam: float | Sequence[float] = 0.4, merged: Mapping[str, Tensor] | None = None) -> list[dict[str, Tensor]]:
+def tall_masks(
+    taus: TaskVectors, lam: float | Sequence[float] = 0.4, merged: Mapping[str, Tensor] | None = None
+) -> list[dict[str, Tensor]]:
     """TALL masks (Wang et al., 2024): ``m_t = |τ_t| ≥ λ_t · |τ_MTL − τ_t|``, ``τ_MTL = Σ_t τ_t`` unless ``merged`` is given.
 
     An entry is in task ``t``'s mask when ``τ_t`` is a large enough part of the
@@ -154,8 +167,9 @@ def _orthogonal_part(previous: Tensor, tau: Tensor, alpha: float) -> Tensor:
     return (u @ coefficients @ vh).float()
 
 
-def opcm_steps(taus: TaskVectors, alpha: float = 0.5, matrices: Callable[[str, Tensor], bool] | None = None
-               ) -> Iterator[dict[str, Tensor]]:
+def opcm_steps(
+    taus: TaskVectors, alpha: float = 0.5, matrices: Callable[[str, Tensor], bool] | None = None
+) -> Iterator[dict[str, Tensor]]:
     """OPCM (Tang et al., 2025), one merged delta after each arrival, in order.
 
     Each new ``τ_t`` is added to the running sum after removing, in every weight

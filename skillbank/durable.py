@@ -70,8 +70,10 @@ def exclusive_lock(lock_path: Path, timeout: float = 60.0) -> Iterator[None]:
         if exc.errno == errno.EROFS:
             raise BankError(f"{lock_path.parent} is on a read-only file system; copy the bank elsewhere to write.") from exc
         if exc.errno == errno.ELOOP:
-            raise BankError(f"{lock_path} is a symbolic link; a bank's lock is a plain file it makes itself. "
-                            "Remove the link (nothing was written).") from None
+            raise BankError(
+                f"{lock_path} is a symbolic link; a bank's lock is a plain file it makes itself. "
+                "Remove the link (nothing was written)."
+            ) from None
         raise
     deadline = time.monotonic() + timeout
     try:

@@ -86,5 +86,8 @@ def _lightning_cli(argv: Sequence[str]) -> LightningCLI:
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         args=list(argv),
-        parser_kwargs={"prog": "skillbank", "description": "Train a LightningModule (e.g. skillbank.MaskLearner) from a YAML config in configs/."},
+        parser_kwargs={
+            "prog": "skillbank",
+            "description": "Train a LightningModule (e.g. skillbank.MaskLearner) from a YAML config in configs/.",
+        },
     )

@@ -26,19 +26,22 @@ def read_jsonl(path: str | Path, num_labels: int | None = None) -> TextSplit:
     """
     path = Path(path)
     if not path.is_file():
-        raise SkillbankError(f"{path} is not a file; give a JSON-lines file of {{\"text\": ..., \"label\": ...}} objects.")
+        raise SkillbankError(f'{path} is not a file; give a JSON-lines file of {{"text": ..., "label": ...}} objects.')
     with path.open("rb") as f:
         data = f.read(MAX_BYTES + 1)
     if len(data) > MAX_BYTES:
-        raise SkillbankError(f"{path} is larger than {MAX_BYTES // 2**20} MiB; a validation set of a few hundred examples is enough.")
+        raise SkillbankError(
+            f"{path} is larger than {MAX_BYTES // 2**20} MiB; a validation set of a few hundred examples is enough."
+        )
     texts, labels = [], []
     expected = '{"text": <string>, "label": <integer>}'
     for number, row in json_lines(path, data.decode("utf-8", errors="replace"), expected):
         if not (isinstance(row.get("text"), str) and type(row.get("label")) is int):
             raise SkillbankError(f"{path}:{number}: expected {expected}.")
         if row["label"] < 0 or (num_labels is not None and row["label"] >= num_labels):
-            raise SkillbankError(f"{path}:{number}: label {row['label']} is outside 0..{(num_labels or 1) - 1} "
-                                 "(the finetuned model's classes).")
+            raise SkillbankError(
+                f"{path}:{number}: label {row['label']} is outside 0..{(num_labels or 1) - 1} (the finetuned model's classes)."
+            )
         texts.append(row["text"])
         labels.append(row["label"])
     if not texts:

@@ -13,8 +13,14 @@ from skillbank.skill import VALUE_DTYPES, Region, Skill, SkillMetadata
 from skillbank.sparse import check_sparsity, global_topk, num_selected
 from skillbank.task_vectors import TaskVector, matches
 
-__all__ = ["dataless_settings", "eligible_names", "localize_dataless", "skill_from_mask", "skill_from_regions",
-           "skill_from_task_vector"]
+__all__ = [
+    "dataless_settings",
+    "eligible_names",
+    "localize_dataless",
+    "skill_from_mask",
+    "skill_from_regions",
+    "skill_from_task_vector",
+]
 
 
 def skill_from_mask(
@@ -37,8 +43,18 @@ def skill_from_mask(
         idx = indices.get(pname, empty).to("cpu", torch.int64)
         values = tau.reshape(-1)[idx.to(tau.device)] if idx.numel() else torch.empty(0)
         regions[pname] = Region(idx, values.to("cpu", torch.float32))
-    return skill_from_task_vector(tv, regions, name=name, sparsity=sparsity, method=method, task=task, settings=settings,
-                                  metrics=metrics, source=source, value_dtype=value_dtype)
+    return skill_from_task_vector(
+        tv,
+        regions,
+        name=name,
+        sparsity=sparsity,
+        method=method,
+        task=task,
+        settings=settings,
+        metrics=metrics,
+        source=source,
+        value_dtype=value_dtype,
+    )
 
 
 def skill_from_task_vector(
@@ -51,8 +67,11 @@ def skill_from_task_vector(
     """:func:`skill_from_regions` with what ``tv`` records (shapes, base fingerprint, dtypes, head, source);
     ``fields`` as there (``name``, ``sparsity``, ``method``, …)."""
     return skill_from_regions(
-        regions, shapes={p: list(t.shape) for p, t in tv.shared.items()}, base_fingerprint=tv.base_fingerprint,
-        dtypes=tv.dtypes, head=tv.head,
+        regions,
+        shapes={p: list(t.shape) for p, t in tv.shared.items()},
+        base_fingerprint=tv.base_fingerprint,
+        dtypes=tv.dtypes,
+        head=tv.head,
         source={**dict(source or {}), **tv.source},  # the task vector knows whether an adapter was merged
         **fields,
     )
@@ -116,8 +135,9 @@ def localize_dataless(
     eligible = {p: tv.shared[p].abs() for p in eligible_names(tv.shared, exclude)}
     k = num_selected(sparsity, sum(t.numel() for t in eligible.values()))
     indices = global_topk(eligible, k)
-    return skill_from_mask(tv, indices, name=name, sparsity=sparsity, method="dataless",
-                           settings=dataless_settings(k, exclude), **skill_fields)
+    return skill_from_mask(
+        tv, indices, name=name, sparsity=sparsity, method="dataless", settings=dataless_settings(k, exclude), **skill_fields
+    )
 
 
 def eligible_names(shared: Iterable[str], exclude: Sequence[str]) -> list[str]:

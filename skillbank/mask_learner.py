@@ -157,15 +157,23 @@ class MaskLearner(pl.LightningModule):
         super().__init__()
         # every argument that is plain data, so load_from_checkpoint(path) rebuilds the learner from folders
         # (pass model=/base=/... again where they were modules or tensors)
-        objects = [n for n, v in (("model", model), ("base", base), ("finetuned", finetuned))
-                   if not isinstance(v, (str, os.PathLike, type(None)))]
+        objects = [
+            n
+            for n, v in (("model", model), ("base", base), ("finetuned", finetuned))
+            if not isinstance(v, (str, os.PathLike, type(None)))
+        ]
         self.save_hyperparameters(ignore=[*objects, "loss_fn", "metric", "context"])
         if isinstance(recipe, MaskRecipe):
             self.hparams["recipe"] = recipe.to_dict()
         self.sparsity = check_sparsity(sparsity)
         self.recipe = resolve_recipe(
-            recipe, lr=lr, l1=l1, init_scale=init_scale, init_sparsity=init_sparsity,
-            binarize=binarize, full_batch=full_batch,
+            recipe,
+            lr=lr,
+            l1=l1,
+            init_scale=init_scale,
+            init_sparsity=init_sparsity,
+            binarize=binarize,
+            full_batch=full_batch,
         )
         if bank is not None and not skill_name:
             raise SkillbankError("bank is set but skill_name is not: name the skill the learner should add.")
@@ -234,7 +242,9 @@ class MaskLearner(pl.LightningModule):
         with torch.no_grad():
             for b, m in model_names.items():
                 if params[m].shape != tv.shared[b].shape:
-                    raise TaskVectorError(f"model parameter {m!r} has shape {tuple(params[m].shape)}, τ has {tuple(tv.shared[b].shape)}.")
+                    raise TaskVectorError(
+                        f"model parameter {m!r} has shape {tuple(params[m].shape)}, τ has {tuple(tv.shared[b].shape)}."
+                    )
                 params[m].copy_(base_state[b])
             if load_head:
                 head_names = align_names(list(tv.head), params)
@@ -495,7 +505,8 @@ class MaskLearner(pl.LightningModule):
             raise TimeLimitError(
                 f"learning this mask would take about {projected / 60:.1f} min ({steps} of "
                 f"{all_steps if math.isfinite(all_steps) else 'an unknown number of'} steps took {elapsed:.1f} s), "
-                f"more than the {limit / 60:.1f} min allowed.")
+                f"more than the {limit / 60:.1f} min allowed."
+            )
 
     def on_validation_epoch_start(self) -> None:
         self._binary_indices = self.binary_mask()
@@ -535,8 +546,11 @@ class MaskLearner(pl.LightningModule):
             return
         self._updates = int(state["updates"])
         best = state["best"]
-        self._best = None if best is None else (float(best["val_acc"]), int(best["epoch"]),
-                                                {b: i.to(self.scores.device) for b, i in best["indices"].items()})
+        self._best = (
+            None
+            if best is None
+            else (float(best["val_acc"]), int(best["epoch"]), {b: i.to(self.scores.device) for b, i in best["indices"].items()})
+        )
 
     def setup(self, stage: str) -> None:
         """Before any training: the skill's name must be free in the bank (not found out after the last epoch)."""
@@ -547,8 +561,10 @@ class MaskLearner(pl.LightningModule):
             try:
                 bank = SkillBank.if_exists(self.bank)
                 if bank is not None and self.skill_name in bank:
-                    raise SkillNameError(f"bank {self.bank} already has a skill {self.skill_name!r}; pick another "
-                                         "skill_name (or remove that skill) before training.")
+                    raise SkillNameError(
+                        f"bank {self.bank} already has a skill {self.skill_name!r}; pick another "
+                        "skill_name (or remove that skill) before training."
+                    )
             except SkillbankError as exc:
                 error = exc
         raise_everywhere(self.trainer.strategy, error, "MaskLearner")
@@ -573,8 +589,11 @@ class MaskLearner(pl.LightningModule):
         if self._trainer is not None:
             metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(("val_", "mask_"))}
         settings = {
-            **self.recipe.to_dict(), "k": chosen, "exclude": list(self.exclude),
-            "updates": self._updates, "target_sparsity": self.sparsity,
+            **self.recipe.to_dict(),
+            "k": chosen,
+            "exclude": list(self.exclude),
+            "updates": self._updates,
+            "target_sparsity": self.sparsity,
             "selected_epoch": best[1] if best is not None else "last",
         }
         if self.context_names:
@@ -585,8 +604,9 @@ class MaskLearner(pl.LightningModule):
             settings.update(pool=self.pool, pool_small=self.pool_small, pool_entries=int(self.scored.numel()))
         fields = {"task": self.task, "metrics": metrics, "value_dtype": self.value_dtype, **skill_fields}
         sparsity = self.sparsity if self.recipe.binarize == "topk" else chosen / self.num_eligible
-        return skill_from_task_vector(self._tv, self._regions(indices), name=name, sparsity=sparsity, method="learned",
-                                      settings=settings, **fields)
+        return skill_from_task_vector(
+            self._tv, self._regions(indices), name=name, sparsity=sparsity, method="learned", settings=settings, **fields
+        )
 
     def _regions(self, indices: Mapping[str, Tensor]) -> dict[str, Region]:
         """Each shared tensor's chosen local indices and their ``τ`` (from the flat ``τ``: at the entry's flat

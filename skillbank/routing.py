@@ -117,7 +117,8 @@ class SkillRouter:
                 if skill.centroids is None:
                     raise SkillbankError(
                         f"skill {skill.name!r} has no routing data; localize it with examples "
-                        "(skillbank localize --routing-data FILE, or skillbank.routing.with_routing) to route to it.")
+                        "(skillbank localize --routing-data FILE, or skillbank.routing.with_routing) to route to it."
+                    )
                 named[skill.name] = skill.centroids.float()
                 bases.add(skill.metadata.base_fingerprint)
         if not named:
@@ -126,7 +127,9 @@ class SkillRouter:
             raise SkillbankError("the skills were localized on different base models; their routing features do not compare.")
         dims = {c.shape[-1] for c in named.values()}
         if len(dims) != 1:
-            raise SkillbankError(f"the skills' routing features differ in width ({sorted(dims)}); they come from different bases.")
+            raise SkillbankError(
+                f"the skills' routing features differ in width ({sorted(dims)}); they come from different bases."
+            )
         self.names = list(named)
         self._owner = torch.cat([torch.full((len(c),), i) for i, c in enumerate(named.values())])
         self._centroids = nn.functional.normalize(torch.cat(list(named.values())), dim=-1)

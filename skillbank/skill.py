@@ -154,7 +154,9 @@ class Skill:
             tensors = st_load(data)
             header = _read_header(data)
         except (SafetensorError, ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise SkillFileError(f"{origin} is not a readable safetensors file ({str(exc)[:120]}); it is truncated or corrupted.") from None
+            raise SkillFileError(
+                f"{origin} is not a readable safetensors file ({str(exc)[:120]}); it is truncated or corrupted."
+            ) from None
         if _HEADER_KEY not in header:
             raise SkillFileError(f"{origin} is a safetensors file but not a skill (no {_HEADER_KEY!r} metadata).")
         try:
@@ -191,8 +193,9 @@ class Skill:
             if values is None or values.numel() != indices.numel():
                 raise SkillFileError(f"{origin}: region {name!r} has {indices.numel()} indices but no matching values.")
             if values.dtype not in VALUE_DTYPES.values():
-                raise SkillFileError(f"{origin}: region {name!r} stores {values.dtype} values; a skill stores "
-                                     f"{', '.join(VALUE_DTYPES)} only.")
+                raise SkillFileError(
+                    f"{origin}: region {name!r} stores {values.dtype} values; a skill stores {', '.join(VALUE_DTYPES)} only."
+                )
             regions[name] = Region(indices, values.float())
         if parts:
             raise SkillFileError(f"{origin} has regions for parameters its header does not list: {sorted(parts)[:5]}.")
@@ -234,18 +237,29 @@ def _metadata_problem(data: dict[str, Any]) -> str:
     if not isinstance(shapes, dict) or len(shapes) > _MAX_PARAMETERS:
         return f"'shapes' must map at most {_MAX_PARAMETERS:,} parameter names to shapes"
     for name, shape in shapes.items():
-        if (len(name) > _MAX_TEXT or not isinstance(shape, list) or len(shape) > _MAX_DIMS
-                or not all(type(d) is int and 0 <= d < 2**40 for d in shape) or math.prod(shape) >= 2**40):
+        if (
+            len(name) > _MAX_TEXT
+            or not isinstance(shape, list)
+            or len(shape) > _MAX_DIMS
+            or not all(type(d) is int and 0 <= d < 2**40 for d in shape)
+            or math.prod(shape) >= 2**40
+        ):
             return f"the shape of {name[:80]!r} must be a list of at most {_MAX_DIMS} sizes (non-negative integers)"
     return ""
 
 
 def _checked_centroids(centroids: Tensor, origin: str) -> Tensor:
     """``centroids`` if they are a finite floating ``[C, D]`` matrix within the bounds, else a :class:`SkillFileError`."""
-    if (centroids.dim() != 2 or not centroids.is_floating_point() or not 1 <= centroids.shape[0] <= MAX_CENTROIDS
-            or not 1 <= centroids.shape[1] <= MAX_FEATURE_DIM):
-        raise SkillFileError(f"{origin}: routing centroids must be a float [C, D] matrix with 1 <= C <= {MAX_CENTROIDS} "
-                             f"and 1 <= D <= {MAX_FEATURE_DIM}, got {centroids.dtype} {list(centroids.shape)}.")
+    if (
+        centroids.dim() != 2
+        or not centroids.is_floating_point()
+        or not 1 <= centroids.shape[0] <= MAX_CENTROIDS
+        or not 1 <= centroids.shape[1] <= MAX_FEATURE_DIM
+    ):
+        raise SkillFileError(
+            f"{origin}: routing centroids must be a float [C, D] matrix with 1 <= C <= {MAX_CENTROIDS} "
+            f"and 1 <= D <= {MAX_FEATURE_DIM}, got {centroids.dtype} {list(centroids.shape)}."
+        )
     if not torch.isfinite(centroids).all():
         raise SkillFileError(f"{origin}: routing centroids hold NaN or infinite values.")
     return centroids

@@ -33,9 +33,7 @@ BLOCK = 1 << 16
 def check_sparsity(sparsity: float) -> float:
     """Return ``sparsity`` if it lies in (0, 1], else raise a clear error."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity <= 1:
-        raise SkillbankError(
-            f"sparsity must be a fraction in (0, 1] (e.g. 0.01 for 1% of the parameters), got {sparsity!r}."
-        )
+        raise SkillbankError(f"sparsity must be a fraction in (0, 1] (e.g. 0.01 for 1% of the parameters), got {sparsity!r}.")
     return float(sparsity)
 
 

@@ -42,17 +42,27 @@ def load_base_model(base: str | Path) -> nn.Module:
 def _model_card(bank: SkillBank, stitcher: Stitcher, base: str | Path, rule: OverlapRule) -> str:
     names = stitcher.stitched
     lines = [
-        "---", "library_name: transformers", "tags: [skillbank, localize-and-stitch, model-merging]", "---", "",
-        "# Stitched model", "",
+        "---",
+        "library_name: transformers",
+        "tags: [skillbank, localize-and-stitch, model-merging]",
+        "---",
+        "",
+        "# Stitched model",
+        "",
         f"Base model `{base}` with {len(names)} skills from the skillbank bank `{bank.path}` stitched on:",
-        "θ = θ_pre + Σ_i γ'_i ⊙ τ_i, where skills overlap combined by the overlap rule below.", "",
-        f"Overlap rule: `{rule.name}` — {rule.summary}.", "",
-        "| skill | task | method | sparsity | entries | source |", "| --- | --- | --- | --- | --- | --- |",
+        "θ = θ_pre + Σ_i γ'_i ⊙ τ_i, where skills overlap combined by the overlap rule below.",
+        "",
+        f"Overlap rule: `{rule.name}` — {rule.summary}.",
+        "",
+        "| skill | task | method | sparsity | entries | source |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for name in names:
         e = bank.entry(name)
-        lines.append(f"| {_md(e.name)} | {_md(e.task)} | {_md(e.method)} | {e.sparsity:g} | {e.entries:,} | "
-                     f"{_md(_source(stitcher.metadata[name].source))} |")
+        lines.append(
+            f"| {_md(e.name)} | {_md(e.task)} | {_md(e.method)} | {e.sparsity:g} | {e.entries:,} | "
+            f"{_md(_source(stitcher.metadata[name].source))} |"
+        )
     lines += ["", "Each skill's task head is in `heads/<skill>.safetensors`, named as in its finetuned model.", ""]
     return "\n".join(lines)
 
@@ -98,8 +108,10 @@ def _building(out: Path) -> Iterator[Path]:
             os.rename(tmp, out)
         except OSError as exc:
             if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                raise SkillbankError(f"--out {out} was filled by another run while this one worked; nothing of this "
-                                     "run was kept. Pick a new folder.") from None
+                raise SkillbankError(
+                    f"--out {out} was filled by another run while this one worked; nothing of this "
+                    "run was kept. Pick a new folder."
+                ) from None
             raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -180,7 +192,8 @@ def export_skill(base: str | Path, bank: SkillBank, name: str, out: str | Path) 
     labels = _labels_of(skill.head)
     if labels is not None:
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            require_safetensors(base_path), num_labels=labels, local_files_only=True, use_safetensors=True).eval()
+            require_safetensors(base_path), num_labels=labels, local_files_only=True, use_safetensors=True
+        ).eval()
     else:
         model = load_base_model(base_path)
     stitcher = Stitcher(model, base_path, bank=bank)
@@ -193,7 +206,9 @@ def export_skill(base: str | Path, bank: SkillBank, name: str, out: str | Path) 
     with torch.no_grad():
         for src, dst in names.items():
             if params[dst].shape != skill.head[src].shape:
-                raise SkillbankError(f"head tensor {src!r} {tuple(skill.head[src].shape)} does not fit {dst!r} {tuple(params[dst].shape)}.")
+                raise SkillbankError(
+                    f"head tensor {src!r} {tuple(skill.head[src].shape)} does not fit {dst!r} {tuple(params[dst].shape)}."
+                )
             params[dst].copy_(skill.head[src])
     with _building(out) as folder:
         model.save_pretrained(folder)
@@ -203,10 +218,18 @@ def export_skill(base: str | Path, bank: SkillBank, name: str, out: str | Path) 
 
 def _export_card(base: str | Path, bank: SkillBank, skill: Skill) -> str:
     meta = skill.metadata
-    return "\n".join([
-        "---", "library_name: transformers", "tags: [skillbank, localize-and-stitch]", "---", "",
-        f"# {_md(meta.name)}: a single-task model exported from skillbank", "",
-        f"Base {_md(base)} plus the skill {_md(meta.name)} (task {_md(meta.task)}, {_md(meta.method)} mask, "
-        f"{skill.num_entries:,} of {skill.num_shared:,} entries = {skill.num_entries / skill.num_shared:.2%}) "
-        f"and its own head, from the bank {_md(bank.path)}. Source: {_md(_source(meta.source))}.", "",
-    ])
+    return "\n".join(
+        [
+            "---",
+            "library_name: transformers",
+            "tags: [skillbank, localize-and-stitch]",
+            "---",
+            "",
+            f"# {_md(meta.name)}: a single-task model exported from skillbank",
+            "",
+            f"Base {_md(base)} plus the skill {_md(meta.name)} (task {_md(meta.task)}, {_md(meta.method)} mask, "
+            f"{skill.num_entries:,} of {skill.num_shared:,} entries = {skill.num_entries / skill.num_shared:.2%}) "
+            f"and its own head, from the bank {_md(bank.path)}. Source: {_md(_source(meta.source))}.",
+            "",
+        ]
+    )

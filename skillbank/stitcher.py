@@ -59,8 +59,12 @@ class _PerTensor:
             return torch.cat([flat.index_select(0, idx).double() for flat, idx, _, _ in self.flats])
         cuts = torch.tensor([s for _, _, s, _ in self.flats] + [total], device=fresh.device)
         bounds = torch.searchsorted(fresh, cuts).tolist()
-        return torch.cat([flat.index_select(0, idx.index_select(0, fresh[lo:hi] - start)).double()
-                          for (flat, idx, start, _), lo, hi in zip(self.flats, bounds, bounds[1:])])
+        return torch.cat(
+            [
+                flat.index_select(0, idx.index_select(0, fresh[lo:hi] - start)).double()
+                for (flat, idx, start, _), lo, hi in zip(self.flats, bounds, bounds[1:])
+            ]
+        )
 
     def write(self, values: Tensor) -> None:
         """Write the batch's ``values`` (float64), each cast to its tensor's dtype."""
@@ -240,7 +244,9 @@ class Stitcher:
         out = {}
         for name, tensor in self._tensors.items():
             start = self._offsets[name]
-            lo, hi = torch.searchsorted(positions, torch.tensor([start, start + tensor.numel()], device=positions.device)).tolist()
+            lo, hi = torch.searchsorted(
+                positions, torch.tensor([start, start + tensor.numel()], device=positions.device)
+            ).tolist()
             if hi > lo:
                 out[name] = ((positions[lo:hi] - start).cpu(), values[lo:hi].to(tensor.dtype).cpu())
         return out
@@ -269,13 +275,21 @@ class Stitcher:
             if skill.owner != id(self):
                 raise StitchError(f"skill {name!r} was prepared for another Stitcher; prepare it with this one.")
             prepared, kept, sha, names, batch, head, metadata = (
-                skill, None, skill.sha256, skill.names, skill.batch, skill.head, skill.metadata)
+                skill,
+                None,
+                skill.sha256,
+                skill.names,
+                skill.batch,
+                skill.head,
+                skill.metadata,
+            )
         else:
             kept, sha, names, batch = self._checked(skill)
             prepared, head, metadata = None, kept.head, kept.metadata
         self._apply(batch, adding=True)
-        self._stitched[name] = _Stitched(names=names, skill=None if sha is not None else kept, sha256=sha, head=head,
-                                         metadata=metadata, prepared=prepared)
+        self._stitched[name] = _Stitched(
+            names=names, skill=None if sha is not None else kept, sha256=sha, head=head, metadata=metadata, prepared=prepared
+        )
 
     def prepare(self, skill: Skill | str) -> PreparedSkill:
         """Check ``skill`` against this model and lay its entries out on the model's device, once.
@@ -336,7 +350,8 @@ class Stitcher:
         """
         before: list[Skill | str | PreparedSkill] = [
             record.prepared if record.prepared is not None else record.skill if record.skill is not None else name
-            for name, record in self._stitched.items()]
+            for name, record in self._stitched.items()
+        ]
         self.switch(skills)
         try:
             if head and len(skills) == 1 and isinstance(self.model, nn.Module):
@@ -387,8 +402,10 @@ class Stitcher:
     def _banked(self, name: str, sha256: str | None) -> Skill:
         """Skill ``name`` as it was stitched, read from the bank again (checked by sha256)."""
         bank = self._require_bank(name)
-        way_out = ("the stitcher cannot subtract it exactly; stitcher.reset() puts the base back (then add the "
-                   "skills you want again), or keep Skill objects: Stitcher.add(bank.get(name)) keeps the skill in memory.")
+        way_out = (
+            "the stitcher cannot subtract it exactly; stitcher.reset() puts the base back (then add the "
+            "skills you want again), or keep Skill objects: Stitcher.add(bank.get(name)) keeps the skill in memory."
+        )
         try:
             entry = bank.entry(name)
         except SkillNameError:
@@ -503,8 +520,10 @@ class Stitcher:
             if tensor.device != device:
                 raise StitchError("stitching needs every tensor of a skill on one device; move the model first.")
             if tensor.numel() != self._sizes[dst] or not tensor.is_contiguous():
-                raise StitchError(f"{dst!r} changed size or layout since this Stitcher was made; make a new Stitcher "
-                                  "(after putting the base back) for the changed model.")
+                raise StitchError(
+                    f"{dst!r} changed size or layout since this Stitcher was made; make a new Stitcher "
+                    "(after putting the base back) for the changed model."
+                )
         return device
 
     def _one_launch(self, batch: _Batch) -> bool:
@@ -539,8 +558,12 @@ class Stitcher:
                 table = self._addresses.current(device, torch.empty((), dtype=dtype).element_size())
                 writer = _OneLaunch(table, placed, dtype)
             else:
-                writer = _PerTensor([(self._tensors[dst].data.view(-1), placed.local[start : start + n], start, n)
-                                     for dst, start, n in batch.spans])
+                writer = _PerTensor(
+                    [
+                        (self._tensors[dst].data.view(-1), placed.local[start : start + n], start, n)
+                        for dst, start, n in batch.spans
+                    ]
+                )
             plan = self._union.plan(placed.positions, placed.values, 1 if adding else -1, writer.read)
             self._check_fits(batch, plan.merged)
             try:
@@ -557,8 +580,10 @@ class Stitcher:
             return
         for (dst, start, n), dtype in zip(batch.spans, dtypes):
             if not bool((merged[start : start + n].abs() <= torch.finfo(dtype).max).all()):
-                raise StitchError(f"stitching {batch.name!r} would write values that overflow {dtype} in {dst!r} "
-                                  "(NaN/Inf); the model is unchanged. Load the model in a wider dtype (float32).")
+                raise StitchError(
+                    f"stitching {batch.name!r} would write values that overflow {dtype} in {dst!r} "
+                    "(NaN/Inf); the model is unchanged. Load the model in a wider dtype (float32)."
+                )
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.stitched)

@@ -29,8 +29,14 @@ from skillbank.weights import chunked_digest, fingerprint_from_digests, model_pa
 
 __all__ = ["CHUNK_ENTRIES", "SafetensorsReader", "localize_streaming"]
 
-_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 _FLOAT_DTYPES = set(_TORCH_DTYPES)
 #: Entries per piece a tensor is read in: the streaming path's working set is a few such pieces plus the selection.
 CHUNK_ENTRIES = 1 << 22
@@ -129,8 +135,14 @@ class _RunningTopk:
         self.values = torch.cat([self.values[chosen[:cut]], flat[arrived]])
 
 
-def _tau_pieces(base: Iterator[Tensor], finetuned: Iterator[Tensor], selection: _RunningTopk | None, offset: int,
-                plausibility: Plausibility, bad: list[int]) -> Iterator[Tensor]:
+def _tau_pieces(
+    base: Iterator[Tensor],
+    finetuned: Iterator[Tensor],
+    selection: _RunningTopk | None,
+    offset: int,
+    plausibility: Plausibility,
+    bad: list[int],
+) -> Iterator[Tensor]:
     """Yield the base's pieces of one tensor (for its digest); on the way, each piece's τ is checked, counted
     for plausibility and offered to ``selection`` at its global position; ``bad[0]`` counts NaN/Inf entries."""
     for base_piece, ft_piece in zip(base, finetuned):
@@ -167,8 +179,11 @@ def localize_streaming(
     """
     check_sparsity(sparsity)
     base_reader, ft_reader = SafetensorsReader(base), SafetensorsReader(finetuned)
-    shared = pair_shared({n: base_reader.shape[n] for n in base_reader.float_names},
-                         {n: ft_reader.shape[n] for n in ft_reader.float_names}, head_patterns)
+    shared = pair_shared(
+        {n: base_reader.shape[n] for n in base_reader.float_names},
+        {n: ft_reader.shape[n] for n in ft_reader.float_names},
+        head_patterns,
+    )
     eligible = eligible_names(shared, exclude)
     sizes = {b: math.prod(base_reader.shape[b]) for b in eligible}
     k = num_selected(sparsity, sum(sizes.values()))
@@ -197,7 +212,14 @@ def localize_streaming(
         else:
             regions[b] = Region(torch.empty(0, dtype=torch.int64), torch.empty(0))
     return skill_from_regions(
-        regions, shapes={b: base_reader.shape[b] for b in shared}, base_fingerprint=fingerprint_from_digests(digests),
-        dtypes=dtypes, head=head, name=name, sparsity=sparsity, method="dataless", settings=dataless_settings(k, exclude),
+        regions,
+        shapes={b: base_reader.shape[b] for b in shared},
+        base_fingerprint=fingerprint_from_digests(digests),
+        dtypes=dtypes,
+        head=head,
+        name=name,
+        sparsity=sparsity,
+        method="dataless",
+        settings=dataless_settings(k, exclude),
         **skill_fields,
     )

@@ -85,13 +85,22 @@ class TokenDataset(Dataset):
         return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
 
 
-def make_splits(task: SyntheticTask, sizes: tuple[int, int, int] = (2000, 500, 500), seed: int = 0, batch_size: int = 64) -> tuple[DataLoader, DataLoader, DataLoader]:
+def make_splits(
+    task: SyntheticTask, sizes: tuple[int, int, int] = (2000, 500, 500), seed: int = 0, batch_size: int = 64
+) -> tuple[DataLoader, DataLoader, DataLoader]:
     """Seeded train / validation / test loaders for ``task``."""
     generator = torch.Generator().manual_seed(seed)
     loaders = []
     for split, n in enumerate(sizes):
         ids, labels = task.sample(n, generator)
-        loaders.append(DataLoader(TokenDataset(ids, labels), batch_size=batch_size, shuffle=split == 0, generator=torch.Generator().manual_seed(seed)))
+        loaders.append(
+            DataLoader(
+                TokenDataset(ids, labels),
+                batch_size=batch_size,
+                shuffle=split == 0,
+                generator=torch.Generator().manual_seed(seed),
+            )
+        )
     return loaders[0], loaders[1], loaders[2]
 
 
@@ -123,7 +132,9 @@ class DemoTaskData(pl.LightningDataModule):
         self.train_set, self.val_set, self.test_set = train_set, val.dataset, test.dataset
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(self.seed)
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size)

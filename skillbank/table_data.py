@@ -39,8 +39,9 @@ def read_table(path: str | Path, text_column: str = "text", label_column: str = 
     """
     path = Path(path)
     if not path.is_file():
-        raise SkillbankError(f"{path} is not a file; give a .csv, .tsv or .jsonl file with {text_column!r} and "
-                             f"{label_column!r} columns.")
+        raise SkillbankError(
+            f"{path} is not a file; give a .csv, .tsv or .jsonl file with {text_column!r} and {label_column!r} columns."
+        )
     kind = path.suffix.lower()
     if kind not in (".csv", ".tsv", ".jsonl"):
         raise SkillbankError(f"{path}: unknown kind {kind!r}; use .csv, .tsv or .jsonl.")
@@ -49,13 +50,19 @@ def read_table(path: str | Path, text_column: str = "text", label_column: str = 
     if len(data) > MAX_TABLE_BYTES:
         raise SkillbankError(f"{path} is larger than {MAX_TABLE_BYTES >> 20} MiB.")
     text = data.decode("utf-8-sig", errors="replace")
-    rows = json_lines(path, text, "a JSON object per line") if kind == ".jsonl" else _delimited_rows(path, text, "\t" if kind == ".tsv" else ",")
+    rows = (
+        json_lines(path, text, "a JSON object per line")
+        if kind == ".jsonl"
+        else _delimited_rows(path, text, "\t" if kind == ".tsv" else ",")
+    )
     texts, raw = [], []
     for line, row in rows:
         for column in (text_column, label_column):
             if column not in row:
-                raise SkillbankError(f"{path}:{line}: no {column!r} column (columns: {sorted(row)[:10]}); "
-                                     "name yours with text_column= / label_column= (--data.text_column ...).")
+                raise SkillbankError(
+                    f"{path}:{line}: no {column!r} column (columns: {sorted(row)[:10]}); "
+                    "name yours with text_column= / label_column= (--data.text_column ...)."
+                )
         if not isinstance(row[text_column], str) or row[label_column] in ("", None):
             raise SkillbankError(f"{path}:{line}: the text must be a string and the label not empty.")
         texts.append(row[text_column])
@@ -109,8 +116,9 @@ class TextClassificationData(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise SkillbankError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in [0, 1) "
-                                 "and leave rows to train on.")
+            raise SkillbankError(
+                f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in [0, 1) and leave rows to train on."
+            )
         self.path, self.tokenizer_source = path, tokenizer
         self.text_column, self.label_column = text_column, label_column
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
@@ -141,16 +149,25 @@ class TextClassificationData(pl.LightningDataModule):
         random.Random(self.seed).shuffle(order)
         n_val, n_test = round(self.val_fraction * len(rows)), round(self.test_fraction * len(rows))
         parts = {"validation": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
-        self.splits = {name: TextSplit(tuple(rows.texts[i] for i in sorted(part)), tuple(rows.labels[i] for i in sorted(part)))
-                       for name, part in parts.items()}
+        self.splits = {
+            name: TextSplit(tuple(rows.texts[i] for i in sorted(part)), tuple(rows.labels[i] for i in sorted(part)))
+            for name, part in parts.items()
+        }
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.tokenizer_source), local_files_only=True)
 
     def _loader(self, name: str, indices: list[int] | None = None, shuffle: bool = False) -> DataLoader:
         split = self.splits[name]
         if not len(split):
             raise SkillbankError(f"the {name} split of {self.path} is empty; raise its fraction or add rows.")
-        return task_loader(split, self.tokenizer, max_length=self.max_length, batch_size=self.batch_size,
-                           shuffle=shuffle, indices=indices, seed=self.seed)
+        return task_loader(
+            split,
+            self.tokenizer,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            indices=indices,
+            seed=self.seed,
+        )
 
     def train_dataloader(self) -> DataLoader:
         indices = None

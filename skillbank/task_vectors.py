@@ -16,7 +16,16 @@ from skillbank.devices import device_of
 from skillbank.errors import TaskVectorError
 from skillbank.weights import WeightsSource, align_names, base_fingerprint, drop_aliases, is_float, load_weights
 
-__all__ = ["MAX_RELATIVE_NORM", "Plausibility", "TaskVector", "check_finite", "matches", "nonfinite_error", "pair_shared", "task_vector"]
+__all__ = [
+    "MAX_RELATIVE_NORM",
+    "Plausibility",
+    "TaskVector",
+    "check_finite",
+    "matches",
+    "nonfinite_error",
+    "pair_shared",
+    "task_vector",
+]
 
 #: ``‖τ‖ / ‖θ_pre‖`` over the weight matrices above which a "finetune" is warned about: finetunes stay far
 #: below 1, while two independent initializations (another base) differ by about √2 ≈ 1.41.
@@ -57,16 +66,20 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
     return any(re.search(p, name) for p in patterns)
 
 
-def pair_shared(base: Mapping[str, list[int]], finetuned: Mapping[str, list[int]],
-                head_patterns: Sequence[str] = ()) -> dict[str, str]:
+def pair_shared(
+    base: Mapping[str, list[int]], finetuned: Mapping[str, list[int]], head_patterns: Sequence[str] = ()
+) -> dict[str, str]:
     """``{base name: finetuned name}`` of the floating-point tensors both hold with one shape (names aligned
     across a wrapper prefix), leaving out what ``head_patterns`` match; from the shapes alone.
 
     Raises:
         TaskVectorError: they share none.
     """
-    shared = {b: f for b, f in align_names(base, finetuned).items()
-              if base[b] == finetuned[f] and not matches(b, head_patterns) and not matches(f, head_patterns)}
+    shared = {
+        b: f
+        for b, f in align_names(base, finetuned).items()
+        if base[b] == finetuned[f] and not matches(b, head_patterns) and not matches(f, head_patterns)
+    }
     if not shared:
         raise TaskVectorError(
             "the base and finetuned models share no floating-point parameter with the same name and shape "
@@ -86,8 +99,10 @@ def check_finite(tensors: dict[str, Tensor], what: str) -> None:
 
 def nonfinite_error(what: str, name: str, count: int) -> TaskVectorError:
     """The error for ``count`` NaN/Inf entries in tensor ``name``."""
-    return TaskVectorError(f"{what} {name!r} has {count} NaN/Inf entries; the finetune diverged "
-                           "or the checkpoint is damaged. Re-run or pick an earlier checkpoint.")
+    return TaskVectorError(
+        f"{what} {name!r} has {count} NaN/Inf entries; the finetune diverged "
+        "or the checkpoint is damaged. Re-run or pick an earlier checkpoint."
+    )
 
 
 class Plausibility:
@@ -111,13 +126,19 @@ class Plausibility:
     def check(self) -> None:
         """Raise or warn, as the class says."""
         if not self.nonzero:
-            raise TaskVectorError("the finetuned weights equal the base's everywhere (the task vector is all zero): pass "
-                                  "the finetuned model (or its checkpoint folder), not the base.")
+            raise TaskVectorError(
+                "the finetuned weights equal the base's everywhere (the task vector is all zero): pass "
+                "the finetuned model (or its checkpoint folder), not the base."
+            )
         ratio = (self.change / self.size) ** 0.5 if self.size > 0 else 0.0
         if ratio > MAX_RELATIVE_NORM:
-            warnings.warn(f"the task vector is as large as the weights themselves (||tau|| / ||theta_pre|| = {ratio:.2f} "
-                          f"over the weight matrices; finetunes stay far below 1, another base gives about 1.41): is this "
-                          "model a finetune of this base?", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"the task vector is as large as the weights themselves (||tau|| / ||theta_pre|| = {ratio:.2f} "
+                f"over the weight matrices; finetunes stay far below 1, another base gives about 1.41): is this "
+                "model a finetune of this base?",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def task_vector(
@@ -153,12 +174,15 @@ def task_vector(
     # one name per tensor: tied input embeddings and LM head are one tensor, counted once
     base_state = {k: v for k, v in drop_aliases(load_weights(base)).items() if is_float(v)}
     ft_state = {k: v for k, v in drop_aliases(load_weights(finetune.weights)).items() if is_float(v)}
-    shared_names = pair_shared({k: list(v.shape) for k, v in base_state.items()},
-                               {k: list(v.shape) for k, v in ft_state.items()}, head_patterns)
+    shared_names = pair_shared(
+        {k: list(v.shape) for k, v in base_state.items()}, {k: list(v.shape) for k, v in ft_state.items()}, head_patterns
+    )
     used = set(shared_names.values())
     where = torch.device(device) if device is not None else device_of(ft_state.values())
-    shared = {b: ft_state[f].detach().to(where, torch.float32) - base_state[b].detach().to(where, torch.float32)
-              for b, f in shared_names.items()}
+    shared = {
+        b: ft_state[f].detach().to(where, torch.float32) - base_state[b].detach().to(where, torch.float32)
+        for b, f in shared_names.items()
+    }
     head = {f: t.detach().to(where) for f, t in ft_state.items() if f not in used}
     check_finite(shared, "task vector of")
     check_finite(head, "head tensor")

@@ -77,8 +77,15 @@ class TextTaskData(pl.LightningDataModule):
         return sorted(random.Random(self.seed * 1000 + salt).sample(range(len(split)), size))
 
     def _loader(self, split: TextSplit, indices: list[int] | None, shuffle: bool = False) -> DataLoader:
-        return task_loader(split, self.tokenizer, max_length=self.max_length, batch_size=self.batch_size,
-                           shuffle=shuffle, indices=indices, seed=self.seed)
+        return task_loader(
+            split,
+            self.tokenizer,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            indices=indices,
+            seed=self.seed,
+        )
 
     def _ready(self) -> TextTask:
         if self.task is None:

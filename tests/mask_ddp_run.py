@@ -63,11 +63,18 @@ def main(devices: int, bank: str) -> None:
     few = Subset(dataset, balanced_indices(labels, 64, seed=0))
     loader = DataLoader(few, batch_size=GLOBAL_BATCH // devices, shuffle=False)
     val = DataLoader(Subset(dataset, range(256, 400)), batch_size=GLOBAL_BATCH // devices)
-    learner = MaskLearner(finetuned, base, sparsity=0.05, bank=bank, skill_name="sentiment", full_batch=True, lr=0.5,
-                          keep_best=False)  # compare the final masks, not a best epoch
+    learner = MaskLearner(
+        finetuned, base, sparsity=0.05, bank=bank, skill_name="sentiment", full_batch=True, lr=0.5, keep_best=False
+    )  # compare the final masks, not a best epoch
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=40,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_epochs=40,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         deterministic=True,
     )
     trainer.fit(learner, loader, val)

@@ -81,8 +81,24 @@ def test_lora_skill_stitched_at_full_density_reproduces_the_peft_model(lora_setu
 
 def test_localize_stitch_export_round_trip_loads_with_plain_transformers(lora_setup: dict, base_model: BertModel, capsys) -> None:
     root, bank_dir = lora_setup["root"], lora_setup["root"] / "bank"
-    assert main(["localize", "--base", str(lora_setup["base"]), "--finetuned", str(lora_setup["adapter"]),
-                 "--bank", str(bank_dir), "--name", "lora", "--sparsity", "0.05"]) == 0
+    assert (
+        main(
+            [
+                "localize",
+                "--base",
+                str(lora_setup["base"]),
+                "--finetuned",
+                str(lora_setup["adapter"]),
+                "--bank",
+                str(bank_dir),
+                "--name",
+                "lora",
+                "--sparsity",
+                "0.05",
+            ]
+        )
+        == 0
+    )
     skill = SkillBank(bank_dir).get("lora")
     assert skill.metadata.source["kind"] == "lora adapter"
     assert skill.metadata.source["adapter_config"]["target_modules"] == ["query", "value"]
@@ -118,11 +134,27 @@ def test_localize_stitch_export_round_trip_loads_with_plain_transformers(lora_se
 
 def test_adapter_from_another_base_is_refused(lora_setup: dict, tmp_path: Path, capsys) -> None:
     model = BertForSequenceClassification(tiny_config(hidden_size=8, intermediate_size=16, num_labels=NUM_LABELS))
-    get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])).save_pretrained(tmp_path / "foreign")
+    get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])).save_pretrained(
+        tmp_path / "foreign"
+    )
     with pytest.raises(BaseMismatchError, match="does not fit this base"):
         task_vector(lora_setup["base"], tmp_path / "foreign")
-    assert main(["localize", "--base", str(lora_setup["base"]), "--finetuned", str(tmp_path / "foreign"),
-                 "--bank", str(tmp_path / "bank"), "--name", "x"]) == 2
+    assert (
+        main(
+            [
+                "localize",
+                "--base",
+                str(lora_setup["base"]),
+                "--finetuned",
+                str(tmp_path / "foreign"),
+                "--bank",
+                str(tmp_path / "bank"),
+                "--name",
+                "x",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "does not fit this base" in err and "Pass the base model the adapter was trained from" in err
     assert "x" not in SkillBank(tmp_path / "bank").names()
@@ -151,8 +183,15 @@ def test_harvester_and_mask_learner_take_a_lora_lightning_module(base_model: Ber
     ids = torch.randint(5, 64, (32, 10), generator=torch.Generator().manual_seed(1))
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, ids[:, 0] % NUM_LABELS), batch_size=8)
     harvester = SkillHarvester(tmp_path / "bank", "lora-task", sparsity=0.05)  # base captured from the PEFT model
-    pl.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, callbacks=[harvester]).fit(module, data)
+    pl.Trainer(
+        max_steps=6,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[harvester],
+    ).fit(module, data)
     skill = SkillBank(tmp_path / "bank").get("lora-task")
     assert skill.metadata.source["kind"] == "lora adapter" and skill.metadata.source["module"] == "LoraModule"
     assert set(skill.head) == {"classifier.weight", "classifier.bias"}

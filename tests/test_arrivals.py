@@ -22,19 +22,25 @@ def test_average_and_backward_transfer_by_hand():
     assert m["bwt"] == pytest.approx([0.0, -0.25, (-0.5 - 0.5) / 2])
 
 
-@pytest.mark.parametrize("accs, finetuned, words", [
-    ([{"a": 0.8}, {"b": 0.5}], FINETUNED, "no accuracy for \\['a'\\]"),
-    (ACCS, {**FINETUNED, "b": 0.0}, "positive finetuned accuracy"),
-    (ACCS + [{}], FINETUNED, "only 3 tasks"),
-])
+@pytest.mark.parametrize(
+    "accs, finetuned, words",
+    [
+        ([{"a": 0.8}, {"b": 0.5}], FINETUNED, "no accuracy for \\['a'\\]"),
+        (ACCS, {**FINETUNED, "b": 0.0}, "positive finetuned accuracy"),
+        (ACCS + [{}], FINETUNED, "only 3 tasks"),
+    ],
+)
 def test_incomplete_runs_are_refused(accs, finetuned, words):
     with pytest.raises(SkillbankError, match=words):
         arrival_metrics(accs, ORDER, finetuned)
 
 
 def test_skillbank_plot_arrivals_writes_a_png_and_prints_the_numbers(tmp_path, capsys):
-    data = {"order": ORDER, "finetuned": FINETUNED, "methods": {"L&S": ACCS, "flat": [{"a": 0.8}, {"a": 0.8, "b": 0.5},
-                                                                                        {"a": 0.8, "b": 0.5, "c": 1.0}]}}
+    data = {
+        "order": ORDER,
+        "finetuned": FINETUNED,
+        "methods": {"L&S": ACCS, "flat": [{"a": 0.8}, {"a": 0.8, "b": 0.5}, {"a": 0.8, "b": 0.5, "c": 1.0}]},
+    }
     (tmp_path / "arrivals.json").write_text(json.dumps(data))
     assert main(["plot", "arrivals", str(tmp_path / "arrivals.json"), "--out", str(tmp_path / "a.png")]) == 0
     out = capsys.readouterr().out

@@ -64,10 +64,13 @@ def fake(s: float) -> Skill:
     return Skill(SkillMetadata("t", "fp", s, {}), {})
 
 
-@pytest.mark.parametrize("start, expected_tries, chosen", [
-    (0.05, [0.05, 0.02, 0.01, 0.005], 0.01),  # meets at the start: step down until it fails
-    (0.002, [0.002, 0.005, 0.01], 0.01),  # fails at the start: step up until it meets
-])
+@pytest.mark.parametrize(
+    "start, expected_tries, chosen",
+    [
+        (0.05, [0.05, 0.02, 0.01, 0.005], 0.01),  # meets at the start: step down until it fails
+        (0.002, [0.002, 0.005, 0.01], 0.01),  # fails at the start: step up until it meets
+    ],
+)
 def test_a_search_from_a_start_runs_the_maker_only_where_needed(start, expected_tries, chosen):
     made = []
 
@@ -84,8 +87,15 @@ def test_a_target_nothing_meets_returns_the_best_tried():
     assert not choice.met and choice.sparsity == 0.3 and list(choice.tried) == [0.1, 0.2, 0.3]
 
 
-@pytest.mark.parametrize("kwargs, words", [(dict(target=0), "target recovery"), (dict(grid=()), "grid"),
-                                           (dict(start=0.03), "not on the grid"), (dict(reference=0.0), "reference")])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(target=0), "target recovery"),
+        (dict(grid=()), "grid"),
+        (dict(start=0.03), "not on the grid"),
+        (dict(reference=0.0), "reference"),
+    ],
+)
 def test_bad_search_settings_are_refused(kwargs, words):
     reference = kwargs.pop("reference", 1.0)
     with pytest.raises(SkillbankError, match=words):

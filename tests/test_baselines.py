@@ -139,7 +139,7 @@ def _opcm_reference(taus: list[dict[str, torch.Tensor]], alpha: float) -> list[d
                             kept += (u[:, i] @ v @ vt[j]) * np.outer(u[:, i], vt[j])
                     v = kept
                 total[k] = total[k] + v
-        norm = np.sqrt(sum((t ** 2).sum() for t in total.values()))
+        norm = np.sqrt(sum((t**2).sum() for t in total.values()))
         out.append({k: torch.from_numpy(t * (np.mean(norms) / norm)).float() for k, t in total.items()})
     return out
 

@@ -20,9 +20,18 @@ VOCAB = 40
 
 def llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32, pad_token_id=0,
-                         bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=32,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -102,10 +111,18 @@ def test_next_token_accuracy_counts_shifted_unpadded_positions():
 def test_a_learned_lm_skill_is_banked_stitched_and_generates(tmp_path):
     base = llama()
     ft = perturbed(base, seed=3)
-    learner = MaskLearner(copy.deepcopy(ft), base, sparsity=0.05, bank=str(tmp_path / "bank"), skill_name="count",
-                          exclude=LM_EXCLUDE)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    learner = MaskLearner(
+        copy.deepcopy(ft), base, sparsity=0.05, bank=str(tmp_path / "bank"), skill_name="count", exclude=LM_EXCLUDE
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(learner, lm_batches(), lm_batches(n=16, seed=1))
     skill = SkillBank(tmp_path / "bank").get("count")
     assert "val_acc" in skill.metadata.metrics and 0 <= skill.metadata.metrics["val_acc"] <= 1

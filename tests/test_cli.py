@@ -28,8 +28,24 @@ def folders(tmp_path, base_model):
 def test_localize_list_show_verify_stitch_remove(folders, base_model, capsys):
     bank = folders / "bank"
     for i in range(2):
-        assert main(["localize", "--base", str(folders / "base"), "--finetuned", str(folders / f"ft{i}"),
-                     "--bank", str(bank), "--name", f"t{i}", "--sparsity", "0.02"]) == 0
+        assert (
+            main(
+                [
+                    "localize",
+                    "--base",
+                    str(folders / "base"),
+                    "--finetuned",
+                    str(folders / f"ft{i}"),
+                    "--bank",
+                    str(bank),
+                    "--name",
+                    f"t{i}",
+                    "--sparsity",
+                    "0.02",
+                ]
+            )
+            == 0
+        )
     assert "added 't1'" in capsys.readouterr().out
     assert main(["list", str(bank)]) == 0
     out = capsys.readouterr().out
@@ -68,23 +84,70 @@ def test_a_pulled_alias_is_resolved_by_the_command_and_kept_in_the_provenance(fo
     package, inner = MODELS["minilm"]
     shutil.copytree(folders / "base", package_root(package) / inner)
     (package_root(package) / ".complete").write_text("pulled\n")
-    assert main(["localize", "--base", "pulled:minilm", "--finetuned", str(folders / "ft0"), "--bank", str(folders / "bank"),
-                 "--name", "t0", "--sparsity", "0.02"]) == 0
+    assert (
+        main(
+            [
+                "localize",
+                "--base",
+                "pulled:minilm",
+                "--finetuned",
+                str(folders / "ft0"),
+                "--bank",
+                str(folders / "bank"),
+                "--name",
+                "t0",
+                "--sparsity",
+                "0.02",
+            ]
+        )
+        == 0
+    )
     skill = SkillBank(folders / "bank").get("t0")
     assert skill.metadata.source["base"] == "pulled:minilm" and skill.metadata.source["finetuned"] == str(folders / "ft0")
     capsys.readouterr()
-    assert main(["localize", "--base", "pulled:bert", "--finetuned", str(folders / "ft0"), "--bank", str(folders / "bank"),
-                 "--name", "t1"]) == 2
+    assert (
+        main(
+            [
+                "localize",
+                "--base",
+                "pulled:bert",
+                "--finetuned",
+                str(folders / "ft0"),
+                "--bank",
+                str(folders / "bank"),
+                "--name",
+                "t1",
+            ]
+        )
+        == 2
+    )
     assert "unknown model 'pulled:bert'" in capsys.readouterr().err
 
 
 def test_stitch_with_another_rule_records_it_in_the_card(folders, base_model, capsys):
     bank = folders / "bank"
     for i in range(2):
-        main(["localize", "--base", str(folders / "base"), "--finetuned", str(folders / f"ft{i}"), "--bank", str(bank),
-              "--name", f"t{i}", "--sparsity", "0.3"])
-    assert main(["stitch", "--base", str(folders / "base"), "--bank", str(bank), "--out", str(folders / "out"),
-                 "--rule", "sign_mean"]) == 0
+        main(
+            [
+                "localize",
+                "--base",
+                str(folders / "base"),
+                "--finetuned",
+                str(folders / f"ft{i}"),
+                "--bank",
+                str(bank),
+                "--name",
+                f"t{i}",
+                "--sparsity",
+                "0.3",
+            ]
+        )
+    assert (
+        main(
+            ["stitch", "--base", str(folders / "base"), "--bank", str(bank), "--out", str(folders / "out"), "--rule", "sign_mean"]
+        )
+        == 0
+    )
     assert "rule 'sign_mean'" in capsys.readouterr().out
     assert "Overlap rule: `sign_mean`" in (folders / "out" / "README.md").read_text()
     reloaded = AutoModel.from_pretrained(folders / "out").eval()
@@ -102,23 +165,88 @@ def test_stitch_with_another_rule_records_it_in_the_card(folders, base_model, ca
 def test_stitch_a_subset_from_a_safetensors_file(folders, capsys):
     bank = folders / "bank"
     for i in range(2):
-        main(["localize", "--base", str(folders / "base"), "--finetuned", str(folders / f"ft{i}"), "--bank", str(bank), "--name", f"t{i}"])
-    assert main(["stitch", "--base", str(folders / "base" / "model.safetensors"), "--bank", str(bank),
-                 "--skills", "t1", "--out", str(folders / "o")]) == 0
+        main(
+            [
+                "localize",
+                "--base",
+                str(folders / "base"),
+                "--finetuned",
+                str(folders / f"ft{i}"),
+                "--bank",
+                str(bank),
+                "--name",
+                f"t{i}",
+            ]
+        )
+    assert (
+        main(
+            [
+                "stitch",
+                "--base",
+                str(folders / "base" / "model.safetensors"),
+                "--bank",
+                str(bank),
+                "--skills",
+                "t1",
+                "--out",
+                str(folders / "o"),
+            ]
+        )
+        == 0
+    )
     assert (folders / "o" / "model.safetensors").is_file() and not (folders / "o" / "heads" / "t0.safetensors").exists()
 
 
 def test_bad_input_exits_2_with_a_reason(folders, capsys):
     (folders / "afile").write_text("x")
-    code = main(["localize", "--base", str(folders / "base"), "--finetuned", str(folders / "ft0"), "--bank", str(folders / "afile"), "--name", "a"])
+    code = main(
+        [
+            "localize",
+            "--base",
+            str(folders / "base"),
+            "--finetuned",
+            str(folders / "ft0"),
+            "--bank",
+            str(folders / "afile"),
+            "--name",
+            "a",
+        ]
+    )
     assert code == 2 and "is a file" in capsys.readouterr().err
     assert main(["show", str(folders / "nobank"), "x"]) == 2
     assert "no skill bank" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["localize", "--base", "b", "--finetuned", "f", "--bank", "k", "--name", "n", "--sparsity", "1.5"])
     assert exit_info.value.code == 2 and "(0, 1]" in capsys.readouterr().err
-    main(["localize", "--base", str(folders / "base"), "--finetuned", str(folders / "ft0"), "--bank", str(folders / "bank"), "--name", "t0"])
-    assert main(["stitch", "--base", str(folders / "base"), "--bank", str(folders / "bank"), "--skills", "t0,zz", "--out", str(folders / "o")]) == 2
+    main(
+        [
+            "localize",
+            "--base",
+            str(folders / "base"),
+            "--finetuned",
+            str(folders / "ft0"),
+            "--bank",
+            str(folders / "bank"),
+            "--name",
+            "t0",
+        ]
+    )
+    assert (
+        main(
+            [
+                "stitch",
+                "--base",
+                str(folders / "base"),
+                "--bank",
+                str(folders / "bank"),
+                "--skills",
+                "t0,zz",
+                "--out",
+                str(folders / "o"),
+            ]
+        )
+        == 2
+    )
     assert "no skill named 'zz'" in capsys.readouterr().err and not (folders / "o").exists()
 
 
@@ -131,10 +259,27 @@ def test_user_mistakes_get_a_one_line_reason_not_a_traceback(folders, base_model
     cases = [  # (argv, exit code, what stderr says)
         (["stitch", *base, "--bank", str(bank), "--skills", "", "--out", out], 2, "no skill names in ''; leave --skills out"),
         (["stitch", *base, "--bank", str(bank), "--skills", " , ", "--out", out], 2, "no skill names"),
-        (["localize", *base, "--finetuned", str(folders / "ft0"), "--bank", str(bank), "--name", "x", "--exclude", "[unclosed"],
-         2, r"'\[unclosed' is not a valid regular expression"),
-        (["localize", *base, "--finetuned", str(folders / "base"), "--bank", str(bank), "--name", "x"], 2,
-         "equal the base's everywhere"),
+        (
+            [
+                "localize",
+                *base,
+                "--finetuned",
+                str(folders / "ft0"),
+                "--bank",
+                str(bank),
+                "--name",
+                "x",
+                "--exclude",
+                "[unclosed",
+            ],
+            2,
+            r"'\[unclosed' is not a valid regular expression",
+        ),
+        (
+            ["localize", *base, "--finetuned", str(folders / "base"), "--bank", str(bank), "--name", "x"],
+            2,
+            "equal the base's everywhere",
+        ),
         (["plot", "overlap", str(bank), "--out", str(folders / "nowhere" / "x.png")], 2, "folder .*nowhere does not exist"),
         (["plot", "recovery", str(folders / "bad.json"), "--out", str(folders / "r.png")], 2, "bad.json is not readable JSON"),
         (["plot", "recovery", str(folders / "list.json"), "--out", str(folders / "r.png")], 2, "must map '<method> <sparsity>'"),
@@ -173,8 +318,12 @@ def test_json_outputs_follow_their_schema(folders, base_model, capsys):
     assert shown["head"] == {"classifier.weight": [2, 16], "classifier.bias": [2]} and shown["centroids"] is None
 
     assert main(["verify", str(bank.path), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"schema": "skillbank.verify/1", "bank": str(bank.path), "ok": True,
-                                                   "skills": {"t0": "ok", "t1": "ok"}}
+    assert json.loads(capsys.readouterr().out) == {
+        "schema": "skillbank.verify/1",
+        "bank": str(bank.path),
+        "ok": True,
+        "skills": {"t0": "ok", "t1": "ok"},
+    }
     data = (bank.path / "t1.safetensors").read_bytes()
     (bank.path / "t1.safetensors").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     assert main(["verify", str(bank.path), "--json"]) == 1
@@ -191,8 +340,10 @@ def test_diff_compares_two_skills_side_by_side(folders, base_model, capsys):
     bank.add(b)
     assert main(["diff", str(bank.path), "t0", "t1"]) == 0
     out = capsys.readouterr().out
-    shared = len({(n, i) for n, r in a.regions.items() for i in r.indices.tolist()}
-                 & {(n, i) for n, r in b.regions.items() for i in r.indices.tolist()})
+    shared = len(
+        {(n, i) for n, r in a.regions.items() for i in r.indices.tolist()}
+        & {(n, i) for n, r in b.regions.items() for i in r.indices.tolist()}
+    )
     assert f"mask overlap: {shared:,} shared entries, Jaccard {float(jaccard([a, b])[0, 1]):.4f}" in out
     assert re.search(rf"^entries\s+{a.num_entries:,}\s+{b.num_entries:,}$", out, re.M) and "in layer" in out
     assert main(["diff", str(bank.path), "t0", "nope"]) == 2 and "no skill named 'nope'" in capsys.readouterr().err
@@ -201,7 +352,19 @@ def test_diff_compares_two_skills_side_by_side(folders, base_model, capsys):
 def test_verify_exits_1_and_names_damaged_skills(folders, capsys):
     bank = folders / "bank"
     for i in range(2):
-        main(["localize", "--base", str(folders / "base"), "--finetuned", str(folders / f"ft{i}"), "--bank", str(bank), "--name", f"t{i}"])
+        main(
+            [
+                "localize",
+                "--base",
+                str(folders / "base"),
+                "--finetuned",
+                str(folders / f"ft{i}"),
+                "--bank",
+                str(bank),
+                "--name",
+                f"t{i}",
+            ]
+        )
     data = bytearray((bank / "t1.safetensors").read_bytes())
     data[-1] ^= 1
     (bank / "t1.safetensors").write_bytes(bytes(data))
@@ -230,8 +393,9 @@ def test_help_list_and_remove_load_no_torch_transformers_or_lightning(tmp_path, 
     assert bank.names() == []
 
 
-@pytest.mark.parametrize("command", ["", "demo", "localize", "list", "show", "diff", "remove", "verify", "stitch", "export",
-                                     "route", "pull", "plot"])
+@pytest.mark.parametrize(
+    "command", ["", "demo", "localize", "list", "show", "diff", "remove", "verify", "stitch", "export", "route", "pull", "plot"]
+)
 def test_help_explains_every_command(command, capsys):
     """Checked in-process through the parser (the subprocess test above covers ``--help`` as a command)."""
     with pytest.raises(SystemExit) as done:
@@ -252,7 +416,9 @@ def test_demo_runs_end_to_end_and_stitching_recovers_the_finetunes(tmp_path, cap
     # the README's table is this run's table, not a retyped one (rows compared number by number)
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     shown = readme.split("```\ntask", 1)[1].split("```", 1)[0].splitlines()[1:]
-    printed = [line.split() for line in out.splitlines() if line.split()[:1] in (["sentiment"], ["topic"], ["urgency"], ["average"])]
+    printed = [
+        line.split() for line in out.splitlines() if line.split()[:1] in (["sentiment"], ["topic"], ["urgency"], ["average"])
+    ]
     rows = [line.split() for line in shown if line.strip()]
     assert [r[0] for r in rows] == [p[0] for p in printed[-4:]], "regenerate the README table: skillbank demo"
     for row, run in zip(rows, printed[-4:]):  # within 0.02: another CPU's float rounding may move a prediction or two
@@ -266,7 +432,9 @@ def test_localize_auto_sizes_the_skill_on_validation_texts(folders, capsys):
 
     tiny_tokenizer([f"w{i}" for i in range(59)]).save_pretrained(folders / "ft0")
     gen = torch.Generator().manual_seed(0)
-    rows = [{"text": " ".join(f"w{int(i)}" for i in torch.randint(0, 59, (6,), generator=gen)), "label": n % 2} for n in range(64)]
+    rows = [
+        {"text": " ".join(f"w{int(i)}" for i in torch.randint(0, 59, (6,), generator=gen)), "label": n % 2} for n in range(64)
+    ]
     (folders / "val.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     bank = folders / "bank"
     common = ["localize", "--base", str(folders / "base"), "--finetuned", str(folders / "ft0"), "--bank", str(bank)]
@@ -277,7 +445,10 @@ def test_localize_auto_sizes_the_skill_on_validation_texts(folders, capsys):
     assert main([*common, "--name", "a", "--sparsity", "auto", "--val-data", str(folders / "bad.jsonl")]) == 2
     assert "bad.jsonl:2: label 7 is outside 0..1" in capsys.readouterr().err
 
-    assert main([*common, "--name", "a", "--sparsity", "auto", "--target-recovery", "0.9", "--val-data", str(folders / "val.jsonl")]) == 0
+    assert (
+        main([*common, "--name", "a", "--sparsity", "auto", "--target-recovery", "0.9", "--val-data", str(folders / "val.jsonl")])
+        == 0
+    )
     out = capsys.readouterr().out
     skill = SkillBank(bank).get("a")
     auto = skill.metadata.settings["auto"]

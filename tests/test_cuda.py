@@ -26,8 +26,16 @@ def loader(n: int = 64, seed: int = 0) -> DataLoader:
 
 
 def gpu_trainer(**overrides) -> pl.Trainer:
-    settings = dict(accelerator="gpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    settings = dict(
+        accelerator="gpu",
+        devices=1,
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     settings.update(overrides)
     warnings.filterwarnings("ignore", ".*(num_workers|does not have many workers).*")
     return pl.Trainer(**settings)

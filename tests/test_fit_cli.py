@@ -24,16 +24,32 @@ def demo_like(tmp_path: Path) -> dict[str, str]:
     base = BertModel(tiny_config()).eval()
     base.save_pretrained(tmp_path / "base")
     finetune_like(base, seed=1, scale=0.05).save_pretrained(tmp_path / "finetuned")
-    return {"base": str(tmp_path / "base"), "finetuned": str(tmp_path / "finetuned"), "bank": str(tmp_path / "bank"),
-            "root": str(tmp_path / "runs")}
+    return {
+        "base": str(tmp_path / "base"),
+        "finetuned": str(tmp_path / "finetuned"),
+        "bank": str(tmp_path / "bank"),
+        "root": str(tmp_path / "runs"),
+    }
 
 
 def mask_args(paths: dict[str, str]) -> list[str]:
     return [
-        "--config", str(CONFIGS / "mask_demo.yaml"),
-        "--model.init_args.model", paths["finetuned"], "--model.init_args.base", paths["base"],
-        "--model.init_args.bank", paths["bank"], "--trainer.default_root_dir", paths["root"],
-        "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--config",
+        str(CONFIGS / "mask_demo.yaml"),
+        "--model.init_args.model",
+        paths["finetuned"],
+        "--model.init_args.base",
+        paths["base"],
+        "--model.init_args.bank",
+        paths["bank"],
+        "--trainer.default_root_dir",
+        paths["root"],
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.enable_progress_bar",
+        "false",
     ]
 
 
@@ -142,19 +158,42 @@ def test_your_own_csv_becomes_a_banked_skill_with_no_python(tmp_path, monkeypatc
     torch.manual_seed(0)
     BertModel(tiny_config(vocab_size=len(tokenizer))).save_pretrained(base)
     tokenizer.save_pretrained(base)
-    rows = [{"review": f"the film was {w} {w}", "verdict": "positive" if w in words[:3] else "negative"}
-            for w in words[:6] for _ in range(12)]
+    rows = [
+        {"review": f"the film was {w} {w}", "verdict": "positive" if w in words[:3] else "negative"}
+        for w in words[:6]
+        for _ in range(12)
+    ]
     with (tmp_path / "my.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, ["review", "verdict"])
         writer.writeheader()
         writer.writerows(rows)
-    config = yaml.safe_load((CONFIGS / "finetune_my_data.yaml").read_text()
-                            .replace("my-bank", str(tmp_path / "bank")).replace("my-runs", str(tmp_path / "runs")))
+    config = yaml.safe_load(
+        (CONFIGS / "finetune_my_data.yaml")
+        .read_text()
+        .replace("my-bank", str(tmp_path / "bank"))
+        .replace("my-runs", str(tmp_path / "runs"))
+    )
     config["trainer"].update({"accelerator": "cpu", "enable_progress_bar": False, "max_epochs": 2})
     config["trainer"]["callbacks"][0]["init_args"]["sparsity"] = 0.05
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(config))
-    assert main(["fit", "--config", str(tmp_path / "mine.yaml"), "--data.path", str(tmp_path / "my.csv"),
-                 "--data.text_column", "review", "--data.label_column", "verdict", "--model.init_args.lr", "0.01"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(tmp_path / "mine.yaml"),
+                "--data.path",
+                str(tmp_path / "my.csv"),
+                "--data.text_column",
+                "review",
+                "--data.label_column",
+                "verdict",
+                "--model.init_args.lr",
+                "0.01",
+            ]
+        )
+        == 0
+    )
     bank = SkillBank(tmp_path / "bank")
     assert bank.names() == ["my-task"] and bank.verify() == {"my-task": "ok"}
     assert set(bank.get("my-task").head) == {"classifier.weight", "classifier.bias"}

@@ -50,16 +50,21 @@ def test_a_manifest_entry_pointing_elsewhere_is_refused_and_nothing_is_deleted(b
     assert victim.read_text() == "keep me" and (bank.path / "manifest.json").is_file() and (bank.path / "b.safetensors").is_file()
 
 
-@pytest.mark.parametrize("edit, problem", [
-    (lambda body: body["skills"][0].update(name="../../victim_model/model", file="../../victim_model/model.safetensors"),
-     "is not a valid skill name"),
-    (lambda body: body["skills"].append(dict(body["skills"][0])), "the name 'a' appears twice"),
-    (lambda body: body.update(skills={"a": 1}), "'skills' is not a list"),
-    (lambda body: body["skills"][0].pop("sha256"), "entry 1 has no 'sha256'"),
-    (lambda body: body["skills"][0].update(bytes="12"), "'bytes' is not a int"),
-    (lambda body: body["skills"][0].update(metrics={"acc": "high"}), "'metrics' must map"),
-    (lambda body: body["skills"][0].update(task="x" * 5000), "'task' is longer than 4096"),
-])
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (
+            lambda body: body["skills"][0].update(name="../../victim_model/model", file="../../victim_model/model.safetensors"),
+            "is not a valid skill name",
+        ),
+        (lambda body: body["skills"].append(dict(body["skills"][0])), "the name 'a' appears twice"),
+        (lambda body: body.update(skills={"a": 1}), "'skills' is not a list"),
+        (lambda body: body["skills"][0].pop("sha256"), "entry 1 has no 'sha256'"),
+        (lambda body: body["skills"][0].update(bytes="12"), "'bytes' is not a int"),
+        (lambda body: body["skills"][0].update(metrics={"acc": "high"}), "'metrics' must map"),
+        (lambda body: body["skills"][0].update(task="x" * 5000), "'task' is longer than 4096"),
+    ],
+)
 def test_malformed_manifest_entries_are_named(bank, edit, problem):
     craft(bank.path, edit)
     with pytest.raises(BankError, match=problem):
@@ -118,11 +123,14 @@ def _replace_file(bank: SkillBank, name: str, make) -> None:  # noqa: ANN001
     make(path, size)
 
 
-@pytest.mark.parametrize("make, problem", [
-    (lambda path, size: path.symlink_to("/dev/zero"), "is a symbolic link"),
-    (lambda path, size: os.mkfifo(path), "not a regular file"),
-    (lambda path, size: path.mkdir(), "not a regular file"),
-])
+@pytest.mark.parametrize(
+    "make, problem",
+    [
+        (lambda path, size: path.symlink_to("/dev/zero"), "is a symbolic link"),
+        (lambda path, size: os.mkfifo(path), "not a regular file"),
+        (lambda path, size: path.mkdir(), "not a regular file"),
+    ],
+)
 def test_a_skill_file_that_is_a_link_fifo_or_huge_is_refused_without_reading(bank, make, problem):
     _replace_file(bank, "a", make)
     with pytest.raises(SkillFileError, match=problem):
@@ -165,20 +173,26 @@ def _first(tensors: dict, suffix: str) -> str:
     return next(k for k in tensors if k.endswith(suffix))
 
 
-@pytest.mark.parametrize("tensors, header, problem", [
-    (lambda t: t.update({"head/classifier.bias": torch.tensor([float("nan"), 0.0])}), None, "head tensor .* NaN"),
-    (lambda t: t.update({_first(t, "/val"): t[_first(t, "/val")].to(torch.int32)}), None, "stores torch.int32 values"),
-    (lambda t: t.update({_first(t, "/val"): t[_first(t, "/val")] > 0}), None, "stores torch.bool values"),
-    (lambda t: t.update({_first(t, "/idx"): t[_first(t, "/idx")].float()}), None, "not an integer type"),
-    (lambda t: t.update({_first(t, "/idx"): torch.cat([torch.tensor([-1]), t[_first(t, "/idx")][1:].long()])}), None,
-     "strictly ascending inside"),
-    (None, lambda h: h.update(shapes=[["a", [3]]]), "'shapes' must map"),
-    (None, lambda h: h.update(shapes="embeddings"), "'shapes' must map"),
-    (None, lambda h: h["shapes"].update(big=[4_000_000_000, 2**20]), "the shape of 'big'"),
-    (None, lambda h: h.update(task=7), "'task' must be a string"),
-    (None, lambda h: h.update(sparsity="1%"), "'sparsity' must be a number"),
-    (None, lambda h: h.update(settings=[1]), "'settings' must be an object"),
-])
+@pytest.mark.parametrize(
+    "tensors, header, problem",
+    [
+        (lambda t: t.update({"head/classifier.bias": torch.tensor([float("nan"), 0.0])}), None, "head tensor .* NaN"),
+        (lambda t: t.update({_first(t, "/val"): t[_first(t, "/val")].to(torch.int32)}), None, "stores torch.int32 values"),
+        (lambda t: t.update({_first(t, "/val"): t[_first(t, "/val")] > 0}), None, "stores torch.bool values"),
+        (lambda t: t.update({_first(t, "/idx"): t[_first(t, "/idx")].float()}), None, "not an integer type"),
+        (
+            lambda t: t.update({_first(t, "/idx"): torch.cat([torch.tensor([-1]), t[_first(t, "/idx")][1:].long()])}),
+            None,
+            "strictly ascending inside",
+        ),
+        (None, lambda h: h.update(shapes=[["a", [3]]]), "'shapes' must map"),
+        (None, lambda h: h.update(shapes="embeddings"), "'shapes' must map"),
+        (None, lambda h: h["shapes"].update(big=[4_000_000_000, 2**20]), "the shape of 'big'"),
+        (None, lambda h: h.update(task=7), "'task' must be a string"),
+        (None, lambda h: h.update(sparsity="1%"), "'sparsity' must be a number"),
+        (None, lambda h: h.update(settings=[1]), "'settings' must be an object"),
+    ],
+)
 def test_crafted_skill_contents_are_refused_naming_the_file_and_field(base_model, tensors, header, problem):
     data = _tampered(make_skill(base_model, "a", seed=1), tensors, header)
     with pytest.raises(SkillFileError, match=problem) as info:
@@ -204,14 +218,21 @@ def test_escapes_in_skill_fields_reach_neither_the_terminal_nor_the_model_card(t
 
     base_model.save_pretrained(tmp_path / "base")
     hostile = "\x1b]0;owned\x07\x1b[2J| fake | row |\n<img src=x onerror=alert(1)>"
-    skill = localize_dataless(task_vector(base_model, finetune_like(base_model, seed=1)), 0.05, name="a", task=hostile,
-                              source={"kind": "full finetune\x1b[31m", "finetuned": "<b>x</b>"})
+    skill = localize_dataless(
+        task_vector(base_model, finetune_like(base_model, seed=1)),
+        0.05,
+        name="a",
+        task=hostile,
+        source={"kind": "full finetune\x1b[31m", "finetuned": "<b>x</b>"},
+    )
     SkillBank(tmp_path / "bank").add(skill)
     for command in (["list", str(tmp_path / "bank")], ["show", str(tmp_path / "bank"), "a"]):
         assert main(command) == 0
         out = capsys.readouterr().out
         assert "\x1b" not in out and "\x07" not in out and "\\x1b" in out
-    assert main(["stitch", "--base", str(tmp_path / "base"), "--bank", str(tmp_path / "bank"), "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(["stitch", "--base", str(tmp_path / "base"), "--bank", str(tmp_path / "bank"), "--out", str(tmp_path / "out")]) == 0
+    )
     card = (tmp_path / "out" / "README.md").read_text()
     row = next(line for line in card.splitlines() if line.startswith("| a |"))
     assert "\x1b" not in card and "<img" not in card and "&lt;img" in card
@@ -295,7 +316,9 @@ def test_a_killed_stitch_never_leaves_a_folder_that_loads_as_complete(stitchable
     assert not (stitchable / "out").exists()
     assert main(_stitch_args(stitchable, "out")) == 0  # a re-run is not refused
     assert {"config.json", "model.safetensors", "README.md", "heads"} <= {p.name for p in (stitchable / "out").iterdir()}
-    assert main(["export", str(stitchable / "bank"), "a", "--base", str(stitchable / "base"), "--out", str(stitchable / "one")]) == 0
+    assert (
+        main(["export", str(stitchable / "bank"), "a", "--base", str(stitchable / "base"), "--out", str(stitchable / "one")]) == 0
+    )
     assert (stitchable / "one" / "README.md").is_file() and not list(stitchable.glob(".one.partial-*"))
 
 
@@ -314,16 +337,32 @@ def test_a_folder_with_only_pickled_weights_is_refused_before_anything_is_deseri
         raise AssertionError("torch.load was called")
 
     monkeypatch.setattr(torch_module, "load", never)
-    for command in (["stitch", "--base", str(pickled), "--bank", str(stitchable / "bank"), "--out", str(stitchable / "o")],
-                    ["export", str(stitchable / "bank"), "a", "--base", str(pickled), "--out", str(stitchable / "o")]):
+    for command in (
+        ["stitch", "--base", str(pickled), "--bank", str(stitchable / "bank"), "--out", str(stitchable / "o")],
+        ["export", str(stitchable / "bank"), "a", "--base", str(pickled), "--out", str(stitchable / "o")],
+    ):
         assert main(command) == 2
         assert "holds only pickled weights (pytorch_model.bin), and skillbank never unpickles" in capsys.readouterr().err
     adapter = stitchable / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "task_type": "SEQ_CLS"}')
     (adapter / "adapter_model.bin").write_bytes(b"x")
-    assert main(["localize", "--base", str(stitchable / "base"), "--finetuned", str(adapter), "--bank",
-                 str(stitchable / "bank"), "--name", "c"]) == 2
+    assert (
+        main(
+            [
+                "localize",
+                "--base",
+                str(stitchable / "base"),
+                "--finetuned",
+                str(adapter),
+                "--bank",
+                str(stitchable / "bank"),
+                "--name",
+                "c",
+            ]
+        )
+        == 2
+    )
     assert "no adapter_model.safetensors: it holds only pickled weights (adapter_model.bin)" in capsys.readouterr().err
 
 

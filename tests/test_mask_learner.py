@@ -39,8 +39,14 @@ TESTS = Path(__file__).parent
 
 def trainer(**overrides) -> pl.Trainer:
     settings = dict(
-        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
     )
     settings.update(overrides)
     warnings.filterwarnings("ignore", ".*(num_workers|eval mode|LeafSpec|does not have many workers).*")
@@ -96,8 +102,9 @@ def test_exclude_keeps_parameters_out_of_the_scores(base_model):
 
 def test_paper_recipe_takes_the_released_codes_full_batch_step(base_model):
     """One epoch = one step: S ← S − lr·mean_b ∂L_b/∂S + λ·sign(S)·σ'(S), as in Localizer.train_graft."""
-    learner = MaskLearner(finetune_like(base_model, seed=3, scale=0.05), base_model, sparsity=0.05,
-                          recipe="paper", lr=1e4, init_sparsity=0.05)
+    learner = MaskLearner(
+        finetune_like(base_model, seed=3, scale=0.05), base_model, sparsity=0.05, recipe="paper", lr=1e4, init_sparsity=0.05
+    )
     loader = token_loader(n=48, batch_size=16)
     start = learner.scores.detach().clone()
     grads = [torch.autograd.grad(learner(batch)[0], learner.scores)[0] for batch in loader]
@@ -126,8 +133,7 @@ def test_any_module_with_a_loss_function():
         optimizer.step()
         optimizer.zero_grad()
     loader = DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
-    learner = MaskLearner(copy.deepcopy(finetuned), base.state_dict(), sparsity=0.2,
-                          loss_fn=nn.CrossEntropyLoss(), num_labels=3)
+    learner = MaskLearner(copy.deepcopy(finetuned), base.state_dict(), sparsity=0.2, loss_fn=nn.CrossEntropyLoss(), num_labels=3)
     seen = []
 
     class Record(pl.Callback):
@@ -157,8 +163,12 @@ def adam_finetune():
 @pytest.mark.slow
 def test_learned_mask_beats_dataless_on_an_adam_finetune(adam_finetune, tmp_path):
     base, finetuned, train, test = adam_finetune
-    few = DataLoader(Subset(train, balanced_indices(train.labels, 64, seed=0)), batch_size=32, shuffle=True,
-                     generator=torch.Generator().manual_seed(0))
+    few = DataLoader(
+        Subset(train, balanced_indices(train.labels, 64, seed=0)),
+        batch_size=32,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     pl.seed_everything(0, verbose=False)
     learner = MaskLearner(copy.deepcopy(finetuned), base, sparsity=0.01, bank=str(tmp_path / "bank"), skill_name="sentiment")
     trainer(max_epochs=learner.recipe.epochs).fit(learner, few)
@@ -195,7 +205,8 @@ def test_ddp_learns_the_same_mask_and_writes_the_bank_once(tmp_path):
     torch.manual_seed(0)
     start = localize_dataless(
         task_vector(BertModel(tiny_config()), BertForSequenceClassification.from_pretrained(one + ".finetuned")),
-        0.05, name="start",
+        0.05,
+        name="start",
     )
     assert len(entries(a) & entries(start)) < 0.9 * len(entries(a))
 
@@ -224,8 +235,9 @@ def test_a_taken_skill_name_is_refused_before_any_training(base_model, tmp_path)
     steps = []
     learner.on_train_batch_start = lambda *args: steps.append(1)  # noqa: ARG005
     with pytest.raises(SkillNameError, match="already has a skill 'sentiment'; pick another skill_name .* before training"):
-        trainer(max_epochs=40).fit(learner, DataLoader(TokenDataset(torch.ones(8, 4, dtype=torch.long),
-                                                                    torch.zeros(8, dtype=torch.long)), batch_size=4))
+        trainer(max_epochs=40).fit(
+            learner, DataLoader(TokenDataset(torch.ones(8, 4, dtype=torch.long), torch.zeros(8, dtype=torch.long)), batch_size=4)
+        )
     assert steps == [] and bank.names() == ["sentiment"]
 
 
@@ -283,20 +295,24 @@ def test_in_context_learning_records_the_context_and_penalizes_owned_entries(bas
     owned = entries(context[0])
     overlaps = {}
     for penalty in (0.0, 1000.0):
-        learner = MaskLearner(copy.deepcopy(finetuned), base_model, sparsity=0.05, context=context, owned_penalty=penalty,
-                              lr=0.5, l1=0.0)
+        learner = MaskLearner(
+            copy.deepcopy(finetuned), base_model, sparsity=0.05, context=context, owned_penalty=penalty, lr=0.5, l1=0.0
+        )
         skill = learner.learn(token_loader(), epochs=5, name="new")
         assert skill.metadata.settings["context"] == ["c1"] and skill.metadata.settings["rule"] == "mean"
         overlaps[penalty] = len(entries(skill) & owned)
     assert overlaps[1000.0] < overlaps[0.0]  # paying for owned entries moves the mask off them
 
 
-@pytest.mark.parametrize("kwargs, error, words", [
-    (dict(rule="sign_mean"), SkillbankError, "no differentiable form"),
-    (dict(owned_penalty=-1.0), SkillbankError, "owned_penalty"),
-    (dict(exclude=["embeddings"]), SkillbankError, "not supported"),
-    (dict(foreign=True), SkillbankError, "another base"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(rule="sign_mean"), SkillbankError, "no differentiable form"),
+        (dict(owned_penalty=-1.0), SkillbankError, "owned_penalty"),
+        (dict(exclude=["embeddings"]), SkillbankError, "not supported"),
+        (dict(foreign=True), SkillbankError, "another base"),
+    ],
+)
 def test_bad_context_settings_are_refused(base_model, kwargs, error, words):
     from helpers.models import make_skill
 
@@ -355,9 +371,10 @@ def test_load_from_checkpoint_rebuilds_the_learner_from_folders_or_given_modules
     finetuned = finetune_like(base_model, seed=9, scale=0.05)
     finetuned.save_pretrained(tmp_path / "ft")
     base_model.save_pretrained(tmp_path / "base")
-    for label, args, again in (("folders", (str(tmp_path / "ft"), str(tmp_path / "base")), {}),
-                               ("modules", (copy.deepcopy(finetuned), base_model),
-                                {"model": copy.deepcopy(finetuned), "base": base_model})):
+    for label, args, again in (
+        ("folders", (str(tmp_path / "ft"), str(tmp_path / "base")), {}),
+        ("modules", (copy.deepcopy(finetuned), base_model), {"model": copy.deepcopy(finetuned), "base": base_model}),
+    ):
         learner = MaskLearner(*args, sparsity=0.05, num_labels=2, recipe=resolve_recipe("topk", lr=0.05), pool=3)
         run = trainer(max_epochs=2, enable_checkpointing=True, default_root_dir=tmp_path / label)
         run.fit(learner, token_loader())

@@ -64,8 +64,9 @@ def test_small_tensors_join_the_pool_whole(base_model):
     assert torch.equal(restored.scored, learner.scored)
 
 
-@pytest.mark.parametrize("kwargs, message", [({"pool": 0.5}, "pool must be >= 1"),
-                                             ({"pool": 5, "context": True}, "pool= with context=")])
+@pytest.mark.parametrize(
+    "kwargs, message", [({"pool": 0.5}, "pool must be >= 1"), ({"pool": 5, "context": True}, "pool= with context=")]
+)
 def test_bad_pools_are_refused_before_any_work(base_model, kwargs, message):
     if kwargs.get("context"):
         kwargs["context"] = [make_skill(base_model, "earlier", seed=5)]

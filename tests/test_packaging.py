@@ -35,11 +35,13 @@ def _imported_modules(path: Path) -> set[str]:
 def test_the_core_never_imports_what_downloads():
     """``pulled:`` aliases are resolved at the edges; the core reads folders and never imports ``skillbank.pull``."""
     root = Path(skillbank.__file__).parent
-    core = [p for p in [*root.glob("*.py"), *root.glob("overlap/*.py"), *(root.parent / "callbacks").glob("*.py")]
-            if p.stem not in _SCAFFOLDING | _EDGES]
+    core = [
+        p
+        for p in [*root.glob("*.py"), *root.glob("overlap/*.py"), *(root.parent / "callbacks").glob("*.py")]
+        if p.stem not in _SCAFFOLDING | _EDGES
+    ]
     assert len(core) > 20
-    offenders = {p.name: sorted(m for m in _imported_modules(p) if m.removeprefix("skillbank.") in _SCAFFOLDING)
-                 for p in core}
+    offenders = {p.name: sorted(m for m in _imported_modules(p) if m.removeprefix("skillbank.") in _SCAFFOLDING) for p in core}
     assert {name: found for name, found in offenders.items() if found} == {}
     assert weights._PULLED == PULLED  # the spelled-out copy of the prefix agrees
 
@@ -50,8 +52,11 @@ def test_the_core_refuses_an_alias_with_what_to_do():
 
     from skillbank.mask_learner import load_model
 
-    for call in (lambda: load_weights("pulled:minilm"), lambda: localize_streaming("pulled:minilm", "x", 0.01, name="s"),
-                 lambda: load_model("pulled:minilm")):  # MaskLearner's and SequenceClassifier's loader: no pull on any rank
+    for call in (
+        lambda: load_weights("pulled:minilm"),
+        lambda: localize_streaming("pulled:minilm", "x", 0.01, name="s"),
+        lambda: load_model("pulled:minilm"),
+    ):  # MaskLearner's and SequenceClassifier's loader: no pull on any rank
         with pytest.raises(SkillbankError, match=r"pulled model's alias.*resolve_model\('pulled:minilm'\)"):
             call()
 

@@ -18,16 +18,19 @@ from helpers.models import finetune_like, make_skill
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("name,group,layer", [
-    ("bert.embeddings.word_embeddings.weight", "embeddings", "embeddings"),
-    ("bert.embeddings.LayerNorm.weight", "LayerNorm", "embeddings"),
-    ("bert.encoder.layer.0.attention.self.key.weight", "attention", "layer 0"),
-    ("bert.encoder.layer.1.attention.output.dense.bias", "bias", "layer 1"),
-    ("bert.encoder.layer.1.intermediate.dense.weight", "FFN", "layer 1"),
-    ("bert.encoder.layer.11.output.dense.weight", "FFN", "layer 11"),
-    ("bert.encoder.layer.1.output.LayerNorm.bias", "LayerNorm", "layer 1"),
-    ("bert.pooler.dense.weight", "other", "other"),
-])
+@pytest.mark.parametrize(
+    "name,group,layer",
+    [
+        ("bert.embeddings.word_embeddings.weight", "embeddings", "embeddings"),
+        ("bert.embeddings.LayerNorm.weight", "LayerNorm", "embeddings"),
+        ("bert.encoder.layer.0.attention.self.key.weight", "attention", "layer 0"),
+        ("bert.encoder.layer.1.attention.output.dense.bias", "bias", "layer 1"),
+        ("bert.encoder.layer.1.intermediate.dense.weight", "FFN", "layer 1"),
+        ("bert.encoder.layer.11.output.dense.weight", "FFN", "layer 11"),
+        ("bert.encoder.layer.1.output.LayerNorm.bias", "LayerNorm", "layer 1"),
+        ("bert.pooler.dense.weight", "other", "other"),
+    ],
+)
 def test_component_and_layer_names(name: str, group: str, layer: str) -> None:
     assert component(name) == group
     assert layer_of(name) == layer
@@ -60,8 +63,13 @@ def test_skills_of_other_models_are_not_compared(base_model) -> None:  # noqa: A
 
 
 def test_recovery_means_use_the_tasks_every_point_has() -> None:
-    curve = {"dataless 0.01": {"x": 0.5, "y": 1.0, "z": 0.0}, "dataless 0.1": {"x": 0.9, "y": 1.0, "z": 0.0},
-             "learned 0.01": {"x": 1.0, "y": 0.8}, "ft x": 0.9, "note": "ignored"}
+    curve = {
+        "dataless 0.01": {"x": 0.5, "y": 1.0, "z": 0.0},
+        "dataless 0.1": {"x": 0.9, "y": 1.0, "z": 0.0},
+        "learned 0.01": {"x": 1.0, "y": 0.8},
+        "ft x": 0.9,
+        "note": "ignored",
+    }
     lines = plot_recovery(curve, Path(__import__("tempfile").mkdtemp()) / "r.png")
     assert lines == {"dataless": {0.01: 0.75, 0.1: 0.95}, "learned": {0.01: 0.9}}
     with pytest.raises(SkillbankError, match="no '<method> <sparsity>'"):

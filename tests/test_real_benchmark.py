@@ -26,13 +26,43 @@ def _bench():  # noqa: ANN202
 
 def test_two_task_miniature_end_to_end(tmp_path: Path) -> None:
     work = tmp_path / "work"
-    args = ["--work", str(work), "--tasks", "spam,tweets", "--steps", "30", "--shots", "16", "--mask-epochs", "2",
-            "--test-size", "200", "--val-size", "64", "--probe-size", "200", "--curve-tasks", "spam",
-            "--curve-learned", "0.01", "--curve-test-size", "100"]
+    args = [
+        "--work",
+        str(work),
+        "--tasks",
+        "spam,tweets",
+        "--steps",
+        "30",
+        "--shots",
+        "16",
+        "--mask-epochs",
+        "2",
+        "--test-size",
+        "200",
+        "--val-size",
+        "64",
+        "--probe-size",
+        "200",
+        "--curve-tasks",
+        "spam",
+        "--curve-learned",
+        "0.01",
+        "--curve-test-size",
+        "100",
+    ]
     _bench().main(args)
     results = json.loads((work / "results.json").read_text())
-    for key in ("finetuned", "base + finetuned head", "linear probe", "simple averaging", "task arithmetic",
-                "TIES (top-20%)", "consensus (TALL, k=2)", "L&S dataless", "L&S learned"):
+    for key in (
+        "finetuned",
+        "base + finetuned head",
+        "linear probe",
+        "simple averaging",
+        "task arithmetic",
+        "TIES (top-20%)",
+        "consensus (TALL, k=2)",
+        "L&S dataless",
+        "L&S learned",
+    ):
         assert set(results[key]) == {"spam", "tweets"}, key
         assert all(0.0 <= v <= 1.0 for v in results[key].values())
     assert min(results["finetuned"].values()) > 0.6  # 30 steps already learn both tasks
@@ -54,8 +84,24 @@ def test_real_config_finetunes_and_harvests(tmp_path: Path) -> None:
 
     config = Path(__file__).resolve().parents[1] / "configs" / "real_finetune_harvest.yaml"
     bank = tmp_path / "bank"
-    assert main(["fit", "--config", str(config), "--trainer.max_steps", "20", "--trainer.val_check_interval", "20",
-                 "--trainer.callbacks.init_args.bank", str(bank), "--trainer.default_root_dir", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(config),
+                "--trainer.max_steps",
+                "20",
+                "--trainer.val_check_interval",
+                "20",
+                "--trainer.callbacks.init_args.bank",
+                str(bank),
+                "--trainer.default_root_dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     skill = SkillBank(bank).get("spam")
     assert skill.metadata.method == "dataless" and set(skill.head) == {"classifier.weight", "classifier.bias"}
     assert skill.num_entries == -(-skill.num_shared // 100)

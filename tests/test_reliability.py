@@ -138,8 +138,9 @@ def test_stitcher_interrupted_mid_write_leaves_the_model_as_before(base_model, m
 def test_stitcher_interrupted_mid_remove_leaves_the_model_as_before(base_model, monkeypatch, dtype):
     # A remove reads nothing from the model: its way back is computed from the stitcher's rows, bit for bit.
     base = copy.deepcopy(base_model).to(dtype)
-    skills = [localize_dataless(task_vector(base, finetune_like(base_model, seed=i).to(dtype)), 0.1, name=f"t{i}")
-              for i in range(3)]
+    skills = [
+        localize_dataless(task_vector(base, finetune_like(base_model, seed=i).to(dtype)), 0.1, name=f"t{i}") for i in range(3)
+    ]
     model = live_copy(base_model).to(dtype)
     stitcher = Stitcher(model)
     for skill in skills:

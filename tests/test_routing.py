@@ -22,8 +22,14 @@ def _batches(words: range, n: int, seed: int, batch_size: int = 8) -> list[dict]
     gen = torch.Generator().manual_seed(seed)
     ids = torch.tensor(list(words))[torch.randint(0, len(words), (n, 6), generator=gen)]
     ids = torch.cat([torch.full((n, 1), 2), ids, torch.full((n, 1), 3)], 1)  # [CLS] ... [SEP]
-    return [{"input_ids": ids[i : i + batch_size], "attention_mask": torch.ones_like(ids[i : i + batch_size]),
-             "labels": ids[i : i + batch_size, 1] % 2} for i in range(0, n, batch_size)]
+    return [
+        {
+            "input_ids": ids[i : i + batch_size],
+            "attention_mask": torch.ones_like(ids[i : i + batch_size]),
+            "labels": ids[i : i + batch_size, 1] % 2,
+        }
+        for i in range(0, n, batch_size)
+    ]
 
 
 def test_centroids_are_per_label_means_and_bounded():
@@ -47,8 +53,12 @@ def test_centroids_travel_in_the_skill_file_and_bad_ones_are_refused(base_model,
 
     tensors = st_load(skill.to_bytes())
     header = {"skillbank": skill.metadata.to_json()}
-    for bad, message in ((torch.full((2, 16), float("nan")), "NaN"), (torch.zeros(2, 3, 4), r"float \[C, D\]"),
-                         (torch.zeros(MAX_CENTROIDS + 1, 4), "C <="), (torch.zeros(2, 4, dtype=torch.int64), "float")):
+    for bad, message in (
+        (torch.full((2, 16), float("nan")), "NaN"),
+        (torch.zeros(2, 3, 4), r"float \[C, D\]"),
+        (torch.zeros(MAX_CENTROIDS + 1, 4), "C <="),
+        (torch.zeros(2, 4, dtype=torch.int64), "float"),
+    ):
         data = st_save({**tensors, "route/centroids": bad}, metadata=header)
         with pytest.raises(SkillFileError, match=message):
             Skill.from_bytes(data, origin="crafted.safetensors")
@@ -58,8 +68,10 @@ def test_centroids_travel_in_the_skill_file_and_bad_ones_are_refused(base_model,
 
 def test_router_picks_each_input_s_own_skill_on_separable_tasks(base_model):
     tasks = {"low": range(5, 8), "high": range(50, 53)}  # disjoint vocabularies: separable under a random base
-    skills = [with_routing(make_skill(base_model, name, seed=i), routing_centroids(base_model, _batches(words, 32, seed=i)))
-              for i, (name, words) in enumerate(tasks.items())]
+    skills = [
+        with_routing(make_skill(base_model, name, seed=i), routing_centroids(base_model, _batches(words, 32, seed=i)))
+        for i, (name, words) in enumerate(tasks.items())
+    ]
     assert [len(s.centroids) for s in skills] == [2, 2]  # one per label
     router = SkillRouter(skills)
     assert router.names == ["low", "high"]
@@ -93,24 +105,63 @@ def test_cli_localize_stores_centroids_and_route_shows_the_choice(tmp_path, base
     gen = torch.Generator().manual_seed(0)
     for i, (name, words) in enumerate({"low": range(5, 8), "high": range(50, 53)}.items()):
         finetune_like(base_model, seed=i).save_pretrained(tmp_path / name)
-        rows = [{"text": " ".join(f"w{words[int(j)]}" for j in torch.randint(0, 3, (6,), generator=gen)), "label": n % 2}
-                for n in range(32)]
+        rows = [
+            {"text": " ".join(f"w{words[int(j)]}" for j in torch.randint(0, 3, (6,), generator=gen)), "label": n % 2}
+            for n in range(32)
+        ]
         (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-        assert main(["localize", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / name), "--bank", str(bank),
-                     "--name", name, "--sparsity", "0.02", "--routing-data", str(tmp_path / f"{name}.jsonl")]) == 0
+        assert (
+            main(
+                [
+                    "localize",
+                    "--base",
+                    str(tmp_path / "base"),
+                    "--finetuned",
+                    str(tmp_path / name),
+                    "--bank",
+                    str(bank),
+                    "--name",
+                    name,
+                    "--sparsity",
+                    "0.02",
+                    "--routing-data",
+                    str(tmp_path / f"{name}.jsonl"),
+                ]
+            )
+            == 0
+        )
         assert "routing: 2 centroids of the base's features (16 wide)" in capsys.readouterr().out
     assert SkillBank(bank).get("high").centroids.shape == (2, 16)
     assert main(["show", str(bank), "low"]) == 0
     assert "2 centroids, 16 wide" in capsys.readouterr().out
 
-    assert main(["route", str(bank), "--base", str(tmp_path / "base"), "--text", "w50 w51 w52 w50", "--text", "w5 w6 w7\x1b[2J"]) == 0
+    assert (
+        main(["route", str(bank), "--base", str(tmp_path / "base"), "--text", "w50 w51 w52 w50", "--text", "w5 w6 w7\x1b[2J"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "w50 w51 w52 w50 -> high" in out and "w5 w6 w7\\x1b[2J -> low" in out and "\x1b" not in out
 
     (tmp_path / "plain").mkdir()
     finetune_like(base_model, seed=5).save_pretrained(tmp_path / "plain" / "ft")
-    assert main(["localize", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "plain" / "ft"),
-                 "--bank", str(bank), "--name", "plain", "--sparsity", "0.02"]) == 0
+    assert (
+        main(
+            [
+                "localize",
+                "--base",
+                str(tmp_path / "base"),
+                "--finetuned",
+                str(tmp_path / "plain" / "ft"),
+                "--bank",
+                str(bank),
+                "--name",
+                "plain",
+                "--sparsity",
+                "0.02",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["route", str(bank), "--base", str(tmp_path / "base"), "--text", "w1"]) == 2
     assert "skill 'plain' has no routing data" in capsys.readouterr().err

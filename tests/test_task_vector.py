@@ -74,8 +74,11 @@ def test_a_finetune_of_another_base_is_warned_about(base_model):
 
     torch.manual_seed(123)
     other = BertModel(tiny_config()).eval()  # same architecture, other initialization: not a finetune of base_model
-    with pytest.warns(UserWarning, match=r"as large as the weights themselves \(\|\|tau\|\| / \|\|theta_pre\|\| = 1\.[3-5]\d.*"
-                                         "a finetune of this base"):
+    with pytest.warns(
+        UserWarning,
+        match=r"as large as the weights themselves \(\|\|tau\|\| / \|\|theta_pre\|\| = 1\.[3-5]\d.*"
+        "a finetune of this base",
+    ):
         task_vector(base_model, other)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an ordinary finetune: no warning

@@ -53,8 +53,10 @@ class OverlapRule(ABC):
         mask can be learned against the model it will join. ``acc``/``count``
         describe the skills already stitched (``count`` may be 0).
         """
-        raise StitchError(f"the overlap rule {self.name!r} has no differentiable form; learn masks in context "
-                          f"with one of {[n for n, r in RULES.items() if r.relaxed is not OverlapRule.relaxed]}.")
+        raise StitchError(
+            f"the overlap rule {self.name!r} has no differentiable form; learn masks in context "
+            f"with one of {[n for n, r in RULES.items() if r.relaxed is not OverlapRule.relaxed]}."
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -19,8 +19,14 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 @pytest.mark.parametrize("method", ["dataless", "learned"])
 def test_a_gpu_finetune_is_harvested_with_a_base_on_the_cpu(base_model, tmp_path, method):
-    harvester = SkillHarvester(tmp_path / "bank", "s", base=copy.deepcopy(base_model), sparsity=0.05, method=method,
-                               few_shot=task_loader(n=32) if method == "learned" else None)
+    harvester = SkillHarvester(
+        tmp_path / "bank",
+        "s",
+        base=copy.deepcopy(base_model),
+        sparsity=0.05,
+        method=method,
+        few_shot=task_loader(n=32) if method == "learned" else None,
+    )
     module = SequenceClassifier(live_copy(base_model), num_labels=2, lr=0.05, optimizer="sgd", gradient_clip_val=1.0)
     quiet_trainer(accelerator="gpu", max_steps=8, callbacks=[harvester], enable_checkpointing=False).fit(module, task_loader())
     skill = SkillBank(tmp_path / "bank").get("s")

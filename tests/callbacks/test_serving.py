@@ -37,7 +37,9 @@ class Recorder(pl.LightningModule):
         self.seen: list[tuple] = []
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):  # noqa: ANN001, ANN201
-        self.seen.append((batch.get("skill"), dataloader_idx, batch["input_ids"], self.model(input_ids=batch["input_ids"]).logits))
+        self.seen.append(
+            (batch.get("skill"), dataloader_idx, batch["input_ids"], self.model(input_ids=batch["input_ids"]).logits)
+        )
 
     test_step = validation_step
 
@@ -87,7 +89,9 @@ def test_one_dataloader_per_skill(base_model, bank):
 def test_batches_that_name_no_single_known_skill_are_refused(base_model, bank, skills, words):
     module = Recorder(live_copy(base_model))
     with pytest.raises(SkillbankError, match=words):
-        quiet_trainer(callbacks=[SkillStitcher(bank.path, switch_by="skill")]).validate(module, DataLoader(Named(skills), batch_size=2))
+        quiet_trainer(callbacks=[SkillStitcher(bank.path, switch_by="skill")]).validate(
+            module, DataLoader(Named(skills), batch_size=2)
+        )
 
 
 def test_serving_settings_fail_fast(tmp_path):

@@ -18,8 +18,9 @@ from skillbank.errors import SkillbankError
 
 def finetune(base_model, callback, steps: int = 12) -> SequenceClassifier:
     module = SequenceClassifier(live_copy(base_model), num_labels=2, lr=0.05, optimizer="sgd")
-    trainer = quiet_trainer(max_steps=steps, callbacks=[callback], enable_checkpointing=False,
-                            val_check_interval=steps, check_val_every_n_epoch=None)
+    trainer = quiet_trainer(
+        max_steps=steps, callbacks=[callback], enable_checkpointing=False, val_check_interval=steps, check_val_every_n_epoch=None
+    )
     trainer.fit(module, task_loader(), task_loader(n=64, seed=1))
     return module
 
@@ -42,8 +43,15 @@ def test_a_finetune_leaves_a_verified_dataless_skill(base_model, tmp_path):
 
 
 def test_learned_harvest_uses_the_few_shot_loader(base_model, tmp_path):
-    harvester = SkillHarvester(tmp_path / "bank", "s", base=copy.deepcopy(base_model), sparsity=0.05, method="learned",
-                               few_shot=task_loader(n=64), learner_kwargs={"recipe": "topk"})
+    harvester = SkillHarvester(
+        tmp_path / "bank",
+        "s",
+        base=copy.deepcopy(base_model),
+        sparsity=0.05,
+        method="learned",
+        few_shot=task_loader(n=64),
+        learner_kwargs={"recipe": "topk"},
+    )
     finetune(base_model, harvester)
     skill = SkillBank(tmp_path / "bank").get("s")
     assert skill.metadata.method == "learned" and skill.metadata.settings["updates"] == 40 * 4
@@ -68,8 +76,15 @@ def test_a_learned_mask_that_would_outlast_the_ranks_wait_stops_early_and_says_w
     from skillbank import TimeLimitError
 
     monkeypatch.setattr(harvester_module, "wait_budget", lambda trainer: 1e-3)
-    harvester = SkillHarvester(tmp_path / "bank", "s", base=copy.deepcopy(base_model), sparsity=0.05, method="learned",
-                               few_shot=task_loader(n=64), learner_kwargs={"recipe": "topk"})
+    harvester = SkillHarvester(
+        tmp_path / "bank",
+        "s",
+        base=copy.deepcopy(base_model),
+        sparsity=0.05,
+        method="learned",
+        few_shot=task_loader(n=64),
+        learner_kwargs={"recipe": "topk"},
+    )
     with pytest.raises(TimeLimitError, match=r"would take about .* min \(1 of 160 steps.*DDPStrategy\(timeout=") as caught:
         finetune(base_model, harvester)
     assert isinstance(caught.value, TimeoutError)  # "1 of 160 steps": stopped after the first
@@ -115,8 +130,9 @@ def test_bad_arguments_fail_fast(tmp_path, kwargs, words):
 
 def test_a_missing_model_attribute_is_named(base_model, tmp_path):
     module = SequenceClassifier(live_copy(base_model), num_labels=2)
-    trainer = quiet_trainer(max_steps=2, callbacks=[SkillHarvester(tmp_path / "b", "s", model_attr="backbone")],
-                            enable_checkpointing=False)
+    trainer = quiet_trainer(
+        max_steps=2, callbacks=[SkillHarvester(tmp_path / "b", "s", model_attr="backbone")], enable_checkpointing=False
+    )
     with pytest.raises(SkillbankError, match="has no attribute 'backbone'"):
         trainer.fit(module, task_loader())
 
@@ -141,8 +157,9 @@ def test_a_model_kept_under_another_name_is_named_not_folded_into_the_task_vecto
     trainer = quiet_trainer(max_steps=2, callbacks=[SkillHarvester(tmp_path / "b", "s")], enable_checkpointing=False)
     with pytest.raises(SkillbankError, match=r"holds its Hugging Face model as self.net, not self.model; pass model_attr='net'"):
         trainer.fit(HoldsNet(finetune_like(base_model, seed=1)), task_loader())
-    trainer = quiet_trainer(max_steps=2, callbacks=[SkillHarvester(tmp_path / "b", "s", model_attr="net")],
-                            enable_checkpointing=False)
+    trainer = quiet_trainer(
+        max_steps=2, callbacks=[SkillHarvester(tmp_path / "b", "s", model_attr="net")], enable_checkpointing=False
+    )
     trainer.fit(HoldsNet(finetune_like(base_model, seed=1)), task_loader())
     assert set(SkillBank(tmp_path / "b").get("s").head) == {"classifier.weight", "classifier.bias"}
 
@@ -174,7 +191,8 @@ def test_auto_harvest_records_the_size_search_and_needs_validation_data(base_mod
     assert skill.metadata.metrics["val_recovery"] == tried[skill.metadata.sparsity]
 
     module = SequenceClassifier(live_copy(base_model), num_labels=2, lr=0.05, optimizer="sgd")
-    trainer = quiet_trainer(max_steps=2, callbacks=[SkillHarvester(tmp_path / "bank", "x", sparsity="auto")],
-                            enable_checkpointing=False)
+    trainer = quiet_trainer(
+        max_steps=2, callbacks=[SkillHarvester(tmp_path / "bank", "x", sparsity="auto")], enable_checkpointing=False
+    )
     with pytest.raises(SkillbankError, match="needs validation data"):
         trainer.fit(module, task_loader())

@@ -125,7 +125,8 @@ def test_the_rule_is_used_and_a_resume_with_another_rule_is_refused(base_model, 
     resumed = Watcher(live_copy(base_model))
     with pytest.raises(SkillbankError, match="rule 'sum'"):
         quiet_trainer(max_steps=4, callbacks=[SkillStitcher(tmp_path / "bank")], enable_checkpointing=False).fit(
-            resumed, task_loader(), ckpt_path=tmp_path / "run.ckpt")
+            resumed, task_loader(), ckpt_path=tmp_path / "run.ckpt"
+        )
 
 
 def test_a_missing_bank_or_skill_is_warned_about_and_no_bank_is_created(base_model, skills, tmp_path):
@@ -151,8 +152,14 @@ def test_a_missing_bank_or_skill_is_warned_about_and_no_bank_is_created(base_mod
     assert late.stitched == ["b"]
 
 
-@pytest.mark.parametrize("kwargs, words", [(dict(every_n_steps=0), "every_n_steps must be"), (dict(file=True), "is a file"),
-                                           (dict(rule="median"), "unknown overlap rule")])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(every_n_steps=0), "every_n_steps must be"),
+        (dict(file=True), "is a file"),
+        (dict(rule="median"), "unknown overlap rule"),
+    ],
+)
 def test_bad_arguments_fail_fast(tmp_path, kwargs, words):
     bank = tmp_path / "bank"
     if kwargs.pop("file", False):

@@ -13,8 +13,13 @@ from skillbank import Skill, localize_dataless, task_vector
 
 def tiny_config(**overrides) -> BertConfig:
     settings = dict(
-        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=32, num_labels=2,
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=2,
     )
     settings.update(overrides)
     return BertConfig(**settings)

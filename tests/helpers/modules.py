@@ -40,7 +40,8 @@ class Watcher(pl.LightningModule):
 
 
 def quiet_trainer(**overrides) -> pl.Trainer:
-    settings = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                    num_sanity_val_steps=0)
+    settings = dict(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0
+    )
     settings.update(overrides)
     return pl.Trainer(**settings)
