@@ -1,4 +1,4 @@
-"""The ``skillbank`` command line: demo, fit, validate, pull, localize, list, show, diff, remove, verify, stitch, export, route, plot."""
+"""The ``skillbank`` command line: demo, fit, validate, pull, localize, list, show, diff, remove, verify, stitch, export, route, plot, report."""
 
 from __future__ import annotations
 
@@ -441,6 +441,14 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from skillbank.report import write_report
+
+    out = write_report(args.bank, args.out, args.skills)
+    print(f"wrote {out}")
+    return 0
+
+
 # -- parser ------------------------------------------------------------------
 
 
@@ -704,6 +712,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the PNG file to write")
     p.add_argument("--skills", type=_skill_list, help="comma-separated skill names (default: every skill, in bank order)")
     p.set_defaults(run=_plot)
+
+    p = sub.add_parser(
+        "report",
+        help="one HTML page about a bank: its skills, their overlap, where their masks live",
+        description="Write a self-contained HTML file: the table of skills (task, method, sparsity, entries, bytes, "
+        "created), their metrics, the pairwise Jaccard overlap of their masks (numbers and heatmap) and each "
+        "skill's share of entries by layer and component. The plots are embedded; text from the bank is escaped.",
+    )
+    p.add_argument("bank", help="the bank directory")
+    p.add_argument("--out", required=True, help="the .html file to write")
+    p.add_argument("--skills", type=_skill_list, help="comma-separated skill names (default: every skill, in bank order)")
+    p.set_defaults(run=_report)
     return parser
 
 

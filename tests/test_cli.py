@@ -394,7 +394,8 @@ def test_help_list_and_remove_load_no_torch_transformers_or_lightning(tmp_path, 
 
 
 @pytest.mark.parametrize(
-    "command", ["", "demo", "localize", "list", "show", "diff", "remove", "verify", "stitch", "export", "route", "pull", "plot"]
+    "command",
+    ["", "demo", "localize", "list", "show", "diff", "remove", "verify", "stitch", "export", "route", "pull", "plot", "report"],
 )
 def test_help_explains_every_command(command, capsys):
     """Checked in-process through the parser (the subprocess test above covers ``--help`` as a command)."""

@@ -114,3 +114,40 @@ def test_heatmaps_read_on_a_fixed_scale_with_values_and_colour_bars(base_model, 
         assert ax.images[0].get_clim() == (0, 1)
         written = {t.get_text() for t in ax.texts}
         assert written and written <= {f"{v:.0%}" for v in shares[name].values()}
+
+
+def test_report_is_one_page_with_the_table_overlap_and_layers_and_escapes_the_bank(base_model, tmp_path, capsys):
+    bank = SkillBank(tmp_path / "bank")
+    for i, task in enumerate(["<script>alert(1)</script>", "topic & more"]):
+        skill = make_skill(base_model, f"s{i}", seed=i + 1)
+        skill.metadata.task = task
+        skill.metadata.metrics["val_acc"] = 0.5 + i / 4
+        bank.add(skill)
+    out = tmp_path / "report.html"
+    assert main(["report", str(bank.path), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    page = out.read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "topic &amp; more" in page
+    assert page.count('src="data:image/png;base64,') == 2  # the overlap heatmap and the layers plot, embedded
+    assert "<td>s0</td><td>1</td>" in page and "<td>0.5</td>" in page and "<td>0.75</td>" in page
+    assert {p.name for p in tmp_path.iterdir()} == {"bank", "report.html"}  # nothing staged is left behind
+    assert main(["report", str(bank.path), "--out", str(tmp_path / "one.html"), "--skills", "s1"]) == 0
+    assert "1 of 2 skills" in (tmp_path / "one.html").read_text()
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--skills", "nope"], "['nope'] are not in"),
+        (["--out", "/nonexistent/r.html"], "the folder /nonexistent does not exist"),
+    ],
+)
+def test_report_mistakes_speak(base_model, tmp_path, capsys, args, says):
+    bank = SkillBank(tmp_path / "bank")
+    bank.add(make_skill(base_model, "s0", seed=1))
+    argv = ["report", str(bank.path), "--out", str(tmp_path / "r.html"), *args]
+    assert main(argv) == 2
+    assert says in capsys.readouterr().err
+    SkillBank(tmp_path / "empty")
+    assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r.html")]) == 2
+    assert "holds no skills to report on" in capsys.readouterr().err
