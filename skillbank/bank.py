@@ -18,7 +18,7 @@ import os
 import re
 import stat
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +31,7 @@ from skillbank.format import FORMAT_VERSION
 if TYPE_CHECKING:  # reading the manifest (list, names, entry) needs neither torch nor the skill format
     from skillbank.skill import Skill
 
-__all__ = ["MAX_MANIFEST_BYTES", "MAX_SKILL_BYTES", "SkillBank", "SkillEntry", "check_skill_name"]
+__all__ = ["MAX_MANIFEST_BYTES", "MAX_SKILL_BYTES", "MAX_TAGS", "SkillBank", "SkillEntry", "check_skill_name"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MANIFEST = "manifest.json"
@@ -39,6 +39,8 @@ _LOCK = ".lock"
 #: The temporary files :func:`~skillbank.durable.atomic_write` makes; clean-up removes these and nothing else.
 _OWN_TMP = re.compile(re.escape(TMP_PREFIX) + r"[0-9a-f]{32}-.+")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}")
+MAX_TAGS = 32
 #: The largest manifest and skill file a bank reads (reads stay bounded whatever a crafted bank declares).
 MAX_MANIFEST_BYTES = 256 * 2**20
 MAX_SKILL_BYTES = 16 * 2**30
@@ -52,6 +54,8 @@ _SUMMARY: dict[str, type | tuple[type, ...]] = {
     "value_dtype": str,
     "created": str,
     "metrics": dict,
+    "tags": list,
+    "note": str,
 }
 _MAX_TEXT = 4096
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -82,6 +86,8 @@ class SkillEntry:
     value_dtype: str = "float32"
     created: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)
+    note: str = ""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SkillEntry:
@@ -211,8 +217,11 @@ class SkillBank:
 
     # -- writing -----------------------------------------------------------
 
-    def add(self, skill: Skill) -> SkillEntry:
+    def add(self, skill: Skill, *, tags: Sequence[str] = (), note: str = "") -> SkillEntry:
         """Add ``skill`` durably; returns its manifest entry once it is safe on disk.
+
+        ``tags`` and ``note`` label it in the manifest (a registry's own data, changed
+        later with :meth:`annotate` without touching the skill's file).
 
         Raises:
             SkillNameError: the name is unsafe or already in the bank.
@@ -222,6 +231,7 @@ class SkillBank:
         import torch
 
         check_skill_name(skill.name)
+        tags, note = _checked_labels(tags, note)
         for pname, region in skill.regions.items():
             if not bool(torch.isfinite(region.values).all()):
                 raise SkillFileError(f"skill {skill.name!r} has NaN/Inf values in {pname!r}; refusing to store it.")
@@ -240,6 +250,8 @@ class SkillBank:
             value_dtype=skill.metadata.value_dtype,
             created=skill.metadata.created,
             metrics=dict(skill.metadata.metrics),
+            tags=tags,
+            note=note,
         )
         with self._locked():
             manifest = self._read_manifest()
@@ -271,6 +283,23 @@ class SkillBank:
                     ) from None
                 raise
         return entry
+
+    def annotate(
+        self, name: str, *, add_tags: Sequence[str] = (), remove_tags: Sequence[str] = (), note: str | None = None
+    ) -> SkillEntry:
+        """Change skill ``name``'s tags (added in order, duplicates ignored; removed ones need not be there) and,
+        unless ``None``, its note; only the manifest is rewritten (atomically). Returns the new entry."""
+        check_skill_name(name)
+        with self._locked():
+            manifest = self._read_manifest()
+            line = next((e for e in manifest["skills"] if e["name"] == name), None)
+            if line is None:
+                raise SkillNameError(f"no skill named {name!r} in {self.path}; it holds {self.names() or 'no skills yet'}.")
+            kept = [t for t in line.get("tags") or [] if t not in set(remove_tags)]
+            tags = kept + [t for t in dict.fromkeys(add_tags) if t not in kept]
+            line["tags"], line["note"] = _checked_labels(tags, line.get("note", "") if note is None else note)
+            self._write_manifest(manifest)
+        return SkillEntry.from_dict(line)
 
     def remove(self, name: str) -> None:
         """Remove skill ``name`` (manifest first, then its file).
@@ -482,6 +511,22 @@ def _unlink_regular(path: Path) -> bool:
     return True
 
 
+def _checked_labels(tags: Sequence[str], note: str) -> tuple[list[str], str]:
+    """``tags`` (a list) and ``note`` if a manifest may hold them, else a :class:`SkillNameError` that says the rule."""
+    if isinstance(tags, str):
+        raise SkillNameError(f"tags must be a list of tags, not the string {tags!r}.")
+    tags = list(tags)
+    bad = [t for t in tags if not (isinstance(t, str) and _TAG.fullmatch(t))]
+    if bad or len(tags) > MAX_TAGS:
+        raise SkillNameError(
+            f"invalid tags {bad[:3] or tags[:3]}: at most {MAX_TAGS} tags, each 1-64 letters, digits or '._:+-', "
+            "starting with a letter or digit."
+        )
+    if not isinstance(note, str) or len(note) > _MAX_TEXT:
+        raise SkillNameError(f"a note must be text of at most {_MAX_TEXT} characters.")
+    return tags, note
+
+
 def _manifest_problem(body: dict[str, Any]) -> str:
     """What is wrong with a manifest's structure ("" if nothing): every entry's name, file, size, hash and types."""
     base = body.get("base_fingerprint")
@@ -522,4 +567,7 @@ def _manifest_problem(body: dict[str, Any]) -> str:
             for k, v in metrics.items()
         ):
             return f"{where} ({name}): 'metrics' must map at most 256 short names to numbers"
+        tags = entry.get("tags") or []
+        if len(tags) > MAX_TAGS or not all(isinstance(t, str) and _TAG.fullmatch(t) for t in tags):
+            return f"{where} ({name}): 'tags' must be at most {MAX_TAGS} tags of letters, digits and ._:+-"
     return ""

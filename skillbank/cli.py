@@ -139,7 +139,7 @@ def _localize(args: argparse.Namespace) -> int:
             skill = _with_routing(args, skill, routing_data)
         bar.update()
         bar.set_postfix_str("writing")
-        entry = bank.add(skill)
+        entry = bank.add(skill, tags=args.tag or [], note=args.note)
         bar.update()
     print(
         f"added {entry.name!r}: {entry.entries:,} of {skill.num_shared:,} entries "
@@ -255,17 +255,20 @@ def _escape(text: str) -> str:
 
 def _list(args: argparse.Namespace) -> int:
     bank = SkillBank(args.bank, create=False)
-    entries = bank.entries()
+    entries = [e for e in bank.entries() if args.tag is None or args.tag in e.tags]
     if args.json:
         return _print_json({"schema": "skillbank.list/1", "bank": str(bank.path), "skills": [asdict(e) for e in entries]})
     if not entries:
-        print(f"{bank.path}: no skills yet")
+        print(f"{bank.path}: no skills yet" if args.tag is None else f"{bank.path}: no skill tagged {_escape(args.tag)!r}")
         return 0
+    any_tags = any(e.tags for e in entries)
     rows = [
         (e.name, e.task, e.method, e.sparsity, _recovery(e.metrics), f"{e.entries:,}", e.value_dtype, f"{e.bytes:,}", e.created)
+        + ((",".join(e.tags),) if any_tags else ())
         for e in entries
     ]
-    print(_table(("name", "task", "method", "sparsity", "recovery", "entries", "values", "bytes", "created"), rows))
+    headers = ("name", "task", "method", "sparsity", "recovery", "entries", "values", "bytes", "created")
+    print(_table(headers + (("tags",) if any_tags else ()), rows))
     return 0
 
 
@@ -279,6 +282,16 @@ def _recovery(metrics: dict) -> str:
     """The validation recovery a skill was sized by (``sparsity="auto"``), or ``-``."""
     value = metrics.get("val_recovery")
     return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+
+
+def _tag(args: argparse.Namespace) -> int:
+    if not args.tags and args.note is None:
+        raise SkillbankError("give TAGs to add (or --remove them) or --note TEXT; nothing to change.")
+    bank = SkillBank(args.bank, create=False)
+    change = {"remove_tags": args.tags} if args.remove else {"add_tags": args.tags}
+    entry = bank.annotate(args.name, note=args.note, **change)
+    print(f"{entry.name}: tags {', '.join(map(_escape, entry.tags)) or '(none)'}; note {_escape(entry.note) or '(none)'}")
+    return 0
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -309,6 +322,8 @@ def _show(args: argparse.Namespace) -> int:
         ("file", f"{entry.file} ({entry.bytes:,} bytes, sha256 {entry.sha256[:16]}…)"),
         ("base", f"{meta.base_fingerprint[:16]}…"),
         ("created", meta.created),
+        ("tags", ", ".join(entry.tags) or "-"),
+        ("note", entry.note or "-"),
         ("format", meta.format_version),
         ("settings", json.dumps(meta.settings)),
         ("metrics", json.dumps(meta.metrics)),
@@ -539,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", required=True, help="the bank directory (created if missing)")
     p.add_argument("--name", required=True, help="the skill's unique name (letters, digits, '.', '_', '-')")
     p.add_argument("--task", default="", help="task description stored with the skill (default: the name)")
+    p.add_argument("--tag", action="append", metavar="TAG", help="a tag for the skill in the bank (repeat for more)")
+    p.add_argument("--note", default="", help="a free-text note kept with the skill in the bank")
     p.add_argument(
         "--sparsity",
         type=_sparsity_or_auto,
@@ -599,10 +616,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the skills in a bank",
         description="List a bank's skills in the order they were added: name, task, "
         "localization method, sparsity, validation recovery (skills sized with --sparsity auto), number of "
-        "entries, value dtype, file size and creation time.",
+        "entries, value dtype, file size, creation time and tags (skillbank tag).",
     )
     p.add_argument("bank", help="the bank directory")
     p.add_argument("--json", action="store_true", help="print JSON for scripts (schema in the README)")
+    p.add_argument("--tag", default=None, help="only the skills with this tag")
     p.set_defaults(run=_list)
 
     p = sub.add_parser(
@@ -615,6 +633,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=15, help="how many parameters to list (default: 15)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts (schema in the README)")
     p.set_defaults(run=_show)
+
+    p = sub.add_parser(
+        "tag",
+        help="add or remove a skill's tags, or set its note",
+        description="Change a skill's labels in the bank's manifest (rewritten atomically under the bank's write "
+        "lock; the skill's file is not touched): add the TAGs, or remove them with --remove; --note sets the note "
+        "(--note '' clears it). Tags are 1-64 letters, digits or '._:+-'; list and show print them.",
+    )
+    p.add_argument("bank", help="the bank directory")
+    p.add_argument("name", help="the skill's name")
+    p.add_argument("tags", nargs="*", metavar="TAG", help="tags to add (or remove, with --remove)")
+    p.add_argument("--remove", action="store_true", help="remove the TAGs instead of adding them")
+    p.add_argument("--note", default=None, help="the skill's new free-text note")
+    p.set_defaults(run=_tag)
 
     p = sub.add_parser(
         "remove",

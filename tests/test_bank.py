@@ -172,3 +172,24 @@ def test_a_lock_held_too_long_is_a_timeout_error(tmp_path):
         assert isinstance(caught.value, BankLockedError)  # and a SkillbankError, like every other
     finally:
         os.close(holder)
+
+
+def test_tags_and_a_note_label_a_skill_in_the_manifest_without_touching_its_file(tmp_path, base_model):
+    bank = SkillBank(tmp_path / "bank")
+    bank.add(make_skill(base_model, "a", seed=1), tags=["prod", "v1"], note="first try")
+    bank.add(make_skill(base_model, "b", seed=2))
+    file_before = (bank.path / "a.safetensors").read_bytes()
+    assert bank.entry("a").tags == ["prod", "v1"] and bank.entry("a").note == "first try" and bank.entry("b").tags == []
+    entry = bank.annotate("a", add_tags=["v2", "prod", "v2"], remove_tags=["v1"], note="second")
+    assert entry.tags == ["prod", "v2"] and entry.note == "second"
+    again = SkillBank(tmp_path / "bank")  # what a reader sees after the rewrite
+    assert again.entry("a").tags == ["prod", "v2"] and again.entry("a").note == "second"
+    assert again.annotate("a", remove_tags=["absent"]).tags == ["prod", "v2"]  # removing a tag not there is no error
+    assert (bank.path / "a.safetensors").read_bytes() == file_before and again.verify() == {"a": "ok", "b": "ok"}
+    with pytest.raises(SkillNameError, match="invalid tags"):
+        bank.annotate("a", add_tags=["has space"])
+    with pytest.raises(SkillNameError, match="tags must be a list"):
+        bank.add(make_skill(base_model, "c", seed=3), tags="prod")
+    with pytest.raises(SkillNameError, match="no skill named 'zz'"):
+        bank.annotate("zz", add_tags=["x"])
+    assert bank.names() == ["a", "b"] and SkillBank(tmp_path / "bank").entry("a").tags == ["prod", "v2"]

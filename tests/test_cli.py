@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -306,6 +307,7 @@ def test_json_outputs_follow_their_schema(folders, base_model, capsys):
     listed = json.loads(capsys.readouterr().out)
     assert listed["schema"] == "skillbank.list/1" and [e["name"] for e in listed["skills"]] == ["t0", "t1"]
     entry_keys = {"name", "file", "bytes", "sha256", "task", "method", "sparsity", "entries", "value_dtype", "created", "metrics"}
+    entry_keys |= {"tags", "note"}
     assert all(set(e) == entry_keys for e in listed["skills"])
     assert listed["skills"][0]["sha256"] == bank.entry("t0").sha256
 
@@ -458,3 +460,23 @@ def test_localize_auto_sizes_the_skill_on_validation_texts(folders, capsys):
     assert main(["list", str(bank)]) == 0
     listing = capsys.readouterr().out
     assert "recovery" in listing.splitlines()[0] and f"{auto['recovery']:.3f}" in listing
+
+
+def test_tag_note_and_list_by_tag(folders, capsys):
+    bank = str(folders / "bank")
+    for i in range(2):
+        argv = ["localize", "--base", str(folders / "base"), "--finetuned", str(folders / f"ft{i}"), "--bank", bank]
+        assert (
+            main([*argv, "--name", f"t{i}", "--sparsity", "0.02", *(["--tag", "prod", "--note", "from ft0"] if i == 0 else [])])
+            == 0
+        )
+    assert main(["tag", bank, "t1", "beta", "prod"]) == 0 and main(["tag", bank, "t1", "beta", "--remove", "--note", "ok"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "t1: tags prod; note ok"
+    assert main(["list", bank, "--tag", "prod", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["skills"]
+    assert [(e["name"], e["tags"], e["note"]) for e in listed] == [("t0", ["prod"], "from ft0"), ("t1", ["prod"], "ok")]
+    assert main(["list", bank, "--tag", "nope"]) == 0 and "no skill tagged 'nope'" in capsys.readouterr().out
+    assert main(["list", bank]) == 0 and "tags" in capsys.readouterr().out.splitlines()[0]
+    assert main(["show", bank, "t0"]) == 0 and "from ft0" in capsys.readouterr().out
+    assert main(["tag", bank, "t0"]) == 2 and "nothing to change" in capsys.readouterr().err
+    assert main(["tag", bank, "t0", "bad tag"]) == 2 and "invalid tags ['bad tag']" in capsys.readouterr().err

@@ -63,6 +63,11 @@ def test_a_manifest_entry_pointing_elsewhere_is_refused_and_nothing_is_deleted(b
         (lambda body: body["skills"][0].update(bytes="12"), "'bytes' is not a int"),
         (lambda body: body["skills"][0].update(metrics={"acc": "high"}), "'metrics' must map"),
         (lambda body: body["skills"][0].update(task="x" * 5000), "'task' is longer than 4096"),
+        (lambda body: body["skills"][0].update(tags="prod"), "'tags' has the wrong type"),
+        (lambda body: body["skills"][0].update(tags=["\x1b[31mred"]), "'tags' must be at most 32 tags"),
+        (lambda body: body["skills"][0].update(tags=[f"t{i}" for i in range(33)]), "'tags' must be at most 32 tags"),
+        (lambda body: body["skills"][0].update(note=["x"]), "'note' has the wrong type"),
+        (lambda body: body["skills"][0].update(note="x" * 5000), "'note' is longer than 4096"),
     ],
 )
 def test_malformed_manifest_entries_are_named(bank, edit, problem):
