@@ -20,7 +20,7 @@ import stat
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -228,31 +228,10 @@ class SkillBank:
             BaseMismatchError: the skill comes from another base model.
             BankError: the bank is read-only.
         """
-        import torch
-
-        check_skill_name(skill.name)
+        _check_storable(skill)
         tags, note = _checked_labels(tags, note)
-        for pname, region in skill.regions.items():
-            if not bool(torch.isfinite(region.values).all()):
-                raise SkillFileError(f"skill {skill.name!r} has NaN/Inf values in {pname!r}; refusing to store it.")
-        if skill.num_entries == 0:
-            raise SkillFileError(f"skill {skill.name!r} has an empty mask (no entries); localize with a larger sparsity.")
         data = skill.to_bytes()
-        entry = SkillEntry(
-            name=skill.name,
-            file=f"{skill.name}.safetensors",
-            bytes=len(data),
-            sha256=_sha256(data),
-            task=skill.metadata.task,
-            method=skill.metadata.method,
-            sparsity=skill.metadata.sparsity,
-            entries=skill.num_entries,
-            value_dtype=skill.metadata.value_dtype,
-            created=skill.metadata.created,
-            metrics=dict(skill.metadata.metrics),
-            tags=tags,
-            note=note,
-        )
+        entry = _entry_of(skill, data, f"{skill.name}.safetensors", tags, note)
         with self._locked():
             manifest = self._read_manifest()
             if any(e["name"] == skill.name for e in manifest["skills"]):
@@ -282,6 +261,62 @@ class SkillBank:
                         "is unchanged. Free space (e.g. skillbank remove an old skill) and add it again."
                     ) from None
                 raise
+        return entry
+
+    def replace(self, skill: Skill, *, tags: Sequence[str] | None = None, note: str | None = None) -> SkillEntry:
+        """Put ``skill`` in place of the bank's skill of the same name, atomically; returns the new entry.
+
+        The new skill's ``metadata.source["replaces"]`` keeps the old one's provenance
+        (its sha256, created, method, sparsity, metrics and its own source, so a chain of
+        replacements stays readable); ``skill`` itself is not changed. Tags and note carry
+        over unless given. The new version is written to its own file
+        (``<name>.<sha256[:12]>.safetensors``) and the manifest switched to it in one
+        atomic write, so a reader sees the old skill or the new one, never a mix; the old
+        file is deleted after. Same checks as :meth:`add`; :class:`SkillNameError` if
+        no skill of that name is in the bank.
+        """
+        _check_storable(skill)
+        with self._locked():
+            manifest = self._read_manifest()
+            number = next((i for i, e in enumerate(manifest["skills"]) if e["name"] == skill.name), None)
+            if number is None:
+                raise SkillNameError(f"no skill named {skill.name!r} in {self.path} to replace; add it instead.")
+            old_line = manifest["skills"][number]
+            old = self._load(SkillEntry.from_dict(old_line), manifest["base_fingerprint"])
+            if manifest["base_fingerprint"] != skill.metadata.base_fingerprint:
+                raise BaseMismatchError(
+                    f"skill {skill.name!r} was localized on another base model than the bank's; use a bank for that base."
+                )
+            replaces = {k: old_line.get(k) for k in ("sha256", "created", "method", "sparsity", "metrics")}
+            metadata = replace(
+                skill.metadata, source={**skill.metadata.source, "replaces": {**replaces, "source": old.metadata.source}}
+            )
+            new = replace(skill, metadata=metadata)
+            data = new.to_bytes()
+            sha = _sha256(data)
+            labels = _checked_labels(
+                old_line.get("tags") or [] if tags is None else tags, old_line.get("note", "") if note is None else note
+            )
+            entry = _entry_of(new, data, f"{skill.name}.{sha[:12]}.safetensors", *labels)
+            if entry.file == old_line["file"]:
+                raise SkillFileError(f"the new {skill.name!r} is byte for byte the skill in the bank; nothing to replace.")
+            manifest["skills"][number] = asdict(entry)
+            try:
+                atomic_write(self.path / entry.file, data)
+                try:
+                    self._write_manifest(manifest)  # the switch: before it the old skill stands, after it the new one
+                except BaseException:
+                    _unlink_regular(self.path / entry.file)
+                    raise
+            except OSError as exc:
+                if exc.errno in _NO_SPACE:
+                    raise BankError(
+                        f"no space left to replace {skill.name!r} ({len(data):,} bytes) in {self.path}; the bank is "
+                        "unchanged. Free space and replace it again."
+                    ) from None
+                raise
+            _unlink_regular(self.path / old_line["file"])
+            fsync_dir(self.path)
         return entry
 
     def annotate(
@@ -314,7 +349,8 @@ class SkillBank:
             kept = [e for e in manifest["skills"] if e["name"] != name]
             if len(kept) == len(manifest["skills"]):
                 self.entry(name)  # raises with the list of known names
-            file = self.path / f"{check_skill_name(name)}.safetensors"
+            check_skill_name(name)
+            file = self.path / next(e["file"] for e in manifest["skills"] if e["name"] == name)
             manifest["skills"] = kept
             try:
                 self._write_manifest(manifest)
@@ -511,6 +547,38 @@ def _unlink_regular(path: Path) -> bool:
     return True
 
 
+def _check_storable(skill: Skill) -> None:
+    """Refuse a skill no bank should hold: an unsafe name, NaN/Inf values, an empty mask."""
+    import torch
+
+    check_skill_name(skill.name)
+    for pname, region in skill.regions.items():
+        if not bool(torch.isfinite(region.values).all()):
+            raise SkillFileError(f"skill {skill.name!r} has NaN/Inf values in {pname!r}; refusing to store it.")
+    if skill.num_entries == 0:
+        raise SkillFileError(f"skill {skill.name!r} has an empty mask (no entries); localize with a larger sparsity.")
+
+
+def _entry_of(skill: Skill, data: bytes, file: str, tags: list[str], note: str) -> SkillEntry:
+    """The manifest line of ``skill``, serialized as ``data`` into ``file``."""
+    meta = skill.metadata
+    return SkillEntry(
+        name=skill.name,
+        file=file,
+        bytes=len(data),
+        sha256=_sha256(data),
+        task=meta.task,
+        method=meta.method,
+        sparsity=meta.sparsity,
+        entries=skill.num_entries,
+        value_dtype=meta.value_dtype,
+        created=meta.created,
+        metrics=dict(meta.metrics),
+        tags=tags,
+        note=note,
+    )
+
+
 def _checked_labels(tags: Sequence[str], note: str) -> tuple[list[str], str]:
     """``tags`` (a list) and ``note`` if a manifest may hold them, else a :class:`SkillNameError` that says the rule."""
     if isinstance(tags, str):
@@ -548,8 +616,8 @@ def _manifest_problem(body: dict[str, Any]) -> str:
         name = entry["name"]
         if not _NAME.fullmatch(name):
             return f"{where}: {name[:80]!r} is not a valid skill name"
-        if entry["file"] != f"{name}.safetensors":
-            return f"{where} ({name}): its file must be {name}.safetensors, not {entry['file'][:80]!r}"
+        if not re.fullmatch(re.escape(name) + r"(\.[0-9a-f]{12})?\.safetensors", entry["file"]):
+            return f"{where} ({name}): its file must be {name}.safetensors (or {name}.<12 hex>.safetensors), not {entry['file'][:80]!r}"
         if name in seen:
             return f"{where}: the name {name!r} appears twice"
         seen.add(name)

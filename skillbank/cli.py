@@ -102,8 +102,12 @@ def _localize(args: argparse.Namespace) -> int:
     from skillbank.weights import load_weights
 
     bank = SkillBank(args.bank)  # fail fast on a bad bank path before the heavy work
-    if args.name in bank:
-        raise SkillbankError(f"a skill named {args.name!r} is already in {bank.path}; pick another --name.")
+    if args.name in bank and not args.replace:
+        raise SkillbankError(
+            f"a skill named {args.name!r} is already in {bank.path}; pick another --name, or --replace it with this one."
+        )
+    if args.replace and args.name not in bank:
+        raise SkillbankError(f"--replace: there is no skill named {args.name!r} in {bank.path} to replace; drop --replace.")
     fields = dict(
         name=args.name,
         task=args.task or args.name,
@@ -139,10 +143,13 @@ def _localize(args: argparse.Namespace) -> int:
             skill = _with_routing(args, skill, routing_data)
         bar.update()
         bar.set_postfix_str("writing")
-        entry = bank.add(skill, tags=args.tag or [], note=args.note)
+        if args.replace:  # the old version's provenance goes into the new one's metadata; tags and note carry over
+            entry = bank.replace(skill, tags=args.tag, note=args.note or None)
+        else:
+            entry = bank.add(skill, tags=args.tag or [], note=args.note)
         bar.update()
     print(
-        f"added {entry.name!r}: {entry.entries:,} of {skill.num_shared:,} entries "
+        f"{'replaced' if args.replace else 'added'} {entry.name!r}: {entry.entries:,} of {skill.num_shared:,} entries "
         f"({entry.entries / skill.num_shared:.2%}), head {len(skill.head)} tensors, {entry.bytes:,} bytes -> {bank.path / entry.file}"
     )
     if skill.centroids is not None:
@@ -556,6 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="", help="task description stored with the skill (default: the name)")
     p.add_argument("--tag", action="append", metavar="TAG", help="a tag for the skill in the bank (repeat for more)")
     p.add_argument("--note", default="", help="a free-text note kept with the skill in the bank")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace the bank's skill of this --name atomically, keeping the old version's provenance in the new one",
+    )
     p.add_argument(
         "--sparsity",
         type=_sparsity_or_auto,

@@ -193,3 +193,49 @@ def test_tags_and_a_note_label_a_skill_in_the_manifest_without_touching_its_file
     with pytest.raises(SkillNameError, match="no skill named 'zz'"):
         bank.annotate("zz", add_tags=["x"])
     assert bank.names() == ["a", "b"] and SkillBank(tmp_path / "bank").entry("a").tags == ["prod", "v2"]
+
+
+def test_replace_swaps_a_skill_atomically_and_keeps_the_old_provenance(tmp_path, base_model, monkeypatch):
+    bank = SkillBank(tmp_path / "bank")
+    v1 = make_skill(base_model, "a", seed=1)
+    v1.metadata.source["run"] = 1
+    bank.add(v1, tags=["prod"], note="v1")
+    bank.add(make_skill(base_model, "b", seed=2))
+    old = bank.entry("a")
+    v2 = make_skill(base_model, "a", seed=3)
+    entry = bank.replace(v2)
+    assert "replaces" not in v2.metadata.source  # the caller's skill is not changed
+    assert entry.file == f"a.{entry.sha256[:12]}.safetensors" and entry.tags == ["prod"] and entry.note == "v1"
+    got = SkillBank(tmp_path / "bank").get("a")
+    assert all(torch.equal(got.regions[n].indices, r.indices) for n, r in v2.regions.items())
+    replaced = got.metadata.source["replaces"]
+    assert replaced["sha256"] == old.sha256 and replaced["created"] == old.created and replaced["source"]["run"] == 1
+    assert bank.names() == ["a", "b"] and bank.verify() == {"a": "ok", "b": "ok"}
+    assert sorted(p.name for p in bank.path.iterdir() if not p.name.startswith(".")) == sorted(
+        [entry.file, "b.safetensors", "manifest.json"]
+    )
+
+    v3 = make_skill(base_model, "a", seed=4)
+    third = bank.replace(v3, tags=["beta"])
+    chain = bank.get("a").metadata.source["replaces"]
+    assert third.tags == ["beta"] and chain["sha256"] == entry.sha256 and chain["source"]["replaces"]["source"]["run"] == 1
+    assert not (bank.path / entry.file).exists()
+
+    # a failed switch leaves the old skill in place and no new file behind
+    def full_disk(body):  # noqa: ANN001, ANN202
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SkillBank, "_write_manifest", lambda self, body: full_disk(body))
+    with pytest.raises(BankError, match="no space left to replace 'a'.*the bank is unchanged"):
+        bank.replace(make_skill(base_model, "a", seed=5))
+    monkeypatch.undo()
+    assert bank.entry("a") == third and bank.verify() == {"a": "ok", "b": "ok"}
+    assert sorted(p.name for p in bank.path.iterdir() if p.name.endswith(".safetensors")) == sorted([third.file, "b.safetensors"])
+
+    bank.remove("a")  # removes the versioned file
+    assert bank.names() == ["b"] and not (bank.path / third.file).exists()
+    with pytest.raises(SkillNameError, match="no skill named 'a' .* to replace; add it instead"):
+        bank.replace(v1)
+    other = make_skill(BertModel(tiny_config()), "b", seed=1)
+    with pytest.raises(BaseMismatchError, match="another base model"):
+        bank.replace(other)

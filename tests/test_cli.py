@@ -480,3 +480,21 @@ def test_tag_note_and_list_by_tag(folders, capsys):
     assert main(["show", bank, "t0"]) == 0 and "from ft0" in capsys.readouterr().out
     assert main(["tag", bank, "t0"]) == 2 and "nothing to change" in capsys.readouterr().err
     assert main(["tag", bank, "t0", "bad tag"]) == 2 and "invalid tags ['bad tag']" in capsys.readouterr().err
+    argv = [
+        "localize",
+        "--base",
+        str(folders / "base"),
+        "--finetuned",
+        str(folders / "ft1"),
+        "--bank",
+        bank,
+        "--sparsity",
+        "0.03",
+    ]
+    old_sha = SkillBank(bank).entry("t0").sha256
+    assert main([*argv, "--name", "t0", "--replace"]) == 0 and "replaced 't0'" in capsys.readouterr().out
+    replaced = SkillBank(bank).get("t0").metadata
+    assert replaced.sparsity == 0.03 and replaced.source["replaces"]["sha256"] == old_sha
+    assert SkillBank(bank).entry("t0").tags == ["prod"] and SkillBank(bank).entry("t0").note == "from ft0"
+    assert main([*argv, "--name", "t9", "--replace"]) == 2 and "no skill named 't9'" in capsys.readouterr().err
+    assert main([*argv, "--name", "t1"]) == 2 and "or --replace it" in capsys.readouterr().err
