@@ -282,15 +282,16 @@ class SkillBank:
             if number is None:
                 raise SkillNameError(f"no skill named {skill.name!r} in {self.path} to replace; add it instead.")
             old_line = manifest["skills"][number]
-            old = self._load(SkillEntry.from_dict(old_line), manifest["base_fingerprint"])
             if manifest["base_fingerprint"] != skill.metadata.base_fingerprint:
                 raise BaseMismatchError(
                     f"skill {skill.name!r} was localized on another base model than the bank's; use a bank for that base."
                 )
-            replaces = {k: old_line.get(k) for k in ("sha256", "created", "method", "sparsity", "metrics")}
-            metadata = replace(
-                skill.metadata, source={**skill.metadata.source, "replaces": {**replaces, "source": old.metadata.source}}
-            )
+            replaces: dict[str, Any] = {k: old_line.get(k) for k in ("sha256", "created", "method", "sparsity", "metrics")}
+            try:  # a damaged old version can be replaced too; its manifest line is then all that is kept of it
+                replaces["source"] = self._load(SkillEntry.from_dict(old_line), manifest["base_fingerprint"]).metadata.source
+            except (SkillFileError, BaseMismatchError) as exc:
+                replaces["source"], replaces["unreadable"] = None, str(exc)[:_MAX_TEXT]
+            metadata = replace(skill.metadata, source={**skill.metadata.source, "replaces": replaces})
             new = replace(skill, metadata=metadata)
             data = new.to_bytes()
             sha = _sha256(data)

@@ -232,6 +232,11 @@ def test_replace_swaps_a_skill_atomically_and_keeps_the_old_provenance(tmp_path,
     assert bank.entry("a") == third and bank.verify() == {"a": "ok", "b": "ok"}
     assert sorted(p.name for p in bank.path.iterdir() if p.name.endswith(".safetensors")) == sorted([third.file, "b.safetensors"])
 
+    (bank.path / third.file).write_bytes(b"damaged")  # a damaged version can be replaced; its manifest line is kept
+    fourth = bank.replace(make_skill(base_model, "a", seed=6))
+    kept = bank.get("a").metadata.source["replaces"]
+    assert kept["sha256"] == third.sha256 and kept["source"] is None and "truncated or damaged" in kept["unreadable"]
+    third = fourth
     bank.remove("a")  # removes the versioned file
     assert bank.names() == ["b"] and not (bank.path / third.file).exists()
     with pytest.raises(SkillNameError, match="no skill named 'a' .* to replace; add it instead"):
