@@ -193,8 +193,7 @@ class SkillBank:
         found = self._current().by_name.get(name)
         if found is not None:
             return found
-        known = self.names()
-        raise SkillNameError(f"no skill named {name!r} in {self.path}; it holds {known if known else 'no skills yet'}.")
+        raise self._unknown(name)
 
     def get(self, name: str) -> Skill:
         """Load skill ``name``, checking its size, sha256 and base fingerprint."""
@@ -234,33 +233,14 @@ class SkillBank:
         entry = _entry_of(skill, data, f"{skill.name}.safetensors", tags, note)
         with self._locked():
             manifest = self._read_manifest()
-            if any(e["name"] == skill.name for e in manifest["skills"]):
+            if _line_number(manifest, skill.name) is not None:
                 raise SkillNameError(
                     f"a skill named {skill.name!r} is already in {self.path}; pick another name or remove it first."
                 )
-            base = manifest["base_fingerprint"]
-            if base is not None and base != skill.metadata.base_fingerprint:
-                raise BaseMismatchError(
-                    f"skill {skill.name!r} was localized on another base model (fingerprint "
-                    f"{skill.metadata.base_fingerprint[:12]}…, bank {base[:12]}…); use a bank for that base."
-                )
+            _check_base(manifest, skill)
             manifest["base_fingerprint"] = skill.metadata.base_fingerprint
             manifest["skills"].append(asdict(entry))
-            try:
-                atomic_write(self.path / entry.file, data)
-                try:
-                    self._write_manifest(manifest)
-                except OSError as exc:
-                    if exc.errno in _NO_SPACE:  # the old manifest stands, without this skill: leave no orphan file
-                        _unlink_regular(self.path / entry.file)
-                    raise
-            except OSError as exc:
-                if exc.errno in _NO_SPACE:
-                    raise BankError(
-                        f"no space left to add {skill.name!r} ({len(data):,} bytes) to {self.path}; the bank "
-                        "is unchanged. Free space (e.g. skillbank remove an old skill) and add it again."
-                    ) from None
-                raise
+            self._store(entry.file, data, manifest, "add", skill.name)
         return entry
 
     def replace(self, skill: Skill, *, tags: Sequence[str] | None = None, note: str | None = None) -> SkillEntry:
@@ -278,14 +258,11 @@ class SkillBank:
         _check_storable(skill)
         with self._locked():
             manifest = self._read_manifest()
-            number = next((i for i, e in enumerate(manifest["skills"]) if e["name"] == skill.name), None)
+            number = _line_number(manifest, skill.name)
             if number is None:
                 raise SkillNameError(f"no skill named {skill.name!r} in {self.path} to replace; add it instead.")
             old_line = manifest["skills"][number]
-            if manifest["base_fingerprint"] != skill.metadata.base_fingerprint:
-                raise BaseMismatchError(
-                    f"skill {skill.name!r} was localized on another base model than the bank's; use a bank for that base."
-                )
+            _check_base(manifest, skill)
             replaces: dict[str, Any] = {k: old_line.get(k) for k in ("sha256", "created", "method", "sparsity", "metrics")}
             try:  # a damaged old version can be replaced too; its manifest line is then all that is kept of it
                 replaces["source"] = self._load(SkillEntry.from_dict(old_line), manifest["base_fingerprint"]).metadata.source
@@ -302,20 +279,7 @@ class SkillBank:
             if entry.file == old_line["file"]:
                 raise SkillFileError(f"the new {skill.name!r} is byte for byte the skill in the bank; nothing to replace.")
             manifest["skills"][number] = asdict(entry)
-            try:
-                atomic_write(self.path / entry.file, data)
-                try:
-                    self._write_manifest(manifest)  # the switch: before it the old skill stands, after it the new one
-                except BaseException:
-                    _unlink_regular(self.path / entry.file)
-                    raise
-            except OSError as exc:
-                if exc.errno in _NO_SPACE:
-                    raise BankError(
-                        f"no space left to replace {skill.name!r} ({len(data):,} bytes) in {self.path}; the bank is "
-                        "unchanged. Free space and replace it again."
-                    ) from None
-                raise
+            self._store(entry.file, data, manifest, "replace", skill.name)  # the switch: old skill before, new after
             _unlink_regular(self.path / old_line["file"])
             fsync_dir(self.path)
         return entry
@@ -328,10 +292,12 @@ class SkillBank:
         check_skill_name(name)
         with self._locked():
             manifest = self._read_manifest()
-            line = next((e for e in manifest["skills"] if e["name"] == name), None)
-            if line is None:
-                raise SkillNameError(f"no skill named {name!r} in {self.path}; it holds {self.names() or 'no skills yet'}.")
-            kept = [t for t in line.get("tags") or [] if t not in set(remove_tags)]
+            number = _line_number(manifest, name)
+            if number is None:
+                raise self._unknown(name)
+            line = manifest["skills"][number]
+            removed = set(remove_tags)
+            kept = [t for t in line.get("tags") or [] if t not in removed]
             tags = kept + [t for t in dict.fromkeys(add_tags) if t not in kept]
             line["tags"], line["note"] = _checked_labels(tags, line.get("note", "") if note is None else note)
             self._write_manifest(manifest)
@@ -347,12 +313,10 @@ class SkillBank:
         """
         with self._locked():
             manifest = self._read_manifest()
-            kept = [e for e in manifest["skills"] if e["name"] != name]
-            if len(kept) == len(manifest["skills"]):
-                self.entry(name)  # raises with the list of known names
-            check_skill_name(name)
-            file = self.path / next(e["file"] for e in manifest["skills"] if e["name"] == name)
-            manifest["skills"] = kept
+            number = _line_number(manifest, name)
+            if number is None:
+                raise self._unknown(name)
+            file = self.path / manifest["skills"].pop(number)["file"]  # a validated manifest's file: inside the bank
             try:
                 self._write_manifest(manifest)
             except OSError as exc:
@@ -374,6 +338,29 @@ class SkillBank:
             fsync_dir(self.path)
 
     # -- internals ---------------------------------------------------------
+
+    def _unknown(self, name: str) -> SkillNameError:
+        known = self.names()
+        return SkillNameError(f"no skill named {name!r} in {self.path}; it holds {known if known else 'no skills yet'}.")
+
+    def _store(self, file: str, data: bytes, manifest: dict[str, Any], verb: str, name: str) -> None:
+        """Write ``data`` to ``file``, then ``manifest``: the write that makes it count. A full disk leaves the bank
+        as it was (no orphan file) and is a :class:`BankError` that says so (``verb`` skill ``name``)."""
+        try:
+            atomic_write(self.path / file, data)
+            try:
+                self._write_manifest(manifest)
+            except OSError as exc:
+                if exc.errno in _NO_SPACE:  # the old manifest stands: leave no orphan file
+                    _unlink_regular(self.path / file)
+                raise
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise BankError(
+                    f"no space left to {verb} {name!r} ({len(data):,} bytes) in {self.path}; the bank is unchanged. "
+                    f"Free space (e.g. skillbank remove an old skill) and {verb} it again."
+                ) from None
+            raise
 
     def _initialize(self) -> None:
         try:
@@ -546,6 +533,21 @@ def _unlink_regular(path: Path) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def _line_number(manifest: dict[str, Any], name: str) -> int | None:
+    """Where skill ``name``'s line is in ``manifest["skills"]`` (``None``: not there)."""
+    return next((i for i, e in enumerate(manifest["skills"]) if e["name"] == name), None)
+
+
+def _check_base(manifest: dict[str, Any], skill: Skill) -> None:
+    """Refuse ``skill`` if the bank holds skills of another base model."""
+    base = manifest["base_fingerprint"]
+    if base is not None and base != skill.metadata.base_fingerprint:
+        raise BaseMismatchError(
+            f"skill {skill.name!r} was localized on another base model (fingerprint "
+            f"{skill.metadata.base_fingerprint[:12]}…, bank {base[:12]}…); use a bank for that base."
+        )
 
 
 def _check_storable(skill: Skill) -> None:

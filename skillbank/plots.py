@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import Tensor
@@ -111,7 +111,15 @@ def placement(skill: Skill) -> dict[tuple[str, str], int]:
     return counts
 
 
-def _load(bank: SkillBank | str | Path, names: Sequence[str] | None) -> list[Skill]:
+#: A bank (or its folder) whose skills ``names`` are plotted, or the skills themselves, already loaded (all plotted).
+Skills = Union[SkillBank, str, Path, Sequence[Skill]]
+
+
+def _load(bank: Skills, names: Sequence[str] | None) -> list[Skill]:
+    if not isinstance(bank, (SkillBank, str, Path)):
+        if not bank:
+            raise SkillbankError("no skills to plot.")
+        return list(bank)
     bank = bank if isinstance(bank, SkillBank) else SkillBank(bank, create=False)
     names = list(names) if names else bank.names()
     if not names:
@@ -160,7 +168,7 @@ def _pyplot() -> Any:  # matplotlib.pyplot, imported on first use
     return plt
 
 
-def plot_overlap(bank: SkillBank | str | Path, out: str | Path, names: Sequence[str] | None = None) -> Tensor:
+def plot_overlap(bank: Skills, out: str | Path, names: Sequence[str] | None = None) -> Tensor:
     """Heatmap of the pairwise Jaccard overlap of the skills' masks; returns the matrix."""
     skills = _load(bank, names)
     matrix = jaccard(skills)
@@ -189,7 +197,7 @@ def _layer_order(key: str) -> tuple[int, int]:
     return (2, 0)
 
 
-def plot_layers(bank: SkillBank | str | Path, out: str | Path, names: Sequence[str] | None = None) -> dict[str, dict]:
+def plot_layers(bank: Skills, out: str | Path, names: Sequence[str] | None = None) -> dict[str, dict]:
     """One panel per skill: the share of its entries in each layer × component; returns the shares."""
     skills = _load(bank, names)
     counts = {s.name: placement(s) for s in skills}

@@ -72,9 +72,10 @@ def write_report(bank: SkillBank | str | Path, out: str | Path, names: Sequence[
     ]
     metric_names = sorted({k for n in chosen for k in (entries[n].metrics or {})})
     metric_rows = [[n, *((entries[n].metrics or {}).get(k, "-") for k in metric_names)] for n in chosen]
+    skills = [bank.get(n) for n in chosen]  # read (and checked) once, for both plots
     with tempfile.TemporaryDirectory() as tmp:
-        overlap = plots.plot_overlap(bank, Path(tmp) / "overlap.png", chosen)
-        plots.plot_layers(bank, Path(tmp) / "layers.png", chosen)
+        overlap = plots.plot_overlap(skills, Path(tmp) / "overlap.png")
+        plots.plot_layers(skills, Path(tmp) / "layers.png")
         overlap_png, layers_png = _png(Path(tmp) / "overlap.png", "overlap"), _png(Path(tmp) / "layers.png", "layers")
     overlap_rows = [[a, *(float(overlap[i, j]) for j in range(len(chosen)))] for i, a in enumerate(chosen)]
     parts = [
