@@ -79,12 +79,10 @@ def test_a_pulled_alias_is_resolved_by_the_command_and_kept_in_the_provenance(fo
     records the alias as typed, and the command, not the core, resolved it."""
     import shutil
 
-    from skillbank.pull import MODELS, package_root
+    from helpers.models import pulled_minilm_folder
 
     monkeypatch.setenv("SKILLBANK_CACHE", str(folders / "cache"))
-    package, inner = MODELS["minilm"]
-    shutil.copytree(folders / "base", package_root(package) / inner)
-    (package_root(package) / ".complete").write_text("pulled\n")
+    shutil.copytree(folders / "base", pulled_minilm_folder(folders / "cache"))
     assert (
         main(
             [

@@ -145,14 +145,10 @@ def test_your_own_csv_becomes_a_banked_skill_with_no_python(tmp_path, monkeypatc
     from a cache that already holds the pulled files (here a tiny model in their place), before any class is built."""
     import csv
 
-    from helpers.models import tiny_tokenizer
-    from skillbank.pull import MODELS, PACKAGES, package_root
+    from helpers.models import pulled_minilm_folder, tiny_tokenizer
 
     monkeypatch.setenv("SKILLBANK_CACHE", str(tmp_path / "cache"))
-    package, folder = MODELS["minilm"]
-    base = package_root(package) / folder
-    package_root(package).mkdir(parents=True)
-    (package_root(package) / ".complete").write_text(f"{PACKAGES[package].package}\n")
+    base = pulled_minilm_folder(tmp_path / "cache")
     words = ["good", "great", "fine", "bad", "awful", "poor", "the", "film", "was", "plot"]
     tokenizer = tiny_tokenizer(words)
     torch.manual_seed(0)

@@ -1,8 +1,9 @@
-"""Tiny transformers built from configs, skills made from them, and a plain reference of the stitch formula."""
+"""Tiny transformers built from configs, skills made from them, a plain reference of the stitch formula, and a pulled model's place in a cache."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -71,3 +72,14 @@ def reference_stitch(base: Mapping[str, Tensor], skills: Sequence[Skill]) -> dic
         merged = theta.reshape(-1).double() + torch.where(count > 0, total / count.clamp(min=1), 0.0)
         out[name] = merged.to(theta.dtype).reshape(theta.shape)
     return out
+
+
+def pulled_minilm_folder(cache: Path) -> Path:
+    """Where ``pulled:minilm`` resolves to in ``cache``, marked as completely pulled, so nothing is downloaded:
+    a test writes a tiny model there and points ``$SKILLBANK_CACHE`` at ``cache``."""
+    from skillbank.pull import MODELS, package_root
+
+    package, inner = MODELS["minilm"]
+    package_root(package, cache).mkdir(parents=True)
+    (package_root(package, cache) / ".complete").write_text("pulled by the test\n")
+    return package_root(package, cache) / inner
