@@ -25,7 +25,6 @@ def main() -> None:
 
     assert skillbank.__file__.startswith(repo), f"skillbank came from {skillbank.__file__}, not {repo}"
     from bench_stitch import make_base, random_skill, timed_adds
-
     from skillbank import Stitcher, base_fingerprint
 
     model = make_base("cpu")

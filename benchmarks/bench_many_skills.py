@@ -27,9 +27,8 @@ from transformers import BertConfig, BertModel
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_stitch import random_skill  # noqa: E402
-
 from skillbank import SkillBank, base_fingerprint  # noqa: E402
-from skillbank.bank import SkillEntry  # noqa: E402
+from skillbank.storage.bank import SkillEntry  # noqa: E402
 
 
 def make_bank(path: Path, state: dict, n: int) -> SkillBank:
@@ -59,7 +58,7 @@ def timed(argv: list[str]) -> float:
     """Seconds one ``skillbank`` command takes as a child process (it must succeed)."""
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-c", "import sys; from skillbank.cli import main; sys.exit(main())", *argv],
+        [sys.executable, "-c", "import sys; from skillbank.integrations.cli import main; sys.exit(main())", *argv],
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

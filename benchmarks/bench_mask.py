@@ -33,8 +33,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from skillbank import MaskLearner, Stitcher, localize_dataless, task_vector
-from skillbank.classifier import accuracy
-from skillbank.fewshot import balanced_indices
+from skillbank.localization.fewshot import balanced_indices
+from skillbank.stitching.heads import accuracy
 
 
 def minilm_like(device: str) -> BertForSequenceClassification:
@@ -113,8 +113,8 @@ def steps_report(args: argparse.Namespace) -> None:
 
 
 def demo_report(args: argparse.Namespace) -> None:
-    from skillbank.demo import demo_classifier, finetune_demo_task, quiet, pretrained_base
-    from skillbank.synthetic import DEMO_TASKS, make_splits
+    from skillbank.testbed.demo import demo_classifier, finetune_demo_task, pretrained_base, quiet
+    from skillbank.testbed.synthetic import DEMO_TASKS, make_splits
 
     quiet()
     base = pretrained_base()

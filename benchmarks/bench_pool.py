@@ -19,10 +19,9 @@ import statistics
 import sys
 import time
 
-
 from bench_real import Bench, _alone, _fewshot_loader, _quiet, _stitched, build_parser, learn_skill
 from skillbank import SkillBank
-from skillbank.mask_learner import MaskLearner
+from skillbank.localization.mask_learner import MaskLearner
 
 
 def step_times(b: Bench, name: str, base: dict, pool: float, steps: int = 12) -> dict[str, float]:

@@ -32,16 +32,17 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from skillbank import SkillBank, Stitcher, localize_dataless, task_vector, use_head
-from skillbank.arrivals import arrival_metrics
-from skillbank.auto_sparsity import DEFAULT_GRID, localize_auto, search_sparsity, stitched_scorer, with_choice
-from skillbank.baselines import apply_delta, arrivals, average, consensus, magmax, opcm_steps, task_arithmetic, ties
-from skillbank.classifier import SequenceClassifier, accuracy
-from skillbank.demo import quiet as quiet_demo
-from skillbank.fewshot import balanced_indices
-from skillbank.mask_learner import MaskLearner
-from skillbank.pull import package_root, pull
-from skillbank.routing import SkillRouter, mean_pooled_features, routing_centroids
-from skillbank.text_tasks import TASKS, TextTask, load_task, task_loader
+from skillbank.comparison.arrivals import arrival_metrics
+from skillbank.comparison.baselines import apply_delta, arrivals, average, consensus, magmax, opcm_steps, task_arithmetic, ties
+from skillbank.integrations.classifier import SequenceClassifier
+from skillbank.localization.auto_sparsity import DEFAULT_GRID, localize_auto, search_sparsity, stitched_scorer, with_choice
+from skillbank.localization.fewshot import balanced_indices
+from skillbank.localization.mask_learner import MaskLearner
+from skillbank.stitching.heads import accuracy
+from skillbank.stitching.routing import SkillRouter, mean_pooled_features, routing_centroids
+from skillbank.testbed.demo import quiet as quiet_demo
+from skillbank.testbed.pull import package_root, pull
+from skillbank.testbed.text_tasks import TASKS, TextTask, load_task, task_loader
 
 STAGES = (
     "pull",
@@ -809,7 +810,7 @@ def _mean(d: dict[str, float], tasks: Sequence[str]) -> float:
 
 
 def stage_report(b: Bench) -> None:
-    from skillbank.plots import plot_arrivals, plot_layers, plot_overlap, plot_recovery
+    from skillbank.integrations.plots import plot_arrivals, plot_layers, plot_overlap, plot_recovery
 
     results, timings = b.read("results.json"), b.read("timings.json")
     ft = results["finetuned"]

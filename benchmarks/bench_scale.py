@@ -55,7 +55,7 @@ def status(key):
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
     return int(line.split()[1]) * 1024
 
-import torch, transformers, skillbank.cli, skillbank.stitcher, skillbank.mask_learner  # the imports, not measured
+import torch, transformers, skillbank.integrations.cli, skillbank.stitching.stitcher, skillbank.localization.mask_learner  # the imports, not measured
 Path("/proc/self/clear_refs").write_text("5")  # peak RSS (VmHWM) := RSS now
 before = status("VmRSS")
 start = time.perf_counter()
@@ -68,7 +68,7 @@ print("RESULT " + json.dumps(result))
 
 STITCH = """
 from skillbank import SkillBank, Stitcher
-from skillbank.stitch_out import load_base_model
+from skillbank.stitching.stitch_out import load_base_model
 base, bank = sys.argv[2], SkillBank(sys.argv[3])
 model = load_base_model(base)
 result["model_dtype"] = str(next(model.parameters()).dtype)
@@ -84,7 +84,7 @@ for name in bank.names():
 """
 
 LEARN = """
-from skillbank.mask_learner import MaskLearner
+from skillbank.localization.mask_learner import MaskLearner
 base, finetuned, steps = sys.argv[2], sys.argv[3], int(sys.argv[4])
 learner = MaskLearner(finetuned, base, finetuned, 0.01, pool=30)
 result["setup_seconds"] = time.perf_counter() - start
@@ -207,7 +207,7 @@ def main() -> None:
     results["checkpoint_bytes"] = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     shutil.rmtree(bank, ignore_errors=True)
     results["localize"] = measure(
-        "skillbank.cli.main(sys.argv[2:])",
+        "skillbank.integrations.cli.main(sys.argv[2:])",
         "localize",
         "--base",
         str(base),
@@ -233,7 +233,7 @@ def main() -> None:
     out = work / "stitched"
     shutil.rmtree(out, ignore_errors=True)
     results["stitch_out"] = measure(
-        "skillbank.cli.main(sys.argv[2:])", "stitch", "--base", str(base), "--bank", str(bank), "--out", str(out)
+        "skillbank.integrations.cli.main(sys.argv[2:])", "stitch", "--base", str(base), "--bank", str(bank), "--out", str(out)
     )
     print("stitch --out", results["stitch_out"], flush=True)
     shutil.rmtree(out, ignore_errors=True)

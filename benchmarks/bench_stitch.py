@@ -8,7 +8,7 @@ worst case for union growth, since real skills overlap more). Measures:
 
 * the time of ``Stitcher.add`` for the n-th skill, n = 1 … ``--skills``, from a ``Skill`` in memory, and from
   one laid out on the device beforehand (``Stitcher.prepare``, not timed) with the one-launch gather/scatter
-  (CUDA + Triton: :mod:`skillbank.multi_tensor`) and with the per-tensor loop (first 20 skills);
+  (CUDA + Triton: :mod:`skillbank.stitching.multi_tensor`) and with the per-tensor loop (first 20 skills);
 * a dense re-merge of 8 skills as the paper's released ``Stitcher`` does it (dense
   masks averaged by pairwise intersections, then ``θ += γ'_i ⊙ (θ_ft − θ_pre)`` over
   dense finetuned weights), and a leaner one-pass dense merge; the dense masks and
@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 from transformers import RobertaConfig, RobertaModel
 
-from skillbank import Region, Skill, SkillBank, SkillMetadata, Stitcher, base_fingerprint, multi_tensor
+from skillbank import Region, Skill, SkillBank, SkillMetadata, Stitcher, base_fingerprint
+from skillbank.stitching import multi_tensor
 
 
 def make_base(device: str) -> RobertaModel:

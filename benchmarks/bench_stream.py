@@ -31,7 +31,7 @@ import json, sys, time
 from pathlib import Path
 import torch
 from skillbank import localize_dataless, task_vector
-from skillbank.streaming import localize_streaming
+from skillbank.localization.streaming import localize_streaming
 
 def status(key):
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))

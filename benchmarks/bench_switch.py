@@ -36,7 +36,6 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_stitch import make_base, random_skill, sync  # noqa: E402
-
 from skillbank import SkillBank, Stitcher, base_fingerprint  # noqa: E402
 
 LINEAR_MODULES = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]

@@ -16,21 +16,21 @@ from torch import Tensor
 from torch.distributed.constants import default_pg_timeout
 from typing_extensions import override
 
-from skillbank.adapters import find_peft_model, merged_finetune
-from skillbank.auto_sparsity import DEFAULT_GRID, search_sparsity, stitched_scorer, with_choice
-from skillbank.baselines import apply_delta
-from skillbank.bank import SkillBank
 from skillbank.callbacks._model import wrapped_model
-from skillbank.causal_lm import is_causal_lm
+from skillbank.comparison.baselines import apply_delta
 from skillbank.errors import SkillbankError, SkillNameError, TimeLimitError
-from skillbank.localize import localize_dataless
-from skillbank.mask_learner import MaskLearner
-from skillbank.ranks import bank_on_rank_zero, raise_everywhere
-from skillbank.routing import routing_centroids, with_routing
-from skillbank.skill import Skill
+from skillbank.localization.auto_sparsity import DEFAULT_GRID, search_sparsity, stitched_scorer, with_choice
+from skillbank.localization.causal_lm import is_causal_lm
+from skillbank.localization.localize import localize_dataless
+from skillbank.localization.mask_learner import MaskLearner
 from skillbank.sparse import check_sparsity
-from skillbank.task_vectors import TaskVector, task_vector
-from skillbank.weights import WeightsSource, is_float, load_weights
+from skillbank.stitching.routing import routing_centroids, with_routing
+from skillbank.storage.bank import SkillBank
+from skillbank.storage.ranks import bank_on_rank_zero, raise_everywhere
+from skillbank.storage.skill import Skill
+from skillbank.vectors.adapters import find_peft_model, merged_finetune
+from skillbank.vectors.task_vectors import TaskVector, task_vector
+from skillbank.vectors.weights import WeightsSource, is_float, load_weights
 
 __all__ = ["SkillHarvester", "wait_budget"]
 
@@ -62,7 +62,7 @@ class SkillHarvester(Callback):
         sparsity: fraction of the shared entries in the mask, or ``"auto"``: the
             smallest size of ``grid`` whose skill alone keeps ``target_recovery`` of
             the finetune's accuracy on ``validation`` (learned masks start their
-            search from the dataless choice); see :mod:`skillbank.auto_sparsity`.
+            search from the dataless choice); see :mod:`skillbank.localization.auto_sparsity`.
         target_recovery, grid: the goal and the sizes tried with ``sparsity="auto"``.
         validation: labelled batches for ``"auto"``; default the run's own validation dataloader.
         method: ``"dataless"`` (top-|τ|) or ``"learned"`` (:class:`~skillbank.MaskLearner`
@@ -75,8 +75,8 @@ class SkillHarvester(Callback):
         learner_kwargs: more :class:`~skillbank.MaskLearner` arguments (``recipe``, ``lr``, …).
         routing: batches of the task (e.g. the few-shot or validation loader) whose
             base features become the skill's routing centroids, one per label, so a
-            :class:`~skillbank.routing.SkillRouter` can pick it for requests that do not
-            name their task (a Hugging Face encoder model; see :mod:`skillbank.routing`).
+            :class:`~skillbank.stitching.routing.SkillRouter` can pick it for requests that do not
+            name their task (a Hugging Face encoder model; see :mod:`skillbank.stitching.routing`).
 
     The run's final ``trainer.callback_metrics`` (validation accuracy, …) go into the
     skill's metadata. Under DDP rank 0 localizes and writes; every rank waits for

@@ -14,12 +14,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from skillbank.bank import SkillBank
 from skillbank.callbacks._model import wrapped_model
 from skillbank.errors import SkillbankError
-from skillbank.overlap import get_rule
-from skillbank.stitcher import Stitcher
-from skillbank.weights import WeightsSource
+from skillbank.stitching.overlap import get_rule
+from skillbank.stitching.stitcher import Stitcher
+from skillbank.storage.bank import SkillBank
+from skillbank.vectors.weights import WeightsSource
 
 __all__ = ["SkillStitcher"]
 
@@ -44,10 +44,10 @@ class SkillStitcher(Callback):
         model_attr: the LightningModule attribute holding the model; ``None``, or a
             module without ``model``, means the LightningModule itself.
         rule: how overlapping skills combine (``"mean"``, ``"sum"``, ``"sign_mean"``;
-            see :mod:`skillbank.overlap`), checked here.
+            see :mod:`skillbank.stitching.overlap`), checked here.
         switch_by: serving mode: in validation, test and predict every batch is
             answered by the one skill it names under this key (a name, or a list of
-            one repeated name; :func:`~skillbank.switching.group_by_skill` groups mixed
+            one repeated name; :func:`~skillbank.stitching.switching.group_by_skill` groups mixed
             data), with that skill's head.
         dataloader_skills: serving mode by dataloader: batches of dataloader ``i``
             are answered by skill ``dataloader_skills[i]`` (Lightning's multiple
@@ -267,7 +267,7 @@ class SkillStitcher(Callback):
                 f"batch {batch_idx} "
                 + (
                     f"mixes the skills {names}: give each batch one skill "
-                    "(DataLoader(batch_sampler=skillbank.switching.group_by_skill(...)))."
+                    "(DataLoader(batch_sampler=skillbank.stitching.switching.group_by_skill(...)))."
                     if names
                     else f"names no skill under {self.switch_by!r}; put the skill's name there."
                 )

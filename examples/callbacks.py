@@ -14,13 +14,13 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from tiny_models import TASKS, loader, tiny_models
 from transformers import BertForSequenceClassification
 
 from skillbank import SkillBank
 from skillbank.callbacks import SkillHarvester, SkillStitcher
-from skillbank.classifier import SequenceClassifier
-from skillbank.synthetic import DEMO_TASKS
-from tiny_models import TASKS, loader, tiny_models
+from skillbank.integrations.classifier import SequenceClassifier
+from skillbank.testbed.synthetic import DEMO_TASKS
 
 warnings.filterwarnings("ignore", ".*(does not have many workers|eval mode|LeafSpec).*")
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from skillbank import MaskLearner, SkillBank, Stitcher
-from skillbank.causal_lm import LM_EXCLUDE
+from skillbank.localization.causal_lm import LM_EXCLUDE
 
 warnings.filterwarnings("ignore", ".*(does not have many workers|eval mode|LeafSpec).*")
 VOCAB, PAD = 32, 0

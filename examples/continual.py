@@ -27,14 +27,14 @@ import torch
 from torch import nn
 
 from skillbank.callbacks import SkillHarvester, SkillStitcher
-from skillbank.classifier import SequenceClassifier
-from skillbank.demo import demo_classifier, quiet, pretrained_base
-from skillbank.fewshot import balanced_indices
-from skillbank.heads import use_head
-from skillbank.mask_learner import load_model
-from skillbank.pull import resolve_model
-from skillbank.synthetic import DEMO_TASKS, make_splits
-from skillbank.text_data import TextTaskData
+from skillbank.integrations.classifier import SequenceClassifier
+from skillbank.localization.fewshot import balanced_indices
+from skillbank.localization.mask_learner import load_model
+from skillbank.stitching.heads import use_head
+from skillbank.testbed.demo import demo_classifier, pretrained_base, quiet
+from skillbank.testbed.pull import resolve_model
+from skillbank.testbed.synthetic import DEMO_TASKS, make_splits
+from skillbank.testbed.text_data import TextTaskData
 
 REAL_TASKS = ("sentiment", "spam", "tweets")
 

@@ -13,10 +13,10 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
+from tiny_models import loader, tiny_models
 
 from skillbank import MaskLearner, SkillBank, Stitcher
-from skillbank.classifier import accuracy
-from tiny_models import loader, tiny_models
+from skillbank.stitching.heads import accuracy
 
 warnings.filterwarnings("ignore", ".*(does not have many workers|eval mode|LeafSpec).*")
 

@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import torch
+from tiny_models import loader, tiny_models
 from transformers import BertForSequenceClassification
 
 from skillbank import SkillBank, Stitcher, localize_dataless, task_vector
-from skillbank.classifier import accuracy
-from tiny_models import loader, tiny_models
+from skillbank.stitching.heads import accuracy
 
 
 def main(workdir: Path) -> None:

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import torch
+from tiny_models import TASKS, loader, tiny_models
 from transformers import BertForSequenceClassification, BertModel
 
 from skillbank import SkillBank, Stitcher, localize_dataless, task_vector
-from skillbank.classifier import accuracy
-from skillbank.routing import SkillRouter, mean_pooled_features, routing_centroids, with_routing
-from tiny_models import TASKS, loader, tiny_models
+from skillbank.stitching.heads import accuracy
+from skillbank.stitching.routing import SkillRouter, mean_pooled_features, routing_centroids, with_routing
 
 
 def main(workdir: Path) -> None:

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 from transformers import BertForSequenceClassification, BertModel
 from transformers.utils import logging as hf_logging
 
-from skillbank.demo import demo_config
-from skillbank.synthetic import DEMO_TASKS, TokenDataset
+from skillbank.testbed.demo import demo_config
+from skillbank.testbed.synthetic import DEMO_TASKS, TokenDataset
 
 TASKS = {"sentiment": 0, "topic": 1}
 hf_logging.set_verbosity_error()  # the examples print their own results, not transformers' load reports

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from skillbank import _moved
 from skillbank.errors import (
     BankError,
     BankLockedError,
@@ -22,39 +23,41 @@ from skillbank.errors import (
     TimeLimitError,
 )
 
+_moved.install()  # the module paths from before the package was grouped by stage still import (deprecated)
+
 # Where each public name lives. They are imported on first use, so ``import skillbank`` (and the CLI's
 # --help and list) costs no torch, transformers or lightning import until a name that needs them is used.
 _LAZY = {
-    "SkillBank": "bank",
-    "SkillEntry": "bank",
-    "use_head": "heads",
-    "localize_dataless": "localize",
-    "skill_from_mask": "localize",
-    "MaskLearner": "mask_learner",
-    "RECIPES": "mask_recipes",
-    "MaskRecipe": "mask_recipes",
-    "Region": "skill",
-    "Skill": "skill",
-    "SkillMetadata": "skill",
-    "Stitcher": "stitcher",
-    "TaskVector": "task_vectors",
-    "task_vector": "task_vectors",
-    "align_names": "weights",
-    "base_fingerprint": "weights",
-    "load_weights": "weights",
-    "load_state_dict": "weights",
+    "SkillBank": "storage.bank",
+    "SkillEntry": "storage.bank",
+    "use_head": "stitching.heads",
+    "localize_dataless": "localization.localize",
+    "skill_from_mask": "localization.localize",
+    "MaskLearner": "localization.mask_learner",
+    "RECIPES": "localization.mask_recipes",
+    "MaskRecipe": "localization.mask_recipes",
+    "Region": "storage.skill",
+    "Skill": "storage.skill",
+    "SkillMetadata": "storage.skill",
+    "Stitcher": "stitching.stitcher",
+    "TaskVector": "vectors.task_vectors",
+    "task_vector": "vectors.task_vectors",
+    "align_names": "vectors.weights",
+    "base_fingerprint": "vectors.weights",
+    "load_weights": "vectors.weights",
+    "load_state_dict": "vectors.weights",
 }
 
 if TYPE_CHECKING:
-    from skillbank.bank import SkillBank, SkillEntry
-    from skillbank.heads import use_head
-    from skillbank.localize import localize_dataless, skill_from_mask
-    from skillbank.mask_learner import MaskLearner
-    from skillbank.mask_recipes import RECIPES, MaskRecipe
-    from skillbank.skill import Region, Skill, SkillMetadata
-    from skillbank.stitcher import Stitcher
-    from skillbank.task_vectors import TaskVector, task_vector
-    from skillbank.weights import align_names, base_fingerprint, load_state_dict, load_weights
+    from skillbank.localization.localize import localize_dataless, skill_from_mask
+    from skillbank.localization.mask_learner import MaskLearner
+    from skillbank.localization.mask_recipes import RECIPES, MaskRecipe
+    from skillbank.stitching.heads import use_head
+    from skillbank.stitching.stitcher import Stitcher
+    from skillbank.storage.bank import SkillBank, SkillEntry
+    from skillbank.storage.skill import Region, Skill, SkillMetadata
+    from skillbank.vectors.task_vectors import TaskVector, task_vector
+    from skillbank.vectors.weights import align_names, base_fingerprint, load_state_dict, load_weights
 
 
 def __getattr__(name: str) -> Any:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from skillbank.bank import SkillBank
-from skillbank.skill import Region, Skill, SkillMetadata
+from skillbank.storage.bank import SkillBank
+from skillbank.storage.skill import Region, Skill, SkillMetadata
 
 HERE = Path(__file__).resolve()
 FINGERPRINT = "f" * 64

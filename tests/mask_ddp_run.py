@@ -19,11 +19,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from transformers import BertForSequenceClassification, BertModel
 
-from helpers.models import finetune_like, tiny_config
 from helpers.ddp_teardown import teardown
+from helpers.models import finetune_like, tiny_config
 from skillbank import MaskLearner
-from skillbank.fewshot import balanced_indices
-from skillbank.synthetic import DEMO_TASKS, TokenDataset
+from skillbank.localization.fewshot import balanced_indices
+from skillbank.testbed.synthetic import DEMO_TASKS, TokenDataset
 
 GLOBAL_BATCH = 32
 

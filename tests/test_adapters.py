@@ -16,9 +16,9 @@ from transformers import AutoModel, AutoModelForSequenceClassification, BertForS
 from helpers.models import tiny_config
 from skillbank import MaskLearner, SkillBank, Stitcher, localize_dataless, task_vector
 from skillbank.callbacks import SkillHarvester
-from skillbank.cli import main
 from skillbank.errors import BaseMismatchError
-from skillbank.heads import use_head
+from skillbank.integrations.cli import main
+from skillbank.stitching.heads import use_head
 
 NUM_LABELS = 3
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from skillbank.arrivals import arrival_metrics
-from skillbank.cli import main
+from skillbank.comparison.arrivals import arrival_metrics
 from skillbank.errors import SkillbankError
+from skillbank.integrations.cli import main
 
 ORDER = ["a", "b", "c"]
 FINETUNED = {"a": 0.8, "b": 0.5, "c": 1.0}

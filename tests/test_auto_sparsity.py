@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from skillbank import SkillbankError, task_vector
-from skillbank.auto_sparsity import localize_auto, search_sparsity
-from skillbank.skill import Skill, SkillMetadata
+from skillbank.localization.auto_sparsity import localize_auto, search_sparsity
+from skillbank.storage.skill import Skill, SkillMetadata
 
 CLASSES = 10  # class c is told by feature c; the task lives in exactly the 10 diagonal entries of a 10 x 100 weight
 

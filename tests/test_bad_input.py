@@ -10,6 +10,7 @@ import stat
 import pytest
 import torch
 from safetensors.torch import save
+from transformers import BertModel
 
 from helpers.models import finetune_like, live_copy, make_skill, tiny_config
 from skillbank import (
@@ -20,13 +21,12 @@ from skillbank import (
     SkillbankError,
     SkillFileError,
     SkillNameError,
-    StitchError,
     Stitcher,
+    StitchError,
     TaskVectorError,
     localize_dataless,
     task_vector,
 )
-from transformers import BertModel
 
 
 def other_base() -> BertModel:

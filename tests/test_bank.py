@@ -8,10 +8,10 @@ import stat
 
 import pytest
 import torch
+from transformers import BertModel
 
 from helpers.models import make_skill, tiny_config
 from skillbank import BankError, BaseMismatchError, SkillBank, SkillFileError, SkillNameError
-from transformers import BertModel
 
 
 def test_add_get_list_remove_verify(tmp_path, base_model):
@@ -160,8 +160,8 @@ def test_a_lock_held_too_long_is_a_timeout_error(tmp_path):
     import fcntl
     import os
 
-    from skillbank.durable import exclusive_lock
     from skillbank.errors import BankLockedError
+    from skillbank.storage.durable import exclusive_lock
 
     lock = tmp_path / ".lock"
     holder = os.open(lock, os.O_RDWR | os.O_CREAT)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from skillbank.baselines import apply_delta, average, consensus, tall_masks, task_arithmetic, ties, trim_top
+from skillbank.comparison.baselines import apply_delta, average, consensus, tall_masks, task_arithmetic, ties, trim_top
 from skillbank.errors import TaskVectorError
 
 
@@ -105,7 +105,7 @@ def test_apply_delta_sets_base_plus_delta_and_resets() -> None:
 
 
 def test_magmax_takes_the_largest_magnitude_per_entry() -> None:
-    from skillbank.baselines import magmax
+    from skillbank.comparison.baselines import magmax
 
     taus = _taus(4, seed=3)
     merged = _flat(magmax(taus, 0.5))
@@ -145,7 +145,7 @@ def _opcm_reference(taus: list[dict[str, torch.Tensor]], alpha: float) -> list[d
 
 
 def test_opcm_matches_a_plain_reference_after_every_arrival() -> None:
-    from skillbank.baselines import opcm, opcm_steps
+    from skillbank.comparison.baselines import opcm, opcm_steps
 
     taus = _taus(4, seed=5)
     steps = list(opcm_steps(taus, alpha=0.5, matrices=lambda name, t: t.dim() == 2))
@@ -163,7 +163,7 @@ def test_opcm_matches_a_plain_reference_after_every_arrival() -> None:
 
 
 def test_arrivals_runs_a_one_shot_merger_on_every_prefix() -> None:
-    from skillbank.baselines import arrivals
+    from skillbank.comparison.baselines import arrivals
 
     taus = _taus(3)
     runs = list(arrivals(lambda ts: ties(ts, 0.5, 1.0), taus))

@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from skillbank import MaskLearner, SkillBank, Stitcher, localize_dataless, task_vector
-from skillbank.causal_lm import LM_EXCLUDE, NextTokenAccuracy, with_lm_labels
-from skillbank.mask_learner import load_model
+from skillbank.localization.causal_lm import LM_EXCLUDE, NextTokenAccuracy, with_lm_labels
+from skillbank.localization.mask_learner import load_model
 
 VOCAB = 40
 

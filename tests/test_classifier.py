@@ -10,9 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from helpers.models import live_copy
-from skillbank.classifier import SequenceClassifier
 from skillbank.errors import SkillbankError
-from skillbank.synthetic import DEMO_TASKS, TokenDataset
+from skillbank.integrations.classifier import SequenceClassifier
+from skillbank.testbed.synthetic import DEMO_TASKS, TokenDataset
 
 
 def one_step(module: SequenceClassifier, **trainer_args) -> float:

@@ -15,7 +15,7 @@ from transformers import AutoModel
 
 from helpers.models import finetune_like, live_copy, make_skill
 from skillbank import SkillBank, Stitcher
-from skillbank.cli import main
+from skillbank.integrations.cli import main
 
 
 @pytest.fixture
@@ -332,7 +332,7 @@ def test_json_outputs_follow_their_schema(folders, base_model, capsys):
 
 
 def test_diff_compares_two_skills_side_by_side(folders, base_model, capsys):
-    from skillbank.plots import jaccard
+    from skillbank.integrations.plots import jaccard
 
     bank = SkillBank(folders / "bank")
     a, b = make_skill(base_model, "t0", seed=1, sparsity=0.1), make_skill(base_model, "t1", seed=2, sparsity=0.1)
@@ -375,7 +375,7 @@ def test_verify_exits_1_and_names_damaged_skills(folders, capsys):
 
 _HEAVY = """
 import sys
-from skillbank.cli import main
+from skillbank.integrations.cli import main
 try:
     main(sys.argv[1:])
 except SystemExit:

@@ -1,4 +1,4 @@
-"""skillbank.pull and skillbank.text_tasks on small extracts the tests write themselves (no registry, no real files)."""
+"""skillbank.testbed.pull and skillbank.testbed.text_tasks on small extracts the tests write themselves (no registry, no real files)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.models import tiny_tokenizer
 
-from skillbank.pull import PACKAGES, DataError, WheelFiles, package_root, pull
-from skillbank.text_tasks import (
+from helpers.models import tiny_tokenizer
+from skillbank.testbed.pull import PACKAGES, DataError, WheelFiles, package_root, pull
+from skillbank.testbed.text_tasks import (
     TASKS,
     load_task,
     read_orange_tab,
@@ -212,7 +212,7 @@ def test_every_task_loads_from_the_cache(cache: Path) -> None:
 
 
 def test_missing_files_and_unknown_tasks_are_clear(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="missing; run skillbank.pull"):
+    with pytest.raises(DataError, match="missing; run skillbank.testbed.pull"):
         load_task("spam", tmp_path)
     with pytest.raises(DataError, match="unknown task 'imdb'"):
         load_task("imdb", tmp_path)
@@ -230,9 +230,9 @@ def test_task_loader_pads_per_batch(cache: Path, tmp_path: Path) -> None:
 
 
 def test_skillbank_pull_command_lists_folders_and_model_alias(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # noqa: ANN001
-    from skillbank import pull as pull_module
-    from skillbank.cli import main
-    from skillbank.pull import resolve_model
+    from skillbank.integrations.cli import main
+    from skillbank.testbed import pull as pull_module
+    from skillbank.testbed.pull import resolve_model
 
     registry = FakeRegistry()
     monkeypatch.setattr(pull_module, "_pip_download", registry)
@@ -248,7 +248,7 @@ def test_skillbank_pull_command_lists_folders_and_model_alias(tmp_path: Path, mo
 
 
 def test_text_task_data_gives_few_shot_and_subset_loaders(cache: Path, tmp_path: Path) -> None:
-    from skillbank.text_data import TextTaskData
+    from skillbank.testbed.text_data import TextTaskData
 
     tiny_tokenizer(["stronger", "together", "make", "it", "great"]).save_pretrained(tmp_path / "tok")
     data = TextTaskData(

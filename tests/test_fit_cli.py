@@ -12,7 +12,7 @@ from transformers import BertModel
 
 from helpers.models import finetune_like, tiny_config
 from skillbank import SkillBank
-from skillbank.cli import main
+from skillbank.integrations.cli import main
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -136,7 +136,7 @@ def test_real_config_parses_offline(capsys):
     assert done.value.code == 0
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["init_args"]["model"] == "pulled:minilm"
-    assert config["data"]["class_path"] == "skillbank.text_data.TextTaskData"
+    assert config["data"]["class_path"] == "skillbank.testbed.text_data.TextTaskData"
     assert config["data"]["init_args"]["task"] == "spam" and config["trainer"]["max_steps"] == 150
 
 
@@ -197,7 +197,7 @@ def test_your_own_csv_becomes_a_banked_skill_with_no_python(tmp_path, monkeypatc
 
 def test_a_table_names_its_problem(tmp_path):
     from skillbank import SkillbankError
-    from skillbank.table_data import read_table
+    from skillbank.integrations.table_data import read_table
 
     (tmp_path / "a.tsv").write_text("text\tlabel\nnice\tpos\nbad\tneg\nok\tpos\n")
     split, names = read_table(tmp_path / "a.tsv")

@@ -14,8 +14,8 @@ import torch
 
 from helpers.models import make_skill
 from skillbank import BankError, Skill, SkillBank, SkillbankError, SkillFileError
-from skillbank.bank import _manifest_bytes, _manifest_checksum
-from skillbank.cli import main
+from skillbank.integrations.cli import main
+from skillbank.storage.bank import _manifest_bytes, _manifest_checksum
 
 
 def craft(bank_dir, edit) -> None:  # noqa: ANN001
@@ -217,9 +217,8 @@ def test_a_deeply_nested_skill_header_is_a_clear_error(base_model):
 
 
 def test_escapes_in_skill_fields_reach_neither_the_terminal_nor_the_model_card(tmp_path, base_model, capsys):
-    from skillbank import localize_dataless, task_vector
-
     from helpers.models import finetune_like
+    from skillbank import localize_dataless, task_vector
 
     base_model.save_pretrained(tmp_path / "base")
     hostile = "\x1b]0;owned\x07\x1b[2J| fake | row |\n<img src=x onerror=alert(1)>"
@@ -252,7 +251,7 @@ def test_a_skill_that_overflows_a_half_precision_model_is_refused_and_the_model_
     from dataclasses import replace
 
     from helpers.models import finetune_like, live_copy
-    from skillbank import Region, StitchError, Stitcher, localize_dataless, task_vector
+    from skillbank import Region, Stitcher, StitchError, localize_dataless, task_vector
 
     base16 = copy.deepcopy(base_model).half()
 
@@ -285,7 +284,7 @@ def stitchable(tmp_path, base_model):  # noqa: ANN001, ANN201
 
 
 def test_a_failed_stitch_leaves_no_output_folder_and_no_partial_one(stitchable, monkeypatch, capsys):
-    from skillbank import stitch_out
+    from skillbank.stitching import stitch_out
 
     def disk_full(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise OSError(28, "No space left on device")
@@ -298,7 +297,7 @@ def test_a_failed_stitch_leaves_no_output_folder_and_no_partial_one(stitchable, 
 
 
 def test_two_stitches_into_one_folder_never_mix(stitchable, monkeypatch, capsys):
-    from skillbank import stitch_out
+    from skillbank.stitching import stitch_out
 
     out = stitchable / "out"
     card = stitch_out._model_card
@@ -377,7 +376,7 @@ def test_a_folder_with_only_pickled_weights_is_refused_before_anything_is_deseri
 @pytest.mark.parametrize("what", ["removed", "replaced", "deleted file"])
 def test_a_skill_whose_bank_copy_changed_is_refused_clearly_and_reset_restores_the_base(bank, base_model, what):
     from helpers.models import live_copy
-    from skillbank import StitchError, Stitcher
+    from skillbank import Stitcher, StitchError
 
     live = live_copy(base_model)
     before = {k: v.clone() for k, v in live.state_dict().items()}
@@ -403,7 +402,7 @@ def test_a_skill_whose_bank_copy_changed_is_refused_clearly_and_reset_restores_t
 def test_a_full_disk_while_adding_is_a_clear_error_and_leaves_no_orphan(bank, base_model, monkeypatch):
     import errno
 
-    from skillbank import bank as bank_module
+    from skillbank.storage import bank as bank_module
 
     real = bank_module.atomic_write
 
@@ -423,7 +422,7 @@ def test_a_full_disk_while_adding_is_a_clear_error_and_leaves_no_orphan(bank, ba
 def test_remove_works_on_a_full_disk(bank, monkeypatch):
     import errno
 
-    from skillbank import bank as bank_module
+    from skillbank.storage import bank as bank_module
 
     real_write, real_unlink, freed = bank_module.atomic_write, bank_module._unlink_regular, []
 
@@ -447,7 +446,7 @@ def test_remove_works_on_a_full_disk(bank, monkeypatch):
 def test_remove_on_a_disk_that_stays_full_says_so_and_a_rerun_finishes_it(bank, monkeypatch):
     import errno
 
-    from skillbank import bank as bank_module
+    from skillbank.storage import bank as bank_module
 
     real_write = bank_module.atomic_write
 
@@ -469,7 +468,7 @@ def test_remove_on_a_disk_that_stays_full_says_so_and_a_rerun_finishes_it(bank, 
 
 def test_the_overlap_matrix_follows_the_masks_not_a_declared_parameter_size():
     from skillbank import Region, SkillMetadata
-    from skillbank.plots import jaccard
+    from skillbank.integrations.plots import jaccard
 
     shapes = {"w": [2**40], "v": [3]}  # a crafted header: a 1-TiB parameter; a dense mask over it cannot be made
 
@@ -482,7 +481,7 @@ def test_the_overlap_matrix_follows_the_masks_not_a_declared_parameter_size():
 
 
 def test_a_stitch_of_many_skills_parses_the_manifest_a_fixed_number_of_times(tmp_path, base_model, monkeypatch):
-    from skillbank import stitch_out
+    from skillbank.stitching import stitch_out
 
     base_model.save_pretrained(tmp_path / "base")
     parses = []

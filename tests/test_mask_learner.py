@@ -28,11 +28,11 @@ from skillbank import (
     localize_dataless,
     task_vector,
 )
-from skillbank.classifier import accuracy
-from skillbank.mask_recipes import resolve_recipe
-from skillbank.fewshot import balanced_indices
-from skillbank.demo import demo_classifier, finetune_demo_task, quiet, pretrained_base
-from skillbank.synthetic import DEMO_TASKS, TokenDataset, make_splits
+from skillbank.localization.fewshot import balanced_indices
+from skillbank.localization.mask_recipes import resolve_recipe
+from skillbank.stitching.heads import accuracy
+from skillbank.testbed.demo import demo_classifier, finetune_demo_task, pretrained_base, quiet
+from skillbank.testbed.synthetic import DEMO_TASKS, TokenDataset, make_splits
 
 TESTS = Path(__file__).parent
 
@@ -340,7 +340,7 @@ def test_in_context_masks_depend_on_what_arrived_before_not_on_its_order(base_mo
 
 
 def test_an_unknown_classifier_optimizer_is_a_skillbank_error(base_model):
-    from skillbank.classifier import SequenceClassifier
+    from skillbank.integrations.classifier import SequenceClassifier
 
     with pytest.raises(SkillbankError, match="optimizer must be 'adamw' or 'sgd', got 'adam'"):
         SequenceClassifier(finetune_like(base_model, seed=1), num_labels=2, optimizer="adam")

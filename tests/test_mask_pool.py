@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from helpers.models import finetune_like, make_skill
 from skillbank import MaskLearner, SkillbankError, task_vector
-from skillbank.synthetic import DEMO_TASKS, TokenDataset
+from skillbank.testbed.synthetic import DEMO_TASKS, TokenDataset
 
 
 def loader(n: int = 32, seed: int = 0) -> DataLoader:

@@ -1,4 +1,4 @@
-"""The one-launch gather/scatter (skillbank.multi_tensor) writes what the per-tensor path writes, bit for bit.
+"""The one-launch gather/scatter (skillbank.stitching.multi_tensor) writes what the per-tensor path writes, bit for bit.
 
 Runs where Triton imports: on a CUDA device with compiled kernels, or on the CPU
 through Triton's interpreter (``TRITON_INTERPRET=1``); skipped elsewhere (CI has no Triton).
@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from helpers.models import live_copy, make_skill
-from skillbank import Stitcher, multi_tensor
-from skillbank.stitcher import PreparedSkill
+from skillbank import Stitcher
+from skillbank.stitching import multi_tensor
+from skillbank.stitching.stitcher import PreparedSkill
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -6,13 +6,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from helpers.models import finetune_like, live_copy, tiny_config
-from skillbank import StitchError, Stitcher, localize_dataless, task_vector
-from skillbank.baselines import ties
-from skillbank.overlap import RULES, OverlapRule, get_rule
 from test_stitcher import BASE, BASE_STATE, bert_state, check_any_sequence, random_skill
 from transformers import BertModel
+
+from helpers.models import finetune_like, live_copy, tiny_config
+from skillbank import Stitcher, StitchError, localize_dataless, task_vector
+from skillbank.comparison.baselines import ties
+from skillbank.stitching.overlap import RULES, OverlapRule, get_rule
 
 
 def reference_entry(rule: str, values: list[float]) -> float:
@@ -89,8 +89,8 @@ def test_unknown_rule_names_the_known_ones():
 
 def test_a_second_rule_of_a_taken_name_is_refused():
     from skillbank.errors import SkillbankError
-    from skillbank.overlap import get_rule
-    from skillbank.overlap.rule import register_rule
+    from skillbank.stitching.overlap import get_rule
+    from skillbank.stitching.overlap.rule import register_rule
 
     with pytest.raises(SkillbankError, match="'mean' is registered already; give the new rule another name"):
         register_rule(type(get_rule("mean")))

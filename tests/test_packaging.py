@@ -3,23 +3,37 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.metadata
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
 import skillbank
-from skillbank import weights
-from skillbank.pull import PULLED
+from skillbank.testbed.pull import PULLED
+from skillbank.vectors import weights
 
 
 def test_the_version_has_one_source():
     assert importlib.metadata.version("skillbank") == skillbank.__version__
 
 
-# what may download or build benchmark data, and the edges that may call it (the CLI, its LightningCLI, DataModules)
-_SCAFFOLDING = {"pull", "text_tasks", "text_data", "demo", "synthetic"}
-_EDGES = {"cli", "fit", "table_data", "labelled_text"}
+ROOT = Path(skillbank.__file__).parent
+# The data path, one subpackage a stage: what each may import besides the top level (errors, devices, sparse).
+_MAY_IMPORT = {
+    "vectors": set(),
+    "localization": {"vectors", "storage", "stitching"},  # it makes skills, sized and learned against the stitched model
+    "storage": set(),
+    "stitching": {"vectors", "storage"},
+    "comparison": {"vectors"},
+    "callbacks": {"vectors", "localization", "storage", "stitching", "comparison"},
+    "integrations": {"vectors", "localization", "storage", "stitching", "comparison", "callbacks"},
+    "testbed": {"vectors", "localization", "storage", "stitching", "comparison", "callbacks", "integrations"},
+}
+# the edges that may reach the scaffolding: pulled: aliases (pull) and the demo
+_EDGES_INTO_TESTBED = {"integrations/cli.py", "integrations/fit.py", "integrations/table_data.py"}
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -27,30 +41,78 @@ def _imported_modules(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
+            if node.module == "skillbank":  # from skillbank import storage
+                names.update(f"skillbank.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
     return names
 
 
+def _stage(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "skillbank" or len(parts) < 2:
+        return None
+    return parts[1] if parts[1] in _MAY_IMPORT else None
+
+
+def _sources() -> dict[str, Path]:
+    files = {str(p.relative_to(ROOT)): p for p in ROOT.rglob("*.py")}
+    files.update({f"callbacks/{p.name}": p for p in (ROOT.parent / "callbacks").glob("*.py")})
+    return files
+
+
+def test_each_stage_imports_only_the_stages_before_it():
+    """The package layout is the data path: weights → task vectors → localization → skill and bank → stitching → edges."""
+    sources = _sources()
+    assert {rel.split("/")[0] for rel in sources if "/" in rel} == set(_MAY_IMPORT)
+    offenders = {}
+    for rel, path in sources.items():
+        stage = rel.split("/")[0] if "/" in rel else None
+        if stage is None:  # the top level: the lazy public API may name anything; errors, devices, sparse import no stage
+            if rel not in ("__init__.py", "_moved.py"):
+                assert {_stage(m) for m in _imported_modules(path)} <= {None}, rel
+            continue
+        allowed = _MAY_IMPORT[stage] | {stage} | ({"testbed"} if rel in _EDGES_INTO_TESTBED else set())
+        found = sorted(m for m in _imported_modules(path) if _stage(m) not in allowed | {None})
+        if found:
+            offenders[rel] = found
+    assert offenders == {}
+
+
 def test_the_core_never_imports_what_downloads():
-    """``pulled:`` aliases are resolved at the edges; the core reads folders and never imports ``skillbank.pull``."""
-    root = Path(skillbank.__file__).parent
-    core = [
-        p
-        for p in [*root.glob("*.py"), *root.glob("overlap/*.py"), *(root.parent / "callbacks").glob("*.py")]
-        if p.stem not in _SCAFFOLDING | _EDGES
-    ]
-    assert len(core) > 20
-    offenders = {p.name: sorted(m for m in _imported_modules(p) if m.removeprefix("skillbank.") in _SCAFFOLDING) for p in core}
-    assert {name: found for name, found in offenders.items() if found} == {}
+    """``pulled:`` aliases are resolved at the edges; the core reads folders and never imports ``skillbank.testbed.pull``."""
+    core = {rel: p for rel, p in _sources().items() if not rel.startswith("testbed/") and rel not in _EDGES_INTO_TESTBED}
+    assert len(core) > 30
+    offenders = {rel: sorted(m for m in _imported_modules(p) if _stage(m) == "testbed") for rel, p in core.items()}
+    assert {rel: found for rel, found in offenders.items() if found} == {}
     assert weights._PULLED == PULLED  # the spelled-out copy of the prefix agrees
+
+
+def test_the_old_module_paths_import_the_moved_modules_with_a_warning():
+    """``skillbank.stitcher`` (a config's ``class_path``, a pickle) is the very module ``skillbank.stitching.stitcher``."""
+    from skillbank._moved import MOVED
+    from skillbank.stitching import stitcher
+    from skillbank.stitching.overlap import mean
+
+    for old in ("skillbank.stitcher", "skillbank.overlap", "skillbank.overlap.mean"):
+        sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=r"skillbank\.stitcher is now skillbank\.stitching\.stitcher"):
+        old_stitcher = importlib.import_module("skillbank.stitcher")
+    with pytest.warns(DeprecationWarning) as record:
+        from skillbank.overlap.mean import MeanRule  # the rule registers once, not a second time under the old name
+    assert [str(w.message).split(";")[0] for w in record] == [
+        "skillbank.overlap is now skillbank.stitching.overlap",
+        "skillbank.overlap.mean is now skillbank.stitching.overlap.mean",
+    ]
+    assert old_stitcher is stitcher and MeanRule is mean.MeanRule
+    for old, new in MOVED.items():  # every old name leads somewhere
+        assert importlib.util.find_spec(new) is not None, old
 
 
 def test_the_core_refuses_an_alias_with_what_to_do():
     from skillbank import SkillbankError, load_weights
-    from skillbank.streaming import localize_streaming
-
-    from skillbank.mask_learner import load_model
+    from skillbank.localization.mask_learner import load_model
+    from skillbank.localization.streaming import localize_streaming
 
     for call in (
         lambda: load_weights("pulled:minilm"),

@@ -1,4 +1,4 @@
-"""skillbank.plots: the numbers behind each plot, and the PNGs `skillbank plot` writes."""
+"""skillbank.integrations.plots: the numbers behind each plot, and the PNGs `skillbank plot` writes."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from skillbank import SkillBank, skill_from_mask, task_vector
-from skillbank.cli import main
-from skillbank.errors import SkillbankError
-from skillbank.plots import component, jaccard, layer_of, placement, plot_recovery
-
 from helpers.models import finetune_like, make_skill
+from skillbank import SkillBank, skill_from_mask, task_vector
+from skillbank.errors import SkillbankError
+from skillbank.integrations.cli import main
+from skillbank.integrations.plots import component, jaccard, layer_of, placement, plot_recovery
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -96,7 +95,7 @@ def test_skillbank_plot_writes_pngs(base_model, tmp_path: Path, capsys) -> None:
 
 
 def test_heatmaps_read_on_a_fixed_scale_with_values_and_colour_bars(base_model, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    from skillbank import plots
+    from skillbank.integrations import plots
 
     bank = SkillBank(tmp_path / "bank")
     for i, name in enumerate(("sent", "topic")):

@@ -80,7 +80,7 @@ def test_two_task_miniature_end_to_end(tmp_path: Path) -> None:
 
 def test_real_config_finetunes_and_harvests(tmp_path: Path) -> None:
     from skillbank import SkillBank
-    from skillbank.cli import main
+    from skillbank.integrations.cli import main
 
     config = Path(__file__).resolve().parents[1] / "configs" / "real_finetune_harvest.yaml"
     bank = tmp_path / "bank"

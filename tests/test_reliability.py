@@ -8,12 +8,12 @@ import random
 import re
 from pathlib import Path
 
+import bank_faults
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import bank_faults
 from helpers.models import finetune_like, live_copy, make_skill, reference_stitch
 from skillbank import BankError, SkillBank, SkillFileError, Stitcher, localize_dataless, task_vector
 
@@ -39,8 +39,9 @@ def test_four_concurrent_writers_and_a_reader(tmp_path):
 @pytest.fixture(scope="module")
 def damaged_bank_source(tmp_path_factory):
     torch.manual_seed(0)
-    from helpers.models import tiny_config
     from transformers import BertModel
+
+    from helpers.models import tiny_config
 
     base = BertModel(tiny_config()).eval()
     path = tmp_path_factory.mktemp("src") / "bank"

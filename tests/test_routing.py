@@ -11,10 +11,10 @@ from safetensors.torch import save as st_save
 
 from helpers.models import finetune_like, make_skill, tiny_tokenizer
 from skillbank import Skill, SkillBank
-from skillbank.cli import main
 from skillbank.errors import SkillbankError, SkillFileError
-from skillbank.routing import SkillRouter, centroids, mean_pooled_features, routing_centroids, with_routing
-from skillbank.skill import MAX_CENTROIDS
+from skillbank.integrations.cli import main
+from skillbank.stitching.routing import SkillRouter, centroids, mean_pooled_features, routing_centroids, with_routing
+from skillbank.storage.skill import MAX_CENTROIDS
 
 
 def _batches(words: range, n: int, seed: int, batch_size: int = 8) -> list[dict]:

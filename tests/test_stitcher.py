@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from transformers import BertModel
 
 from helpers.models import finetune_like, live_copy, make_skill, reference_stitch, tiny_config
 from skillbank import (
@@ -16,13 +17,12 @@ from skillbank import (
     Skill,
     SkillBank,
     SkillMetadata,
-    StitchError,
     Stitcher,
+    StitchError,
     base_fingerprint,
     localize_dataless,
     task_vector,
 )
-from transformers import BertModel
 
 torch.manual_seed(0)
 BASE = BertModel(tiny_config()).eval()

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from helpers.models import finetune_like
 from skillbank import SkillbankError, TaskVectorError, localize_dataless, task_vector
-from skillbank.streaming import SafetensorsReader, localize_streaming
+from skillbank.localization.streaming import SafetensorsReader, localize_streaming
 
 
 def assert_same_skill(a, b) -> None:  # noqa: ANN001
@@ -64,7 +64,7 @@ def test_the_reader_lists_from_the_headers_and_reads_one_tensor(folders):
 
 
 def finetune_like_weight(folders, name: str) -> torch.Tensor:  # noqa: ANN001
-    from skillbank.weights import load_weights
+    from skillbank.vectors.weights import load_weights
 
     return load_weights(folders / "sharded")[name]
 
@@ -78,7 +78,7 @@ def test_streaming_refuses_what_the_in_memory_path_refuses(folders, tmp_path):
 
 
 def test_the_selection_never_holds_more_than_k_plus_one_tensor(folders, monkeypatch):
-    from skillbank import streaming
+    from skillbank.localization import streaming
 
     held, original = [], streaming._RunningTopk.offer
 
@@ -95,7 +95,7 @@ def test_the_selection_never_holds_more_than_k_plus_one_tensor(folders, monkeypa
 
 
 def test_tensors_read_in_pieces_give_the_same_skill(folders, monkeypatch):
-    from skillbank import streaming
+    from skillbank.localization import streaming
 
     whole = localize_streaming(folders / "base", folders / "ft", 0.02, name="s")
     monkeypatch.setattr(streaming, "CHUNK_ENTRIES", 40)  # a few rows a piece: every matrix in many pieces
@@ -106,7 +106,7 @@ def test_tensors_read_in_pieces_give_the_same_skill(folders, monkeypatch):
 
 
 def test_a_nan_in_one_piece_is_named_with_the_whole_tensors_count(tmp_path, base_model, monkeypatch):
-    from skillbank import streaming
+    from skillbank.localization import streaming
 
     state = {k: v.clone() for k, v in base_model.state_dict().items()}
     finetuned = {k: v + 1e-3 for k, v in state.items()}

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_stitcher import BASE, BASE_STATE, bert_state, in_mask, random_skill
 
 from helpers.models import live_copy, make_skill, reference_stitch
-from skillbank import SkillBank, StitchError, Stitcher
-from test_stitcher import BASE, BASE_STATE, bert_state, in_mask, random_skill
+from skillbank import SkillBank, Stitcher, StitchError
 
 
 def union_mask(skills, name: str, numel: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import save_file
+from transformers import BertModel
 
 from helpers.models import finetune_like, tiny_config
 from skillbank import (
@@ -18,7 +19,6 @@ from skillbank import (
     localize_dataless,
     task_vector,
 )
-from transformers import BertModel
 
 
 def test_split_into_shared_and_head_across_a_wrapper_prefix(base_model):

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skillbank import Region, Skill, SkillMetadata, StitchError, Stitcher, base_fingerprint, union_support
-from skillbank.overlap import get_rule
-from skillbank.union_support import UnionSupport
+from skillbank import Region, Skill, SkillMetadata, Stitcher, StitchError, base_fingerprint
+from skillbank.stitching import union_support
+from skillbank.stitching.overlap import get_rule
+from skillbank.stitching.union_support import UnionSupport
 
 
 class DenseReference:

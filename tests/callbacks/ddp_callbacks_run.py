@@ -18,12 +18,12 @@ import torch
 from transformers import BertModel
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from helpers.models import live_copy, tiny_config  # noqa: E402
 from helpers.ddp_teardown import teardown  # noqa: E402
+from helpers.models import live_copy, tiny_config  # noqa: E402
 from helpers.modules import Watcher, quiet_trainer, task_loader  # noqa: E402
 from skillbank.callbacks import SkillHarvester, SkillStitcher  # noqa: E402
-from skillbank.classifier import SequenceClassifier  # noqa: E402
-from skillbank.weights import tensor_digest  # noqa: E402
+from skillbank.integrations.classifier import SequenceClassifier  # noqa: E402
+from skillbank.vectors.weights import tensor_digest  # noqa: E402
 
 
 class Report(pl.Callback):

@@ -12,7 +12,7 @@ from helpers.models import live_copy, make_skill, reference_stitch
 from helpers.modules import Watcher, quiet_trainer, task_loader
 from skillbank import SkillBank, localize_dataless, task_vector
 from skillbank.callbacks import SkillHarvester, SkillStitcher
-from skillbank.classifier import SequenceClassifier
+from skillbank.integrations.classifier import SequenceClassifier
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -11,7 +11,7 @@ from helpers.models import finetune_like, live_copy
 from helpers.modules import quiet_trainer
 from skillbank import SkillBank, SkillbankError, Stitcher, localize_dataless, task_vector
 from skillbank.callbacks import SkillStitcher
-from skillbank.switching import group_by_skill
+from skillbank.stitching.switching import group_by_skill
 
 
 class Named(Dataset):

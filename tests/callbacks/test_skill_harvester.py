@@ -12,8 +12,8 @@ from helpers.models import live_copy
 from helpers.modules import quiet_trainer, task_loader
 from skillbank import SkillBank, SkillNameError, localize_dataless, task_vector
 from skillbank.callbacks import SkillHarvester
-from skillbank.classifier import SequenceClassifier
 from skillbank.errors import SkillbankError
+from skillbank.integrations.classifier import SequenceClassifier
 
 
 def finetune(base_model, callback, steps: int = 12) -> SequenceClassifier:
@@ -92,7 +92,7 @@ def test_a_learned_mask_that_would_outlast_the_ranks_wait_stops_early_and_says_w
 
 
 def test_routing_data_gives_the_skill_centroids_of_the_base_features(base_model, tmp_path):
-    from skillbank.routing import routing_centroids
+    from skillbank.stitching.routing import routing_centroids
 
     routing = task_loader(n=32, seed=2)
     harvester = SkillHarvester(tmp_path / "bank", "s", sparsity=0.05, routing=routing)

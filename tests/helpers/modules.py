@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import BertForSequenceClassification
 
-import lightning.pytorch as pl
 from skillbank.callbacks import SkillStitcher
-from skillbank.synthetic import DEMO_TASKS, TokenDataset
+from skillbank.testbed.synthetic import DEMO_TASKS, TokenDataset
 
 
 def task_loader(n: int = 128, batch_size: int = 16, seed: int = 0, task: int = 0) -> DataLoader:

@@ -1,0 +1,1 @@
+"""The edges: the command line, LightningCLI, a finetuning LightningModule, your own data, plots and reports."""

@@ -1,0 +1,182 @@
+"""``TextClassificationData``: your own labelled texts (CSV, TSV or JSON lines) as a LightningDataModule.
+
+``skillbank fit --config configs/finetune_my_data.yaml --data.path my.csv`` goes from a
+file to a banked skill with no Python: named text and label columns, labels as
+integers or as names (numbered in sorted order), seeded train/validation/test splits.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from skillbank.errors import SkillbankError
+from skillbank.integrations.labelled_text import TextSplit, json_lines, task_loader
+from skillbank.localization.fewshot import balanced_indices
+
+__all__ = ["MAX_TABLE_BYTES", "TextClassificationData", "read_table"]
+
+#: The largest file read (a wrong path must not fill memory).
+MAX_TABLE_BYTES = 1 << 30
+
+
+def read_table(path: str | Path, text_column: str = "text", label_column: str = "label") -> tuple[TextSplit, list[str]]:
+    """Texts and integer labels from a ``.csv``, ``.tsv`` or ``.jsonl`` file, and the label names.
+
+    Labels that are all integers are kept (names ``"0"``, ``"1"``, …); otherwise each
+    distinct label is numbered in sorted order.
+
+    Raises:
+        SkillbankError: a missing, too large or empty file, an unknown extension, a
+            missing column, or a row without text or label (named by its line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SkillbankError(
+            f"{path} is not a file; give a .csv, .tsv or .jsonl file with {text_column!r} and {label_column!r} columns."
+        )
+    kind = path.suffix.lower()
+    if kind not in (".csv", ".tsv", ".jsonl"):
+        raise SkillbankError(f"{path}: unknown kind {kind!r}; use .csv, .tsv or .jsonl.")
+    with path.open("rb") as f:
+        data = f.read(MAX_TABLE_BYTES + 1)
+    if len(data) > MAX_TABLE_BYTES:
+        raise SkillbankError(f"{path} is larger than {MAX_TABLE_BYTES >> 20} MiB.")
+    text = data.decode("utf-8-sig", errors="replace")
+    rows = (
+        json_lines(path, text, "a JSON object per line")
+        if kind == ".jsonl"
+        else _delimited_rows(path, text, "\t" if kind == ".tsv" else ",")
+    )
+    texts, raw = [], []
+    for line, row in rows:
+        for column in (text_column, label_column):
+            if column not in row:
+                raise SkillbankError(
+                    f"{path}:{line}: no {column!r} column (columns: {sorted(row)[:10]}); "
+                    "name yours with text_column= / label_column= (--data.text_column ...)."
+                )
+        if not isinstance(row[text_column], str) or row[label_column] in ("", None):
+            raise SkillbankError(f"{path}:{line}: the text must be a string and the label not empty.")
+        texts.append(row[text_column])
+        raw.append(str(row[label_column]).strip())
+    if not texts:
+        raise SkillbankError(f"{path} holds no examples.")
+    if all(r.lstrip("-").isdigit() for r in raw) and min(int(r) for r in raw) >= 0:
+        labels = [int(r) for r in raw]
+        names = [str(i) for i in range(max(labels) + 1)]
+    else:
+        names = sorted(set(raw))
+        labels = [names.index(r) for r in raw]
+    return TextSplit(tuple(texts), tuple(labels)), names
+
+
+def _delimited_rows(path: Path, text: str, delimiter: str) -> list[tuple[int, dict]]:
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+    try:
+        return [(reader.line_num, row) for row in reader]
+    except csv.Error as exc:
+        raise SkillbankError(f"{path}:{reader.line_num}: {exc}.") from None
+
+
+class TextClassificationData(pl.LightningDataModule):
+    """Tokenized train/validation/test loaders of your own labelled texts.
+
+    Args:
+        path: a ``.csv``, ``.tsv`` or ``.jsonl`` file (see :func:`read_table`).
+        tokenizer: a local tokenizer folder (e.g. the base model's), or a pulled model's alias.
+        text_column, label_column: the columns holding the text and the label.
+        val_fraction, test_fraction: shares of the rows held out (a seeded split).
+        shots_per_class: train on this many class-balanced examples per class (e.g. 64
+            for mask learning); ``None`` for the whole train split.
+        max_length: tokens per text.
+        batch_size: batch size of every loader.
+        seed: seeds the split, the few-shot choice and the shuffling.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        tokenizer: str = "pulled:minilm",
+        text_column: str = "text",
+        label_column: str = "label",
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        shots_per_class: int | None = None,
+        max_length: int = 128,
+        batch_size: int = 32,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise SkillbankError(
+                f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in [0, 1) and leave rows to train on."
+            )
+        self.path, self.tokenizer_source = path, tokenizer
+        self.text_column, self.label_column = text_column, label_column
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.shots_per_class, self.max_length, self.batch_size, self.seed = shots_per_class, max_length, batch_size, seed
+        self.splits: dict[str, TextSplit] = {}
+        self.label_names: list[str] = []
+
+    @property
+    def num_labels(self) -> int:
+        """How many classes the file's labels make."""
+        if not self.label_names:
+            self.label_names = read_table(self.path, self.text_column, self.label_column)[1]
+        return len(self.label_names)
+
+    def prepare_data(self) -> None:
+        """Pull the tokenizer's model if it is a ``pulled:`` alias (Lightning calls this on one process per node)."""
+        from skillbank.testbed.pull import resolve_model
+
+        resolve_model(self.tokenizer_source)
+
+    def setup(self, stage: str | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        from skillbank.testbed.pull import resolve_model
+
+        rows, self.label_names = read_table(self.path, self.text_column, self.label_column)
+        order = list(range(len(rows)))
+        random.Random(self.seed).shuffle(order)
+        n_val, n_test = round(self.val_fraction * len(rows)), round(self.test_fraction * len(rows))
+        parts = {"validation": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
+        self.splits = {
+            name: TextSplit(tuple(rows.texts[i] for i in sorted(part)), tuple(rows.labels[i] for i in sorted(part)))
+            for name, part in parts.items()
+        }
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.tokenizer_source), local_files_only=True)
+
+    def _loader(self, name: str, indices: list[int] | None = None, shuffle: bool = False) -> DataLoader:
+        split = self.splits[name]
+        if not len(split):
+            raise SkillbankError(f"the {name} split of {self.path} is empty; raise its fraction or add rows.")
+        return task_loader(
+            split,
+            self.tokenizer,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            indices=indices,
+            seed=self.seed,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        indices = None
+        if self.shots_per_class is not None:
+            labels = torch.tensor(self.splits["train"].labels)
+            indices = balanced_indices(labels, self.shots_per_class, seed=self.seed)
+        return self._loader("train", indices, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")

@@ -1,0 +1,235 @@
+"""Write a stitched model to disk as a Hugging Face folder, heads and model card beside it."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from skillbank.errors import SkillbankError
+from skillbank.stitching.overlap import OverlapRule, get_rule
+from skillbank.stitching.stitcher import Stitcher
+from skillbank.storage.bank import SkillBank, check_skill_name
+from skillbank.storage.skill import Skill
+from skillbank.vectors.weights import model_path
+
+__all__ = ["export_skill", "load_base_model", "stitch_to_folder"]
+
+
+def load_base_model(base: str | Path) -> nn.Module:
+    """Load a ``save_pretrained`` folder with the architecture its config names (``AutoModel`` otherwise)."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    from skillbank.vectors.weights import require_safetensors
+
+    hf_logging.set_verbosity_error()
+    config = transformers.AutoConfig.from_pretrained(require_safetensors(base), local_files_only=True)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    return (cls or transformers.AutoModel).from_pretrained(base, local_files_only=True, use_safetensors=True).eval()
+
+
+def _model_card(bank: SkillBank, stitcher: Stitcher, base: str | Path, rule: OverlapRule) -> str:
+    names = stitcher.stitched
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [skillbank, localize-and-stitch, model-merging]",
+        "---",
+        "",
+        "# Stitched model",
+        "",
+        f"Base model `{base}` with {len(names)} skills from the skillbank bank `{bank.path}` stitched on:",
+        "θ = θ_pre + Σ_i γ'_i ⊙ τ_i, where skills overlap combined by the overlap rule below.",
+        "",
+        f"Overlap rule: `{rule.name}` — {rule.summary}.",
+        "",
+        "| skill | task | method | sparsity | entries | source |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in names:
+        e = bank.entry(name)
+        lines.append(
+            f"| {_md(e.name)} | {_md(e.task)} | {_md(e.method)} | {e.sparsity:g} | {e.entries:,} | "
+            f"{_md(_source(stitcher.metadata[name].source))} |"
+        )
+    lines += ["", "Each skill's task head is in `heads/<skill>.safetensors`, named as in its finetuned model.", ""]
+    return "\n".join(lines)
+
+
+def _md(text: object) -> str:
+    """``text`` safe inside a markdown table cell or sentence: one line, markdown and HTML characters escaped."""
+    flat = "".join(c if c.isprintable() else " " for c in str(text))[:500]
+    return flat.translate(_MD_ESCAPES)
+
+
+_MD_ESCAPES = str.maketrans({c: f"\\{c}" for c in "\\`*_{}[]()#+!|~"} | {"<": "&lt;", ">": "&gt;", "&": "&amp;"})
+
+
+def _source(source: dict) -> str:
+    """Where a skill came from, in a few words (its metadata's ``source``)."""
+    kind = source.get("kind", "unrecorded")
+    if kind == "lora adapter":
+        config = source.get("adapter_config", {})
+        return f"LoRA adapter (r={config.get('r')}, {source.get('adapter_folder') or source.get('origin', '')})"
+    return f"{kind} ({source['finetuned']})" if "finetuned" in source else kind
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SkillbankError(f"--out {out} already exists and is not an empty directory; pick a new folder.")
+
+
+@contextmanager
+def _building(out: Path) -> Iterator[Path]:
+    """A fresh sibling folder to build ``out`` in, renamed onto ``out`` when the block succeeds and removed otherwise.
+
+    The rename is atomic and exclusive: it succeeds only while ``out`` is missing
+    or an empty folder, so two runs into one folder never mix, and a killed run
+    leaves a ``.<out>.partial-…`` sibling, never an ``out`` that loads as complete.
+    """
+    _check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, out)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise SkillbankError(
+                    f"--out {out} was filled by another run while this one worked; nothing of this "
+                    "run was kept. Pick a new folder."
+                ) from None
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def stitch_to_folder(
+    base: str | Path,
+    bank: SkillBank,
+    names: Sequence[str],
+    out: str | Path,
+    progress: Callable[[Iterable[str]], Iterable[str]] = lambda it: it,
+    rule: str | OverlapRule = "mean",
+) -> Path:
+    """Stitch ``names`` from ``bank`` onto ``base`` and write the result to ``out``.
+
+    ``base`` is a ``save_pretrained`` folder (``out`` is then a folder that
+    ``AutoModel.from_pretrained`` loads) or a ``.safetensors`` file (``out``
+    then holds ``model.safetensors``). Every name is checked before anything
+    is written. ``rule`` combines overlapping skills (see :mod:`skillbank.stitching.overlap`)
+    and is recorded in the model card.
+    """
+    rule = get_rule(rule)
+    out = Path(out)
+    _check_out(out)
+    if not names:
+        raise SkillbankError(f"no skills to stitch: {bank.path} is empty.")
+    if len(set(names)) != len(names):
+        raise SkillbankError(f"skill names repeat in {list(names)}.")
+    for name in names:
+        bank.entry(name)
+    base_path = model_path(base)
+    if base_path.is_dir():
+        model: Any = load_base_model(base_path)  # a transformers model (else, below, a flat state dict)
+        stitcher = Stitcher(model, base_path, bank=bank, rule=rule)
+    else:
+        model = load_file(str(base_path))
+        stitcher = Stitcher(model, bank=bank, rule=rule)
+    for name in progress(names):
+        stitcher.add(name)
+    with _building(out) as folder:
+        if not isinstance(model, dict):  # a transformers model
+            model.save_pretrained(folder)
+        else:
+            save_file({k: v.contiguous() for k, v in model.items()}, str(folder / "model.safetensors"))
+        (folder / "heads").mkdir()
+        for name, head in stitcher.heads.items():
+            if head:
+                target = folder / "heads" / f"{check_skill_name(name)}.safetensors"  # no separators: stays in heads/
+                save_file({k: v.contiguous().clone() for k, v in head.items()}, str(target))
+        (folder / "README.md").write_text(_model_card(bank, stitcher, base, rule))
+    return out
+
+
+def _labels_of(head: dict) -> int | None:
+    for name, tensor in head.items():
+        if name.endswith(("classifier.weight", "score.weight", "out_proj.weight")) and tensor.dim() == 2:
+            return int(tensor.shape[0])
+    return None
+
+
+def export_skill(base: str | Path, bank: SkillBank, name: str, out: str | Path) -> Path:
+    """Write skill ``name`` as a dense single-task model: ``θ_pre + γ ⊙ τ`` with the skill's head, in a folder
+    ``AutoModelForSequenceClassification.from_pretrained`` (or the base's own class) loads without skillbank.
+
+    ``base`` is the base model's ``save_pretrained`` folder (or ``pulled:<alias>``).
+    """
+    import transformers
+
+    from skillbank.vectors.weights import align_names, require_safetensors
+
+    out = Path(out)
+    _check_out(out)
+    skill = bank.get(name)
+    base_path = model_path(base)
+    if not base_path.is_dir():
+        raise SkillbankError(f"--base {base} is not a model folder; export needs the base's save_pretrained folder.")
+    labels = _labels_of(skill.head)
+    if labels is not None:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            require_safetensors(base_path), num_labels=labels, local_files_only=True, use_safetensors=True
+        ).eval()
+    else:
+        model = load_base_model(base_path)
+    stitcher = Stitcher(model, base_path, bank=bank)
+    stitcher.add(skill)
+    params = dict(model.state_dict(keep_vars=True))
+    names = align_names(skill.head, params)
+    missing = sorted(set(skill.head) - set(names))
+    if missing:
+        raise SkillbankError(f"the base's architecture has no tensor for head entries {missing[:3]}.")
+    with torch.no_grad():
+        for src, dst in names.items():
+            if params[dst].shape != skill.head[src].shape:
+                raise SkillbankError(
+                    f"head tensor {src!r} {tuple(skill.head[src].shape)} does not fit {dst!r} {tuple(params[dst].shape)}."
+                )
+            params[dst].copy_(skill.head[src])
+    with _building(out) as folder:
+        model.save_pretrained(folder)
+        (folder / "README.md").write_text(_export_card(base, bank, skill))
+    return out
+
+
+def _export_card(base: str | Path, bank: SkillBank, skill: Skill) -> str:
+    meta = skill.metadata
+    return "\n".join(
+        [
+            "---",
+            "library_name: transformers",
+            "tags: [skillbank, localize-and-stitch]",
+            "---",
+            "",
+            f"# {_md(meta.name)}: a single-task model exported from skillbank",
+            "",
+            f"Base {_md(base)} plus the skill {_md(meta.name)} (task {_md(meta.task)}, {_md(meta.method)} mask, "
+            f"{skill.num_entries:,} of {skill.num_shared:,} entries = {skill.num_entries / skill.num_shared:.2%}) "
+            f"and its own head, from the bank {_md(bank.path)}. Source: {_md(_source(meta.source))}.",
+            "",
+        ]
+    )

@@ -1,0 +1,644 @@
+"""``SkillBank``: a durable, append-only directory of skills.
+
+Layout: ``manifest.json`` (skills in the order added, each with file name, byte
+size, sha256 and a summary; the bank's base fingerprint; the format version;
+a checksum of the manifest itself) and one ``<name>.safetensors`` per skill.
+Writers hold an exclusive lock, write the skill file durably first and the
+manifest second, each by write-temp/fsync/rename/fsync-dir: a crash at any
+moment leaves the bank openable with every acknowledged skill intact.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import hashlib
+import json
+import os
+import re
+import stat
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from skillbank.errors import BankError, BaseMismatchError, SkillFileError, SkillNameError
+from skillbank.storage.durable import TMP_PREFIX, atomic_write, exclusive_lock, fsync_dir
+from skillbank.storage.format import FORMAT_VERSION
+
+if TYPE_CHECKING:  # reading the manifest (list, names, entry) needs neither torch nor the skill format
+    from skillbank.storage.skill import Skill
+
+__all__ = ["MAX_MANIFEST_BYTES", "MAX_SKILL_BYTES", "MAX_TAGS", "SkillBank", "SkillEntry", "check_skill_name"]
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_MANIFEST = "manifest.json"
+_LOCK = ".lock"
+#: The temporary files :func:`~skillbank.storage.durable.atomic_write` makes; clean-up removes these and nothing else.
+_OWN_TMP = re.compile(re.escape(TMP_PREFIX) + r"[0-9a-f]{32}-.+")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}")
+MAX_TAGS = 32
+#: The largest manifest and skill file a bank reads (reads stay bounded whatever a crafted bank declares).
+MAX_MANIFEST_BYTES = 256 * 2**20
+MAX_SKILL_BYTES = 16 * 2**30
+#: Manifest fields a reader relies on, with their types (others are summaries, type-checked too).
+_REQUIRED = {"name": str, "file": str, "bytes": int, "sha256": str}
+_SUMMARY: dict[str, type | tuple[type, ...]] = {
+    "task": str,
+    "method": str,
+    "sparsity": (int, float),
+    "entries": int,
+    "value_dtype": str,
+    "created": str,
+    "metrics": dict,
+    "tags": list,
+    "note": str,
+}
+_MAX_TEXT = 4096
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def check_skill_name(name: str) -> str:
+    """Return ``name`` if it is a safe skill name, else raise :class:`SkillNameError`."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise SkillNameError(
+            f"invalid skill name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (no path separators or spaces)."
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class SkillEntry:
+    """One skill's line in the manifest."""
+
+    name: str
+    file: str
+    bytes: int
+    sha256: str
+    task: str = ""
+    method: str = ""
+    sparsity: float = 0.0
+    entries: int = 0
+    value_dtype: str = "float32"
+    created: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)
+    note: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SkillEntry:
+        """Parse a manifest line, ignoring fields a newer release may add."""
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """One validated parse of the manifest, reused while the file holds the same bytes."""
+
+    raw: bytes
+    base_fingerprint: str | None
+    entries: tuple[SkillEntry, ...]
+    by_name: dict[str, SkillEntry]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _manifest_bytes(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, indent=1, sort_keys=True).encode()
+
+
+def _manifest_checksum(body: dict[str, Any]) -> str:
+    return _sha256(json.dumps({k: v for k, v in body.items() if k != "checksum"}, sort_keys=True).encode())
+
+
+class SkillBank:
+    """A directory registry of skills: ``add``, ``get``, ``list``, ``remove``, ``verify``.
+
+    Every read checks the file's sha256 against the manifest and the skill's
+    base fingerprint against the bank's. Many processes may read and write one
+    bank at once; writes are serialized by a file lock. Every call reads the
+    manifest's bytes, but parses and validates them only when they changed, so
+    a command over thousands of skills stays linear in their number.
+
+    Args:
+        path: the bank directory; created (with parents) if missing and ``create``.
+        create: whether a missing bank may be created.
+        lock_timeout: seconds a writer waits for another writer before failing.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = True, lock_timeout: float = 60.0) -> None:
+        self.path = Path(path)
+        self.lock_timeout = lock_timeout
+        self._snapshot: _Snapshot | None = None
+        if self.path.exists() and not self.path.is_dir():
+            raise BankError(f"bank path {self.path} is a file, not a directory; pass a directory (new or existing bank).")
+        if not (self.path / _MANIFEST).is_file():
+            if not create:
+                raise BankError(
+                    f"no skill bank at {self.path} (no {_MANIFEST}); check the path. A bank is made by "
+                    f"the first skill added to it (skillbank localize --bank {self.path} ...)."
+                )
+            self._initialize()
+        self._read_manifest()
+        if self.writable:
+            self._cleanup_quietly()
+
+    @classmethod
+    def if_exists(cls, path: str | os.PathLike[str], **kwargs: Any) -> SkillBank | None:
+        """The bank at ``path``, or ``None`` when there is none yet (never creates one)."""
+        return cls(path, create=False, **kwargs) if (Path(path) / _MANIFEST).is_file() else None
+
+    # -- reading -----------------------------------------------------------
+
+    @property
+    def writable(self) -> bool:
+        """Whether this process may write the bank (a directory with no write bits counts as read-only, also for root)."""
+        try:
+            mode = stat.S_IMODE(self.path.stat().st_mode)
+        except OSError:
+            return False
+        return bool(mode & 0o222) and os.access(self.path, os.W_OK)
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        """Fingerprint of the base every skill in the bank was localized on (None while empty)."""
+        return self._current().base_fingerprint
+
+    def entries(self) -> list[SkillEntry]:
+        """Entries of every skill, in the order they were added."""
+        return list(self._current().entries)
+
+    def names(self) -> list[str]:
+        """Names of every skill, in the order they were added."""
+        return [e.name for e in self._current().entries]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._current().by_name
+
+    def __len__(self) -> int:
+        return len(self._current().entries)
+
+    def __iter__(self) -> Iterator[SkillEntry]:
+        return iter(self.entries())
+
+    def entry(self, name: str) -> SkillEntry:
+        """The manifest entry of ``name``; :class:`SkillNameError` if unknown."""
+        found = self._current().by_name.get(name)
+        if found is not None:
+            return found
+        raise self._unknown(name)
+
+    def get(self, name: str) -> Skill:
+        """Load skill ``name``, checking its size, sha256 and base fingerprint."""
+        snapshot = self._current()
+        entry = snapshot.by_name.get(name) or self.entry(name)
+        return self._load(entry, snapshot.base_fingerprint)
+
+    def verify(self) -> dict[str, str]:
+        """Check every skill; returns ``{name: "ok" or what is wrong}``."""
+        snapshot = self._current()
+        base = snapshot.base_fingerprint
+        report = {}
+        for entry in snapshot.entries:
+            try:
+                self._load(entry, base)
+                report[entry.name] = "ok"
+            except (SkillFileError, BaseMismatchError, OSError) as exc:
+                report[entry.name] = str(exc)
+        return report
+
+    # -- writing -----------------------------------------------------------
+
+    def add(self, skill: Skill, *, tags: Sequence[str] = (), note: str = "") -> SkillEntry:
+        """Add ``skill`` durably; returns its manifest entry once it is safe on disk.
+
+        ``tags`` and ``note`` label it in the manifest (a registry's own data, changed
+        later with :meth:`annotate` without touching the skill's file).
+
+        Raises:
+            SkillNameError: the name is unsafe or already in the bank.
+            BaseMismatchError: the skill comes from another base model.
+            BankError: the bank is read-only.
+        """
+        _check_storable(skill)
+        tags, note = _checked_labels(tags, note)
+        data = skill.to_bytes()
+        entry = _entry_of(skill, data, f"{skill.name}.safetensors", tags, note)
+        with self._locked():
+            manifest = self._read_manifest()
+            if _line_number(manifest, skill.name) is not None:
+                raise SkillNameError(
+                    f"a skill named {skill.name!r} is already in {self.path}; pick another name or remove it first."
+                )
+            _check_base(manifest, skill)
+            manifest["base_fingerprint"] = skill.metadata.base_fingerprint
+            manifest["skills"].append(asdict(entry))
+            self._store(entry.file, data, manifest, "add", skill.name)
+        return entry
+
+    def replace(self, skill: Skill, *, tags: Sequence[str] | None = None, note: str | None = None) -> SkillEntry:
+        """Put ``skill`` in place of the bank's skill of the same name, atomically; returns the new entry.
+
+        The new skill's ``metadata.source["replaces"]`` keeps the old one's provenance
+        (its sha256, created, method, sparsity, metrics and its own source, so a chain of
+        replacements stays readable); ``skill`` itself is not changed. Tags and note carry
+        over unless given. The new version is written to its own file
+        (``<name>.<sha256[:12]>.safetensors``) and the manifest switched to it in one
+        atomic write, so a reader sees the old skill or the new one, never a mix; the old
+        file is deleted after. Same checks as :meth:`add`; :class:`SkillNameError` if
+        no skill of that name is in the bank.
+        """
+        _check_storable(skill)
+        with self._locked():
+            manifest = self._read_manifest()
+            number = _line_number(manifest, skill.name)
+            if number is None:
+                raise SkillNameError(f"no skill named {skill.name!r} in {self.path} to replace; add it instead.")
+            old_line = manifest["skills"][number]
+            _check_base(manifest, skill)
+            replaces: dict[str, Any] = {k: old_line.get(k) for k in ("sha256", "created", "method", "sparsity", "metrics")}
+            try:  # a damaged old version can be replaced too; its manifest line is then all that is kept of it
+                replaces["source"] = self._load(SkillEntry.from_dict(old_line), manifest["base_fingerprint"]).metadata.source
+            except (SkillFileError, BaseMismatchError) as exc:
+                replaces["source"], replaces["unreadable"] = None, str(exc)[:_MAX_TEXT]
+            metadata = replace(skill.metadata, source={**skill.metadata.source, "replaces": replaces})
+            new = replace(skill, metadata=metadata)
+            data = new.to_bytes()
+            sha = _sha256(data)
+            labels = _checked_labels(
+                old_line.get("tags") or [] if tags is None else tags, old_line.get("note", "") if note is None else note
+            )
+            entry = _entry_of(new, data, f"{skill.name}.{sha[:12]}.safetensors", *labels)
+            if entry.file == old_line["file"]:
+                raise SkillFileError(f"the new {skill.name!r} is byte for byte the skill in the bank; nothing to replace.")
+            manifest["skills"][number] = asdict(entry)
+            self._store(entry.file, data, manifest, "replace", skill.name)  # the switch: old skill before, new after
+            _unlink_regular(self.path / old_line["file"])
+            fsync_dir(self.path)
+        return entry
+
+    def annotate(
+        self, name: str, *, add_tags: Sequence[str] = (), remove_tags: Sequence[str] = (), note: str | None = None
+    ) -> SkillEntry:
+        """Change skill ``name``'s tags (added in order, duplicates ignored; removed ones need not be there) and,
+        unless ``None``, its note; only the manifest is rewritten (atomically). Returns the new entry."""
+        check_skill_name(name)
+        with self._locked():
+            manifest = self._read_manifest()
+            number = _line_number(manifest, name)
+            if number is None:
+                raise self._unknown(name)
+            line = manifest["skills"][number]
+            removed = set(remove_tags)
+            kept = [t for t in line.get("tags") or [] if t not in removed]
+            tags = kept + [t for t in dict.fromkeys(add_tags) if t not in kept]
+            line["tags"], line["note"] = _checked_labels(tags, line.get("note", "") if note is None else note)
+            self._write_manifest(manifest)
+        return SkillEntry.from_dict(line)
+
+    def remove(self, name: str) -> None:
+        """Remove skill ``name`` (manifest first, then its file).
+
+        On a full disk, where even the shorter manifest cannot be written, the
+        skill's file is deleted first to make room, then the manifest written: the
+        skill is gone either way (should that write still fail, ``get`` reports its
+        file missing until ``remove`` is run again).
+        """
+        with self._locked():
+            manifest = self._read_manifest()
+            number = _line_number(manifest, name)
+            if number is None:
+                raise self._unknown(name)
+            file = self.path / manifest["skills"].pop(number)["file"]  # a validated manifest's file: inside the bank
+            try:
+                self._write_manifest(manifest)
+            except OSError as exc:
+                if exc.errno not in _NO_SPACE:
+                    raise
+                _unlink_regular(file)  # frees the room the manifest needs
+                fsync_dir(self.path)
+                try:
+                    self._write_manifest(manifest)
+                except OSError as again:
+                    if again.errno in _NO_SPACE:
+                        raise BankError(
+                            f"no space left on the disk of {self.path}, not even to rewrite its manifest after "
+                            f"deleting {name!r}'s file; free space elsewhere and run remove again."
+                        ) from None
+                    raise
+                return
+            _unlink_regular(file)
+            fsync_dir(self.path)
+
+    # -- internals ---------------------------------------------------------
+
+    def _unknown(self, name: str) -> SkillNameError:
+        known = self.names()
+        return SkillNameError(f"no skill named {name!r} in {self.path}; it holds {known if known else 'no skills yet'}.")
+
+    def _store(self, file: str, data: bytes, manifest: dict[str, Any], verb: str, name: str) -> None:
+        """Write ``data`` to ``file``, then ``manifest``: the write that makes it count. A full disk leaves the bank
+        as it was (no orphan file) and is a :class:`BankError` that says so (``verb`` skill ``name``)."""
+        try:
+            atomic_write(self.path / file, data)
+            try:
+                self._write_manifest(manifest)
+            except OSError as exc:
+                if exc.errno in _NO_SPACE:  # the old manifest stands: leave no orphan file
+                    _unlink_regular(self.path / file)
+                raise
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise BankError(
+                    f"no space left to {verb} {name!r} ({len(data):,} bytes) in {self.path}; the bank is unchanged. "
+                    f"Free space (e.g. skillbank remove an old skill) and {verb} it again."
+                ) from None
+            raise
+
+    def _initialize(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BankError(f"cannot create a bank at {self.path}: {exc.strerror}.") from exc
+        stray = [p.name for p in self.path.iterdir() if p.name != _LOCK and not _OWN_TMP.fullmatch(p.name)]
+        if stray:
+            raise BankError(
+                f"{self.path} is not empty and holds no {_MANIFEST}: not a skill bank. "
+                f"Pick an empty or new directory (found e.g. {sorted(stray)[:3]})."
+            )
+        with self._locked():
+            if not (self.path / _MANIFEST).is_file():
+                self._write_manifest(
+                    {"format": "skillbank", "format_version": FORMAT_VERSION, "base_fingerprint": None, "skills": []}
+                )
+
+    def _current(self) -> _Snapshot:
+        """The manifest as last validated, parsed and validated again only when its bytes changed."""
+        raw = self._manifest_raw()
+        if self._snapshot is None or raw != self._snapshot.raw:
+            self._parse_manifest(raw)
+        assert self._snapshot is not None
+        return self._snapshot
+
+    def _read_manifest(self) -> dict[str, Any]:
+        """The manifest, read, validated and parsed anew: a copy a writer may change."""
+        return self._parse_manifest(self._manifest_raw())
+
+    def _manifest_raw(self) -> bytes:
+        path = self.path / _MANIFEST
+        try:
+            raw, _ = _read_regular(path, None, MAX_MANIFEST_BYTES, digest=False)
+        except FileNotFoundError as exc:
+            raise BankError(f"{path} is missing: {self.path} is not (or no longer) a skill bank.") from exc
+        except _Unreadable as exc:
+            raise BankError(f"{exc}; {self.path} is not a usable skill bank.") from None
+        return raw
+
+    def _parse_manifest(self, raw: bytes) -> dict[str, Any]:
+        """Parse and validate ``raw`` manifest bytes; refresh the snapshot from them."""
+        path = self.path / _MANIFEST
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise BankError(f"{path} is damaged (not valid JSON: {str(exc)[:80]}); restore it from a backup.") from None
+        version = body.get("format_version") if isinstance(body, dict) else None
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise BankError(
+                f"{path} has format version {version}, newer than this skillbank reads ({FORMAT_VERSION}); "
+                "upgrade skillbank (pip install -U skillbank)."
+            )
+        # The checksum covers the content; comparing with the canonical bytes catches any other flipped byte.
+        if not isinstance(body, dict) or body.get("checksum") != _manifest_checksum(body) or raw != _manifest_bytes(body):
+            raise BankError(f"{path} is damaged (its checksum does not match its bytes); restore it from a backup.")
+        problem = _manifest_problem(body)
+        if problem:
+            raise BankError(
+                f"{path} is crafted or damaged: {problem}. Nothing was read or changed; "
+                "restore the manifest from a backup or get the bank again from its source."
+            )
+        entries = tuple(SkillEntry.from_dict(e) for e in body["skills"])
+        self._snapshot = _Snapshot(raw, body.get("base_fingerprint"), entries, {e.name: e for e in entries})
+        return body
+
+    def _write_manifest(self, body: dict[str, Any]) -> None:
+        body = {k: v for k, v in body.items() if k != "checksum"}
+        body["checksum"] = _manifest_checksum(body)
+        atomic_write(self.path / _MANIFEST, _manifest_bytes(body))
+
+    def _load(self, entry: SkillEntry, base: str | None) -> Skill:
+        path = self.path / entry.file
+        try:
+            data, digest = _read_regular(path, entry.bytes, MAX_SKILL_BYTES)
+        except FileNotFoundError as exc:
+            raise SkillFileError(f"skill {entry.name!r}: its file {path} is missing.") from exc
+        except _Unreadable as exc:
+            raise SkillFileError(f"skill {entry.name!r}: {exc}") from None
+        if digest != entry.sha256:
+            raise SkillFileError(
+                f"skill {entry.name!r}: {path} fails its sha256 check (corrupted); restore it or remove the skill."
+            )
+        from skillbank.storage.skill import Skill
+
+        skill = Skill.from_bytes(data, origin=str(path))
+        if skill.name != entry.name:
+            raise SkillFileError(f"{path} holds skill {skill.name!r}, the manifest expects {entry.name!r}.")
+        if base is not None and skill.metadata.base_fingerprint != base:
+            raise BaseMismatchError(f"skill {entry.name!r} in {path} was localized on another base model than the bank's.")
+        return skill
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the write lock; first remove temporary files of crashed writers."""
+        if not self.writable:
+            raise BankError(
+                f"bank {self.path} is read-only; reading works, but to add or remove skills "
+                "make the directory writable or copy the bank elsewhere."
+            )
+        with exclusive_lock(self.path / _LOCK, timeout=self.lock_timeout):
+            self._cleanup()
+            yield
+
+    def _cleanup_quietly(self) -> None:
+        try:
+            with exclusive_lock(self.path / _LOCK, timeout=0):
+                self._cleanup()
+        except BankError:
+            pass  # another writer holds the lock; it cleans up itself
+
+    def _cleanup(self) -> None:
+        """Remove temporary files of crashed writers: regular files named as :func:`atomic_write` names them, only."""
+        removed = False
+        with os.scandir(self.path) as entries:
+            for leftover in entries:
+                if _OWN_TMP.fullmatch(leftover.name) and leftover.is_file(follow_symlinks=False):
+                    removed = _unlink_regular(Path(leftover.path)) or removed
+        if removed:
+            fsync_dir(self.path)
+
+    # last in the class body: after it, ``list`` in an annotation here would name this method
+    def list(self) -> builtins.list[SkillEntry]:
+        """Deprecated: :meth:`entries` (this name shadowed the builtin ``list``)."""
+        warnings.warn("SkillBank.list() is now SkillBank.entries(); list() will be removed.", DeprecationWarning, stacklevel=2)
+        return self.entries()
+
+
+class _Unreadable(Exception):
+    """A bank file that is not a regular file of the expected size (a link, a FIFO, a device, too large)."""
+
+
+def _read_regular(path: Path, expected: int | None, limit: int, *, digest: bool = True) -> tuple[bytes, str]:
+    """The bytes and sha256 (``""`` unless ``digest``) of the regular file ``path``: never through a symbolic link, never blocking on a FIFO,
+    and never more than ``limit`` bytes or other than ``expected`` bytes (checked before reading)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _Unreadable(f"{path} is a symbolic link; a bank's files are never links") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _Unreadable(f"{path} is not a regular file (a directory, FIFO or device)")
+        if expected is not None and info.st_size != expected:
+            raise _Unreadable(f"{path} has {info.st_size} bytes, the manifest says {expected} (truncated or damaged)")
+        if info.st_size > limit:
+            raise _Unreadable(f"{path} has {info.st_size:,} bytes, more than the {limit:,} a bank reads")
+        hasher, chunks, left = hashlib.sha256() if digest else None, [], info.st_size
+        while left:
+            chunk = os.read(fd, min(left, 2**24))
+            if not chunk:
+                raise _Unreadable(f"{path} shrank while it was read; retry when no other process writes it")
+            if hasher is not None:
+                hasher.update(chunk)
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks), hasher.hexdigest() if hasher is not None else ""
+    finally:
+        os.close(fd)
+
+
+def _unlink_regular(path: Path) -> bool:
+    """Unlink ``path`` if it is a regular file (never a link, directory or anything the bank did not write)."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _line_number(manifest: dict[str, Any], name: str) -> int | None:
+    """Where skill ``name``'s line is in ``manifest["skills"]`` (``None``: not there)."""
+    return next((i for i, e in enumerate(manifest["skills"]) if e["name"] == name), None)
+
+
+def _check_base(manifest: dict[str, Any], skill: Skill) -> None:
+    """Refuse ``skill`` if the bank holds skills of another base model."""
+    base = manifest["base_fingerprint"]
+    if base is not None and base != skill.metadata.base_fingerprint:
+        raise BaseMismatchError(
+            f"skill {skill.name!r} was localized on another base model (fingerprint "
+            f"{skill.metadata.base_fingerprint[:12]}…, bank {base[:12]}…); use a bank for that base."
+        )
+
+
+def _check_storable(skill: Skill) -> None:
+    """Refuse a skill no bank should hold: an unsafe name, NaN/Inf values, an empty mask."""
+    import torch
+
+    check_skill_name(skill.name)
+    for pname, region in skill.regions.items():
+        if not bool(torch.isfinite(region.values).all()):
+            raise SkillFileError(f"skill {skill.name!r} has NaN/Inf values in {pname!r}; refusing to store it.")
+    if skill.num_entries == 0:
+        raise SkillFileError(f"skill {skill.name!r} has an empty mask (no entries); localize with a larger sparsity.")
+
+
+def _entry_of(skill: Skill, data: bytes, file: str, tags: list[str], note: str) -> SkillEntry:
+    """The manifest line of ``skill``, serialized as ``data`` into ``file``."""
+    meta = skill.metadata
+    return SkillEntry(
+        name=skill.name,
+        file=file,
+        bytes=len(data),
+        sha256=_sha256(data),
+        task=meta.task,
+        method=meta.method,
+        sparsity=meta.sparsity,
+        entries=skill.num_entries,
+        value_dtype=meta.value_dtype,
+        created=meta.created,
+        metrics=dict(meta.metrics),
+        tags=tags,
+        note=note,
+    )
+
+
+def _checked_labels(tags: Sequence[str], note: str) -> tuple[list[str], str]:
+    """``tags`` (a list) and ``note`` if a manifest may hold them, else a :class:`SkillNameError` that says the rule."""
+    if isinstance(tags, str):
+        raise SkillNameError(f"tags must be a list of tags, not the string {tags!r}.")
+    tags = list(tags)
+    bad = [t for t in tags if not (isinstance(t, str) and _TAG.fullmatch(t))]
+    if bad or len(tags) > MAX_TAGS:
+        raise SkillNameError(
+            f"invalid tags {bad[:3] or tags[:3]}: at most {MAX_TAGS} tags, each 1-64 letters, digits or '._:+-', "
+            "starting with a letter or digit."
+        )
+    if not isinstance(note, str) or len(note) > _MAX_TEXT:
+        raise SkillNameError(f"a note must be text of at most {_MAX_TEXT} characters.")
+    return tags, note
+
+
+def _manifest_problem(body: dict[str, Any]) -> str:
+    """What is wrong with a manifest's structure ("" if nothing): every entry's name, file, size, hash and types."""
+    base = body.get("base_fingerprint")
+    if base is not None and not isinstance(base, str):
+        return "base_fingerprint is not a string"
+    skills = body.get("skills")
+    if not isinstance(skills, list):
+        return "'skills' is not a list"
+    seen: set[str] = set()
+    for number, entry in enumerate(skills, 1):
+        where = f"entry {number}"
+        if not isinstance(entry, dict):
+            return f"{where} is not an object"
+        for key, kind in _REQUIRED.items():
+            if key not in entry:
+                return f"{where} has no {key!r}"
+            if not isinstance(entry[key], kind) or isinstance(entry[key], bool):
+                return f"{where}: {key!r} is not a {kind.__name__}"
+        name = entry["name"]
+        if not _NAME.fullmatch(name):
+            return f"{where}: {name[:80]!r} is not a valid skill name"
+        if not re.fullmatch(re.escape(name) + r"(\.[0-9a-f]{12})?\.safetensors", entry["file"]):
+            return f"{where} ({name}): its file must be {name}.safetensors (or {name}.<12 hex>.safetensors), not {entry['file'][:80]!r}"
+        if name in seen:
+            return f"{where}: the name {name!r} appears twice"
+        seen.add(name)
+        if entry["bytes"] < 0 or not _SHA256.fullmatch(entry["sha256"]):
+            return f"{where} ({name}): a negative size or a malformed sha256"
+        for key, kinds in _SUMMARY.items():
+            value = entry.get(key)
+            if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+                return f"{where} ({name}): {key!r} has the wrong type"
+            if isinstance(value, str) and len(value) > _MAX_TEXT:
+                return f"{where} ({name}): {key!r} is longer than {_MAX_TEXT} characters"
+        metrics = entry.get("metrics") or {}
+        if len(metrics) > 256 or not all(
+            isinstance(k, str) and len(k) <= 256 and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in metrics.items()
+        ):
+            return f"{where} ({name}): 'metrics' must map at most 256 short names to numbers"
+        tags = entry.get("tags") or []
+        if len(tags) > MAX_TAGS or not all(isinstance(t, str) and _TAG.fullmatch(t) for t in tags):
+            return f"{where} ({name}): 'tags' must be at most {MAX_TAGS} tags of letters, digits and ._:+-"
+    return ""

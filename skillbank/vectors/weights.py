@@ -1,0 +1,226 @@
+"""Loading weights, matching parameter names across models, and the base fingerprint.
+
+Pure functions over ``{name: tensor}`` mappings. A base model saved as a backbone
+(``BertModel``: ``encoder.layer.0...``) and a finetuned model saved with a task
+head (``BertForSequenceClassification``: ``bert.encoder.layer.0...``) name the
+same tensors differently; :func:`align_names` finds the prefix that maps one onto
+the other, so users never rename keys by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Union
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from skillbank.errors import SkillbankError
+
+__all__ = [
+    "StateDict",
+    "WeightsSource",
+    "align_names",
+    "base_fingerprint",
+    "chunked_digest",
+    "drop_aliases",
+    "fingerprint_from_digests",
+    "is_float",
+    "load_state_dict",
+    "load_weights",
+    "model_path",
+    "require_safetensors",
+    "tensor_digest",
+]
+
+StateDict = dict[str, Tensor]
+WeightsSource = Union[str, Path, Mapping[str, Tensor], nn.Module]
+
+# skillbank.testbed.pull.PULLED, spelled out: the core reads folders and never imports the module that downloads
+_PULLED = "pulled:"
+
+
+def model_path(source: str | Path) -> Path:
+    """``source`` as a path; a pulled model's alias (``pulled:minilm``) is refused with what to do.
+
+    Aliases are resolved at the edges — the CLI, configs run by ``skillbank fit`` and the
+    DataModules' ``prepare_data`` — so nothing in the core downloads, on any rank.
+    """
+    if str(source).startswith(_PULLED):
+        raise SkillbankError(
+            f"{str(source)!r} is a pulled model's alias, which only the command line, configs and DataModules "
+            f"resolve; in Python pass its folder: skillbank.testbed.pull.resolve_model({str(source)!r}) (it pulls on first use)."
+        )
+    return Path(source)
+
+
+def is_float(tensor: Tensor) -> bool:
+    """Whether ``tensor`` holds floating-point values (the only kind skills touch)."""
+    return tensor.is_floating_point()
+
+
+def load_weights(source: WeightsSource) -> StateDict:
+    """Return the weights of ``source`` as a plain ``{name: tensor}`` dict.
+
+    Args:
+        source: a Hugging Face model folder (``save_pretrained`` output, single or
+            sharded safetensors), a ``.safetensors`` file, an ``nn.Module`` (its
+            ``state_dict``, sharing memory), a mapping of tensors, or a pulled
+            model's folder (:func:`skillbank.testbed.pull.resolve_model` turns ``"pulled:minilm"`` into one).
+
+    Only safetensors files are read: pickled checkpoints are refused, because
+    unpickling runs arbitrary code.
+    """
+    if isinstance(source, nn.Module):
+        return dict(source.state_dict())
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = model_path(source)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise SkillbankError(
+                f"{path} is not a .safetensors file; skillbank reads weights only from "
+                "safetensors (re-save the model with save_pretrained(..., safe_serialization=True))."
+            )
+        return load_file(str(path))
+    if path.is_dir():
+        single = path / "model.safetensors"
+        index = path / "model.safetensors.index.json"
+        if single.is_file():
+            return load_file(str(single))
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state: StateDict = {}
+            for shard in shards:
+                state.update(load_file(str(path / shard)))
+            return state
+        require_safetensors(path)  # raises, saying whether only pickled weights are there
+    raise SkillbankError(f"no model at {path}: the path does not exist.")
+
+
+def load_state_dict(source: WeightsSource) -> StateDict:
+    """Deprecated: :func:`load_weights` (this name read as torch's ``Module.load_state_dict``, which does the opposite)."""
+    warnings.warn(
+        "skillbank.load_state_dict() is now skillbank.load_weights(); the old name will be removed.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return load_weights(source)
+
+
+def drop_aliases(state: Mapping[str, Tensor]) -> StateDict:
+    """``state`` without the later names of a tensor that several names share (tied embeddings and LM
+    head), so every entry is counted once; safetensors files never hold such aliases."""
+    seen: set[tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...]]] = set()
+    out: StateDict = {}
+    for name, tensor in state.items():
+        if tensor.device.type != "meta" and tensor.numel():
+            key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+            if key in seen:
+                continue
+            seen.add(key)
+        out[name] = tensor
+    return out
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def require_safetensors(folder: str | Path, stem: str = "model") -> Path:
+    """``folder`` if it holds ``<stem>.safetensors`` (or its shard index), else a :class:`SkillbankError`.
+
+    Checked before any Hugging Face loader sees the folder, so a folder with only
+    pickled weights is refused before anything is deserialized.
+    """
+    folder = Path(folder)
+    if (folder / f"{stem}.safetensors").is_file() or (folder / f"{stem}.safetensors.index.json").is_file():
+        return folder
+    if not folder.exists():
+        hint = (
+            " It is one of the demo's folders: make them first with `skillbank demo --workdir skillbank-demo`."
+            if "skillbank-demo" in folder.parts
+            else ""
+        )
+        raise SkillbankError(f"no model folder at {folder} (relative to {Path.cwd()}): the path does not exist.{hint}")
+    found = sorted(p.name for p in folder.iterdir())[:10] if folder.is_dir() else []
+    pickled = [n for n in found if n.endswith(_PICKLE_SUFFIXES)]
+    why = (
+        f"it holds only pickled weights ({', '.join(pickled)}), and skillbank never unpickles (unpickling runs arbitrary code)"
+        if pickled
+        else f"found: {found}"
+    )
+    raise SkillbankError(
+        f"{folder} has no {stem}.safetensors: {why}. Re-save it with "
+        "save_pretrained(folder, safe_serialization=True) from a trusted copy."
+    )
+
+
+def _candidate_prefixes(names: Iterable[str]) -> set[str]:
+    prefixes = {""}
+    for name in names:
+        parts = name.split(".")
+        for cut in range(1, len(parts)):
+            prefixes.add(".".join(parts[:cut]) + ".")
+    return prefixes
+
+
+def align_names(source: Iterable[str], target: Iterable[str]) -> dict[str, str]:
+    """Map names of ``source`` onto names of ``target`` that denote the same tensor.
+
+    Tries the identity, adding one prefix to every source name (``x`` ->
+    ``bert.x``) and removing one (``bert.x`` -> ``x``), and keeps the mapping
+    that matches the most names. Names with no counterpart are left out.
+
+    >>> align_names(["encoder.w", "pooler.b"], ["bert.encoder.w", "bert.pooler.b", "classifier.w"])
+    {'encoder.w': 'bert.encoder.w', 'pooler.b': 'bert.pooler.b'}
+    """
+    source = list(source)
+    target_set = set(target)
+    best: dict[str, str] = {s: s for s in source if s in target_set}
+    for prefix in _candidate_prefixes(target_set) - {""}:
+        added = {s: prefix + s for s in source if prefix + s in target_set}
+        if len(added) > len(best):
+            best = added
+    for prefix in _candidate_prefixes(source) - {""}:
+        removed = {s: s[len(prefix) :] for s in source if s.startswith(prefix) and s[len(prefix) :] in target_set}
+        if len(removed) > len(best):
+            best = removed
+    return best
+
+
+def tensor_digest(tensor: Tensor) -> str:
+    """sha256 over a tensor's dtype, shape and raw bytes (name-free)."""
+    return chunked_digest(tensor.dtype, tensor.shape, [tensor])
+
+
+def chunked_digest(dtype: torch.dtype, shape: Iterable[int], chunks: Iterable[Tensor]) -> str:
+    """:func:`tensor_digest` of the tensor whose row-major pieces, in order, are ``chunks`` (read one at a time)."""
+    digest = hashlib.sha256(f"{dtype}|{tuple(shape)}|".encode())
+    for chunk in chunks:
+        digest.update(chunk.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def fingerprint_from_digests(digests: Mapping[str, str]) -> str:
+    """Combine per-tensor digests (keyed by base-model name) into one fingerprint."""
+    combined = hashlib.sha256()
+    for name in sorted(digests):
+        combined.update(f"{name}\0{digests[name]}\n".encode())
+    return combined.hexdigest()
+
+
+def base_fingerprint(state: Mapping[str, Tensor], names: Iterable[str] | None = None) -> str:
+    """Identify a base model across processes and machines.
+
+    A sha256 over the names, dtypes, shapes and values of the floating-point
+    tensors ``names`` of ``state`` (default: all of them). Skills fingerprint
+    their base over their shared parameters, so a skill can be checked against
+    any model that holds those parameters, whatever its head.
+    """
+    keys = list(names) if names is not None else [k for k, v in state.items() if is_float(v)]
+    return fingerprint_from_digests({k: tensor_digest(state[k]) for k in keys})
