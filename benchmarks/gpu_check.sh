@@ -30,8 +30,8 @@ EOF
 fi
 
 echo "== cuda tests ($SECONDS s)"
-timeout 240 $PY -m pytest -p no:cacheprovider -q -m cuda -o addopts="" tests/test_cuda.py tests/test_stitcher_cuda.py \
-  tests/test_multi_tensor.py tests/callbacks/test_callbacks_cuda.py -W ignore::DeprecationWarning > "$OUT/tests.log" 2>&1
+timeout 240 $PY -m pytest -p no:cacheprovider -q -m cuda -o addopts="" tests/test_cuda.py tests/stitching/test_stitcher_cuda.py \
+  tests/stitching/test_multi_tensor.py tests/callbacks/test_callbacks_cuda.py -W ignore::DeprecationWarning > "$OUT/tests.log" 2>&1
 echo "tests exit $?" >> "$OUT/tests.log"; tail -3 "$OUT/tests.log"
 
 echo "== bench_stitch ($SECONDS s)"

@@ -155,7 +155,7 @@ def test_stitcher_interrupted_mid_remove_leaves_the_model_as_before(base_model, 
 
 
 def test_no_pickle_anywhere(base_model, tmp_path, monkeypatch):
-    package = Path(__file__).resolve().parents[1] / "skillbank"
+    package = Path(__file__).resolve().parents[2] / "skillbank"
     for source in package.rglob("*.py"):
         text = source.read_text()
         assert not re.search(r"\bpickle\b|torch\.load\b|weights_only", text), source

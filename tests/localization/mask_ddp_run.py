@@ -1,7 +1,7 @@
 """Child script of the DDP test: learn one mask with ``devices`` CPU processes and add it to a bank.
 
-Run ``python tests/mask_ddp_run.py prepare BANK`` once (writes the finetune
-``BANK.finetuned``), then ``python tests/mask_ddp_run.py DEVICES BANK``; Lightning
+Run ``python tests/localization/mask_ddp_run.py prepare BANK`` once (writes the finetune
+``BANK.finetuned``), then ``python tests/localization/mask_ddp_run.py DEVICES BANK``; Lightning
 relaunches the script once per extra rank. Lightning reshuffles a DDP training
 loader (DistributedSampler), so per-batch updates would see other batches than a
 single process does; the learner therefore runs full-batch (one update per pass
@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Subset
 from transformers import BertForSequenceClassification, BertModel
 
-from helpers.ddp_teardown import teardown
-from helpers.models import finetune_like, tiny_config
-from skillbank import MaskLearner
-from skillbank.localization.fewshot import balanced_indices
-from skillbank.testbed.synthetic import DEMO_TASKS, TokenDataset
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
+from helpers.ddp_teardown import teardown  # noqa: E402
+from helpers.models import finetune_like, tiny_config  # noqa: E402
+from skillbank import MaskLearner  # noqa: E402
+from skillbank.localization.fewshot import balanced_indices  # noqa: E402
+from skillbank.testbed.synthetic import DEMO_TASKS, TokenDataset  # noqa: E402
 
 GLOBAL_BATCH = 32
 

@@ -14,7 +14,7 @@ from helpers.models import finetune_like, tiny_config
 from skillbank import SkillBank
 from skillbank.integrations.cli import main
 
-CONFIGS = Path(__file__).parents[1] / "configs"
+CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
 """Fault injection for SkillBank: writer/reader child processes, SIGKILL trials and their invariants.
 
-Used by ``tests/test_reliability.py`` (a few trials) and ``benchmarks/bench_bank_faults.py``
+Used by ``tests/storage/test_reliability.py`` (a few trials) and ``benchmarks/bench_bank_faults.py``
 (the full counts). Run as a script it is a child role:
 
-    python tests/bank_faults.py writer BANK ACKS START COUNT [KILL_AT_CALL]
-    python tests/bank_faults.py reader BANK STOP_FILE REPORT
+    python tests/storage/bank_faults.py writer BANK ACKS START COUNT [KILL_AT_CALL]
+    python tests/storage/bank_faults.py reader BANK STOP_FILE REPORT
 """
 
 from __future__ import annotations

@@ -415,7 +415,7 @@ def test_demo_runs_end_to_end_and_stitching_recovers_the_finetunes(tmp_path, cap
     assert finetuned >= 0.95 and alone >= 0.9 and stitched >= 0.9 and base < 0.7
     assert SkillBank(tmp_path / "bank").names() == ["sentiment", "topic", "urgency"]
     # the README's table is this run's table, not a retyped one (rows compared number by number)
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     shown = readme.split("```\ntask", 1)[1].split("```", 1)[0].splitlines()[1:]
     printed = [
         line.split() for line in out.splitlines() if line.split()[:1] in (["sentiment"], ["topic"], ["urgency"], ["average"])

@@ -119,3 +119,16 @@ def test_a_nan_in_one_piece_is_named_with_the_whole_tensors_count(tmp_path, base
         localize_streaming(tmp_path / "base.safetensors", tmp_path / "ft.safetensors", 0.01, name="s")
     with pytest.raises(TaskVectorError, match=f"task vector of '{name}' has 2 NaN/Inf entries"):
         task_vector(tmp_path / "base.safetensors", tmp_path / "ft.safetensors")
+
+
+@pytest.mark.parametrize("base_dtype, ft_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_bf16_weights_stream_to_the_in_memory_skill_bit_for_bit(tmp_path, base_model, base_dtype, ft_dtype):
+    """Checkpoints saved in bfloat16 (as LLMs ship), sharded or not, give the same skill either way."""
+    base_model.to(base_dtype).save_pretrained(tmp_path / "base")
+    finetune_like(base_model.float(), seed=3).to(ft_dtype).save_pretrained(tmp_path / "ft", max_shard_size="8KB")
+    assert len(list((tmp_path / "ft").glob("model-*.safetensors"))) >= 2
+    streamed = localize_streaming(tmp_path / "base", tmp_path / "ft", 0.03, name="s")
+    in_memory = localize_dataless(task_vector(tmp_path / "base", tmp_path / "ft"), 0.03, name="s")
+    assert_same_skill(streamed, in_memory)
+    region = next(iter(streamed.regions.values()))
+    assert region.values.dtype == torch.float32 and region.values.abs().min() > 0  # τ of bf16 weights, kept in fp32
