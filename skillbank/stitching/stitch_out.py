@@ -64,6 +64,23 @@ def _model_card(bank: SkillBank, stitcher: Stitcher, base: str | Path, rule: Ove
             f"{_md(_source(stitcher.metadata[name].source))} |"
         )
     lines += ["", "Each skill's task head is in `heads/<skill>.safetensors`, named as in its finetuned model.", ""]
+    with_head = [(name, _labels_of(stitcher.heads[name])) for name in names if stitcher.heads.get(name)]
+    if with_head:
+        name, labels = with_head[0]  # a checked skill name: letters, digits and -_. only
+        lines += [
+            "The model loads without its task heads (transformers reports the classifier as newly initialized);",
+            f"to answer as skill `{name}` with plain transformers and safetensors, put its head back:",
+            "",
+            "```python",
+            "from safetensors.torch import load_file",
+            "from transformers import AutoModelForSequenceClassification",
+            "",
+            'folder = "path/to/this/folder"',
+            f"model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels={labels or 'N'})",
+            f'model.load_state_dict(load_file(f"{{folder}}/heads/{name}.safetensors"), strict=False)  # the head only',
+            "```",
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -68,7 +68,15 @@ def test_localize_list_show_verify_stitch_remove(folders, base_model, capsys):
     torch.testing.assert_close(reloaded(ids).last_hidden_state, live.bert(ids).last_hidden_state, rtol=0, atol=0)
     head = load_file(folders / "out" / "heads" / "t1.safetensors")
     assert head["classifier.weight"].shape == (3, 16)
-    assert "| t0 |" in (folders / "out" / "README.md").read_text()
+    card = (folders / "out" / "README.md").read_text()
+    assert "| t0 |" in card
+    # the card's recipe puts a head back with plain transformers: the same logits as the stitcher with that head
+    recipe = card.split("```python\n")[1].split("```")[0].replace("path/to/this/folder", str(folders / "out"))
+    scope: dict = {}
+    exec(recipe, scope)  # noqa: S102 - the card's own snippet, run as a user would paste it
+    plain = scope["model"].eval()
+    with stitcher.use_head("t0") as answering:
+        torch.testing.assert_close(plain(ids).logits, answering(ids).logits, rtol=1e-5, atol=1e-6)
 
     assert main(["remove", str(bank), "t0"]) == 0
     assert SkillBank(bank).names() == ["t1"]
