@@ -64,9 +64,9 @@ def _model_card(bank: SkillBank, stitcher: Stitcher, base: str | Path, rule: Ove
             f"{_md(_source(stitcher.metadata[name].source))} |"
         )
     lines += ["", "Each skill's task head is in `heads/<skill>.safetensors`, named as in its finetuned model.", ""]
-    with_head = [(name, _labels_of(stitcher.heads[name])) for name in names if stitcher.heads.get(name)]
-    if with_head:
-        name, labels = with_head[0]  # a checked skill name: letters, digits and -_. only
+    name = next((name for name in names if stitcher.heads.get(name)), None)  # a checked name: letters, digits, -_.
+    if name is not None:
+        labels = _labels_of(stitcher.heads[name])
         lines += [
             "The model loads without its task heads (transformers reports the classifier as newly initialized);",
             f"to answer as skill `{name}` with plain transformers and safetensors, put its head back:",
