@@ -63,7 +63,7 @@ def load_model(model: nn.Module | str, num_labels: int | None = None) -> nn.Modu
     config = json.loads(config_file.read_text()) if config_file.is_file() and config_file.stat().st_size < 1 << 20 else {}
     if is_causal_lm_config(config):
         return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True)
-    extra = {} if num_labels is None else {"num_labels": num_labels}
+    extra: dict[str, Any] = {} if num_labels is None else {"num_labels": num_labels}
     return AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True, use_safetensors=True, **extra)
 
 

@@ -64,12 +64,12 @@ def _model_card(bank: SkillBank, stitcher: Stitcher, base: str | Path, rule: Ove
             f"{_md(_source(stitcher.metadata[name].source))} |"
         )
     lines += ["", "Each skill's task head is in `heads/<skill>.safetensors`, named as in its finetuned model.", ""]
-    name = next((name for name in names if stitcher.heads.get(name)), None)  # a checked name: letters, digits, -_.
-    if name is not None:
-        labels = _labels_of(stitcher.heads[name])
+    with_head = next((name for name in names if stitcher.heads.get(name)), None)  # a checked name: letters, digits, -_.
+    if with_head is not None:
+        labels = _labels_of(stitcher.heads[with_head])
         lines += [
             "The model loads without its task heads (transformers reports the classifier as newly initialized);",
-            f"to answer as skill `{name}` with plain transformers and safetensors, put its head back:",
+            f"to answer as skill `{with_head}` with plain transformers and safetensors, put its head back:",
             "",
             "```python",
             "from safetensors.torch import load_file",
@@ -77,7 +77,7 @@ def _model_card(bank: SkillBank, stitcher: Stitcher, base: str | Path, rule: Ove
             "",
             'folder = "path/to/this/folder"',
             f"model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels={labels or 'N'})",
-            f'model.load_state_dict(load_file(f"{{folder}}/heads/{name}.safetensors"), strict=False)  # the head only',
+            f'model.load_state_dict(load_file(f"{{folder}}/heads/{with_head}.safetensors"), strict=False)  # the head only',
             "```",
             "",
         ]

@@ -96,7 +96,7 @@ def _base_for_adapter(base: Any, folder: Path, config: dict[str, Any]) -> nn.Mod
 
     seq_cls = config.get("task_type") == "SEQ_CLS"
     labels = _labels_in_adapter(folder) if seq_cls else None
-    extra = {"num_labels": labels} if labels else {}
+    extra: dict[str, Any] = {"num_labels": labels} if labels else {}
     auto = AutoModelForSequenceClassification if seq_cls else AutoModel
     base = model_path(base) if isinstance(base, str) else base
     if isinstance(base, (str, Path)) and Path(base).is_dir():
