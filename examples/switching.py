@@ -35,6 +35,11 @@ def main(workdir: Path) -> None:
             print(f"{task}: its own skill and head {accuracy(m, loader(task, n=256, seed=99)):.3f}")
     assert stitcher.stitched == ["sentiment"]
 
+    # for serving: check and lay out each skill on the model's device once (on CUDA with Triton, one kernel an add)
+    ready = {name: stitcher.prepare(name) for name in bank.names()}
+    with stitcher.active(ready["topic"]) as m:
+        print(f"topic, prepared: its own skill and head {accuracy(m, loader('topic', n=256, seed=99)):.3f}")
+
     router = SkillRouter([bank.get(n) for n in bank.names()])  # a clear error if a skill has no routing data
     right = total = 0
     for task in TASKS:

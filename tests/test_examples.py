@@ -14,7 +14,17 @@ EXAMPLES = Path(__file__).parents[1] / "examples"
 # each example with its arguments (the work folder comes last) and what it must print
 RUNS = [
     ("quickstart.py", r"sentiment: finetuned [01]\.\d+, base \+ its [\d,]+-entry skill [01]\.\d+; removed again"),
-    ("switching.py", r"topic: its own skill and head 0\.\d+\nrouted to their own task's skill: [01]\.\d+ of 256"),
+    (
+        "switching.py",
+        r"topic: its own skill and head (0\.\d+)\ntopic, prepared: its own skill and head \1\n"
+        r"routed to their own task's skill: [01]\.\d+ of 256",
+    ),
+    (
+        "overlap_rules.py",
+        r"sentiment-auto: sparsity [\d.e-]+ keeps [01]\.\d+ of the finetune, tried \d+ sizes\n"
+        r"rule mean, both stitched: sentiment [01]\.\d+, topic [01]\.\d+ "
+        r"\(topic's mask learned in the context of \['sentiment-auto'\]\)",
+    ),
     (
         "learned_mask.py",
         r"topic-learned: [\d,]+ entries, base \+ skill [01]\.\d+, scored [\d,]+ of [\d,]+ entries\n"
