@@ -9,31 +9,16 @@ The base folder is a tiny one made by ``tiny_models`` (swap in your own).
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
-from tiny_models import TASKS, loader, tiny_models
+from tiny_models import TASKS, loader, quiet_trainer, tiny_models
 from transformers import BertForSequenceClassification
 
 from skillbank import SkillBank
 from skillbank.callbacks import SkillHarvester, SkillStitcher
 from skillbank.integrations.classifier import SequenceClassifier
 from skillbank.testbed.synthetic import DEMO_TASKS
-
-warnings.filterwarnings("ignore", ".*(does not have many workers|eval mode|LeafSpec).*")
-
-
-def trainer(**settings) -> pl.Trainer:  # noqa: ANN003
-    return pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **settings,
-    )
 
 
 def main(workdir: Path) -> None:
@@ -47,7 +32,7 @@ def main(workdir: Path) -> None:
         labels = DEMO_TASKS[TASKS[task]].num_labels
         module = SequenceClassifier(str(base), num_labels=labels, lr=1e-3)
         harvest = SkillHarvester(bank.path, name, sparsity=0.05, task=task)  # captures the base at set-up
-        trainer(max_steps=120, callbacks=[harvest]).fit(module, loader(task, n=512, seed=5), loader(task, seed=6))
+        quiet_trainer(max_steps=120, callbacks=[harvest]).fit(module, loader(task, n=512, seed=5), loader(task, seed=6))
         print(
             f"banked {name!r}: {bank.get(name).num_entries:,} entries, finetuned val_acc "
             f"{bank.get(name).metadata.metrics['val_acc']:.3f}"
@@ -60,7 +45,7 @@ def main(workdir: Path) -> None:
         skill_head="topic-run",
     )  # validated with topic's own head
     stitch = SkillStitcher(bank.path, base=str(base))  # stitches every skill the bank holds at each validation start
-    metrics = trainer(callbacks=[stitch]).validate(serving, loader("topic", n=256, seed=7), verbose=False)[0]
+    metrics = quiet_trainer(callbacks=[stitch]).validate(serving, loader("topic", n=256, seed=7), verbose=False)[0]
     print(f"serving {stitch.stitched}: topic val_acc {metrics['val_acc']:.3f} with both skills stitched")
 
 

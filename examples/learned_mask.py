@@ -9,16 +9,12 @@ The base and finetuned folders are tiny ones made by ``tiny_models`` (swap in yo
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
-from tiny_models import loader, tiny_models
+from tiny_models import loader, quiet_trainer, tiny_models
 
 from skillbank import MaskLearner, SkillBank, Stitcher
 from skillbank.stitching.heads import accuracy
-
-warnings.filterwarnings("ignore", ".*(does not have many workers|eval mode|LeafSpec).*")
 
 
 def main(workdir: Path) -> None:
@@ -31,14 +27,7 @@ def main(workdir: Path) -> None:
         learner = MaskLearner(
             str(finetuned["topic"]), str(base), sparsity=0.02, bank=str(bank.path), skill_name=name, pool=pool
         )  # the name is checked before training
-        trainer = pl.Trainer(
-            max_epochs=learner.recipe.epochs,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        trainer = quiet_trainer(max_epochs=learner.recipe.epochs)
         trainer.fit(learner, few_shot, val)  # keeps the best-validating mask; adds the skill to the bank at the end
         model = learner.model  # the finetuned classifier, reset to the base in its shared parameters
         stitcher = Stitcher(model, str(base), bank=bank)

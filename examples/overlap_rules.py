@@ -10,18 +10,14 @@ The base and finetuned folders are tiny ones made by ``tiny_models`` (swap in yo
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
-from tiny_models import loader, tiny_models
+from tiny_models import loader, quiet_trainer, tiny_models
 from transformers import BertForSequenceClassification
 
 from skillbank import MaskLearner, SkillBank, Stitcher, task_vector
 from skillbank.localization.auto_sparsity import localize_auto
 from skillbank.stitching.heads import accuracy
-
-warnings.filterwarnings("ignore", ".*(does not have many workers|eval mode|LeafSpec).*")
 
 
 def main(workdir: Path) -> None:
@@ -56,14 +52,7 @@ def main(workdir: Path) -> None:
         bank=str(bank.path),
         skill_name="topic-in-context",
     )
-    trainer = pl.Trainer(
-        max_epochs=learner.recipe.epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_epochs=learner.recipe.epochs)
     trainer.fit(learner, loader("topic", n=64, seed=1), loader("topic", seed=2))  # banks the skill at the end
     stitcher.add("topic-in-context")
     scores = []

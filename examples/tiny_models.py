@@ -3,24 +3,39 @@
 ``tiny_models(workdir)`` writes ``base/`` (a small BERT, ``save_pretrained``) and one
 ``finetuned-<task>/`` classifier folder per synthetic task (the base finetuned for a
 few dozen Adam steps), and returns their paths and labelled batches. Swap in your
-own folders to run an example on real models.
+own folders to run an example on real models. ``quiet_trainer`` is a CPU Trainer that leaves the
+examples' own lines as the only output.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 from transformers import BertForSequenceClassification, BertModel
-from transformers.utils import logging as hf_logging
 
-from skillbank.testbed.demo import demo_config
+from skillbank.testbed.demo import demo_config, quiet
 from skillbank.testbed.synthetic import DEMO_TASKS, TokenDataset
 
 TASKS = {"sentiment": 0, "topic": 1}
-hf_logging.set_verbosity_error()  # the examples print their own results, not transformers' load reports
-hf_logging.disable_progress_bar()
+quiet()  # the examples print their own results, not transformers' load reports or Lightning's hardware lines
+warnings.filterwarnings("ignore", ".*(eval mode|LeafSpec).*")  # Lightning's hints about tiny runs
+
+
+def quiet_trainer(**settings: Any) -> pl.Trainer:
+    """A CPU ``pl.Trainer`` that prints nothing of its own (no logger, checkpoints, progress bar or model summary)."""
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **settings,
+    )
 
 
 def loader(task: str, n: int = 128, seed: int = 0, batch_size: int = 32) -> DataLoader:
