@@ -430,8 +430,16 @@ def test_demo_runs_end_to_end_and_stitching_recovers_the_finetunes(tmp_path, cap
     ]
     rows = [line.split() for line in shown if line.strip()]
     assert [r[0] for r in rows] == [p[0] for p in printed[-4:]], "regenerate the README table: skillbank demo"
-    for row, run in zip(rows, printed[-4:]):  # within 0.02: another CPU's float rounding may move a prediction or two
-        assert all(abs(float(a) - float(b)) <= 0.02 for a, b in zip(row[1:], run[1:])), (row, run, "regenerate the README table")
+    # Within 0.02: another CPU's float rounding may move a prediction or two. The base+head column (the base with a
+    # head it was never trained with, near chance) moves more: the same code gave 0.514/0.352/0.388 on one box and
+    # 0.558/0.280/0.404 on another (benchmarks/RESULTS.md, "Demo"), so it is held to 0.1.
+    for row, run in zip(rows, printed[-4:]):
+        allowed = (0.1, 0.02, 0.02, 0.02)
+        assert all(abs(float(a) - float(b)) <= d for a, b, d in zip(row[1:], run[1:], allowed)), (
+            row,
+            run,
+            "regenerate the README table",
+        )
 
 
 def test_localize_auto_sizes_the_skill_on_validation_texts(folders, capsys):
