@@ -3,8 +3,11 @@
 Every entry that at least one stitched skill covers has a row: its flat position
 (the key), its base value, how many skills cover it and the overlap rule's
 float64 accumulators. Rows are found through an open-addressing hash table
-(double hashing, a power-of-two capacity, loaded 25–75%; 37.5–75% as it grows),
-so an add or a removal costs O(skill size) whatever the number of skills already
+(double hashing, a power-of-two capacity, loaded 25–75%; 37.5–75% as it grows)
+whose first probe keeps the address order (a key's home slot is its position
+scaled to the table), so a skill's sorted positions read the table front to back
+instead of at random; only the steps after a collision are hashed. An add or a
+removal costs O(skill size) whatever the number of skills already
 stitched, and nothing is held for an entry no skill covers: memory follows the
 skills, not the model.
 
@@ -16,7 +19,8 @@ bytes, at most 39. The base is kept in float32 (exact for float32,
 bfloat16 and float16 values; float64 where the model has float64 tensors), so writing it back
 restores the model bit for bit. Entries whose cover count drops to 0 keep their
 row until the table is rebuilt (when it fills, or when such rows outnumber the
-covered ones), which drops them.
+covered ones), which drops them; a table that fills while every row is covered is
+rebuilt around rows that stay where they are.
 """
 
 from __future__ import annotations
@@ -58,6 +62,13 @@ class Plan:
     live_change: int  # rows that become covered minus rows that stop being covered
 
 
+def _gather(rows: Tensor, index: Tensor) -> Tensor:
+    """``rows.index_select(0, index)``; a one-column table is gathered as a flat tensor, which is faster."""
+    if rows.dim() == 2 and rows.shape[1] == 1:
+        return rows.view(-1).index_select(0, index).view(-1, 1)
+    return rows.index_select(0, index)
+
+
 def _masked_rounds(device: torch.device) -> int:
     """Probe rounds run over the whole batch before the first wait for the device: on CUDA only (on the CPU the
     work follows the entries, so every round takes only those still probing)."""
@@ -77,6 +88,7 @@ class UnionSupport:
     def __init__(self, numel: int, device: torch.device, rule: OverlapRule, base_dtype: torch.dtype) -> None:
         self.rule = rule
         self.device = device
+        self.numel = numel
         self.key_dtype = torch.int32 if numel < 2**31 else torch.int64
         self.base_dtype = base_dtype
         self.size = 0  # rows in use
@@ -114,7 +126,7 @@ class UnionSupport:
         found = rows.clamp(min=0)
         base = self.base.index_select(0, found).double()
         count = self.count.index_select(0, found).double()
-        acc = self.acc.index_select(0, found)
+        acc = _gather(self.acc, found)
         if fresh.numel():
             base[fresh] = read(fresh)
             count[fresh] = 0.0
@@ -137,7 +149,7 @@ class UnionSupport:
         """What the model held at ``plan``'s entries before it: the way back when writing it fails."""
         found = plan.rows.clamp(min=0)
         values = self._values(
-            self.base.index_select(0, found).double(), self.count.index_select(0, found).double(), self.acc.index_select(0, found)
+            self.base.index_select(0, found).double(), self.count.index_select(0, found).double(), _gather(self.acc, found)
         )
         values[plan.fresh] = plan.base[plan.fresh]
         return values
@@ -149,13 +161,13 @@ class UnionSupport:
         if known.numel():
             rows = plan.rows.index_select(0, known)
             self.count.index_copy_(0, rows, plan.count.index_select(0, known).to(self.count.dtype))
-            self.acc.index_copy_(0, rows, plan.acc.index_select(0, known))
+            self.acc.index_copy_(0, rows, _gather(plan.acc, known))
         if plan.fresh.numel():
             start, stop = self.size, self.size + plan.fresh.numel()
             self.keys[start:stop] = plan.keys.index_select(0, plan.fresh)
             self.base[start:stop] = plan.base.index_select(0, plan.fresh).to(self.base_dtype)
             self.count[start:stop] = plan.count.index_select(0, plan.fresh).to(self.count.dtype)
-            self.acc[start:stop] = plan.acc.index_select(0, plan.fresh)
+            self.acc[start:stop] = _gather(plan.acc, plan.fresh)
             self._insert(torch.arange(start, stop, device=self.device), plan.free)
             self.size = stop
         self.live += plan.live_change
@@ -197,12 +209,16 @@ class UnionSupport:
         """
         old = (self.keys, self.base, self.count, self.acc, self.table, self.size, self.live)
         try:
-            keep = torch.nonzero(self.count[: self.size] > 0).squeeze(1)
-            rows = keep.numel() + extra
-            self._allocate(int(rows * _ROWS_GROWTH), 1 << max(2, math.ceil(math.log2(rows / _REBUILT_LOAD + 1))))
-            for new, column in zip((self.keys, self.base, self.count, self.acc), old[:4]):
-                new[: keep.numel()] = column.index_select(0, keep)
-            self.size = self.live = keep.numel()
+            rows = self.live + extra
+            slots = 1 << max(2, math.ceil(math.log2(rows / _REBUILT_LOAD + 1)))
+            if self.live == self.size:  # nothing to drop: the rows stay where they are, only the table is new
+                self.table = torch.full((slots,), _EMPTY, dtype=torch.int32, device=self.device)
+            else:
+                keep = torch.nonzero(self.count[: self.size] > 0).squeeze(1)
+                self._allocate(int(rows * _ROWS_GROWTH), slots)
+                for new, column in zip((self.keys, self.base, self.count, self.acc), old[:4]):
+                    new[: keep.numel()] = column.index_select(0, keep)
+                self.size = self.live = keep.numel()
             self._insert(torch.arange(self.size, device=self.device), empty_table=True)
         except BaseException:
             self.keys, self.base, self.count, self.acc, self.table, self.size, self.live = old
@@ -218,13 +234,16 @@ class UnionSupport:
             setattr(self, name, new)
 
     def _mix(self, keys: Tensor) -> Tensor:
-        """Fibonacci hashing: the key times 2**64 / φ, wrapping; its top bits pick the slot, the next the step."""
+        """Fibonacci hashing: the key times 2**64 / φ, wrapping; its bits pick the probe step."""
         return keys.long() * _HASH
 
-    def _home(self, mixed: Tensor) -> Tensor:
-        """Each key's first slot: the top bits of its hash."""
-        bits = self.table.numel().bit_length() - 1
-        return (mixed >> (64 - bits)) & (self.table.numel() - 1)
+    def _home(self, keys: Tensor) -> Tensor:
+        """Each key's first slot: its place in the address space scaled to the table's size (in fixed point), so a
+        skill's ascending positions probe the table in ascending order: near neighbours in memory, not random
+        slots. The step after a collision is hashed (:meth:`_step`), so a dense run of keys spreads out."""
+        shift = 63 - self.table.numel().bit_length()  # key · scale < slots · 2**shift = 2**62: no int64 overflow
+        scale = (self.table.numel() << shift) // self.numel
+        return (keys.long() * scale) >> shift
 
     def _step(self, mixed: Tensor) -> Tensor:
         """Each key's probe step: odd, so it visits every slot of the power-of-two table (double hashing)."""
@@ -241,14 +260,13 @@ class UnionSupport:
         if self.size == 0:
             return rows, ends
         keys = positions.to(self.key_dtype)
-        mixed = self._mix(keys)
-        slot = self._home(mixed)
+        slot = self._home(keys)
         todo = torch.arange(positions.numel(), device=positions.device)
         rounds = _masked_rounds(positions.device)
         if rounds:
             # Rounds over the whole batch, masked, so the host does not wait for the device after each
             # (most entries end in the first two); what is left goes on below.
-            step, open_ = self._step(mixed), torch.ones_like(keys, dtype=torch.bool)
+            step, open_ = self._step(self._mix(keys)), torch.ones_like(keys, dtype=torch.bool)
             for _ in range(rounds):
                 row = self.table.index_select(0, slot)
                 empty = open_ & (row < 0)
@@ -269,7 +287,7 @@ class UnionSupport:
             ends.index_copy_(0, todo[empty], slot[empty])
             going = torch.nonzero(~(empty | hit)).squeeze(1)
             todo, keys, slot = todo[going], keys[going], slot[going]
-            step = self._step(mixed[todo]) if step is None else step[going]
+            step = self._step(self._mix(keys)) if step is None else step[going]
             slot = self._advance(slot, step)
         return rows, ends
 
@@ -279,8 +297,8 @@ class UnionSupport:
         ``free``: an empty slot on each one's probe sequence to try first (where its lookup ended), or -1.
         ``empty_table``: the table holds nothing yet, so the first round claims without looking.
         """
-        mixed = self._mix(self.keys.index_select(0, rows))
-        slot = self._home(mixed)
+        keys = self.keys.index_select(0, rows)
+        slot = self._home(keys)
         if free is not None:
             slot = torch.where(free >= 0, free, slot)
         ids, step = rows.int(), None
@@ -294,8 +312,8 @@ class UnionSupport:
             going = torch.nonzero(self.table.index_select(0, slot) != ids).squeeze(1)
             if not going.numel():
                 return
-            ids, mixed, slot = ids[going], mixed[going], slot[going]
-            step = self._step(mixed) if step is None else step[going]
+            ids, keys, slot = ids[going], keys[going], slot[going]
+            step = self._step(self._mix(keys)) if step is None else step[going]
             slot = self._advance(slot, step)
 
     # -- values -----------------------------------------------------------------

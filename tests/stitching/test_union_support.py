@@ -68,6 +68,37 @@ def test_random_adds_and_removes_match_a_dense_reference_through_rebuilds(monkey
     assert union.size < 3_000  # uncovered rows were dropped along the way
 
 
+@pytest.mark.parametrize("numel", [1, 1_000, 2**31 - 1, 2**40 + 7])
+@pytest.mark.parametrize("slots", [4, 2**12, 2**34])
+def test_ascending_keys_start_their_probes_in_ascending_slots_inside_the_table(numel, slots):
+    """The first probe keeps the address order (a skill's sorted positions read the table front to back) and
+    never leaves the table, whatever the sizes (no int64 overflow)."""
+    union = UnionSupport(numel, torch.device("cpu"), get_rule("mean"), torch.float32)
+    union.table = torch.empty(1, dtype=torch.int8).expand(slots)  # only its size is read
+    keys = torch.tensor(sorted({k for k in (0, 1, 2, numel // 3, numel // 2, numel - 2, numel - 1) if 0 <= k < numel}))
+    home = union._home(keys.to(union.key_dtype))
+    assert int(home.min()) >= 0 and int(home.max()) < slots
+    assert bool((home[1:] >= home[:-1]).all())
+    if numel >= slots:
+        assert int(home[-1]) >= slots - 1 - slots // 1000  # the whole table is used, not a part of it
+
+
+def test_a_table_that_fills_is_rebuilt_larger_and_finds_every_row_where_it_was():
+    union = UnionSupport(1_000_000, torch.device("cpu"), get_rule("mean"), torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    added = []
+    for _ in range(6):  # each add fills the table past its load: a rebuild every time
+        positions = torch.randperm(1_000_000, generator=gen)[:5_000].sort().values
+        before_keys, slots = union.keys[: union.size].clone(), union.table.numel()
+        step(union, positions, torch.ones(5_000), 1)
+        added.append(positions)
+        assert union.table.numel() >= slots
+        assert torch.equal(union.keys[: before_keys.numel()], before_keys)  # earlier rows stay where they were
+    covered = torch.cat(added).unique()
+    rows, _ = union._find(covered)
+    assert bool((rows >= 0).all()) and union.covered() == covered.numel() == union.size
+
+
 def test_a_remove_of_entries_without_rows_is_refused():
     union = UnionSupport(100, torch.device("cpu"), get_rule("mean"), torch.float32)
     step(union, torch.tensor([1, 2]), torch.tensor([1.0, 1.0]), 1)
