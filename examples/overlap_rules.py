@@ -29,15 +29,14 @@ def main(workdir: Path) -> None:
 
     # the smallest size (on the grid 0.1% ... 100%) whose skill alone keeps 99% of the finetune's validation accuracy
     tv = task_vector(base, finetuned["sentiment"])
-    base_classifier = BertForSequenceClassification.from_pretrained(base, num_labels=2)  # the skill's head fits it
-    skill = localize_auto(tv, base_classifier, loader("sentiment", seed=2), name="sentiment-auto", target=0.99)
+    model = BertForSequenceClassification.from_pretrained(base, num_labels=2)  # the base; the skill's head fits it
+    skill = localize_auto(tv, model, loader("sentiment", seed=2), name="sentiment-auto", target=0.99)  # model: base again
     bank.add(skill)
     print(
         f"sentiment-auto: sparsity {skill.metadata.sparsity:g} keeps {skill.metadata.metrics['val_recovery']:.3f} "
         f"of the finetune, tried {len(skill.metadata.settings['auto']['tried'])} sizes"
     )
 
-    model = BertForSequenceClassification.from_pretrained(base, num_labels=2)
     stitcher = Stitcher(model, base, bank=bank, rule="mean")  # how overlaps combine: mean (the paper's), sum, sign_mean
     stitcher.add("sentiment-auto")
 
