@@ -4,8 +4,8 @@
 #   2. bench_stitch.py --device cuda (stitch add: from memory, prepared, one-launch vs per-tensor),
 #   3. bench_real.py --device cuda, stages in order of need, for whatever time is left.
 # Usage: OUT=<folder for results> SKILLBANK_CACHE=<pulled wheels' files> bash benchmarks/gpu_check.sh [seconds]
-# The pulled cache may carry the MiniLM weights as float16 (model.fp16.safetensors, to fit a 64 MiB transfer):
-# they are restored to float32 first, and the real benchmark's figures then come from those weights.
+# Here, first: python benchmarks/gpu_carry.py pack benchmarks/_carry; then run this there with
+# SKILLBANK_CACHE=benchmarks/_carry and carry=["benchmarks/_carry"] (gpu_carry.py's docstring says why).
 set -u
 OUT=${OUT:-/tmp/gpu-check}
 BUDGET=${1:-560}
@@ -16,17 +16,11 @@ PY="python3 -P"  # -P: the installed package, not the source folder, even for -m
 python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/sb . > "$OUT/install.log" 2>&1 || { echo "install failed"; exit 1; }
 export PYTHONPATH=/tmp/sb
 
-fp16=$(find "${SKILLBANK_CACHE:-/nonexistent}" -name model.fp16.safetensors 2>/dev/null | head -1)
-if [ -n "$fp16" ]; then
-  $PY - "$fp16" <<'EOF'
-import os, sys
-from safetensors.torch import load_file, save_file
-half = sys.argv[1]
-state = load_file(half)
-save_file({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()},
-          os.path.join(os.path.dirname(half), "model.safetensors"), metadata={"format": "pt"})
-os.remove(half)
-EOF
+# A cache packed by benchmarks/gpu_carry.py (weights in float16, large text files xz'd, to fit the
+# 64 MiB transfer) is restored first: the real benchmark's figures then come from float16-rounded weights.
+if [ -n "${SKILLBANK_CACHE:-}" ]; then
+  $PY benchmarks/gpu_carry.py unpack "$SKILLBANK_CACHE" > "$OUT/unpack.log" 2>&1 || { echo "unpack failed"; cat "$OUT/unpack.log"; exit 1; }
+  export SKILLBANK_CACHE=$(cd "$SKILLBANK_CACHE" && pwd)
 fi
 
 echo "== cuda tests ($SECONDS s)"

@@ -1,0 +1,122 @@
+"""Pack the real benchmark's pulled files small enough to travel to a GPU machine, and unpack them there.
+
+A lent GPU machine has no network and takes at most 64 MiB with the checkout. The pulled
+files are ~121 MB: MiniLM's float32 weights (91 MB) and the data sets' text (~30 MB).
+``pack`` copies the pulled cache into a git-ignored folder with the weights in float16
+(``model.fp16.safetensors``) and every other file over 1 MB compressed (``<name>.xz``):
+about 55 MB. ``unpack`` restores a packed folder in place: the text files byte for byte,
+the weights as float32 again (float16-rounded: say so beside any figure measured with
+them). ``benchmarks/gpu_check.sh`` unpacks ``$SKILLBANK_CACHE`` before it starts.
+
+    python benchmarks/gpu_carry.py pack benchmarks/_carry      # here: pulls first if needed
+    python benchmarks/gpu_carry.py unpack benchmarks/_carry    # there (gpu_check.sh does it)
+
+then, on the device: ``SKILLBANK_CACHE=benchmarks/_carry bash benchmarks/gpu_check.sh``
+with ``carry=["benchmarks/_carry"]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import lzma
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+WEIGHTS = "model.safetensors"
+HALF = "model.fp16.safetensors"
+COMPRESS_ABOVE = 1 << 20  # bytes: smaller files travel as they are
+LIMIT = 60 << 20  # bytes for the packed folder: the checkout itself needs the rest of the 64 MiB
+_CHUNK = 1 << 20
+
+
+def pack(cache: Path, out: Path, limit: int = LIMIT) -> int:
+    """Copy ``cache`` (a pulled cache) into a fresh ``out``, weights halved and large files compressed; its bytes.
+
+    Raises:
+        SystemExit: ``out`` exists already, or the packed folder is larger than ``limit``.
+    """
+    if out.exists():
+        raise SystemExit(f"{out} exists already; remove it (or name another folder) to pack afresh.")
+    staged = out.with_name(out.name + ".partial")
+    shutil.rmtree(staged, ignore_errors=True)
+    files = [p for p in cache.rglob("*") if p.is_file()]
+    for source in sorted(p for p in files if not any(part.startswith(".pull-") for part in p.relative_to(cache).parts)):
+        target = staged / source.relative_to(cache)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.name == WEIGHTS:
+            _halve(source, target.with_name(HALF))
+        elif source.stat().st_size > COMPRESS_ABOVE:
+            with source.open("rb") as raw, lzma.open(target.with_name(target.name + ".xz"), "wb", preset=6) as packed:
+                shutil.copyfileobj(raw, packed, _CHUNK)
+        else:
+            shutil.copy2(source, target)
+    size = sum(p.stat().st_size for p in staged.rglob("*") if p.is_file())
+    if size > limit:
+        shutil.rmtree(staged)
+        raise SystemExit(f"the packed files take {size / 2**20:.1f} MiB, over the {limit / 2**20:.0f} MiB that can travel.")
+    staged.rename(out)
+    return size
+
+
+def unpack(folder: Path) -> list[Path]:
+    """Restore a packed ``folder`` in place (``.xz`` files decompressed, float16 weights back to float32); the files
+    restored. Each is written beside its packed form and renamed into place, so an interrupted unpack can be rerun."""
+    restored = []
+    for packed in sorted(folder.rglob("*.xz")):
+        target = packed.with_suffix("")
+        with lzma.open(packed, "rb") as source, target.with_name(target.name + ".partial").open("wb") as raw:
+            shutil.copyfileobj(source, raw, _CHUNK)
+        target.with_name(target.name + ".partial").replace(target)
+        packed.unlink()
+        restored.append(target)
+    for half in sorted(folder.rglob(HALF)):
+        target = half.with_name(WEIGHTS)
+        _widen(half, target)
+        half.unlink()
+        restored.append(target)
+    return restored
+
+
+def _halve(source: Path, target: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(source)
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, target, metadata={"format": "pt"})
+
+
+def _widen(source: Path, target: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(source)
+    partial = target.with_name(target.name + ".partial")
+    save_file({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, partial, metadata={"format": "pt"})
+    partial.replace(target)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    packing = verbs.add_parser("pack", help="pull if needed, then pack the cache into FOLDER (a new, git-ignored one)")
+    packing.add_argument("folder", type=Path)
+    packing.add_argument(
+        "--cache", type=Path, default=None, help="the pulled cache (default: $SKILLBANK_CACHE or ~/.cache/skillbank)"
+    )
+    unpacking = verbs.add_parser("unpack", help="restore a packed FOLDER in place")
+    unpacking.add_argument("folder", type=Path)
+    args = parser.parse_args(argv)
+    if args.verb == "pack":
+        from skillbank.testbed.pull import default_cache, pull
+
+        cache = args.cache or default_cache()
+        pull(cache=cache)
+        size = pack(cache, args.folder)
+        print(f"packed {cache} into {args.folder}: {size / 2**20:.1f} MiB")
+    else:
+        restored = unpack(args.folder)
+        print(f"unpacked {len(restored)} files in {args.folder}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
