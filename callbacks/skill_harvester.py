@@ -170,7 +170,7 @@ class SkillHarvester(Callback):
             raise SkillbankError(
                 "no base weights: pass base=, or let the harvester capture them (fit set-up ran on another rank?)."
             )
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if not isinstance(v, Tensor) or v.numel() == 1}
         source = {
             "kind": "full finetune",
             "module": type(pl_module).__name__,

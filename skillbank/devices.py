@@ -9,7 +9,10 @@ state dicts, modules on any device):
   ``task_vector(..., device=...)`` names another;
 * every other input is brought there one tensor at a time, as it is used, so no
   whole model is ever copied to the GPU (or back) behind the user's back;
-* what is stored (skills, banks, exported folders) always lives on the CPU.
+* what is stored (skills, banks, exported folders) always lives on the CPU;
+* every tensor the package makes names its device, so torch's default device
+  (``with torch.device("cuda"):``, ``torch.set_default_device``) changes nothing:
+  not where work runs, not what it gives (``tests/test_default_device.py``).
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ def decode_indices(codes: Mapping[str, Tensor], numel: int) -> Tensor:
         counts = codes["blk"].to(torch.int64)
         if counts.numel() != -(-numel // BLOCK) or bool((counts < 0).any()) or int(counts.sum()) != codes["lo"].numel():
             raise SkillbankError("block counts do not match the stored indices.")
-        starts = torch.repeat_interleave(torch.arange(counts.numel()) * BLOCK, counts)
+        starts = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device) * BLOCK, counts)
         indices = starts + codes["lo"].to(torch.int64)
     else:
         raise SkillbankError(f"unknown index code with parts {sorted(codes)}.")

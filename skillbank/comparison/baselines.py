@@ -85,7 +85,10 @@ def trim_top(tau: Mapping[str, Tensor], density: float) -> dict[str, Tensor]:
     check_sparsity(density)
     flat = torch.cat([t.reshape(-1).abs().float() for t in tau.values()])
     threshold = _kth_largest(flat, num_selected(density, flat.numel()))
-    return {n: torch.where(t.abs() >= threshold, t.float(), torch.zeros((), dtype=torch.float32)) for n, t in tau.items()}
+    return {
+        n: torch.where(t.abs() >= threshold, t.float(), torch.zeros((), dtype=torch.float32, device=t.device))
+        for n, t in tau.items()
+    }
 
 
 def ties(taus: TaskVectors, density: float = 0.2, scale: float = 1.0) -> dict[str, Tensor]:
@@ -150,6 +153,12 @@ def _is_matrix(name: str, tensor: Tensor) -> bool:
     return tensor.dim() == 2 and "embeddings" not in name
 
 
+def _norm(tensors: Mapping[str, Tensor], names: Sequence[str]) -> float:
+    """The L2 norm of ``tensors[names]`` taken together (float64, summed on their device)."""
+    start = torch.zeros((), dtype=torch.float64, device=device_of(tensors[n] for n in names))
+    return float(torch.sqrt(sum(((tensors[n].double() ** 2).sum() for n in names), start)))
+
+
 def _orthogonal_part(previous: Tensor, tau: Tensor, alpha: float) -> Tensor:
     """``τ`` without its components in the leading singular directions of ``previous`` (OPCM's projection).
 
@@ -186,13 +195,13 @@ def opcm_steps(
     total: dict[str, Tensor] = {}
     norms: list[float] = []
     for tau in taus:
-        norms.append(float(torch.sqrt(sum(((tau[n].double() ** 2).sum() for n in names), torch.zeros((), dtype=torch.float64)))))
+        norms.append(_norm(tau, names))
         for n in names:
             new = tau[n].float()
             if n in total and project(n, new):
                 new = _orthogonal_part(total[n], new, alpha)
             total[n] = total[n] + new if n in total else new.clone()
-        norm = float(torch.sqrt(sum(((total[n].double() ** 2).sum() for n in names), torch.zeros((), dtype=torch.float64))))
+        norm = _norm(total, names)
         scale = (sum(norms) / len(norms)) / norm if norm > 0 else 0.0
         yield {n: t * scale for n, t in total.items()}
 

@@ -84,7 +84,7 @@ def _flat_positions(skills: Sequence[Skill]) -> list[Tensor]:
                 f"skill {skill.name!r} covers other parameters than {skills[0].name!r}; compare skills of one base."
             )
         parts = [offsets[name] + region.indices.to(torch.int64) for name, region in skill.regions.items() if len(region)]
-        positions.append(torch.cat(parts).sort().values if parts else torch.empty(0, dtype=torch.int64))
+        positions.append(torch.cat(parts).sort().values if parts else torch.empty(0, dtype=torch.int64, device="cpu"))
     return positions
 
 
@@ -92,7 +92,7 @@ def jaccard(skills: Sequence[Skill]) -> Tensor:
     """Pairwise ``|A ∩ B| / |A ∪ B|`` of the skills' masks (a symmetric matrix, 1 on the diagonal)."""
     positions = _flat_positions(skills)
     n = len(positions)
-    out = torch.ones(n, n, dtype=torch.float64)
+    out = torch.ones(n, n, dtype=torch.float64, device="cpu")
     for i in range(n):
         for j in range(i + 1, n):
             shared = int(torch.isin(positions[i], positions[j], assume_unique=True).sum())
@@ -209,7 +209,7 @@ def plot_layers(bank: Skills, out: str | Path, names: Sequence[str] | None = Non
     shares = {}
     for ax, skill in zip(axes.flat, skills):
         total = max(sum(counts[skill.name].values()), 1)
-        grid = torch.tensor([[counts[skill.name].get((l, c), 0) / total for c in COMPONENTS] for l in layers])
+        grid = torch.tensor([[counts[skill.name].get((l, c), 0) / total for c in COMPONENTS] for l in layers], device="cpu")
         shares[skill.name] = {
             f"{l} / {c}": float(grid[i, j]) for i, l in enumerate(layers) for j, c in enumerate(COMPONENTS) if grid[i, j]
         }

@@ -171,7 +171,7 @@ class TextClassificationData(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         indices = None
         if self.shots_per_class is not None:
-            labels = torch.tensor(self.splits["train"].labels)
+            labels = torch.tensor(self.splits["train"].labels, device="cpu")
             indices = balanced_indices(labels, self.shots_per_class, seed=self.seed)
         return self._loader("train", indices, shuffle=True)
 

@@ -69,8 +69,8 @@ class NextTokenAccuracy(Metric):
 
     def __init__(self) -> None:
         super().__init__()
-        self.add_state("correct", default=torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("correct", default=torch.tensor(0, device="cpu"), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, device="cpu"), dist_reduce_fx="sum")
 
     def update(self, logits: Tensor, labels: Tensor) -> None:
         predicted = logits[:, :-1].argmax(-1)

@@ -21,10 +21,10 @@ def balanced_indices(labels: Tensor, per_class: int, seed: int = 0) -> list[int]
     """
     if per_class < 1:
         raise SkillbankError(f"per_class must be at least 1, got {per_class}.")
-    labels = torch.as_tensor(labels)
+    labels = torch.as_tensor(labels, device="cpu")  # beside the generator
     generator = torch.Generator().manual_seed(seed)
     chosen: list[int] = []
     for label in torch.unique(labels).tolist():
         positions = torch.nonzero(labels == label).squeeze(1)
-        chosen += positions[torch.randperm(positions.numel(), generator=generator)[:per_class]].tolist()
+        chosen += positions[torch.randperm(positions.numel(), generator=generator, device="cpu")[:per_class]].tolist()
     return sorted(chosen)

@@ -37,11 +37,11 @@ def skill_from_mask(
     value_dtype: str = "float32",
 ) -> Skill:
     """Build a :class:`Skill` from a task vector and chosen flat ``indices`` per parameter."""
-    empty = torch.empty(0, dtype=torch.int64)
+    empty = torch.empty(0, dtype=torch.int64, device="cpu")
     regions = {}
     for pname, tau in tv.shared.items():
         idx = indices.get(pname, empty).to("cpu", torch.int64)
-        values = tau.reshape(-1)[idx.to(tau.device)] if idx.numel() else torch.empty(0)
+        values = tau.reshape(-1)[idx.to(tau.device)] if idx.numel() else torch.empty(0, device="cpu")
         regions[pname] = Region(idx, values.to("cpu", torch.float32))
     return skill_from_task_vector(
         tv,

@@ -311,7 +311,8 @@ class MaskLearner(pl.LightningModule):
     def _context_state(self, context: Sequence[Skill], tv: TaskVector) -> tuple[Tensor, Tensor]:
         """The rule's accumulators and the cover count of the earlier skills, flat over the scored entries."""
         # a rule without a differentiable form fails here, before any work
-        self.rule.relaxed(torch.zeros(1, self.rule.columns), torch.zeros(1), torch.zeros(1), torch.zeros(1))
+        zero = torch.zeros(1, device="cpu")
+        self.rule.relaxed(torch.zeros(1, self.rule.columns, device="cpu"), zero, zero, zero)
         if self.exclude:
             raise SkillbankError("context= with exclude= is not supported: learn in context over every shared tensor.")
         starts = {b: start for b, start, _ in self._layout}
@@ -614,8 +615,8 @@ class MaskLearner(pl.LightningModule):
         tau, starts = self.tau.detach(), {b: start for b, start, _ in self._layout}
         regions = {}
         for b in self._tv.shared:
-            idx = indices.get(b, torch.empty(0, dtype=torch.int64)).to("cpu", torch.int64)
-            values = torch.empty(0)
+            idx = indices.get(b, torch.empty(0, dtype=torch.int64, device="cpu")).to("cpu", torch.int64)
+            values = torch.empty(0, device="cpu")
             if idx.numel():
                 flat = idx.to(tau.device) + starts[b]
                 values = tau[torch.searchsorted(self.scored, flat) if self.pooled else flat]

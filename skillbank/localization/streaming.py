@@ -96,8 +96,11 @@ class SafetensorsReader:
             return
         step = max(1, entries // max(1, math.prod(shape[1:])))
         for start in range(0, shape[0], step):
-            with safe_open(str(self.file[name]), "pt") as handle:  # mapped only while this piece is copied out
-                yield handle.get_slice(name)[start : start + step]
+            # mapped only while this piece is copied out; onto the CPU whatever torch's default device (a slice
+            # would follow it), and the context closed before the piece is handed on
+            with safe_open(str(self.file[name]), "pt") as handle, torch.device("cpu"):
+                piece = handle.get_slice(name)[start : start + step]
+            yield piece
 
 
 class _RunningTopk:
@@ -111,9 +114,9 @@ class _RunningTopk:
 
     def __init__(self, k: int) -> None:
         self.k = k
-        self.scores = torch.empty(0)
-        self.positions = torch.empty(0, dtype=torch.int64)
-        self.values = torch.empty(0)
+        self.scores = torch.empty(0, device="cpu")  # beside the pieces, which are read onto the CPU
+        self.positions = torch.empty(0, dtype=torch.int64, device="cpu")
+        self.values = torch.empty(0, device="cpu")
 
     def offer(self, tau: Tensor, offset: int) -> None:
         flat = tau.reshape(-1)
@@ -128,7 +131,9 @@ class _RunningTopk:
         scores = torch.cat([self.scores, new]) if held else new
         del new
         chosen = topk_positions(scores, self.k)  # ties: earliest positions
-        cut = int(torch.searchsorted(chosen, torch.tensor(held)))  # kept entries first, then new ones, both ascending
+        cut = int(
+            torch.searchsorted(chosen, torch.tensor(held, device=chosen.device))
+        )  # kept entries first, then new ones, both ascending
         arrived = chosen[cut:] - held if local is None else local[chosen[cut:] - held]
         self.scores = scores[chosen]
         self.positions = torch.cat([self.positions[chosen[:cut]], arrived + offset])
@@ -207,10 +212,12 @@ def localize_streaming(
     regions = {}
     for b in shared:
         if b in offsets:  # the selection is in ascending position: each tensor's part is one slice
-            lo, hi = torch.searchsorted(selection.positions, torch.tensor([offsets[b], offsets[b] + sizes[b]])).tolist()
+            lo, hi = torch.searchsorted(
+                selection.positions, torch.tensor([offsets[b], offsets[b] + sizes[b]], device=selection.positions.device)
+            ).tolist()
             regions[b] = Region(selection.positions[lo:hi] - offsets[b], selection.values[lo:hi].clone())
         else:
-            regions[b] = Region(torch.empty(0, dtype=torch.int64), torch.empty(0))
+            regions[b] = Region(torch.empty(0, dtype=torch.int64, device="cpu"), torch.empty(0, device="cpu"))
     return skill_from_regions(
         regions,
         shapes={b: base_reader.shape[b] for b in shared},

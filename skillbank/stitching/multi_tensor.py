@@ -112,7 +112,7 @@ def gather(table: Tensor, ids: Tensor, positions: Tensor, select: Tensor, dtype:
     """The values (of ``dtype``) at global ``positions[select]`` of tensors ``ids[select]``."""
     kernels = _kernels()
     assert kernels is not None, "gather() needs Triton: check enabled() first"
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     out = torch.empty(select.numel(), dtype=_WORDS[size], device=positions.device)
     if select.numel():
         _launch(kernels[1], select.numel(), table, ids, positions, select, out, size=size)

@@ -82,7 +82,7 @@ def routing_centroids(model: nn.Module, batches: Iterable[Mapping[str, Any]], ma
         moved = {k: v.to(device) for k, v in batch.items() if k in _INPUT_KEYS}
         feats.append(mean_pooled_features(model, moved).cpu())
         if "labels" in batch:
-            labels.append(torch.as_tensor(batch["labels"]).reshape(-1).cpu())
+            labels.append(torch.as_tensor(batch["labels"], device="cpu").reshape(-1))
     if not feats:
         raise SkillbankError("no batches to compute routing centroids from.")
     features = torch.cat(feats)
@@ -111,7 +111,7 @@ class SkillRouter:
         named: dict[str, Tensor] = {}
         bases: set[str] = set()
         if isinstance(skills, Mapping):
-            named = {n: torch.as_tensor(c).float() for n, c in skills.items()}
+            named = {n: torch.as_tensor(c, device="cpu").float() for n, c in skills.items()}
         else:
             for skill in skills:
                 if skill.centroids is None:
@@ -131,13 +131,13 @@ class SkillRouter:
                 f"the skills' routing features differ in width ({sorted(dims)}); they come from different bases."
             )
         self.names = list(named)
-        self._owner = torch.cat([torch.full((len(c),), i) for i, c in enumerate(named.values())])
+        self._owner = torch.cat([torch.full((len(c),), i, device="cpu") for i, c in enumerate(named.values())])
         self._centroids = nn.functional.normalize(torch.cat(list(named.values())), dim=-1)
 
     def scores(self, features: Tensor) -> Tensor:
         """``[B, S]``: per input, the best cosine similarity to each skill's centroids (columns in :attr:`names` order)."""
         sims = nn.functional.normalize(features.detach().float().cpu(), dim=-1) @ self._centroids.T
-        out = torch.full((len(sims), len(self.names)), -2.0)
+        out = torch.full((len(sims), len(self.names)), -2.0, device="cpu")
         return out.scatter_reduce(1, self._owner.expand(len(sims), -1), sims, reduce="amax")
 
     def route(self, features: Tensor) -> list[str]:

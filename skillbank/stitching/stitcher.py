@@ -41,7 +41,9 @@ def _per_entry(per_span: list[int], spans: list[tuple[str, int, int]], total: in
     """Spread one value per span over its entries (a cumsum of jumps: far faster than repeat_interleave on CPU)."""
     jumps = torch.zeros(total, dtype=torch.int64, device=device)
     if spans:
-        steps = torch.tensor(per_span, dtype=torch.int64).diff(prepend=torch.zeros(1, dtype=torch.int64))
+        steps = torch.tensor(per_span, dtype=torch.int64, device="cpu").diff(
+            prepend=torch.zeros(1, dtype=torch.int64, device="cpu")
+        )
         jumps[torch.tensor([s for _, s, _ in spans], device=device)] = steps.to(device)
     return jumps.cumsum(0)
 
@@ -487,16 +489,21 @@ class Stitcher:
                 spans.append((names[src], start, len(region)))
                 start += len(region)
         parts = [r for r in regions.values() if len(r)]
-        local = torch.cat([r.indices.reshape(-1) for r in parts]).to(torch.int64) if parts else torch.empty(0, dtype=torch.int64)
-        values = torch.cat([r.values.reshape(-1) for r in parts]).float() if parts else torch.empty(0)
+        on = parts[0].indices.device if parts else torch.device("cpu")  # where the skill is held: the CPU, mostly
+        local = (
+            torch.cat([r.indices.reshape(-1) for r in parts]).to(torch.int64)
+            if parts
+            else torch.empty(0, dtype=torch.int64, device=on)
+        )
+        values = torch.cat([r.values.reshape(-1) for r in parts]).float() if parts else torch.empty(0, device=on)
         # Strictly ascending within each span, so its first and last index bound all of it.
-        ascending = torch.ones(local.numel(), dtype=torch.bool)  # a span's first entry is free
+        ascending = torch.ones(local.numel(), dtype=torch.bool, device=on)  # a span's first entry is free
         ascending[1:] = local[1:] > local[:-1]
-        firsts = torch.tensor([s for _, s, _ in spans], dtype=torch.int64)
+        firsts = torch.tensor([s for _, s, _ in spans], dtype=torch.int64, device=on)
         ascending[firsts] = True
-        lasts = firsts + torch.tensor([n - 1 for _, _, n in spans], dtype=torch.int64)
-        numels = torch.tensor([self._tensors[d].numel() for d, _, _ in spans], dtype=torch.int64)
-        in_range = (local[firsts] >= 0) & (local[lasts] < numels) if spans else torch.ones(0, dtype=torch.bool)
+        lasts = firsts + torch.tensor([n - 1 for _, _, n in spans], dtype=torch.int64, device=on)
+        numels = torch.tensor([self._tensors[d].numel() for d, _, _ in spans], dtype=torch.int64, device=on)
+        in_range = (local[firsts] >= 0) & (local[lasts] < numels) if spans else torch.ones(0, dtype=torch.bool, device=on)
         ordered = bool(ascending.all())
         if not (ordered and bool(in_range.all())):
             at = int(torch.nonzero(~ascending)[0]) if not ordered else int(firsts[torch.nonzero(~in_range)[0]])
@@ -555,7 +562,7 @@ class Stitcher:
             writer: _PerTensor | _OneLaunch
             if one_launch:
                 dtype = self._tensors[batch.spans[0][0]].dtype
-                table = self._addresses.current(device, torch.empty((), dtype=dtype).element_size())
+                table = self._addresses.current(device, dtype.itemsize)
                 writer = _OneLaunch(table, placed, dtype)
             else:
                 writer = _PerTensor(

@@ -38,8 +38,8 @@ def group_by_skill(skills: Sequence[str], batch_size: int, *, shuffle: bool = Fa
     batches = []
     for members in positions.values():
         if shuffle:
-            members = [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
+            members = [members[i] for i in torch.randperm(len(members), generator=generator, device="cpu").tolist()]
         batches += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
     if shuffle:
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator, device="cpu").tolist()]
     return batches

@@ -183,7 +183,7 @@ class Skill:
         for name, shape in metadata.shapes.items():
             codes = parts.pop(name, None)
             if codes is None:
-                regions[name] = Region(torch.empty(0, dtype=torch.int64), torch.empty(0))
+                regions[name] = Region(torch.empty(0, dtype=torch.int64, device="cpu"), torch.empty(0, device="cpu"))
                 continue
             values = codes.pop("val", None)
             try:

@@ -38,16 +38,18 @@ class SyntheticTask:
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``n`` sequences of token ids and their labels."""
-        ids = torch.randint(*_FILLER, (n, SEQ_LEN), generator=generator)
+        ids = torch.randint(*_FILLER, (n, SEQ_LEN), generator=generator, device=generator.device)
         ids[:, 0] = 1
-        labels = torch.randint(0, self.num_labels, (n,), generator=generator)
+        labels = torch.randint(0, self.num_labels, (n,), generator=generator, device=generator.device)
         for row in range(n):
             label = int(labels[row])
-            positions = torch.randperm(SEQ_LEN - 1, generator=generator)[:5] + 1
-            winner = int(torch.randint(2, 4, (1,), generator=generator))
+            positions = torch.randperm(SEQ_LEN - 1, generator=generator, device=generator.device)[:5] + 1
+            winner = int(torch.randint(2, 4, (1,), generator=generator, device=generator.device))
             keywords = [self._pick(label, generator) for _ in range(winner)]
             if self.num_labels > 1:
-                other = (label + 1 + int(torch.randint(0, self.num_labels - 1, (1,), generator=generator))) % self.num_labels
+                other = (
+                    label + 1 + int(torch.randint(0, self.num_labels - 1, (1,), generator=generator, device=generator.device))
+                ) % self.num_labels
                 keywords += [self._pick(other, generator) for _ in range(winner - 1)]
             for pos, token in zip(positions.tolist(), keywords):
                 ids[row, pos] = token
@@ -55,7 +57,7 @@ class SyntheticTask:
 
     def _pick(self, label: int, generator: torch.Generator) -> int:
         group = self.groups[label]
-        return group[int(torch.randint(0, len(group), (1,), generator=generator))]
+        return group[int(torch.randint(0, len(group), (1,), generator=generator, device=generator.device))]
 
 
 #: The demo's three tasks, with disjoint keywords.

@@ -97,7 +97,7 @@ class TextTaskData(pl.LightningDataModule):
         train = self._ready().train
         indices = None
         if self.shots_per_class is not None:
-            indices = balanced_indices(torch.tensor(train.labels), self.shots_per_class, seed=self.seed)
+            indices = balanced_indices(torch.tensor(train.labels, device="cpu"), self.shots_per_class, seed=self.seed)
         return self._loader(train, indices, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
