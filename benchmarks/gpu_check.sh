@@ -25,7 +25,7 @@ fi
 
 echo "== cuda tests ($SECONDS s)"
 timeout 240 $PY -m pytest -p no:cacheprovider -q -m cuda -o addopts="" tests/test_cuda.py tests/stitching/test_stitcher_cuda.py \
-  tests/stitching/test_multi_tensor.py tests/callbacks/test_callbacks_cuda.py -W ignore::DeprecationWarning > "$OUT/tests.log" 2>&1
+  tests/stitching/test_multi_tensor.py tests/callbacks/test_callbacks_cuda.py tests/test_default_device.py -W ignore::DeprecationWarning > "$OUT/tests.log" 2>&1
 echo "tests exit $?" >> "$OUT/tests.log"; tail -3 "$OUT/tests.log"
 
 echo "== bench_stitch ($SECONDS s)"

@@ -3,10 +3,10 @@
 ``with torch.device("cuda"):`` (or ``torch.set_default_device``) is how many people build
 models straight onto a GPU; a step that made a tensor without naming its device would
 then put it on the GPU beside data on the CPU, and fail or copy behind the user's back.
-On this CPU-only machine the default device is set to ``meta`` instead, where a tensor
-holds no data: a tensor made without a device ends there, and the step fails the
-same way. So these tests guard, on the CPU and in CI, the device handling that the
-``cuda`` test set checks on a GPU.
+Each test runs with the default device set to ``meta``, where a tensor holds no data:
+a tensor made without a device ends there and the step fails the same way, so CI
+guards on the CPU what a GPU default would break. Where a GPU is present the tests run
+with ``cuda`` as the default too (``pytest -m cuda``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import copy
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
@@ -34,6 +35,17 @@ from skillbank.testbed.synthetic import DEMO_TASKS, TokenDataset
 ROOT = Path(__file__).resolve().parents[1]
 #: torch's functions that make a tensor on the default device unless told another
 FACTORIES = set("arange as_tensor empty eye full linspace ones rand randint randn randperm tensor zeros".split())
+
+
+@pytest.fixture(
+    params=[
+        "meta",
+        pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
+    ]
+)
+def default(request: pytest.FixtureRequest) -> str:
+    """The default device the test sets around the steps it checks."""
+    return request.param
 
 
 def test_every_tensor_the_package_makes_names_its_device() -> None:
@@ -66,34 +78,34 @@ def same_skill(a, b) -> None:  # noqa: ANN001
         assert torch.equal(region.values, b.regions[name].values), name
 
 
-def test_task_vectors_and_dataless_skills_are_made_on_the_cpu(base_model, tmp_path) -> None:
+def test_task_vectors_and_dataless_skills_are_made_on_the_cpu(default: str, base_model, tmp_path) -> None:
     finetuned = finetune_like(base_model, seed=1)
     finetuned.save_pretrained(tmp_path / "ft")
     base_model.save_pretrained(tmp_path / "base")
     expected = localize_dataless(task_vector(base_model, finetuned), 0.05, name="a", exclude=["embeddings"])
     streamed = localize_streaming(tmp_path / "base", tmp_path / "ft", 0.05, name="a", exclude=["embeddings"])
-    with torch.device("meta"):
+    with torch.device(default):
         tv = task_vector(base_model, tmp_path / "ft")
         assert {t.device.type for t in [*tv.shared.values(), *tv.head.values()]} == {"cpu"}
         same_skill(localize_dataless(tv, 0.05, name="a", exclude=["embeddings"]), expected)
         same_skill(localize_streaming(tmp_path / "base", tmp_path / "ft", 0.05, name="a", exclude=["embeddings"]), streamed)
 
 
-def test_skills_go_into_a_bank_and_come_back(base_model, tmp_path) -> None:
+def test_skills_go_into_a_bank_and_come_back(default: str, base_model, tmp_path) -> None:
     skill = make_skill(base_model, "a", seed=1)
     positions = torch.tensor([0, 5, 70_000, 200_001, 3_000_000])  # more than one 65,536-entry block
-    with torch.device("meta"):
+    with torch.device(default):
         bank = SkillBank(tmp_path / "bank")
         bank.add(skill)
         same_skill(bank.get("a"), skill)
         assert torch.equal(decode_indices(encode_indices(positions, 4_000_000), 4_000_000), positions)
 
 
-def test_stitching_adds_removes_switches_and_resets_bitwise(base_model) -> None:
+def test_stitching_adds_removes_switches_and_resets_bitwise(default: str, base_model) -> None:
     skills = [make_skill(base_model, name, seed=i + 1) for i, name in enumerate("abc")]
     base = {k: v.clone() for k, v in base_model.state_dict().items()}
     live = live_copy(base_model)
-    with torch.device("meta"):
+    with torch.device(default):
         stitcher = Stitcher(live, base)
         for skill in skills:
             stitcher.add(skill)
@@ -115,22 +127,22 @@ def test_stitching_adds_removes_switches_and_resets_bitwise(base_model) -> None:
         assert torch.equal(after_switch[name], value) and torch.equal(live.bert.state_dict()[name], value), name
 
 
-def test_a_bank_is_stitched_into_a_folder(base_model, tmp_path) -> None:
+def test_a_bank_is_stitched_into_a_folder(default: str, base_model, tmp_path) -> None:
     bank = SkillBank(tmp_path / "bank")
     for i, name in enumerate("ab"):
         bank.add(make_skill(base_model, name, seed=i + 1))
     save_file({k: v.contiguous() for k, v in base_model.state_dict().items()}, str(tmp_path / "base.safetensors"))
     expected = stitch_to_folder(tmp_path / "base.safetensors", bank, ["a", "b"], tmp_path / "expected")
-    with torch.device("meta"):
+    with torch.device(default):
         out = stitch_to_folder(tmp_path / "base.safetensors", bank, ["a", "b"], tmp_path / "out")
     assert (out / "model.safetensors").read_bytes() == (expected / "model.safetensors").read_bytes()
 
 
-def test_merging_baselines_give_the_same_merges(base_model) -> None:
+def test_merging_baselines_give_the_same_merges(default: str, base_model) -> None:
     taus = [task_vector(base_model, finetune_like(base_model, seed=s)).shared for s in (1, 2, 3)]
     merges = (task_arithmetic, lambda t: ties(t, density=0.2), magmax, opcm)
     expected = [merge(taus) for merge in merges]
-    with torch.device("meta"):
+    with torch.device(default):
         got = [merge(taus) for merge in merges]
     for want, have in zip(expected, got):
         assert {t.device.type for t in have.values()} == {"cpu"}
@@ -138,17 +150,17 @@ def test_merging_baselines_give_the_same_merges(base_model) -> None:
             assert torch.equal(want[name], have[name]), name
 
 
-def test_routing_picks_the_same_skills(base_model) -> None:
+def test_routing_picks_the_same_skills(default: str, base_model) -> None:
     generator = torch.Generator().manual_seed(0)
     features = {n: torch.randn(12, 16, generator=generator) * 0.3 + torch.eye(16)[i] for i, n in enumerate("ab")}
     skills = [with_routing(make_skill(base_model, n, seed=i + 1), centroids(f)) for i, (n, f) in enumerate(features.items())]
     expected = SkillRouter(skills).route(torch.cat(list(features.values())))
-    with torch.device("meta"):
+    with torch.device(default):
         router = SkillRouter(skills)
         assert router.route(torch.cat(list(features.values()))) == expected == ["a"] * 12 + ["b"] * 12
 
 
-def test_masks_are_learned_in_context_and_examples_picked(base_model) -> None:
+def test_masks_are_learned_in_context_and_examples_picked(default: str, base_model) -> None:
     context = [make_skill(base_model, "a", seed=7, sparsity=0.05)]
     finetuned = finetune_like(base_model, seed=4)
     ids, labels = DEMO_TASKS[0].sample(32, torch.Generator().manual_seed(0))
@@ -163,7 +175,7 @@ def test_masks_are_learned_in_context_and_examples_picked(base_model) -> None:
     expected = learned()
     picked = balanced_indices(labels, 3, seed=1)
     grouped = group_by_skill(["a", "b", "a", "a", "b"], 2, shuffle=True, seed=1)
-    with torch.device("meta"):
+    with torch.device(default):
         same_skill(learned(), expected)
         assert balanced_indices(labels.tolist(), 3, seed=1) == picked
         assert group_by_skill(["a", "b", "a", "a", "b"], 2, shuffle=True, seed=1) == grouped
