@@ -131,9 +131,8 @@ class _RunningTopk:
         scores = torch.cat([self.scores, new]) if held else new
         del new
         chosen = topk_positions(scores, self.k)  # ties: earliest positions
-        cut = int(
-            torch.searchsorted(chosen, torch.tensor(held, device=chosen.device))
-        )  # kept entries first, then new ones, both ascending
+        # kept entries first, then new ones, both ascending
+        cut = int(torch.searchsorted(chosen, torch.tensor(held, device=chosen.device)))
         arrived = chosen[cut:] - held if local is None else local[chosen[cut:] - held]
         self.scores = scores[chosen]
         self.positions = torch.cat([self.positions[chosen[:cut]], arrived + offset])

@@ -41,10 +41,8 @@ def _per_entry(per_span: list[int], spans: list[tuple[str, int, int]], total: in
     """Spread one value per span over its entries (a cumsum of jumps: far faster than repeat_interleave on CPU)."""
     jumps = torch.zeros(total, dtype=torch.int64, device=device)
     if spans:
-        steps = torch.tensor(per_span, dtype=torch.int64, device="cpu").diff(
-            prepend=torch.zeros(1, dtype=torch.int64, device="cpu")
-        )
-        jumps[torch.tensor([s for _, s, _ in spans], device=device)] = steps.to(device)
+        steps = [now - before for before, now in zip([0, *per_span], per_span)]
+        jumps[torch.tensor([s for _, s, _ in spans], device=device)] = torch.tensor(steps, dtype=torch.int64, device=device)
     return jumps.cumsum(0)
 
 
