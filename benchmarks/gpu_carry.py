@@ -24,6 +24,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
+
 WEIGHTS = "model.safetensors"
 HALF = "model.fp16.safetensors"
 COMPRESS_ABOVE = 1 << 20  # bytes: smaller files travel as they are
@@ -46,7 +49,7 @@ def pack(cache: Path, out: Path, limit: int = LIMIT) -> int:
         target = staged / source.relative_to(cache)
         target.parent.mkdir(parents=True, exist_ok=True)
         if source.name == WEIGHTS:
-            _halve(source, target.with_name(HALF))
+            _cast_floats(source, target.with_name(HALF), torch.float16)
         elif source.stat().st_size > COMPRESS_ABOVE:
             with source.open("rb") as raw, lzma.open(target.with_name(target.name + ".xz"), "wb", preset=6) as packed:
                 shutil.copyfileobj(raw, packed, _CHUNK)
@@ -73,25 +76,17 @@ def unpack(folder: Path) -> list[Path]:
         restored.append(target)
     for half in sorted(folder.rglob(HALF)):
         target = half.with_name(WEIGHTS)
-        _widen(half, target)
+        _cast_floats(half, target, torch.float32)
         half.unlink()
         restored.append(target)
     return restored
 
 
-def _halve(source: Path, target: Path) -> None:
-    from safetensors.torch import load_file, save_file
-
-    state = load_file(source)
-    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, target, metadata={"format": "pt"})
-
-
-def _widen(source: Path, target: Path) -> None:
-    from safetensors.torch import load_file, save_file
-
+def _cast_floats(source: Path, target: Path, dtype: torch.dtype) -> None:
+    """``source``'s tensors with the floating-point ones cast to ``dtype``, written to ``target`` (renamed into place)."""
     state = load_file(source)
     partial = target.with_name(target.name + ".partial")
-    save_file({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, partial, metadata={"format": "pt"})
+    save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, partial, metadata={"format": "pt"})
     partial.replace(target)
 
 
