@@ -35,7 +35,8 @@ _CHUNK = 1 << 20
 
 
 def pack(cache: Path, out: Path, limit: int = LIMIT) -> int:
-    """Copy ``cache`` (a pulled cache) into a fresh ``out``, weights halved and large files compressed; its bytes.
+    """Copy a pulled cache's files (``cache/pypi``: nothing else there, such as bench_real's default work folder)
+    into a fresh ``out``, the weights halved and large files compressed; the bytes it takes.
 
     Raises:
         SystemExit: ``out`` exists already, or the packed folder is larger than ``limit``.
@@ -44,8 +45,8 @@ def pack(cache: Path, out: Path, limit: int = LIMIT) -> int:
         raise SystemExit(f"{out} exists already; remove it (or name another folder) to pack afresh.")
     staged = out.with_name(out.name + ".partial")
     shutil.rmtree(staged, ignore_errors=True)
-    files = [p for p in cache.rglob("*") if p.is_file()]
-    for source in sorted(p for p in files if not any(part.startswith(".pull-") for part in p.relative_to(cache).parts)):
+    pulled = [p for p in (cache / "pypi").rglob("*") if p.is_file()]
+    for source in sorted(p for p in pulled if not any(part.startswith(".pull-") for part in p.relative_to(cache).parts)):
         target = staged / source.relative_to(cache)
         target.parent.mkdir(parents=True, exist_ok=True)
         if source.name == WEIGHTS:

@@ -22,7 +22,8 @@ def carry(monkeypatch):  # noqa: ANN001, ANN201
 
 
 def _cache(root: Path) -> dict[str, bytes]:
-    """A pulled cache in miniature: weights, a large and a small data file, a completion marker, a stale pull."""
+    """A pulled cache in miniature: weights, a large and a small data file, a completion marker, a stale pull and
+    a work folder."""
     model = root / "pypi" / "model-0.1" / "pkg" / "model"
     data = root / "pypi" / "data-1.0" / "pkg" / "data"
     model.mkdir(parents=True)
@@ -38,6 +39,8 @@ def _cache(root: Path) -> dict[str, bytes]:
         (root / name).write_bytes(content)
     (root / "pypi" / ".pull-abc" / "wheel").mkdir(parents=True)
     (root / "pypi" / ".pull-abc" / "wheel" / "half.whl").write_bytes(b"x" * 5000)
+    (root / "real" / "banks").mkdir(parents=True)  # bench_real's default work folder lives in the cache too
+    (root / "real" / "banks" / "skill.safetensors").write_bytes(b"y" * 5000)
     return files
 
 
@@ -54,7 +57,7 @@ def test_pack_halves_the_weights_and_compresses_large_files_and_unpack_restores_
             "pypi/model-0.1/pkg/model/model.fp16.safetensors",
             "pypi/model-0.1/pkg/model/vocab.txt",
         ]
-    )  # the stale pull stays behind
+    )  # the stale pull and the work folder stay behind
     assert size == sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     assert (out / "pypi/data-1.0/pkg/data/train.tab.xz").stat().st_size < len(files["pypi/data-1.0/pkg/data/train.tab"]) / 4
     assert load_file(out / "pypi/model-0.1/pkg/model/model.fp16.safetensors")["w"].dtype == torch.float16
