@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 
 import torch
-from tiny_models import TASKS, loader, quiet_trainer, tiny_models
+from tiny_models import TASKS, fresh_bank, loader, quiet_trainer, tiny_models
 from transformers import BertForSequenceClassification
 
-from skillbank import SkillBank
 from skillbank.callbacks import SkillHarvester, SkillStitcher
 from skillbank.integrations.classifier import SequenceClassifier
 from skillbank.testbed.synthetic import DEMO_TASKS
@@ -23,10 +22,7 @@ from skillbank.testbed.synthetic import DEMO_TASKS
 
 def main(workdir: Path) -> None:
     base, _ = tiny_models(workdir)
-    bank = SkillBank(workdir / "skills")
-    for name in ("sentiment-run", "topic-run"):
-        if name in bank:  # a rerun: replace the earlier copy
-            bank.remove(name)
+    bank = fresh_bank(workdir / "skills", ("sentiment-run", "topic-run"))
     for task, name in (("sentiment", "sentiment-run"), ("topic", "topic-run")):
         torch.manual_seed(0)
         labels = DEMO_TASKS[TASKS[task]].num_labels

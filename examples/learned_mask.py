@@ -11,19 +11,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tiny_models import loader, quiet_trainer, tiny_models
+from tiny_models import fresh_bank, loader, quiet_trainer, tiny_models
 
-from skillbank import MaskLearner, SkillBank, Stitcher
+from skillbank import MaskLearner, Stitcher
 from skillbank.stitching.heads import accuracy
 
 
 def main(workdir: Path) -> None:
     base, finetuned = tiny_models(workdir)
-    bank = SkillBank(workdir / "skills")
+    bank = fresh_bank(workdir / "skills", ("topic-learned", "topic-pooled"))
     few_shot, val, test = loader("topic", n=64, seed=1), loader("topic", n=128, seed=2), loader("topic", n=256, seed=3)
     for name, pool in (("topic-learned", None), ("topic-pooled", 30)):
-        if name in bank:  # a rerun: replace the earlier copy
-            bank.remove(name)
         learner = MaskLearner(
             str(finetuned["topic"]), str(base), sparsity=0.02, bank=str(bank.path), skill_name=name, pool=pool
         )  # the name is checked before training

@@ -12,20 +12,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tiny_models import loader, quiet_trainer, tiny_models
+from tiny_models import fresh_bank, loader, quiet_trainer, tiny_models
 from transformers import BertForSequenceClassification
 
-from skillbank import MaskLearner, SkillBank, Stitcher, task_vector
+from skillbank import MaskLearner, Stitcher, task_vector
 from skillbank.localization.auto_sparsity import localize_auto
 from skillbank.stitching.heads import accuracy
 
 
 def main(workdir: Path) -> None:
     base, finetuned = tiny_models(workdir)
-    bank = SkillBank(workdir / "skills")
-    for name in ("sentiment-auto", "topic-in-context"):
-        if name in bank:  # a rerun: replace the earlier copies
-            bank.remove(name)
+    bank = fresh_bank(workdir / "skills", ("sentiment-auto", "topic-in-context"))
 
     # the smallest size (on the grid 0.1% ... 100%) whose skill alone keeps 99% of the finetune's validation accuracy
     tv = task_vector(base, finetuned["sentiment"])

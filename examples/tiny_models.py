@@ -4,7 +4,7 @@
 ``finetuned-<task>/`` classifier folder per synthetic task (the base finetuned for a
 few dozen Adam steps), and returns their paths and labelled batches. Swap in your
 own folders to run an example on real models. ``quiet_trainer`` is a CPU Trainer that leaves the
-examples' own lines as the only output.
+examples' own lines as the only output; ``fresh_bank`` lets an example run again.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import BertForSequenceClassification, BertModel
 
+from skillbank import SkillBank
 from skillbank.testbed.demo import demo_config, quiet
 from skillbank.testbed.synthetic import DEMO_TASKS, TokenDataset
 
@@ -36,6 +37,15 @@ def quiet_trainer(**settings: Any) -> pl.Trainer:
         enable_model_summary=False,
         **settings,
     )
+
+
+def fresh_bank(path: str | Path, names: tuple[str, ...]) -> SkillBank:
+    """The bank at ``path`` without the skills ``names`` an earlier run of the example left there."""
+    bank = SkillBank(path)
+    for name in names:
+        if name in bank:
+            bank.remove(name)
+    return bank
 
 
 def loader(task: str, n: int = 128, seed: int = 0, batch_size: int = 32) -> DataLoader:
