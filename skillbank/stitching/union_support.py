@@ -3,7 +3,7 @@
 Every entry that at least one stitched skill covers has a row: its flat position
 (the key), its base value, how many skills cover it and the overlap rule's
 float64 accumulators. Rows are found through an open-addressing hash table
-(double hashing, a power-of-two capacity, loaded 25–75%; 37.5–75% as it grows)
+(hashed re-probing, a power-of-two capacity, loaded 25–75%; 37.5–75% as it grows)
 whose first probe keeps the address order (a key's home slot is its position
 scaled to the table), so a skill's sorted positions read the table front to back
 instead of at random; only the steps after a collision are hashed. An add or a
@@ -44,6 +44,7 @@ _MAX_COUNT = torch.iinfo(torch.int16).max
 _MASKED_ROUNDS = 4  # on CUDA: probe rounds over the whole batch before the first wait for the device
 _COMPACT_AFTER = 1 << 16  # uncovered rows kept before a rebuild drops them (once they outnumber the covered)
 _HASH = -7046029254386353131  # 0x9E3779B97F4A7C15 (Fibonacci hashing) as a signed int64
+_ATTEMPT = 0x632BE59BD9B4E019  # an odd constant the probe attempt is scaled by before hashing
 _EMPTY = -1
 
 
@@ -233,25 +234,25 @@ class UnionSupport:
             new[: self.size] = old[: self.size]
             setattr(self, name, new)
 
-    def _mix(self, keys: Tensor) -> Tensor:
-        """Fibonacci hashing: the key times 2**64 / φ, wrapping; its bits pick the probe step."""
-        return keys.long() * _HASH
-
     def _home(self, keys: Tensor) -> Tensor:
         """Each key's first slot: its place in the address space scaled to the table's size (in fixed point), so a
         skill's ascending positions probe the table in ascending order: near neighbours in memory, not random
-        slots. The step after a collision is hashed (:meth:`_step`), so a dense run of keys spreads out."""
+        slots. The probes after a collision are hashed (:meth:`_probe`), so a dense run of keys spreads out."""
         shift = 63 - self.table.numel().bit_length()  # key · scale < slots · 2**shift = 2**62: no int64 overflow
         scale = (self.table.numel() << shift) // self.numel
         return (keys.long() * scale) >> shift
 
-    def _step(self, mixed: Tensor) -> Tensor:
-        """Each key's probe step: odd, so it visits every slot of the power-of-two table (double hashing)."""
+    def _probe(self, keys: Tensor, attempt: int) -> Tensor:
+        """Each key's slot at probe ``attempt`` (1, 2, …) after its home: Fibonacci hashing of the key offset by the
+        attempt, so every probe of every key is a fresh draw that finds a free slot with the table's free share
+        whatever the keys' layout. (A fixed step per key, as double hashing takes, let a key whose step was small
+        walk the block of slots that a contiguous run's homes fill, one slot a round: a whole 1M-entry tensor took
+        thousands of rounds.) Lookups and inserts follow one sequence, so a lookup that meets an empty slot knows
+        the key is absent, as before."""
+        offset = (attempt * _ATTEMPT + 2**63) % 2**64 - 2**63  # wrapped to a signed 64-bit value, as the keys' sum wraps
+        mixed = (keys.long() + offset) * _HASH
         bits = self.table.numel().bit_length() - 1
-        return ((mixed >> max(64 - 2 * bits, 0)) & (self.table.numel() - 1)) | 1
-
-    def _advance(self, slot: Tensor, step: Tensor) -> Tensor:
-        return (slot + step) & (self.table.numel() - 1)
+        return (mixed >> (64 - bits)) & (self.table.numel() - 1)
 
     def _find(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """The row of each position (-1 where it has none) and, where it has none, the empty slot its probe ended at."""
@@ -262,11 +263,12 @@ class UnionSupport:
         keys = positions.to(self.key_dtype)
         slot = self._home(keys)
         todo = torch.arange(positions.numel(), device=positions.device)
+        attempt = 0
         rounds = _masked_rounds(positions.device)
         if rounds:
             # Rounds over the whole batch, masked, so the host does not wait for the device after each
             # (most entries end in the first two); what is left goes on below.
-            step, open_ = self._step(self._mix(keys)), torch.ones_like(keys, dtype=torch.bool)
+            open_ = torch.ones_like(keys, dtype=torch.bool)
             for _ in range(rounds):
                 row = self.table.index_select(0, slot)
                 empty = open_ & (row < 0)
@@ -274,11 +276,10 @@ class UnionSupport:
                 rows = torch.where(hit, row.long(), rows)
                 ends = torch.where(empty, slot, ends)
                 open_ &= ~(empty | hit)
-                slot = torch.where(open_, self._advance(slot, step), slot)
+                attempt += 1
+                slot = torch.where(open_, self._probe(keys, attempt), slot)
             todo = torch.nonzero(open_).squeeze(1)
-            keys, slot, step = keys[todo], slot[todo], step[todo]
-        else:
-            step = None  # most entries never need theirs
+            keys, slot = keys[todo], slot[todo]
         while todo.numel():
             row = self.table.index_select(0, slot)
             empty = row < 0
@@ -286,22 +287,25 @@ class UnionSupport:
             rows.index_copy_(0, todo[hit], row[hit].long())
             ends.index_copy_(0, todo[empty], slot[empty])
             going = torch.nonzero(~(empty | hit)).squeeze(1)
-            todo, keys, slot = todo[going], keys[going], slot[going]
-            step = self._step(self._mix(keys)) if step is None else step[going]
-            slot = self._advance(slot, step)
+            todo, keys = todo[going], keys[going]
+            attempt += 1
+            slot = self._probe(keys, attempt)
         return rows, ends
 
     def _insert(self, rows: Tensor, free: Tensor | None = None, *, empty_table: bool = False) -> None:
         """Put ``rows`` (whose keys are not in the table yet, and distinct) into the table.
 
-        ``free``: an empty slot on each one's probe sequence to try first (where its lookup ended), or -1.
+        ``free``: an empty slot on each one's probe sequence to try first (where its lookup ended), or -1. A key
+        that loses it to another walks its sequence again from the first probe: the slots before that one were
+        taken when it looked and stay taken (rows leave the table only in a rebuild), so it lands on the sequence
+        past them, where a lookup will find it.
         ``empty_table``: the table holds nothing yet, so the first round claims without looking.
         """
         keys = self.keys.index_select(0, rows)
         slot = self._home(keys)
         if free is not None:
             slot = torch.where(free >= 0, free, slot)
-        ids, step = rows.int(), None
+        ids, attempt = rows.int(), 0
         while True:
             if empty_table:
                 self.table.index_put_((slot,), ids)
@@ -312,9 +316,8 @@ class UnionSupport:
             going = torch.nonzero(self.table.index_select(0, slot) != ids).squeeze(1)
             if not going.numel():
                 return
-            ids, keys, slot = ids[going], keys[going], slot[going]
-            step = self._step(self._mix(keys)) if step is None else step[going]
-            slot = self._advance(slot, step)
+            ids, keys, attempt = ids[going], keys[going], attempt + 1
+            slot = self._probe(keys, attempt)
 
     # -- values -----------------------------------------------------------------
 
