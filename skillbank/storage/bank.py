@@ -31,7 +31,15 @@ from skillbank.storage.format import FORMAT_VERSION
 if TYPE_CHECKING:  # reading the manifest (list, names, entry) needs neither torch nor the skill format
     from skillbank.storage.skill import Skill
 
-__all__ = ["MAX_MANIFEST_BYTES", "MAX_SKILL_BYTES", "MAX_TAGS", "SkillBank", "SkillEntry", "check_skill_name"]
+__all__ = [
+    "MAX_MANIFEST_BYTES",
+    "MAX_SKILL_BYTES",
+    "MAX_TAGS",
+    "MAX_VERSIONS_KEPT",
+    "SkillBank",
+    "SkillEntry",
+    "check_skill_name",
+]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MANIFEST = "manifest.json"
@@ -41,6 +49,13 @@ _OWN_TMP = re.compile(re.escape(TMP_PREFIX) + r"[0-9a-f]{32}-.+")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}")
 MAX_TAGS = 32
+#: Earlier versions whose provenance a replaced skill keeps (``source["replaces"]``); older ones are counted only.
+MAX_VERSIONS_KEPT = 16
+#: The largest integer a manifest may hold in a count (entries, bytes): 2**53, what a JSON number holds exactly.
+_MAX_INT = 2**53
+_VERSIONED = re.compile(r"(.+)\.[0-9a-f]{12}")
+#: What a writer may leave behind when killed: a skill file (``<name>[.<12 hex>].safetensors``) or a temporary file.
+_LEFTOVER = re.compile(rf"{_NAME.pattern}\.safetensors|{_OWN_TMP.pattern}")
 #: The largest manifest and skill file a bank reads (reads stay bounded whatever a crafted bank declares).
 MAX_MANIFEST_BYTES = 256 * 2**20
 MAX_SKILL_BYTES = 16 * 2**30
@@ -146,9 +161,7 @@ class SkillBank:
                     f"the first skill added to it (skillbank localize --bank {self.path} ...)."
                 )
             self._initialize()
-        self._read_manifest()
-        if self.writable:
-            self._cleanup_quietly()
+        self._read_manifest()  # a read never writes: clean-up happens under a writer's lock
 
     @classmethod
     def if_exists(cls, path: str | os.PathLike[str], **kwargs: Any) -> SkillBank | None:
@@ -202,17 +215,52 @@ class SkillBank:
         return self._load(entry, snapshot.base_fingerprint)
 
     def verify(self) -> dict[str, str]:
-        """Check every skill; returns ``{name: "ok" or what is wrong}``."""
+        """Check every skill; returns ``{name: "ok" or what is wrong}``.
+
+        Besides each file's size, sha256, format, finite values and base, a skill whose
+        routing centroids are the same bytes as an earlier skill's is reported: it would
+        take that skill's requests. Files no skill owns are :meth:`orphans`.
+        """
         snapshot = self._current()
         base = snapshot.base_fingerprint
         report = {}
+        routed: dict[str, str] = {}  # sha256 of a skill's centroids -> the first skill that has them
         for entry in snapshot.entries:
             try:
-                self._load(entry, base)
-                report[entry.name] = "ok"
+                skill = self._load(entry, base)
             except (SkillFileError, BaseMismatchError, OSError) as exc:
                 report[entry.name] = str(exc)
+                continue
+            report[entry.name] = "ok"
+            if skill.centroids is not None:
+                digest = _sha256(skill.centroids.numpy().tobytes())
+                first = routed.setdefault(digest, entry.name)
+                if first != entry.name:
+                    report[entry.name] = (
+                        f"its routing centroids are identical to {first!r}'s: routed requests of that task would come "
+                        "to it; remove it unless it is that skill's copy"
+                    )
         return report
+
+    def orphans(self) -> list[str]:
+        """Files in the bank that look like skill files but no manifest line names (a killed ``replace`` or ``add``
+        leaves one), and temporary files of crashed writers; :meth:`gc` removes them, nothing else does."""
+        named = {e.file for e in self._current().entries}
+        found = []
+        with os.scandir(self.path) as listing:
+            for item in listing:
+                if item.name not in named and _LEFTOVER.fullmatch(item.name) and item.is_file(follow_symlinks=False):
+                    found.append(item.name)
+        return sorted(found)
+
+    def gc(self) -> list[str]:
+        """Delete :meth:`orphans` under the write lock (the manifest read again there); returns the names removed."""
+        with self._locked(clean=False):
+            self._read_manifest()
+            removed = [name for name in self.orphans() if _unlink_regular(self.path / name)]
+            if removed:
+                fsync_dir(self.path)
+        return removed
 
     # -- writing -----------------------------------------------------------
 
@@ -237,6 +285,7 @@ class SkillBank:
                 raise SkillNameError(
                     f"a skill named {skill.name!r} is already in {self.path}; pick another name or remove it first."
                 )
+            _check_files_free(manifest, skill.name, self.path)
             _check_base(manifest, skill)
             manifest["base_fingerprint"] = skill.metadata.base_fingerprint
             manifest["skills"].append(asdict(entry))
@@ -246,9 +295,11 @@ class SkillBank:
     def replace(self, skill: Skill, *, tags: Sequence[str] | None = None, note: str | None = None) -> SkillEntry:
         """Put ``skill`` in place of the bank's skill of the same name, atomically; returns the new entry.
 
-        The new skill's ``metadata.source["replaces"]`` keeps the old one's provenance
-        (its sha256, created, method, sparsity, metrics and its own source, so a chain of
-        replacements stays readable); ``skill`` itself is not changed. Tags and note carry
+        The new skill's ``metadata.source["replaces"]`` keeps the earlier versions'
+        provenance, newest first (each one's sha256, created, method, sparsity, metrics
+        and own source): a flat list of at most :data:`MAX_VERSIONS_KEPT`, the oldest
+        dropped, with ``source["versions"]`` counting them all, so the 10,000th
+        replacement costs what the second did; ``skill`` itself is not changed. Tags and note carry
         over unless given. The new version is written to its own file
         (``<name>.<sha256[:12]>.safetensors``) and the manifest switched to it in one
         atomic write, so a reader sees the old skill or the new one, never a mix; the old
@@ -263,12 +314,15 @@ class SkillBank:
                 raise SkillNameError(f"no skill named {skill.name!r} in {self.path} to replace; add it instead.")
             old_line = manifest["skills"][number]
             _check_base(manifest, skill)
-            replaces: dict[str, Any] = {k: old_line.get(k) for k in ("sha256", "created", "method", "sparsity", "metrics")}
+            record: dict[str, Any] = {k: old_line.get(k) for k in ("sha256", "created", "method", "sparsity", "metrics")}
             try:  # a damaged old version can be replaced too; its manifest line is then all that is kept of it
-                replaces["source"] = self._load(SkillEntry.from_dict(old_line), manifest["base_fingerprint"]).metadata.source
+                old_source = self._load(SkillEntry.from_dict(old_line), manifest["base_fingerprint"]).metadata.source
             except (SkillFileError, BaseMismatchError) as exc:
-                replaces["source"], replaces["unreadable"] = None, str(exc)[:_MAX_TEXT]
-            metadata = replace(skill.metadata, source={**skill.metadata.source, "replaces": replaces})
+                old_source, record["unreadable"] = {}, str(exc)[:_MAX_TEXT]
+            record["source"] = {k: v for k, v in old_source.items() if k not in ("replaces", "versions")} or None
+            earlier, count = _version_chain(old_source)
+            source = {**skill.metadata.source, "replaces": [record, *earlier][:MAX_VERSIONS_KEPT], "versions": count + 1}
+            metadata = replace(skill.metadata, source=source)
             new = replace(skill, metadata=metadata)
             data = new.to_bytes()
             sha = _sha256(data)
@@ -278,6 +332,11 @@ class SkillBank:
             entry = _entry_of(new, data, f"{skill.name}.{sha[:12]}.safetensors", *labels)
             if entry.file == old_line["file"]:
                 raise SkillFileError(f"the new {skill.name!r} is byte for byte the skill in the bank; nothing to replace.")
+            if any(line["file"] == entry.file for line in manifest["skills"]):
+                raise SkillNameError(
+                    f"the new version of {skill.name!r} would be written to {entry.file}, which another skill's line "
+                    "names; nothing was written. Rename one of the two skills."
+                )
             manifest["skills"][number] = asdict(entry)
             self._store(entry.file, data, manifest, "replace", skill.name)  # the switch: old skill before, new after
             _unlink_regular(self.path / old_line["file"])
@@ -316,7 +375,8 @@ class SkillBank:
             number = _line_number(manifest, name)
             if number is None:
                 raise self._unknown(name)
-            file = self.path / manifest["skills"].pop(number)["file"]  # a validated manifest's file: inside the bank
+            # a validated manifest's file: inside the bank, and named by this line alone (files are unique)
+            file = self.path / manifest["skills"].pop(number)["file"]
             try:
                 self._write_manifest(manifest)
             except OSError as exc:
@@ -367,17 +427,18 @@ class SkillBank:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise BankError(f"cannot create a bank at {self.path}: {exc.strerror}.") from exc
-        stray = [p.name for p in self.path.iterdir() if p.name != _LOCK and not _OWN_TMP.fullmatch(p.name)]
-        if stray:
-            raise BankError(
-                f"{self.path} is not empty and holds no {_MANIFEST}: not a skill bank. "
-                f"Pick an empty or new directory (found e.g. {sorted(stray)[:3]})."
-            )
-        with self._locked():
-            if not (self.path / _MANIFEST).is_file():
-                self._write_manifest(
-                    {"format": "skillbank", "format_version": FORMAT_VERSION, "base_fingerprint": None, "skills": []}
+        with self._locked():  # under the lock: another process may be creating this bank right now
+            if (self.path / _MANIFEST).is_file():
+                return
+            stray = [p.name for p in self.path.iterdir() if p.name != _LOCK and not _OWN_TMP.fullmatch(p.name)]
+            if stray:
+                raise BankError(
+                    f"{self.path} is not empty and holds no {_MANIFEST}: not a skill bank. "
+                    f"Pick an empty or new directory (found e.g. {sorted(stray)[:3]})."
                 )
+            self._write_manifest(
+                {"format": "skillbank", "format_version": FORMAT_VERSION, "base_fingerprint": None, "skills": []}
+            )
 
     def _current(self) -> _Snapshot:
         """The manifest as last validated, parsed and validated again only when its bytes changed."""
@@ -406,7 +467,7 @@ class SkillBank:
         path = self.path / _MANIFEST
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, an integer of thousands of digits
             raise BankError(f"{path} is damaged (not valid JSON: {str(exc)[:80]}); restore it from a backup.") from None
         version = body.get("format_version") if isinstance(body, dict) else None
         if isinstance(version, int) and version > FORMAT_VERSION:
@@ -447,6 +508,7 @@ class SkillBank:
         from skillbank.storage.skill import Skill
 
         skill = Skill.from_bytes(data, origin=str(path))
+        _check_finite_values(skill, f"skill {entry.name!r} in {path}")
         if skill.name != entry.name:
             raise SkillFileError(f"{path} holds skill {skill.name!r}, the manifest expects {entry.name!r}.")
         if base is not None and skill.metadata.base_fingerprint != base:
@@ -454,23 +516,17 @@ class SkillBank:
         return skill
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Hold the write lock; first remove temporary files of crashed writers."""
+    def _locked(self, clean: bool = True) -> Iterator[None]:
+        """Hold the write lock; first (if ``clean``) remove temporary files of crashed writers."""
         if not self.writable:
             raise BankError(
                 f"bank {self.path} is read-only; reading works, but to add or remove skills "
                 "make the directory writable or copy the bank elsewhere."
             )
         with exclusive_lock(self.path / _LOCK, timeout=self.lock_timeout):
-            self._cleanup()
-            yield
-
-    def _cleanup_quietly(self) -> None:
-        try:
-            with exclusive_lock(self.path / _LOCK, timeout=0):
+            if clean:
                 self._cleanup()
-        except BankError:
-            pass  # another writer holds the lock; it cleans up itself
+            yield
 
     def _cleanup(self) -> None:
         """Remove temporary files of crashed writers: regular files named as :func:`atomic_write` names them, only."""
@@ -510,6 +566,9 @@ def _read_regular(path: Path, expected: int | None, limit: int, *, digest: bool 
             raise _Unreadable(f"{path} has {info.st_size} bytes, the manifest says {expected} (truncated or damaged)")
         if info.st_size > limit:
             raise _Unreadable(f"{path} has {info.st_size:,} bytes, more than the {limit:,} a bank reads")
+        if expected is not None and info.st_size > _CHECK_EXTENT_ABOVE:
+            # a large skill file: its header must account for every byte before it is read whole
+            _check_safetensors_extent(fd, info.st_size, path)
         hasher, chunks, left = hashlib.sha256() if digest else None, [], info.st_size
         while left:
             chunk = os.read(fd, min(left, 2**24))
@@ -522,6 +581,26 @@ def _read_regular(path: Path, expected: int | None, limit: int, *, digest: bool 
         return b"".join(chunks), hasher.hexdigest() if hasher is not None else ""
     finally:
         os.close(fd)
+
+
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on a header
+_CHECK_EXTENT_ABOVE = 64 * 2**20  # smaller files are read whole at once; their sha256 says what is wrong
+
+
+def _check_safetensors_extent(fd: int, size: int, path: Path) -> None:
+    """Raise :class:`_Unreadable` unless the safetensors header read from ``fd`` declares tensors that end exactly at
+    ``size``: a crafted or sparse file of any declared size is refused after reading its header alone."""
+    prefix = os.pread(fd, 8, 0)
+    length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+    if not 2 <= length <= min(size - 8, _MAX_HEADER):
+        raise _Unreadable(f"{path} is not a safetensors file (its header length is impossible)")
+    try:
+        header = json.loads(os.pread(fd, length, 8))
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
+        raise _Unreadable(f"{path} is not a safetensors file (its header is damaged)") from None
+    if 8 + length + end != size:
+        raise _Unreadable(f"{path} declares {8 + length + end:,} bytes of header and tensors but holds {size:,} (damaged)")
 
 
 def _unlink_regular(path: Path) -> bool:
@@ -540,6 +619,44 @@ def _line_number(manifest: dict[str, Any], name: str) -> int | None:
     return next((i for i, e in enumerate(manifest["skills"]) if e["name"] == name), None)
 
 
+def _check_files_free(manifest: dict[str, Any], name: str, bank: Path) -> None:
+    """Refuse a new skill ``name`` whose files could be another skill's: its file ``name.safetensors`` and its later
+    versions ``name.<12 hex>.safetensors`` must never be a file another line names now or may name after a replace."""
+    mine = _VERSIONED.fullmatch(name)
+    for line in manifest["skills"]:
+        other, theirs = line["name"], _VERSIONED.fullmatch(line["name"])
+        if line["file"] == f"{name}.safetensors":
+            clash = f"would be stored in {line['file']}, skill {other!r}'s file"
+        elif mine and mine.group(1) == other:
+            clash = f"is a versioned file name of skill {other!r}"
+        elif theirs and theirs.group(1) == name:
+            clash = f"is a name whose versions would take skill {other!r}'s file"
+        else:
+            continue
+        raise SkillNameError(
+            f"the name {name!r} {clash} in {bank} (a replaced skill's file is <name>.<12 hex>.safetensors); "
+            "pick another name. Nothing was written."
+        )
+
+
+def _version_chain(source: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+    """The earlier versions an old version's ``source`` records, newest first (at most :data:`MAX_VERSIONS_KEPT`),
+    and how many there were. Reads the flat list this release writes and the nested chain older ones wrote."""
+    replaces, count = source.get("replaces"), source.get("versions")
+    if isinstance(replaces, list):
+        kept = [r for r in replaces if isinstance(r, dict)][:MAX_VERSIONS_KEPT]
+        return kept, count if isinstance(count, int) and not isinstance(count, bool) and count >= len(kept) else len(kept)
+    chain: list[dict[str, Any]] = []
+    count = 0
+    while isinstance(replaces, dict):  # the nested form, one level per replace (as deep as a header parses)
+        inner: dict[str, Any] = replaces["source"] if isinstance(replaces.get("source"), dict) else {}
+        if count < MAX_VERSIONS_KEPT:
+            chain.append({**replaces, "source": {k: v for k, v in inner.items() if k != "replaces"} or None})
+        count += 1
+        replaces = inner.get("replaces")
+    return chain, count
+
+
 def _check_base(manifest: dict[str, Any], skill: Skill) -> None:
     """Refuse ``skill`` if the bank holds skills of another base model."""
     base = manifest["base_fingerprint"]
@@ -550,14 +667,19 @@ def _check_base(manifest: dict[str, Any], skill: Skill) -> None:
         )
 
 
-def _check_storable(skill: Skill) -> None:
-    """Refuse a skill no bank should hold: an unsafe name, NaN/Inf values, an empty mask."""
+def _check_finite_values(skill: Skill, what: str) -> None:
+    """Raise :class:`SkillFileError` naming the first region of ``skill`` with NaN/Inf values."""
     import torch
 
-    check_skill_name(skill.name)
     for pname, region in skill.regions.items():
         if not bool(torch.isfinite(region.values).all()):
-            raise SkillFileError(f"skill {skill.name!r} has NaN/Inf values in {pname!r}; refusing to store it.")
+            raise SkillFileError(f"{what} has NaN/Inf values in {pname!r}; it cannot be stitched. Localize it again.")
+
+
+def _check_storable(skill: Skill) -> None:
+    """Refuse a skill no bank should hold: an unsafe name, NaN/Inf values, an empty mask."""
+    check_skill_name(skill.name)
+    _check_finite_values(skill, f"skill {skill.name!r}")
     if skill.num_entries == 0:
         raise SkillFileError(f"skill {skill.name!r} has an empty mask (no entries); localize with a larger sparsity.")
 
@@ -607,6 +729,7 @@ def _manifest_problem(body: dict[str, Any]) -> str:
     if not isinstance(skills, list):
         return "'skills' is not a list"
     seen: set[str] = set()
+    files: set[str] = set()
     for number, entry in enumerate(skills, 1):
         where = f"entry {number}"
         if not isinstance(entry, dict):
@@ -623,18 +746,27 @@ def _manifest_problem(body: dict[str, Any]) -> str:
             return f"{where} ({name}): its file must be {name}.safetensors (or {name}.<12 hex>.safetensors), not {entry['file'][:80]!r}"
         if name in seen:
             return f"{where}: the name {name!r} appears twice"
+        if entry["file"] in files:
+            return f"{where} ({name}): its file {entry['file']!r} is another entry's too"
         seen.add(name)
-        if entry["bytes"] < 0 or not _SHA256.fullmatch(entry["sha256"]):
-            return f"{where} ({name}): a negative size or a malformed sha256"
+        files.add(entry["file"])
+        if not 0 <= entry["bytes"] <= MAX_SKILL_BYTES or not _SHA256.fullmatch(entry["sha256"]):
+            return f"{where} ({name}): a size outside 0-{MAX_SKILL_BYTES:,} bytes or a malformed sha256"
         for key, kinds in _SUMMARY.items():
             value = entry.get(key)
             if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
                 return f"{where} ({name}): {key!r} has the wrong type"
             if isinstance(value, str) and len(value) > _MAX_TEXT:
                 return f"{where} ({name}): {key!r} is longer than {_MAX_TEXT} characters"
+            if isinstance(value, int) and not -_MAX_INT <= value <= _MAX_INT:
+                return f"{where} ({name}): {key!r} is an integer beyond 2**53"
         metrics = entry.get("metrics") or {}
         if len(metrics) > 256 or not all(
-            isinstance(k, str) and len(k) <= 256 and isinstance(v, (int, float)) and not isinstance(v, bool)
+            isinstance(k, str)
+            and len(k) <= 256
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and (isinstance(v, float) or -_MAX_INT <= v <= _MAX_INT)
             for k, v in metrics.items()
         ):
             return f"{where} ({name}): 'metrics' must map at most 256 short names to numbers"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from skillbank.errors import BankError, BankLockedError
 
-__all__ = ["TMP_PREFIX", "atomic_write", "exclusive_lock", "fsync_dir"]
+__all__ = ["TMP_PREFIX", "atomic_write", "check_output_path", "exclusive_lock", "fsync_dir", "write_output"]
 
 #: Temporary files in a bank start with this; a writer holding the lock removes
 #: leftovers of crashed writers.
@@ -52,6 +52,43 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def check_output_path(out: Path, *, folder: bool = False) -> None:
+    """Refuse ``out`` as a place to write a result unless it is missing or what this writes (a regular file, or with
+    ``folder`` an empty directory): never a symbolic link (it would send the write elsewhere), a FIFO, a device
+    (``/dev/full``, ``/dev/stdout``) or the other kind; its folder must exist. Raises :class:`BankError` saying which."""
+    import stat
+
+    try:
+        info = os.lstat(out)
+    except FileNotFoundError:
+        info = None
+    if info is not None:
+        kind = (
+            "a symbolic link"
+            if stat.S_ISLNK(info.st_mode)
+            else "a directory"
+            if stat.S_ISDIR(info.st_mode) and not folder
+            else "a regular file"
+            if stat.S_ISREG(info.st_mode) and folder
+            else None
+            if stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)
+            else "a FIFO, socket or device"
+        )
+        if kind:
+            wanted = "a new or empty folder" if folder else "a new or regular file"
+            raise BankError(f"{out} is {kind}; write to {wanted} instead (nothing was written).")
+    if not out.parent.is_dir():
+        raise BankError(f"cannot write {out}: the folder {out.parent} does not exist; create it first.")
+
+
+def write_output(out: Path, data: bytes) -> Path:
+    """Write a result file (a report, a plot) atomically: :func:`check_output_path`, then :func:`atomic_write`, which
+    renames a temporary file of its own over ``out``, so a failure leaves the old file or none, never half of one."""
+    check_output_path(out)
+    atomic_write(out, data)
+    return out
+
+
 @contextmanager
 def exclusive_lock(lock_path: Path, timeout: float = 60.0) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``lock_path`` (created if missing) for the block.
@@ -69,6 +106,11 @@ def exclusive_lock(lock_path: Path, timeout: float = 60.0) -> Iterator[None]:
     except OSError as exc:
         if exc.errno == errno.EROFS:
             raise BankError(f"{lock_path.parent} is on a read-only file system; copy the bank elsewhere to write.") from exc
+        if exc.errno == errno.EISDIR:
+            raise BankError(
+                f"{lock_path} is a directory; a bank's lock is a plain file it makes itself. "
+                "Remove that directory (nothing was written)."
+            ) from None
         if exc.errno == errno.ELOOP:
             raise BankError(
                 f"{lock_path} is a symbolic link; a bank's lock is a plain file it makes itself. "

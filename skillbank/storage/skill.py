@@ -43,6 +43,13 @@ class Region:
     indices: Tensor
     values: Tensor
 
+    def __post_init__(self) -> None:
+        if self.indices.is_floating_point() or self.indices.is_complex() or self.indices.dtype == torch.bool:
+            raise SkillFileError(
+                f"a region's indices must be an integer tensor (torch.long), not {self.indices.dtype}: "
+                "float positions would be truncated silently."
+            )
+
     def __len__(self) -> int:
         return self.indices.numel()
 
@@ -161,8 +168,8 @@ class Skill:
             raise SkillFileError(f"{origin} is a safetensors file but not a skill (no {_HEADER_KEY!r} metadata).")
         try:
             metadata = SkillMetadata.from_json(header[_HEADER_KEY])
-        except (json.JSONDecodeError, TypeError, RecursionError) as exc:
-            raise SkillFileError(f"{origin} has an unreadable skill header ({exc}).") from exc
+        except (ValueError, TypeError, RecursionError) as exc:  # ValueError: bad JSON or an integer of thousands of digits
+            raise SkillFileError(f"{origin} has an unreadable skill header ({str(exc)[:120]}).") from None
         parts: dict[str, dict[str, Tensor]] = {}
         head: dict[str, Tensor] = {}
         centroids = tensors.pop(_CENTROIDS_KEY, None)

@@ -110,7 +110,9 @@ def crash_trial(bank: Path, trial: int, rng: random.Random, per_trial: int = 6) 
         child.send_signal(signal.SIGKILL)
     child.wait()
     acked = acks.read_text().split() if acks.exists() else []
-    opened = SkillBank(bank)  # must open; cleans temporary leftovers
+    opened = SkillBank(bank)  # must open (a read cleans nothing: gc below, under the writer's lock, does)
+    orphans = opened.orphans()
+    opened.gc()
     names = opened.names()
     report = opened.verify()
     mine = [n for n in names if start <= int(n[1:]) < start + per_trial]
@@ -124,6 +126,7 @@ def crash_trial(bank: Path, trial: int, rng: random.Random, per_trial: int = 6) 
         "lost": sorted(set(acked) - set(names)),
         "damaged": [n for n, status in report.items() if status != "ok"],
         "wrong_bytes": wrong,
+        "orphans": orphans,
         "leftovers": sorted(p.name for p in bank.glob(".tmp-*")),
     }
 

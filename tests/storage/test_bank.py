@@ -147,13 +147,15 @@ def test_damaged_or_newer_manifest_is_refused(tmp_path, base_model):
         SkillBank(tmp_path)
 
 
-def test_leftover_temporary_files_are_cleaned_on_open(tmp_path, base_model):
+def test_leftover_temporary_files_are_cleaned_by_the_next_write_not_by_a_read(tmp_path, base_model):
     bank = SkillBank(tmp_path)
     bank.add(make_skill(base_model, "t", seed=1))
-    (tmp_path / f".tmp-{'deadbeef' * 4}-x.safetensors").write_bytes(b"half a skill")  # as atomic_write names them
-    SkillBank(tmp_path)
+    leftover = tmp_path / f".tmp-{'deadbeef' * 4}-x.safetensors"  # as atomic_write names them
+    leftover.write_bytes(b"half a skill")
+    assert SkillBank(tmp_path).verify() == {"t": "ok"} and leftover.exists()  # reads never write
+    assert SkillBank(tmp_path).orphans() == [leftover.name]
+    bank.add(make_skill(base_model, "u", seed=2))
     assert not list(tmp_path.glob(".tmp-*"))
-    assert SkillBank(tmp_path).verify() == {"t": "ok"}
 
 
 def test_a_lock_held_too_long_is_a_timeout_error(tmp_path):
@@ -208,7 +210,8 @@ def test_replace_swaps_a_skill_atomically_and_keeps_the_old_provenance(tmp_path,
     assert entry.file == f"a.{entry.sha256[:12]}.safetensors" and entry.tags == ["prod"] and entry.note == "v1"
     got = SkillBank(tmp_path / "bank").get("a")
     assert all(torch.equal(got.regions[n].indices, r.indices) for n, r in v2.regions.items())
-    replaced = got.metadata.source["replaces"]
+    assert got.metadata.source["versions"] == 1
+    (replaced,) = got.metadata.source["replaces"]
     assert replaced["sha256"] == old.sha256 and replaced["created"] == old.created and replaced["source"]["run"] == 1
     assert bank.names() == ["a", "b"] and bank.verify() == {"a": "ok", "b": "ok"}
     assert sorted(p.name for p in bank.path.iterdir() if not p.name.startswith(".")) == sorted(
@@ -217,8 +220,9 @@ def test_replace_swaps_a_skill_atomically_and_keeps_the_old_provenance(tmp_path,
 
     v3 = make_skill(base_model, "a", seed=4)
     third = bank.replace(v3, tags=["beta"])
-    chain = bank.get("a").metadata.source["replaces"]
-    assert third.tags == ["beta"] and chain["sha256"] == entry.sha256 and chain["source"]["replaces"]["source"]["run"] == 1
+    chain = bank.get("a").metadata.source["replaces"]  # flat, newest first
+    assert third.tags == ["beta"] and [v["sha256"] for v in chain] == [entry.sha256, old.sha256]
+    assert chain[1]["source"]["run"] == 1 and "replaces" not in (chain[0]["source"] or {})
     assert not (bank.path / entry.file).exists()
 
     # a failed switch leaves the old skill in place and no new file behind
@@ -234,7 +238,7 @@ def test_replace_swaps_a_skill_atomically_and_keeps_the_old_provenance(tmp_path,
 
     (bank.path / third.file).write_bytes(b"damaged")  # a damaged version can be replaced; its manifest line is kept
     fourth = bank.replace(make_skill(base_model, "a", seed=6))
-    kept = bank.get("a").metadata.source["replaces"]
+    kept = bank.get("a").metadata.source["replaces"][0]
     assert kept["sha256"] == third.sha256 and kept["source"] is None and "truncated or damaged" in kept["unreadable"]
     third = fourth
     bank.remove("a")  # removes the versioned file
@@ -244,3 +248,19 @@ def test_replace_swaps_a_skill_atomically_and_keeps_the_old_provenance(tmp_path,
     other = make_skill(BertModel(tiny_config()), "b", seed=1)
     with pytest.raises(BaseMismatchError, match="another base model"):
         bank.replace(other)
+
+
+def test_replacing_a_skill_with_an_older_nested_chain_flattens_it(tmp_path, base_model):
+    old = make_skill(base_model, "a", seed=1)
+    nested: dict = {"run": 0}
+    for i in range(1, 21):  # what earlier releases wrote: each version's source nests the one before
+        nested = {"run": i, "replaces": {"sha256": f"{i:064x}", "source": nested}}
+    old.metadata.source.update(nested)
+    bank = SkillBank(tmp_path / "bank")
+    bank.add(old)
+    bank.replace(make_skill(base_model, "a", seed=2))
+    source = bank.get("a").metadata.source
+    chain = source["replaces"]
+    assert source["versions"] == 21 and len(chain) == 16  # the old version and the 20 it nested, 16 kept
+    assert chain[0]["source"]["run"] == 20 and [v["sha256"] for v in chain[1:3]] == [f"{20:064x}", f"{19:064x}"]
+    assert all("replaces" not in (v["source"] or {}) for v in chain)

@@ -12,20 +12,10 @@ import os
 import pytest
 import torch
 
+from helpers.banks import craft
 from helpers.models import make_skill
 from skillbank import BankError, Skill, SkillBank, SkillbankError, SkillFileError
 from skillbank.integrations.cli import main
-from skillbank.storage.bank import _manifest_bytes, _manifest_checksum
-
-
-def craft(bank_dir, edit) -> None:  # noqa: ANN001
-    """Apply ``edit`` to the manifest's body and write it back with a valid checksum, as an attacker can."""
-    path = bank_dir / "manifest.json"
-    body = json.loads(path.read_text())
-    edit(body)
-    body.pop("checksum", None)
-    body["checksum"] = _manifest_checksum(body)
-    path.write_bytes(_manifest_bytes(body))
 
 
 @pytest.fixture
@@ -114,7 +104,7 @@ def test_only_the_banks_own_temporary_files_are_cleaned_up(bank):
     own.write_bytes(b"partial")
     other = bank.path / ".tmp-keep.txt"
     other.write_text("someone's")
-    SkillBank(bank.path)
+    assert SkillBank(bank.path).gc() == [own.name]
     assert not own.exists() and other.read_text() == "someone's"
 
 
@@ -148,8 +138,22 @@ def test_a_huge_sparse_skill_file_with_a_matching_entry_is_refused_before_readin
     huge = 50 * 2**30
     _replace_file(bank, "a", lambda path, size: (path.touch(), os.truncate(path, huge)))
     craft(bank.path, lambda body: body["skills"][0].update(bytes=huge))
-    with pytest.raises(SkillFileError, match=r"has 53,687,091,200 bytes, more than the 17,179,869,184 a bank reads"):
+    with pytest.raises(BankError, match=r"entry 1 \(a\): a size outside 0-17,179,869,184 bytes"):
         SkillBank(bank.path).get("a")
+
+
+def test_a_declared_10_gib_skill_file_is_refused_from_its_header_without_reading_it(bank, monkeypatch):
+    size = 10 * 2**30
+    _replace_file(bank, "a", lambda path, _: (path.write_bytes(b"\x10" + b"\0" * 7 + b'{"x":1}   '), os.truncate(path, size)))
+    craft(bank.path, lambda body: body["skills"][0].update(bytes=size))
+    reads = []
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: reads.append(n) or real_read(fd, n))
+    with pytest.raises(SkillFileError, match="not a safetensors file"):
+        SkillBank(bank.path).get("a")
+    assert sum(reads) < 2**20  # a few bytes of header, not 10 GiB
+    report = SkillBank(bank.path).verify()
+    assert report["b"] == "ok" and "not a safetensors file" in report["a"]
 
 
 def test_removing_a_skill_whose_file_is_a_link_leaves_the_target(bank, tmp_path):
@@ -291,8 +295,9 @@ def test_a_failed_stitch_leaves_no_output_folder_and_no_partial_one(stitchable, 
 
     monkeypatch.setattr(stitch_out, "save_file", disk_full)
     monkeypatch.setattr(stitch_out.Path, "write_text", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        main(_stitch_args(stitchable, "out"))
+    assert main(_stitch_args(stitchable, "out")) == 2  # one line, not a traceback
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err
     assert sorted(p.name for p in stitchable.iterdir()) == ["bank", "base"]  # neither out nor .out.partial-…
 
 
