@@ -1,6 +1,6 @@
-"""A bank of thousands of skills: ``skillbank stitch --out``, ``list`` and ``verify`` time against the number of skills.
+"""A bank of thousands of skills: ``skillbank stitch --out``, ``list``, ``verify`` and ``report`` time against the number of skills.
 
-    python benchmarks/bench_many_skills.py [--skills 500 2000] [--out many.json]
+    python benchmarks/bench_many_skills.py [--skills 500 2000] [--commands report] [--out many.json]
 
 A tiny BERT base (2 layers, hidden 32: the model is small on purpose, so what
 grows with the number of skills — the manifest read for each skill — shows) and
@@ -70,6 +70,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skills", type=int, nargs="+", default=[500, 2000], help="bank sizes (default: 500 2000)")
     parser.add_argument("--out", help="write the figures as JSON here")
+    parser.add_argument(
+        "--commands",
+        nargs="+",
+        default=["stitch", "list", "verify", "report", "help"],
+        help="which commands to time (default: all)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     config = BertConfig(
@@ -89,14 +95,14 @@ def main() -> None:
         for n in args.skills:
             bank = Path(work) / f"bank-{n}"
             make_bank(bank, state, n)
-            row = {
-                "stitch --out s": timed(
-                    ["stitch", "--bank", str(bank), "--base", str(base), "--out", str(Path(work) / f"out-{n}")]
-                ),
-                "list s": timed(["list", str(bank)]),
-                "verify s": timed(["verify", str(bank)]),
-                "--help s": timed(["--help"]),
+            commands = {
+                "stitch": ["stitch", "--bank", str(bank), "--base", str(base), "--out", str(Path(work) / f"out-{n}")],
+                "list": ["list", str(bank)],
+                "verify": ["verify", str(bank)],
+                "report": ["report", str(bank), "--out", str(Path(work) / f"report-{n}.html")],
+                "help": ["--help"],
             }
+            row = {f"{c} s": timed(commands[c]) for c in args.commands}
             results[str(n)] = row
             print(f"{n} skills: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()), flush=True)
     if args.out:

@@ -19,19 +19,23 @@ from __future__ import annotations
 
 import argparse
 import lzma
+import os
 import shutil
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 WEIGHTS = "model.safetensors"
 HALF = "model.fp16.safetensors"
 COMPRESS_ABOVE = 1 << 20  # bytes: smaller files travel as they are
 LIMIT = 60 << 20  # bytes for the packed folder: the checkout itself needs the rest of the 64 MiB
 _CHUNK = 1 << 20
+#: The most one unpacked file may grow to (the largest pulled text file is ~20 MB): a crafted .xz stops there.
+MAX_UNPACKED = 256 << 20
 
 
 def pack(cache: Path, out: Path, limit: int = LIMIT) -> int:
@@ -64,18 +68,32 @@ def pack(cache: Path, out: Path, limit: int = LIMIT) -> int:
     return size
 
 
-def unpack(folder: Path) -> list[Path]:
+def unpack(folder: Path, max_file: int = MAX_UNPACKED) -> list[Path]:
     """Restore a packed ``folder`` in place (``.xz`` files decompressed, float16 weights back to float32); the files
-    restored. Each is written beside its packed form and renamed into place, so an interrupted unpack can be rerun."""
+    restored. Each is written beside its packed form and renamed into place, so an interrupted unpack can be rerun.
+
+    Only regular files are read and written: a packed file or a leftover ``.partial`` that is a link, a directory or
+    a special file is refused (a link there is removed, never written through), and no file grows past ``max_file``.
+
+    Raises:
+        SystemExit: naming the file that is not what a pack makes.
+    """
     restored = []
     for packed in sorted(folder.rglob("*.xz")):
+        _require_regular(packed)
         target = packed.with_suffix("")
-        with lzma.open(packed, "rb") as source, target.with_name(target.name + ".partial").open("wb") as raw:
-            shutil.copyfileobj(source, raw, _CHUNK)
+        with lzma.open(packed, "rb") as source, _fresh(target.with_name(target.name + ".partial")) as raw:
+            written = 0
+            while chunk := source.read(_CHUNK):
+                written += len(chunk)
+                if written > max_file:
+                    raise SystemExit(f"{packed} expands past {max_file / 2**20:.0f} MiB: not a file a pack makes; stopped.")
+                raw.write(chunk)
         target.with_name(target.name + ".partial").replace(target)
         packed.unlink()
         restored.append(target)
     for half in sorted(folder.rglob(HALF)):
+        _require_regular(half)
         target = half.with_name(WEIGHTS)
         _cast_floats(half, target, torch.float32)
         half.unlink()
@@ -83,11 +101,32 @@ def unpack(folder: Path) -> list[Path]:
     return restored
 
 
+def _require_regular(path: Path) -> None:
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+        raise SystemExit(f"{path} is not a regular file (a link, directory or special file): not what a pack makes.")
+
+
+def _fresh(path: Path):  # noqa: ANN202 - an open binary file
+    """``path`` opened for writing as a new regular file: a leftover there (a file or a link, never followed) is
+    removed first, and the open refuses to follow a link put there meanwhile."""
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            raise SystemExit(f"{path} is a directory where unpack writes a file; remove it and rerun.")
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb")
+
+
 def _cast_floats(source: Path, target: Path, dtype: torch.dtype) -> None:
     """``source``'s tensors with the floating-point ones cast to ``dtype``, written to ``target`` (renamed into place)."""
+    from safetensors.torch import save
+
     state = load_file(source)
     partial = target.with_name(target.name + ".partial")
-    save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, partial, metadata={"format": "pt"})
+    data = save({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, metadata={"format": "pt"})
+    with _fresh(partial) as raw:
+        raw.write(data)
     partial.replace(target)
 
 

@@ -1,12 +1,15 @@
-"""The ``skillbank`` command line: demo, fit, validate, pull, localize, list, show, diff, remove, verify, stitch, export, route, plot, report."""
+"""The ``skillbank`` command line: demo, fit, validate, pull, localize, list, show, tag, diff, remove, verify, gc, stitch, export, route, plot, report."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -240,8 +243,8 @@ def _route(args: argparse.Namespace) -> int:
 
     bank = SkillBank(args.bank, create=False)
     names = args.skills if args.skills is not None else bank.names()
-    router = SkillRouter([bank.get(n) for n in names])
     encoder = _base_encoder(args.base)
+    router = SkillRouter([bank.get(n) for n in names], width=encoder.config.hidden_size)
     batch = _tokenizer(args.base)(list(args.text), truncation=True, max_length=args.max_length, padding=True, return_tensors="pt")
     with torch.no_grad():
         scores = router.scores(mean_pooled_features(encoder, batch))
@@ -279,9 +282,21 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _print_json(document: dict) -> int:
-    """Print ``document`` as JSON on stdout (non-ASCII and control characters escaped: safe on any terminal)."""
-    print(json.dumps(document, indent=1, sort_keys=True, ensure_ascii=True))
+    """Print ``document`` as strict JSON on stdout: non-finite numbers (a NaN metric) as ``null``, which the schemas
+    allow for any number; non-ASCII and control characters escaped, so it is safe on any terminal."""
+    print(json.dumps(_finite(document), indent=1, sort_keys=True, ensure_ascii=True, allow_nan=False))
     return 0
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float in it replaced by ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _recovery(metrics: dict) -> str:
@@ -389,15 +404,30 @@ def _diff(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     bank = SkillBank(args.bank, create=False)
     report = bank.verify()
+    orphans = bank.orphans()
     damaged = [n for n, status in report.items() if status != "ok"]
     if args.json:
-        _print_json({"schema": "skillbank.verify/1", "bank": str(bank.path), "ok": not damaged, "skills": report})
+        document = {"schema": "skillbank.verify/1", "bank": str(bank.path), "ok": not damaged, "skills": report}
+        _print_json({**document, "orphans": orphans})
         return 1 if damaged else 0
     print(_table(("skill", "status"), list(report.items())) if report else f"{bank.path}: no skills")
+    if orphans:
+        shown = ", ".join(map(_escape, orphans[:5])) + (f" and {len(orphans) - 5} more" if len(orphans) > 5 else "")
+        print(
+            f"\n{len(orphans)} files no skill owns (left by a killed add or replace): {shown}; "
+            f"skillbank gc {_escape(str(bank.path))} removes them"
+        )
     if damaged:
         print(f"\n{len(damaged)} of {len(report)} skills damaged: {', '.join(damaged)}", file=sys.stderr)
         return 1
     print(f"\nall {len(report)} skills ok")
+    return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    bank = SkillBank(args.bank, create=False)
+    removed = bank.gc()
+    print(f"removed {', '.join(map(_escape, removed))}" if removed else f"{bank.path}: nothing to remove")
     return 0
 
 
@@ -465,7 +495,7 @@ def _plot(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from skillbank.integrations.report import write_report
 
-    out = write_report(args.bank, args.out, args.skills)
+    out = write_report(args.bank, args.out, args.skills, detailed=args.detailed)
     print(f"wrote {out}")
     return 0
 
@@ -692,6 +722,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_verify)
 
     p = sub.add_parser(
+        "gc",
+        help="remove files no skill owns (left by a killed add or replace)",
+        description="Delete, under the bank's write lock, the skill files no manifest line names and the "
+        "temporary files of crashed writers (skillbank verify lists them). Nothing else is touched.",
+    )
+    p.add_argument("bank", help="the bank directory")
+    p.set_defaults(run=_gc)
+
+    p = sub.add_parser(
         "stitch",
         help="stitch skills onto the base and write a Hugging Face model folder",
         description="Stitch the bank's skills (or --skills) onto --base, overlaps combined by --rule, and write "
@@ -760,12 +799,21 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="one HTML page about a bank: its skills, their overlap, where their masks live",
         description="Write a self-contained HTML file: the table of skills (task, method, sparsity, entries, bytes, "
-        "created), their metrics, the pairwise Jaccard overlap of their masks (numbers and heatmap) and each "
-        "skill's share of entries by layer and component. The plots are embedded; text from the bank is escaped.",
+        "created), their metrics, and for the --detailed largest the pairwise Jaccard overlap of their masks (numbers "
+        "and heatmap) and each one's share of entries by layer and component. The plots are embedded; text from the "
+        "bank is escaped; --out is replaced atomically and only if it is a regular file.",
     )
     p.add_argument("bank", help="the bank directory")
     p.add_argument("--out", required=True, help="the .html file to write")
     p.add_argument("--skills", type=_skill_list, help="comma-separated skill names (default: every skill, in bank order)")
+    p.add_argument(
+        "--detailed",
+        type=int,
+        default=20,
+        metavar="N",
+        help="compare and place the masks of at most N of the skills, the largest by entries (default: 20, at most 60); "
+        "the table lists them all",
+    )
     p.set_defaults(run=_report)
     return parser
 
@@ -795,17 +843,43 @@ def _resolve_models(args: argparse.Namespace) -> None:
             setattr(args, key, str(resolve_model(value)))
 
 
+#: Exit codes: bad input (and any refused operation) is 2; ``verify`` alone uses 1, for damaged skills.
+EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 130, 141
+#: Third-party warnings that say nothing a skillbank user can act on, by message.
+_NOISE = (r".*isinstance\(treespec, LeafSpec\).*", r".*does not have many workers.*")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``skillbank`` command; returns the exit code (2 on bad input, with the reason on stderr)."""
+    """Run the ``skillbank`` command; returns the exit code.
+
+    Every failure is one line on stderr: 2 for bad input or a refused operation (a missing file, a full
+    disk), 1 only from ``verify`` for damaged skills, 130 for Ctrl-C, and a quiet 141 when the reader of
+    the output goes away (``skillbank list | head -1``), as ``git`` does.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    try:
+        with warnings.catch_warnings():
+            _one_line_warnings()
+            return _run(argv)
+    except KeyboardInterrupt:
+        print(f"\nskillbank{' ' + command if command else ''}: interrupted; nothing half-written was left.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _run(argv: list[str]) -> int:
     if argv[:1] in (["fit"], ["validate"]):
         from skillbank.integrations.fit import run_lightning
 
         try:
             return run_lightning(argv[0], argv[1:])
         except SkillbankError as exc:
-            print(f"skillbank {argv[0]}: error: {exc}", file=sys.stderr)
-            return 2
+            return _fail(argv[0], str(exc))
+        except OSError as exc:
+            return _fail(argv[0], _os_error(exc))
     args = build_parser().parse_args(argv)
     if not args.verbose:
         _quiet_libraries()
@@ -813,8 +887,62 @@ def main(argv: Sequence[str] | None = None) -> int:
         _resolve_models(args)
         return args.run(args)
     except SkillbankError as exc:
-        print(f"skillbank {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args.command, str(exc))
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        return _fail(args.command, _os_error(exc))
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"skillbank {command}: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _os_error(exc: OSError) -> str:
+    """An operating-system error as one line: what failed, on which file, and what to do for the common ones."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    advice = {
+        errno.ENOSPC: " Free some space and run it again; nothing half-written was left.",
+        errno.EDQUOT: " Free some space and run it again; nothing half-written was left.",
+        errno.EACCES: " Check the permissions, or write somewhere else.",
+        errno.EROFS: " The file system is read-only; write somewhere else.",
+    }.get(exc.errno or 0, "")
+    return f"{exc.strerror or exc}{where}.{advice}"
+
+
+def _one_line_warnings() -> None:
+    """Warnings as one line each (``skillbank: warning: ...``, no source line), third-party noise filtered by name."""
+    for pattern in _NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    own = tuple(str(Path(folder).resolve()) + os.sep for folder in _package_folders())
+
+    def show(
+        message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+    ) -> None:
+        who = "skillbank" if str(Path(filename).resolve()).startswith(own) else category.__name__
+        print(f"{who}: warning: {message}", file=sys.stderr if file is None else file)
+
+    warnings.showwarning = show
+
+
+def _package_folders() -> list[str]:
+    """skillbank's folders (the package and its callbacks, which may live apart in an editable install)."""
+    import importlib.util
+
+    import skillbank
+
+    spec = importlib.util.find_spec("skillbank.callbacks")  # imports skillbank only, not lightning
+    return [*skillbank.__path__, *(spec.submodule_search_locations or [] if spec else [])]
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush does not complain about the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,6 +23,7 @@ from torch import Tensor
 from skillbank.comparison.arrivals import arrival_metrics
 from skillbank.errors import SkillbankError
 from skillbank.storage.bank import SkillBank
+from skillbank.storage.durable import check_output_path, write_output
 from skillbank.storage.skill import Skill
 
 __all__ = [
@@ -128,14 +129,15 @@ def _load(bank: Skills, names: Sequence[str] | None) -> list[Skill]:
 
 
 def _save(plt: Any, fig: Any, out: str | Path) -> None:
-    """Write ``fig`` as a PNG to ``out`` (and close it); a missing folder or a write error is a clear error."""
+    """Write ``fig`` as a PNG to ``out`` (and close it), atomically and only over a regular file
+    (:func:`~skillbank.storage.durable.write_output`)."""
+    import io
+
     try:
-        if not Path(out).parent.is_dir():
-            raise SkillbankError(f"cannot write {out}: the folder {Path(out).parent} does not exist; create it first.")
-        try:
-            fig.savefig(out, dpi=120)
-        except OSError as exc:
-            raise SkillbankError(f"cannot write {out}: {exc.strerror or exc}.") from None
+        check_output_path(Path(out))  # before drawing: a wrong --out costs nothing
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=120, format="png")
+        write_output(Path(out), buffer.getvalue())
     finally:
         plt.close(fig)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import random
+import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -24,17 +25,22 @@ __all__ = ["MAX_TABLE_BYTES", "TextClassificationData", "read_table"]
 
 #: The largest file read (a wrong path must not fill memory).
 MAX_TABLE_BYTES = 1 << 30
+#: The most classes a file's labels may make (a new head has one row per class; more is a wrong column).
+MAX_LABELS = 10_000
+_CLASS_NUMBER = re.compile(r"[0-9]{1,9}")  # ASCII digits only: "²" is a digit to str.isdigit, not to int()
 
 
 def read_table(path: str | Path, text_column: str = "text", label_column: str = "label") -> tuple[TextSplit, list[str]]:
     """Texts and integer labels from a ``.csv``, ``.tsv`` or ``.jsonl`` file, and the label names.
 
-    Labels that are all integers are kept (names ``"0"``, ``"1"``, …); otherwise each
-    distinct label is numbered in sorted order.
+    Labels that are all class numbers (``0``, ``1``, … as ASCII digits) are kept (names
+    ``"0"``, ``"1"``, …); otherwise each distinct label is numbered in sorted order.
+    Linear in the rows; at most :data:`MAX_LABELS` classes.
 
     Raises:
         SkillbankError: a missing, too large or empty file, an unknown extension, a
-            missing column, or a row without text or label (named by its line).
+            missing column, a row with more fields than the header, a row without text
+            or label (named by its line), or more classes than :data:`MAX_LABELS`.
     """
     path = Path(path)
     if not path.is_file():
@@ -62,18 +68,34 @@ def read_table(path: str | Path, text_column: str = "text", label_column: str = 
                     f"{path}:{line}: no {column!r} column (columns: {sorted(row)[:10]}); "
                     "name yours with text_column= / label_column= (--data.text_column ...)."
                 )
+        if None in row:  # csv.DictReader's key for fields past the header's
+            raise SkillbankError(
+                f"{path}:{line}: more fields than the header's {len(row) - 1} columns; quote texts that hold a "
+                f'{"tab" if kind == ".tsv" else "comma"} ("like, this").'
+            )
         if not isinstance(row[text_column], str) or row[label_column] in ("", None):
             raise SkillbankError(f"{path}:{line}: the text must be a string and the label not empty.")
         texts.append(row[text_column])
         raw.append(str(row[label_column]).strip())
     if not texts:
         raise SkillbankError(f"{path} holds no examples.")
-    if all(r.lstrip("-").isdigit() for r in raw) and min(int(r) for r in raw) >= 0:
+    if all(_CLASS_NUMBER.fullmatch(r) for r in raw):
         labels = [int(r) for r in raw]
+        if max(labels) >= MAX_LABELS:
+            raise SkillbankError(
+                f"{path}: label {max(labels)} is a class number past {MAX_LABELS - 1}; number the classes "
+                f"0..K-1, or give them names."
+            )
         names = [str(i) for i in range(max(labels) + 1)]
     else:
         names = sorted(set(raw))
-        labels = [names.index(r) for r in raw]
+        if len(names) > MAX_LABELS:
+            raise SkillbankError(
+                f"{path}: {len(names):,} distinct labels in {label_column!r}, more than {MAX_LABELS:,} classes; "
+                "is that the right column (--data.label_column)?"
+            )
+        number = {name: i for i, name in enumerate(names)}
+        labels = [number[r] for r in raw]
     return TextSplit(tuple(texts), tuple(labels)), names
 
 

@@ -101,13 +101,16 @@ class SkillRouter:
     Args:
         skills: skills (e.g. ``[bank.get(n) for n in bank.names()]``), or a
             mapping of name to ``[C, D]`` centroids.
+        width: the base model's feature width (``config.hidden_size``): every
+            skill's centroids must be that wide, checked here, so a skill made for
+            another base is named now rather than failing at the first request.
 
     Raises:
         SkillbankError: a skill has no routing data (say how to add it), or
-            the skills' features differ in width or base.
+            the skills' features differ in width or base, or from ``width``.
     """
 
-    def __init__(self, skills: Iterable[Skill] | Mapping[str, Tensor]) -> None:
+    def __init__(self, skills: Iterable[Skill] | Mapping[str, Tensor], width: int | None = None) -> None:
         named: dict[str, Tensor] = {}
         bases: set[str] = set()
         if isinstance(skills, Mapping):
@@ -125,6 +128,13 @@ class SkillRouter:
             raise SkillbankError("a router needs at least one skill with routing data.")
         if len(bases) > 1:
             raise SkillbankError("the skills were localized on different base models; their routing features do not compare.")
+        if width is not None:
+            wrong = next((n for n, c in named.items() if c.dim() != 2 or c.shape[-1] != width), None)
+            if wrong is not None:
+                raise SkillbankError(
+                    f"skill {wrong!r}'s routing centroids are {list(named[wrong].shape)}, but the base's features are "
+                    f"{width} wide: it was not made on this base. Re-localize it with --routing-data, or leave it out (--skills)."
+                )
         dims = {c.shape[-1] for c in named.values()}
         if len(dims) != 1:
             raise SkillbankError(
@@ -136,6 +146,11 @@ class SkillRouter:
 
     def scores(self, features: Tensor) -> Tensor:
         """``[B, S]``: per input, the best cosine similarity to each skill's centroids (columns in :attr:`names` order)."""
+        if features.dim() != 2 or features.shape[-1] != self._centroids.shape[-1]:
+            raise SkillbankError(
+                f"features of shape {list(features.shape)} cannot be routed: the skills' centroids are "
+                f"{self._centroids.shape[-1]} wide. Route with the base model the skills were localized on."
+            )
         sims = nn.functional.normalize(features.detach().float().cpu(), dim=-1) @ self._centroids.T
         out = torch.full((len(sims), len(self.names)), -2.0, device="cpu")
         return out.scatter_reduce(1, self._owner.expand(len(sims), -1), sims, reduce="amax")

@@ -103,7 +103,7 @@ def _source(source: dict) -> str:
 
 
 def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
         raise SkillbankError(f"--out {out} already exists and is not an empty directory; pick a new folder.")
 
 

@@ -331,6 +331,7 @@ def test_json_outputs_follow_their_schema(folders, base_model, capsys):
         "bank": str(bank.path),
         "ok": True,
         "skills": {"t0": "ok", "t1": "ok"},
+        "orphans": [],
     }
     data = (bank.path / "t1.safetensors").read_bytes()
     (bank.path / "t1.safetensors").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
@@ -508,7 +509,7 @@ def test_tag_note_and_list_by_tag(folders, capsys):
     old_sha = SkillBank(bank).entry("t0").sha256
     assert main([*argv, "--name", "t0", "--replace"]) == 0 and "replaced 't0'" in capsys.readouterr().out
     replaced = SkillBank(bank).get("t0").metadata
-    assert replaced.sparsity == 0.03 and replaced.source["replaces"]["sha256"] == old_sha
+    assert replaced.sparsity == 0.03 and replaced.source["replaces"][0]["sha256"] == old_sha
     assert SkillBank(bank).entry("t0").tags == ["prod"] and SkillBank(bank).entry("t0").note == "from ft0"
     assert main([*argv, "--name", "t9", "--replace"]) == 2 and "no skill named 't9'" in capsys.readouterr().err
     assert main([*argv, "--name", "t1"]) == 2 and "or --replace it" in capsys.readouterr().err
