@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,9 +34,46 @@ from skillbank.vectors.adapters import find_peft_model, merged_finetune
 from skillbank.vectors.task_vectors import TaskVector, task_vector
 from skillbank.vectors.weights import WeightsSource, is_float, load_weights
 
-__all__ = ["SkillHarvester", "wait_budget"]
+__all__ = ["BASE_FILE", "SkillHarvester", "save_finetune", "wait_budget"]
 
 METHODS = ("dataless", "learned")
+#: The captured base's file beside the saved finetune, for ``skillbank localize --base``.
+BASE_FILE = "base.safetensors"
+
+
+def save_finetune(model: torch.nn.Module, folder: Path, base: Mapping[str, Tensor] | None = None) -> Path:
+    """Save a finetuned ``model``'s weights to ``folder`` as ``skillbank localize --finetuned`` reads them (a
+    Hugging Face model with ``save_pretrained``, so its config comes too; else one ``model.safetensors``), and
+    ``base`` beside them as :data:`BASE_FILE` when given. A LoRA model is saved merged. Written into a sibling
+    and renamed, so ``folder`` is complete or absent."""
+    from safetensors.torch import save_file, save_model
+
+    finetune = merged_finetune(model)
+    plain = finetune.weights if finetune.source else model
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staged = folder.with_name(f".{folder.name}.partial-{uuid.uuid4().hex}")
+    try:
+        save_pretrained = getattr(plain, "save_pretrained", None)  # a Hugging Face model
+        if callable(save_pretrained):
+            save_pretrained(staged, safe_serialization=True)
+        else:
+            staged.mkdir()
+            save_model(plain, str(staged / "model.safetensors"))
+        if base is not None:
+            save_file({k: v.contiguous() for k, v in base.items()}, str(staged / BASE_FILE))
+        staged.rename(folder)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return folder
+
+
+def _add_advice(exc: BaseException, advice: str) -> None:
+    """Append ``advice`` to ``exc``: to a skillbank error's one-line message, else as a note under its traceback."""
+    if isinstance(exc, SkillbankError):
+        exc.args = (f"{exc} {advice}",)
+    elif hasattr(exc, "add_note"):  # Python 3.11+
+        exc.add_note(advice)
 
 
 def wait_budget(trainer: Any) -> float | None:
@@ -77,6 +116,11 @@ class SkillHarvester(Callback):
             base features become the skill's routing centroids, one per label, so a
             :class:`~skillbank.stitching.routing.SkillRouter` can pick it for requests that do not
             name their task (a Hugging Face encoder model; see :mod:`skillbank.stitching.routing`).
+        finetuned_dir: where the finetuned weights are saved before localizing (default
+            ``<default_root_dir>/finetuned/<name>``; a folder that exists gets a ``-1``, ``-2`` … twin,
+            never overwritten), so a failure after training loses nothing: its error says
+            where they are and the ``skillbank localize`` command that banks them.
+        keep_finetuned: keep that folder once the skill is banked (default: removed then).
 
     The run's final ``trainer.callback_metrics`` (validation accuracy, …) go into the
     skill's metadata. Under DDP rank 0 localizes and writes; every rank waits for
@@ -105,6 +149,8 @@ class SkillHarvester(Callback):
         grid: Sequence[float] = DEFAULT_GRID,
         validation: Iterable[Any] | None = None,
         routing: Iterable[Any] | None = None,
+        finetuned_dir: str | Path | None = None,
+        keep_finetuned: bool = False,
     ) -> None:
         if isinstance(sparsity, str) and sparsity != "auto":
             raise SkillbankError(f"sparsity must be a fraction in (0, 1] or 'auto', got {sparsity!r}.")
@@ -122,6 +168,8 @@ class SkillHarvester(Callback):
         self.learner_kwargs = dict(learner_kwargs or {})
         self.target_recovery, self.grid, self.validation = target_recovery, tuple(grid), validation
         self.routing = routing
+        self.finetuned_dir, self.keep_finetuned = finetuned_dir, keep_finetuned
+        self.saved: Path | None = None  # where the finetuned weights went, on rank 0
         self.skill: Skill | None = None
         self._captured: dict[str, Tensor] | None = None
         self._deadline: float | None = None  # time.monotonic() by which a learned mask must be done (DDP)
@@ -156,9 +204,47 @@ class SkillHarvester(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        skill = bank_on_rank_zero(trainer, self.bank, lambda: self.harvest(trainer, pl_module), "SkillHarvester")
+        self.saved = None
+
+        def save_then_harvest() -> Skill:
+            self.saved = save_finetune(
+                wrapped_model(pl_module, self.model_attr),
+                self._finetuned_folder(trainer),
+                None if self.base is not None else self._captured,
+            )
+            return self.harvest(trainer, pl_module)
+
+        try:
+            skill = bank_on_rank_zero(trainer, self.bank, save_then_harvest, "SkillHarvester")
+        except Exception as exc:
+            if self.saved is not None:  # rank 0, trained weights on disk: say where, and how to go on
+                _add_advice(exc, self._recovery_advice(self.saved))
+            raise
         if skill is not None:  # rank 0
             self.skill = skill
+            if self.saved is not None and not self.keep_finetuned:
+                shutil.rmtree(self.saved, ignore_errors=True)
+                self.saved = None
+
+    def _finetuned_folder(self, trainer: pl.Trainer) -> Path:
+        folder = Path(self.finetuned_dir) if self.finetuned_dir is not None else Path(trainer.default_root_dir) / "finetuned"
+        target, n = folder / self.name, 0
+        while target.exists():  # an earlier run's weights are never overwritten
+            n += 1
+            target = folder / f"{self.name}-{n}"
+        return target
+
+    def _recovery_advice(self, saved: Path) -> str:
+        base = self.base if isinstance(self.base, (str, Path)) else saved / BASE_FILE
+        sparsity = (
+            "--sparsity auto --val-data VAL.jsonl (labelled validation texts)"
+            if self.sparsity == "auto"
+            else f"--sparsity {self.sparsity}"
+        )
+        return (
+            f"The finetuned weights are saved in {saved}; once the cause is fixed, bank them with: skillbank localize "
+            f"--base {base} --finetuned {saved} --bank {self.bank} --name {self.name} {sparsity}"
+        )
 
     def harvest(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Skill:
         """Localize the finetuned model (this process only) and return the skill, not yet banked."""

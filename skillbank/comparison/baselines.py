@@ -228,11 +228,14 @@ def arrivals(merge: Callable[[TaskVectors], dict[str, Tensor]], taus: TaskVector
 def apply_delta(model: nn.Module, base: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> nn.Module:
     """Set ``model``'s parameters named in ``base`` to ``base + delta`` (``delta`` may lack entries: base kept).
 
-    Names are matched up to a wrapper prefix (``bert.``), as everywhere in skillbank.
+    Names are matched up to a wrapper prefix (``bert.``), as everywhere in skillbank. Only floating-point
+    tensors count, as in a task vector: a checkpoint's integer buffers (``embeddings.position_ids``, which
+    transformers 5 no longer keeps in the model) are neither written nor required.
 
     Raises:
-        TaskVectorError: a base or delta tensor has no counterpart in ``model`` or another shape.
+        TaskVectorError: a floating-point base or delta tensor has no counterpart in ``model`` or another shape.
     """
+    base = {k: v for k, v in base.items() if v.is_floating_point()}
     params = dict(model.state_dict(keep_vars=True))
     names = align_names(base, params)
     missing = sorted(set(base) - set(names)) + sorted(set(delta) - set(base))

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
@@ -86,10 +85,19 @@ def _sparsity(text: str) -> float:
 # -- commands ----------------------------------------------------------------
 
 
+#: Where ``skillbank demo`` writes when not told: the folder ``configs/`` reads (``skillbank-demo/base``, ``/bank``).
+DEMO_FOLDER = "skillbank-demo"
+
+
 def _demo(args: argparse.Namespace) -> int:
     from skillbank.testbed.demo import format_table, run_demo
 
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="skillbank-demo-"))
+    workdir = Path(args.workdir)
+    if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
+        raise SkillbankError(
+            f"{workdir} exists already{' (an earlier demo: configs/ reads its base and bank)' if (workdir / 'bank').is_dir() else ''}; "
+            f"remove it to run the demo again, or pass --workdir NEW."
+        )
     print(f"skillbank demo: working in {workdir}")
     rows = run_demo(workdir, steps=args.steps, sparsity=args.sparsity, seed=args.seed)
     print()
@@ -538,13 +546,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="finetune, localize, bank and stitch 3 small synthetic tasks (about a minute on CPU)",
+        help="finetune, localize, bank and stitch 3 small synthetic tasks into ./skillbank-demo (about a minute on CPU)",
         description="End to end on a built-in default: a small BERT pretrained on a pretext task is "
         "finetuned on 3 synthetic classification tasks; each skill is localized at --sparsity, added to a "
         "bank, and stitched one by one. Prints per-task test accuracy: base with the task's head, finetuned, "
         "the skill stitched alone, and all skills stitched.",
     )
-    p.add_argument("--workdir", help="where to write the base, finetuned models and bank (default: a new temp dir)")
+    p.add_argument(
+        "--workdir",
+        default=DEMO_FOLDER,
+        help=f"where to write the base, finetuned models and bank (default: ./{DEMO_FOLDER}, where the configs in configs/ "
+        "look for them); it must be new or empty",
+    )
     p.add_argument("--steps", type=int, default=500, help="finetuning steps per task (default: 500)")
     p.add_argument("--sparsity", type=_sparsity, default=0.01, help="fraction of entries per skill (default: 0.01)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -874,6 +887,7 @@ def _run(argv: list[str]) -> int:
     if argv[:1] in (["fit"], ["validate"]):
         from skillbank.integrations.fit import run_lightning
 
+        _quiet_libraries()
         try:
             return run_lightning(argv[0], argv[1:])
         except SkillbankError as exc:

@@ -142,7 +142,7 @@ def require_safetensors(folder: str | Path, stem: str = "model") -> Path:
         return folder
     if not folder.exists():
         hint = (
-            " It is one of the demo's folders: make them first with `skillbank demo --workdir skillbank-demo`."
+            " It is one of the demo's folders: make them first with `skillbank demo` (it writes them to ./skillbank-demo)."
             if "skillbank-demo" in folder.parts
             else ""
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -83,3 +84,38 @@ def pulled_minilm_folder(cache: Path) -> Path:
     package_root(package, cache).mkdir(parents=True)
     (package_root(package, cache) / ".complete").write_text("pulled by the test\n")
     return package_root(package, cache) / inner
+
+
+#: The own-data set-up's words: the first three make a review positive, the next three negative.
+REVIEW_WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "film", "was", "plot"]
+
+
+def own_data(folder: Path, monkeypatch: Any) -> Path:
+    """A newcomer's own data: a pulled-MiniLM stand-in in ``folder/cache`` (``$SKILLBANK_CACHE`` set to it through
+    ``monkeypatch``: a tiny BERT with a tokenizer, whose checkpoint carries an integer ``embeddings.position_ids``
+    buffer, as the real one does and transformers 5's model no longer has) and ``folder/my.csv`` with ``review`` and
+    ``verdict`` columns, labels as names. Returns the base model's folder."""
+    import csv
+
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("SKILLBANK_CACHE", str(folder / "cache"))
+    base = pulled_minilm_folder(folder / "cache")
+    tokenizer = tiny_tokenizer(REVIEW_WORDS)
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=len(tokenizer))
+    BertModel(config).save_pretrained(base)
+    weights = load_file(base / "model.safetensors")
+    weights["embeddings.position_ids"] = torch.arange(config.max_position_embeddings).unsqueeze(0)
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    tokenizer.save_pretrained(base)
+    rows = [
+        {"review": f"the film was {w} {w}", "verdict": "positive" if w in REVIEW_WORDS[:3] else "negative"}
+        for w in REVIEW_WORDS[:6]
+        for _ in range(12)
+    ]
+    with (folder / "my.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["review", "verdict"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return base

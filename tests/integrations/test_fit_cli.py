@@ -11,7 +11,7 @@ import yaml
 from transformers import BertModel
 
 from helpers.models import finetune_like, tiny_config
-from skillbank import SkillBank
+from skillbank import SkillBank, SkillbankError
 from skillbank.integrations.cli import main
 
 CONFIGS = Path(__file__).parents[2] / "configs"
@@ -87,7 +87,7 @@ def test_the_demo_config_before_the_demo_says_what_to_run(tmp_path, monkeypatch,
         assert main(["fit", "--config", str(CONFIGS / "mask_demo.yaml")]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # the reason, as the last line (not a traceback)
     assert last.startswith("skillbank fit: error: no model folder at skillbank-demo/finetuned/sentiment")
-    assert last.endswith("make them first with `skillbank demo --workdir skillbank-demo`.")
+    assert last.endswith("make them first with `skillbank demo` (it writes them to ./skillbank-demo).")
     assert not [w for w in caught if "args parameter" in str(w.message)]  # no LightningCLI warning about how it was called
 
 
@@ -140,29 +140,12 @@ def test_real_config_parses_offline(capsys):
     assert config["data"]["init_args"]["task"] == "spam" and config["trainer"]["max_steps"] == 150
 
 
-def test_your_own_csv_becomes_a_banked_skill_with_no_python(tmp_path, monkeypatch):
-    """The shipped config as written, ``pulled:minilm`` included: the alias is resolved once, by ``skillbank fit``,
-    from a cache that already holds the pulled files (here a tiny model in their place), before any class is built."""
-    import csv
+def _own_csv_setup(tmp_path, monkeypatch) -> Path:  # noqa: ANN001
+    """The own-data set-up (:func:`helpers.models.own_data`) and the shipped own-data config pointed at ``tmp_path``;
+    returns the config."""
+    from helpers.models import own_data
 
-    from helpers.models import pulled_minilm_folder, tiny_tokenizer
-
-    monkeypatch.setenv("SKILLBANK_CACHE", str(tmp_path / "cache"))
-    base = pulled_minilm_folder(tmp_path / "cache")
-    words = ["good", "great", "fine", "bad", "awful", "poor", "the", "film", "was", "plot"]
-    tokenizer = tiny_tokenizer(words)
-    torch.manual_seed(0)
-    BertModel(tiny_config(vocab_size=len(tokenizer))).save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    rows = [
-        {"review": f"the film was {w} {w}", "verdict": "positive" if w in words[:3] else "negative"}
-        for w in words[:6]
-        for _ in range(12)
-    ]
-    with (tmp_path / "my.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, ["review", "verdict"])
-        writer.writeheader()
-        writer.writerows(rows)
+    own_data(tmp_path, monkeypatch)
     config = yaml.safe_load(
         (CONFIGS / "finetune_my_data.yaml")
         .read_text()
@@ -170,29 +153,57 @@ def test_your_own_csv_becomes_a_banked_skill_with_no_python(tmp_path, monkeypatc
         .replace("my-runs", str(tmp_path / "runs"))
     )
     config["trainer"].update({"accelerator": "cpu", "enable_progress_bar": False, "max_epochs": 2})
-    config["trainer"]["callbacks"][0]["init_args"]["sparsity"] = 0.05
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(config))
-    assert (
-        main(
-            [
-                "fit",
-                "--config",
-                str(tmp_path / "mine.yaml"),
-                "--data.path",
-                str(tmp_path / "my.csv"),
-                "--data.text_column",
-                "review",
-                "--data.label_column",
-                "verdict",
-                "--model.init_args.lr",
-                "0.01",
-            ]
-        )
-        == 0
+    return tmp_path / "mine.yaml"
+
+
+def _fit_own_csv(config: Path, tmp_path: Path) -> int:
+    return main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--data.path",
+            str(tmp_path / "my.csv"),
+            "--data.text_column",
+            "review",
+            "--data.label_column",
+            "verdict",
+            "--model.init_args.lr",
+            "0.01",
+        ]
     )
+
+
+def test_your_own_csv_becomes_a_banked_skill_with_no_python(tmp_path, monkeypatch):
+    """The shipped config as written (``pulled:minilm``, ``sparsity: auto``), on a checkpoint with a
+    ``position_ids`` buffer: the alias is resolved once, by ``skillbank fit``, from a cache that already holds
+    the pulled files (here a tiny model in their place), before any class is built."""
+    assert _fit_own_csv(_own_csv_setup(tmp_path, monkeypatch), tmp_path) == 0
     bank = SkillBank(tmp_path / "bank")
     assert bank.names() == ["my-task"] and bank.verify() == {"my-task": "ok"}
-    assert set(bank.get("my-task").head) == {"classifier.weight", "classifier.bias"}
+    skill = bank.get("my-task")
+    assert set(skill.head) == {"classifier.weight", "classifier.bias"} and skill.metadata.settings["auto"]["met"]
+    assert "embeddings.position_ids" not in skill.metadata.shapes
+    assert (tmp_path / "runs" / "finetuned" / "my-task" / "model.safetensors").is_file()  # saved before localizing, kept
+
+
+def test_a_failed_localization_keeps_the_finetune_and_says_how_to_bank_it(tmp_path, monkeypatch, capsys):
+    from skillbank.callbacks import skill_harvester
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise SkillbankError("the localization broke")
+
+    monkeypatch.setattr(skill_harvester, "search_sparsity", broken)
+    assert _fit_own_csv(_own_csv_setup(tmp_path, monkeypatch), tmp_path) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    saved = tmp_path / "runs" / "finetuned" / "my-task"
+    assert err.startswith("skillbank fit: error: the localization broke The finetuned weights are saved in ")
+    assert (saved / "model.safetensors").is_file() and (saved / "config.json").is_file()
+    command = err.split("bank them with: ")[1].split()
+    assert command[:2] == ["skillbank", "localize"] and "--val-data" in command
+    assert main([*command[1 : command.index("--sparsity")], "--sparsity", "0.05"]) == 0  # the command, sized by hand
+    assert SkillBank(tmp_path / "bank").names() == ["my-task"]
 
 
 def test_a_table_names_its_problem(tmp_path):
