@@ -150,9 +150,10 @@ class SkillStitcher(Callback):
         """Whether batches are answered by the skill they name (``switch_by`` or ``dataloader_skills``)."""
         return self.switch_by is not None or self.dataloader_skills is not None
 
-    def update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+    def update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, at: str | None = None) -> list[str]:
         """Stitch every skill of the bank not stitched yet (serving mode: only note them as servable);
-        returns their names (the same on every rank)."""
+        returns their names (the same on every rank). ``at`` says when, as the stage counts (for the log:
+        ``"after predict batch 9"``; default the optimizer step)."""
         stitcher = self._ensure_stitcher(pl_module)
         known = self.servable if self.serving else stitcher.stitched
         new: list[str] = []
@@ -174,7 +175,8 @@ class SkillStitcher(Callback):
         for name in new:
             stitcher.add(name)
             self.history.append((name, trainer.global_step))
-            rank_zero_info(f"SkillStitcher: stitched {name!r} at step {trainer.global_step} ({len(stitcher)} skills)")
+            when = at or f"at step {trainer.global_step}"
+            rank_zero_info(f"SkillStitcher: stitched {name!r} {when} ({len(stitcher)} skills)")
         return new
 
     def _bank_names(self) -> list[str]:
@@ -223,15 +225,15 @@ class SkillStitcher(Callback):
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.look_on_validation_start:
-            self.update(trainer, pl_module)
+            self.update(trainer, pl_module, f"at validation start (step {trainer.global_step})")
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.update(trainer, pl_module)
+        self.update(trainer, pl_module, "at test start")
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.update(trainer, pl_module)
+        self.update(trainer, pl_module, "at predict start")
 
     @override
     def on_predict_batch_end(
@@ -245,7 +247,7 @@ class SkillStitcher(Callback):
     ) -> None:
         self._release()
         if self.should_update(batch_idx, trainer.current_epoch):
-            self.update(trainer, pl_module)
+            self.update(trainer, pl_module, f"after predict batch {batch_idx}")
 
     # -- serving mode ----------------------------------------------------------
 

@@ -103,6 +103,8 @@ def _demo(args: argparse.Namespace) -> int:
     print()
     print(format_table(rows))
     print(f"\nbank: {workdir / 'bank'}  (try: skillbank list {workdir / 'bank'})")
+    if workdir == Path(DEMO_FOLDER):
+        print("next: skillbank fit --config configs/finetune_harvest.yaml  (configs/ reads this folder)")
     return 0
 
 
@@ -403,10 +405,24 @@ def _diff(args: argparse.Namespace) -> int:
     in_a, in_b = placement(a), placement(b)
     top = sorted(set(in_a) | set(in_b), key=lambda k: (-(in_a.get(k, 0) + in_b.get(k, 0)), k))[:5]
     for place in top:
-        rows.append((f"in {place[0]} / {place[1]}", f"{in_a.get(place, 0):,}", f"{in_b.get(place, 0):,}"))
+        rows.append((f"entries in {_place(*place)}", f"{in_a.get(place, 0):,}", f"{in_b.get(place, 0):,}"))
     print(_table(("", a.name, b.name), rows))
     print(f"\nmask overlap: {shared:,} shared entries, Jaccard {overlap:.4f}")
     return 0
+
+
+def _place(layer: str, component: str) -> str:
+    """Where entries live, for people: ``"layer 3 attention"``, ``"the embeddings"``, ``"other parameters"``."""
+    if component in (layer, "other"):
+        return (
+            "the embeddings"
+            if layer == "embeddings"
+            else f"{layer}, other parameters"
+            if layer != "other"
+            else "other parameters"
+        )
+    where = "" if layer == "other" else "the embeddings' " if layer == "embeddings" else f"{layer} "
+    return f"{where}{component}" + (" (outside the layers)" if layer == "other" else "")
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -546,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="finetune, localize, bank and stitch 3 small synthetic tasks into ./skillbank-demo (about a minute on CPU)",
+        help="finetune, localize, bank and stitch 3 small synthetic tasks into ./skillbank-demo (about 30 s on 2 CPU cores)",
         description="End to end on a built-in default: a small BERT pretrained on a pretext task is "
         "finetuned on 3 synthetic classification tasks; each skill is localized at --sparsity, added to a "
         "bank, and stitched one by one. Prints per-task test accuracy: base with the task's head, finetuned, "

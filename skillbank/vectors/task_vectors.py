@@ -75,16 +75,22 @@ def pair_shared(
     Raises:
         TaskVectorError: they share none.
     """
+    aligned = align_names(base, finetuned)
     shared = {
         b: f
-        for b, f in align_names(base, finetuned).items()
+        for b, f in aligned.items()
         if base[b] == finetuned[f] and not matches(b, head_patterns) and not matches(f, head_patterns)
     }
     if not shared:
+        differ = [f"{b} {list(base[b])} vs {list(finetuned[f])}" for b, f in aligned.items() if base[b] != finetuned[f]]
+        found = (
+            f"the names match but the shapes differ: {'; '.join(differ[:3])}"
+            if differ
+            else f"base has e.g. {sorted(base)[:3]}, finetuned has e.g. {sorted(finetuned)[:3]}"
+        )
         raise TaskVectorError(
-            "the base and finetuned models share no floating-point parameter with the same name and shape "
-            f"(base has e.g. {sorted(base)[:3]}, finetuned has e.g. {sorted(finetuned)[:3]}); "
-            "is this the base the model was finetuned from?"
+            f"the base and finetuned models share no floating-point parameter with the same name and shape ({found}); "
+            "is this the base the model was finetuned from (the same architecture and size)?"
         )
     return shared
 

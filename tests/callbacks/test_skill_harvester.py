@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from helpers import DDP_TIMEOUT
 from helpers.models import live_copy
 from helpers.modules import quiet_trainer, task_loader
 from skillbank import SkillBank, SkillNameError, localize_dataless, task_vector
@@ -166,7 +167,7 @@ def test_a_model_kept_under_another_name_is_named_not_folded_into_the_task_vecto
 
 @pytest.mark.ddp
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(DDP_TIMEOUT)
 def test_ddp_finetune_is_harvested_once(tmp_path):
     import subprocess
     import sys

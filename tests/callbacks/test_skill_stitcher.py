@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from helpers import DDP_TIMEOUT
 from helpers.models import live_copy, make_skill, reference_stitch
 from helpers.modules import Watcher, quiet_trainer, task_loader
 from skillbank import SkillBank, SkillbankError, Stitcher
@@ -170,7 +171,7 @@ def test_bad_arguments_fail_fast(tmp_path, kwargs, words):
 
 @pytest.mark.ddp
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(DDP_TIMEOUT)
 def test_ddp_ranks_stitch_the_same_skills_in_the_same_order(base_model, skills, tmp_path):
     import json
     from pathlib import Path
@@ -184,3 +185,31 @@ def test_ddp_ranks_stitch_the_same_skills_in_the_same_order(base_model, skills, 
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert reports[0]["stitched"] == reports[1]["stitched"] == ["b", "a"]
     assert reports[0]["digest"] == reports[1]["digest"]
+
+
+class AddDuringPredict(pl.Callback):
+    """After predict batch ``at``, the bank gets ``skill`` (as another process would add it)."""
+
+    def __init__(self, bank, skill, at: int) -> None:  # noqa: ANN001
+        self.bank, self.skill, self.at = bank, skill, at
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):  # noqa: ANN001
+        if batch_idx == self.at:
+            SkillBank(self.bank).add(self.skill)
+
+
+def test_a_predict_loop_logs_the_batch_a_skill_arrived_after_not_a_step(base_model, skills, tmp_path, caplog):
+    import logging
+
+    a, b = skills
+    SkillBank(tmp_path / "bank").add(a)
+    stitcher = SkillStitcher(tmp_path / "bank", base=base_model, every_n_steps=1)
+    callbacks = [AddDuringPredict(tmp_path / "bank", b, at=4), stitcher]  # the adder runs first
+    module = Watcher(live_copy(base_model))
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        quiet_trainer(callbacks=callbacks, enable_checkpointing=False).predict(module, task_loader(), return_predictions=False)
+    messages = [r.getMessage() for r in caplog.records if "SkillStitcher" in r.getMessage()]
+    assert messages == [
+        "SkillStitcher: stitched 'a' at predict start (1 skills)",
+        "SkillStitcher: stitched 'b' after predict batch 4 (2 skills)",
+    ]

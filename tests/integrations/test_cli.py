@@ -354,7 +354,9 @@ def test_diff_compares_two_skills_side_by_side(folders, base_model, capsys):
         & {(n, i) for n, r in b.regions.items() for i in r.indices.tolist()}
     )
     assert f"mask overlap: {shared:,} shared entries, Jaccard {float(jaccard([a, b])[0, 1]):.4f}" in out
-    assert re.search(rf"^entries\s+{a.num_entries:,}\s+{b.num_entries:,}$", out, re.M) and "in layer" in out
+    assert re.search(rf"^entries\s+{a.num_entries:,}\s+{b.num_entries:,}$", out, re.M) and "entries in layer" in out
+    assert re.search(r"^entries in (the embeddings|layer \d+ (attention|FFN|LayerNorm|bias))\s", out, re.M)
+    assert " / " not in out  # was "in embeddings / embeddings"
     assert main(["diff", str(bank.path), "t0", "nope"]) == 2 and "no skill named 'nope'" in capsys.readouterr().err
 
 
@@ -513,3 +515,36 @@ def test_tag_note_and_list_by_tag(folders, capsys):
     assert SkillBank(bank).entry("t0").tags == ["prod"] and SkillBank(bank).entry("t0").note == "from ft0"
     assert main([*argv, "--name", "t9", "--replace"]) == 2 and "no skill named 't9'" in capsys.readouterr().err
     assert main([*argv, "--name", "t1"]) == 2 and "or --replace it" in capsys.readouterr().err
+
+
+def test_warnings_are_one_line_of_their_own_and_library_noise_is_filtered(folders, capsys, monkeypatch):
+    from transformers import BertModel
+
+    from helpers.models import tiny_config
+
+    torch.manual_seed(7)
+    BertModel(tiny_config()).save_pretrained(folders / "other")  # another initialization: τ as large as the weights
+    argv = ["localize", "--base", str(folders / "base"), "--finetuned", str(folders / "other"), "--bank", str(folders / "b")]
+    capsys.readouterr()
+    assert main([*argv, "--name", "x"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("skillbank: warning: the task vector is as large as the weights"), err
+
+    def noisy(args):  # noqa: ANN001, ANN202
+        import warnings
+
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `treespec.is_leaf()`", DeprecationWarning)
+        return 0
+
+    monkeypatch.setattr("skillbank.integrations.cli._list", noisy)
+    from skillbank.integrations import cli
+
+    real = cli.build_parser
+
+    def build():  # noqa: ANN202
+        parser = real()
+        parser._subparsers._group_actions[0].choices["list"].set_defaults(run=noisy)
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", build)
+    assert main(["list", str(folders / "b")]) == 0 and capsys.readouterr().err == ""

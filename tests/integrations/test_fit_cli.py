@@ -126,7 +126,7 @@ def test_finetune_harvest_then_serve_stitch(demo_like, tmp_path):
     finally:
         lightning_log.removeHandler(handler)
         lightning_log.setLevel(level)
-    assert "SkillStitcher: stitched 'topic-harvested' at step 0 (1 skills)" in messages
+    assert "SkillStitcher: stitched 'topic-harvested' at validation start (step 0) (1 skills)" in messages
 
 
 def test_real_config_parses_offline(capsys):

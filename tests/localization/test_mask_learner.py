@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from transformers import BertForSequenceClassification, BertModel
 
+from helpers import DDP_TIMEOUT
 from helpers.models import finetune_like, live_copy, make_skill, tiny_config
 from skillbank import (
     MaskLearner,
@@ -187,7 +188,7 @@ def test_learned_mask_beats_dataless_on_an_adam_finetune(adam_finetune, tmp_path
 
 @pytest.mark.ddp
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(DDP_TIMEOUT)
 def test_ddp_learns_the_same_mask_and_writes_the_bank_once(tmp_path):
     script = str(TESTS / "mask_ddp_run.py")
     one, two = str(tmp_path / "one"), str(tmp_path / "two")

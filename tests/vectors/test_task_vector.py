@@ -157,3 +157,16 @@ def test_localize_refuses_bad_sparsity(base_model, bad):
     tv = task_vector(base_model, finetune_like(base_model, seed=2))
     with pytest.raises(SkillbankError, match=r"\(0, 1\]"):
         localize_dataless(tv, bad, name="t")
+
+
+def test_another_size_of_the_same_architecture_names_the_shapes_that_differ(base_model):
+    from transformers import BertModel
+
+    from helpers.models import tiny_config
+
+    wider = BertModel(tiny_config(hidden_size=32, intermediate_size=64))
+    with pytest.raises(
+        TaskVectorError,
+        match=r"the names match but the shapes differ: embeddings\.word_embeddings\.weight \[64, 16\] vs \[64, 32\]",
+    ):
+        task_vector(base_model, wider)
