@@ -875,7 +875,8 @@ def _resolve_models(args: argparse.Namespace) -> None:
 #: Exit codes: bad input (and any refused operation) is 2; ``verify`` alone uses 1, for damaged skills.
 EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 130, 141
 #: Third-party warnings that say nothing a skillbank user can act on, by message.
-_NOISE = (r".*isinstance\(treespec, LeafSpec\).*", r".*does not have many workers.*")
+_NOISE = (r".*isinstance\(treespec, LeafSpec\).*", r".*does not have many workers.*")  # Lightning's, by message
+_NOISY_KINDS = ("JsonargparseDeprecationWarning",)  # LightningCLI's use of jsonargparse, by category
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -950,8 +951,10 @@ def _one_line_warnings() -> None:
     def show(
         message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
     ) -> None:
-        who = "skillbank" if str(Path(filename).resolve()).startswith(own) else category.__name__
-        print(f"{who}: warning: {message}", file=sys.stderr if file is None else file)
+        if category.__name__ in _NOISY_KINDS:
+            return
+        who = "skillbank: warning" if str(Path(filename).resolve()).startswith(own) else category.__name__
+        print(f"{who}: {message}", file=sys.stderr if file is None else file)
 
     warnings.showwarning = show
 

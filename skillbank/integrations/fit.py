@@ -11,6 +11,7 @@ shows every setting with its default.
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from collections.abc import Sequence
 
@@ -26,12 +27,27 @@ def run_lightning(subcommand: str, argv: Sequence[str]) -> int:
     """Run LightningCLI's ``subcommand`` (``fit``, ``validate``) with ``argv`` (e.g. ``["--config", "configs/mask_demo.yaml"]``)."""
     try:
         _cli([subcommand, *argv])
+    except pickle.UnpicklingError:  # --ckpt_path: torch's weights-only loader refused what the file holds
+        raise SkillbankError(
+            f"the checkpoint {_ckpt_path(argv)} holds objects torch's safe (weights-only) loader refuses, such as code "
+            "that would run on loading; nothing in it was run. Pass a checkpoint a Lightning run of yours saved, or none."
+        ) from None
     except ValueError as exc:  # jsonargparse wraps errors raised while building the classes
         cause = _skillbank_cause(exc)
         if cause is None:
             raise
         raise cause from None
     return 0
+
+
+def _ckpt_path(argv: Sequence[str]) -> str:
+    """The ``--ckpt_path`` given in ``argv`` (as typed), for messages."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--ckpt_path="):
+            return arg.split("=", 1)[1]
+        if arg == "--ckpt_path" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "(from the config)"
 
 
 def _skillbank_cause(exc: BaseException) -> SkillbankError | None:

@@ -225,3 +225,27 @@ def test_a_table_names_its_problem(tmp_path):
     with pytest.raises(SkillbankError, match="unknown kind '.txt'"):
         (tmp_path / "e.txt").write_text("x")
         read_table(tmp_path / "e.txt")
+
+
+class _Runs:
+    """Unpickling this calls ``os.getcwd`` (harmless): a stand-in for a checkpoint that would run code."""
+
+    def __reduce__(self):  # noqa: ANN204
+        import os
+
+        return (os.getcwd, ())
+
+
+def test_a_pickled_checkpoint_that_would_run_code_is_refused_in_one_line(demo_like, tmp_path, capsys):
+    import pickle
+
+    (tmp_path / "evil.ckpt").write_bytes(pickle.dumps({"state_dict": _Runs()}, protocol=2))
+    assert main(["fit", *mask_args(demo_like), "--ckpt_path", str(tmp_path / "evil.ckpt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"skillbank fit: error: the checkpoint {tmp_path / 'evil.ckpt'} holds objects torch's safe")
+    assert not any("Traceback" in line or "Warning" in line for line in err), err
+    assert main(["fit", *mask_args(demo_like), "--ckpt_path", str(tmp_path / "missing.ckpt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"skillbank fit: error: Checkpoint file not found: {tmp_path / 'missing.ckpt'}." and not any(
+        "Traceback" in line or "Warning" in line for line in err
+    ), err
