@@ -20,6 +20,18 @@ def base_model(config) -> BertModel:
     return BertModel(config).eval()
 
 
+@pytest.fixture
+def bank(tmp_path, base_model):  # noqa: ANN201 - a SkillBank
+    """A bank of two small skills, ``a`` and ``b``, of the tiny base (what the hostile-input tests tamper with)."""
+    from helpers.models import make_skill
+    from skillbank import SkillBank
+
+    bank = SkillBank(tmp_path / "bank")
+    bank.add(make_skill(base_model, "a", seed=1))
+    bank.add(make_skill(base_model, "b", seed=2))
+    return bank
+
+
 def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
     """Tests marked ``real`` (real model and data, minutes of CPU, a registry download) run only with ``-m real``."""
     if "real" in (config.getoption("markexpr") or ""):

@@ -30,14 +30,6 @@ from skillbank.stitching.routing import SkillRouter, with_routing
 from skillbank.stitching.union_support import UnionSupport
 
 
-@pytest.fixture
-def bank(tmp_path, base_model) -> SkillBank:
-    bank = SkillBank(tmp_path / "bank")
-    bank.add(make_skill(base_model, "a", seed=1))
-    bank.add(make_skill(base_model, "b", seed=2))
-    return bank
-
-
 def _listing(folder: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
 

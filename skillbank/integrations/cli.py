@@ -743,8 +743,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "verify",
         help="check every skill's sha256 and base fingerprint; exit 1 if any is damaged",
-        description="Read every skill, checking size, sha256, format and base fingerprint. Lists each "
-        "skill's status and exits non-zero when any is damaged.",
+        description="Read every skill, checking size, sha256, format, finite values and base fingerprint, and "
+        "that no skill's routing centroids copy another's. Lists each skill's status and the files no skill owns "
+        "(skillbank gc removes them), and exits 1 when any skill is damaged.",
     )
     p.add_argument("bank", help="the bank directory")
     p.add_argument("--json", action="store_true", help="print JSON for scripts (schema in the README)")

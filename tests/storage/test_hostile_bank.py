@@ -17,15 +17,6 @@ from helpers.models import make_skill
 from skillbank import BankError, Skill, SkillBank, SkillbankError, SkillFileError
 from skillbank.integrations.cli import main
 
-
-@pytest.fixture
-def bank(tmp_path, base_model) -> SkillBank:
-    bank = SkillBank(tmp_path / "bank")
-    bank.add(make_skill(base_model, "a", seed=1))
-    bank.add(make_skill(base_model, "b", seed=2))
-    return bank
-
-
 # -- hostile manifests ---------------------------------------------------------------------------------------
 
 
