@@ -413,16 +413,11 @@ def _diff(args: argparse.Namespace) -> int:
 
 def _place(layer: str, component: str) -> str:
     """Where entries live, for people: ``"layer 3 attention"``, ``"the embeddings"``, ``"other parameters"``."""
-    if component in (layer, "other"):
-        return (
-            "the embeddings"
-            if layer == "embeddings"
-            else f"{layer}, other parameters"
-            if layer != "other"
-            else "other parameters"
-        )
-    where = "" if layer == "other" else "the embeddings' " if layer == "embeddings" else f"{layer} "
-    return f"{where}{component}" + (" (outside the layers)" if layer == "other" else "")
+    if layer == "embeddings":
+        return "the embeddings" if component in ("embeddings", "other") else f"the embeddings' {component}"
+    if layer == "other":
+        return "other parameters" if component == "other" else f"{component} outside the layers"
+    return f"{layer}, other parameters" if component == "other" else f"{layer} {component}"
 
 
 def _verify(args: argparse.Namespace) -> int:
