@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from skillbank import _moved
 from skillbank.errors import (
     BankError,
     BankLockedError,
@@ -22,8 +21,6 @@ from skillbank.errors import (
     TaskVectorError,
     TimeLimitError,
 )
-
-_moved.install()  # the module paths from before the package was grouped by stage still import (deprecated)
 
 # Where each public name lives. They are imported on first use, so ``import skillbank`` (and the CLI's
 # --help and list) costs no torch, transformers or lightning import until a name that needs them is used.
@@ -45,7 +42,6 @@ _LAZY = {
     "align_names": "vectors.weights",
     "base_fingerprint": "vectors.weights",
     "load_weights": "vectors.weights",
-    "load_state_dict": "vectors.weights",
 }
 
 if TYPE_CHECKING:
@@ -57,7 +53,7 @@ if TYPE_CHECKING:
     from skillbank.storage.bank import SkillBank, SkillEntry
     from skillbank.storage.skill import Region, Skill, SkillMetadata
     from skillbank.vectors.task_vectors import TaskVector, task_vector
-    from skillbank.vectors.weights import align_names, base_fingerprint, load_state_dict, load_weights
+    from skillbank.vectors.weights import align_names, base_fingerprint, load_weights
 
 
 def __getattr__(name: str) -> Any:
@@ -96,7 +92,6 @@ __all__ = [
     "TimeLimitError",
     "align_names",
     "base_fingerprint",
-    "load_state_dict",
     "load_weights",
     "localize_dataless",
     "skill_from_mask",

@@ -69,7 +69,7 @@ def test_each_stage_imports_only_the_stages_before_it():
     for rel, path in sources.items():
         stage = rel.split("/")[0] if "/" in rel else None
         if stage is None:  # the top level: the lazy public API may name anything; errors, devices, sparse import no stage
-            if rel not in ("__init__.py", "_moved.py"):
+            if rel != "__init__.py":
                 assert {_stage(m) for m in _imported_modules(path)} <= {None}, rel
             continue
         allowed = _MAY_IMPORT[stage] | {stage} | ({"testbed"} if rel in _EDGES_INTO_TESTBED else set())
@@ -88,25 +88,14 @@ def test_the_core_never_imports_what_downloads():
     assert weights._PULLED == PULLED  # the spelled-out copy of the prefix agrees
 
 
-def test_the_old_module_paths_import_the_moved_modules_with_a_warning():
-    """``skillbank.stitcher`` (a config's ``class_path``, a pickle) is the very module ``skillbank.stitching.stitcher``."""
-    from skillbank._moved import MOVED
-    from skillbank.stitching import stitcher
-    from skillbank.stitching.overlap import mean
-
-    for old in ("skillbank.stitcher", "skillbank.overlap", "skillbank.overlap.mean"):
+def test_no_pre_release_shims_remain():
+    """No release has been cut, so the module paths from before the grouping and the renamed functions are gone,
+    not kept as deprecated aliases nobody outside has used."""
+    for old in ("skillbank.stitcher", "skillbank.overlap", "skillbank._moved"):
         sys.modules.pop(old, None)
-    with pytest.warns(DeprecationWarning, match=r"skillbank\.stitcher is now skillbank\.stitching\.stitcher"):
-        old_stitcher = importlib.import_module("skillbank.stitcher")
-    with pytest.warns(DeprecationWarning) as record:
-        from skillbank.overlap.mean import MeanRule  # the rule registers once, not a second time under the old name
-    assert [str(w.message).split(";")[0] for w in record] == [
-        "skillbank.overlap is now skillbank.stitching.overlap",
-        "skillbank.overlap.mean is now skillbank.stitching.overlap.mean",
-    ]
-    assert old_stitcher is stitcher and MeanRule is mean.MeanRule
-    for old, new in MOVED.items():  # every old name leads somewhere
-        assert importlib.util.find_spec(new) is not None, old
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(old)
+    assert not hasattr(skillbank, "load_state_dict") and not hasattr(skillbank.SkillBank, "list")
 
 
 def test_the_core_refuses_an_alias_with_what_to_do():
@@ -121,11 +110,3 @@ def test_the_core_refuses_an_alias_with_what_to_do():
     ):  # MaskLearner's and SequenceClassifier's loader: no pull on any rank
         with pytest.raises(SkillbankError, match=r"pulled model's alias.*resolve_model\('pulled:minilm'\)"):
             call()
-
-
-def test_renamed_functions_still_answer_and_say_their_new_name():
-    import torch
-
-    state = {"w": torch.ones(2)}
-    with pytest.warns(DeprecationWarning, match=r"load_weights\(\)"):
-        assert skillbank.load_state_dict(state) == skillbank.load_weights(state) == state

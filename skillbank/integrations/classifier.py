@@ -11,9 +11,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from skillbank.errors import SkillbankError
 from skillbank.localization.mask_learner import load_model
-from skillbank.stitching.heads import accuracy, use_head  # accuracy: re-exported, its old home
+from skillbank.stitching.heads import use_head
 
-__all__ = ["SequenceClassifier", "accuracy"]
+__all__ = ["SequenceClassifier"]
 
 
 class SequenceClassifier(pl.LightningModule):

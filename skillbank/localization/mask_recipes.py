@@ -27,8 +27,8 @@ class MaskRecipe:
         optimizer: ``"adam"`` or ``"sgd"`` (plain, no momentum), over the scores only.
         lr: learning rate of that optimizer.
         l1: regularisation strength ``λ``.
-        regularizer: ``"mean_sigmoid"`` adds ``λ·mean(σ(S))`` to the loss (DESIGN:
-            shrinks the soft mask); ``"paper_sign"`` reproduces the released code's
+        regularizer: ``"mean_sigmoid"`` adds ``λ·mean(σ(S))`` to the loss (the
+            ``λ·‖σ(S)‖₁ / P`` term of the learned localization: shrinks the soft mask); ``"paper_sign"`` reproduces the released code's
             update ``S += λ·sign(S)·σ'(S)``, which pushes scores away from 0.
         binarize: ``"topk"`` keeps the top-k scores at the target sparsity (mask
             size is exact); ``"round"`` keeps ``round(σ(S))``, i.e. ``S > 0`` (size not controlled).
@@ -67,7 +67,7 @@ class MaskRecipe:
 #: ``"topk"`` (default): start from the dataless mask at the target sparsity with
 #: scores ±1 (σ = 0.73 / 0.27: a soft start that gradients can reorder within a few
 #: dozen Adam steps; at ±3 or ±5 the top-k never changes in 40 steps), Adam at 0.1
-#: over the scores, one update per batch, the L1 term of DESIGN with λ = 10 (pushes
+#: over the scores, one update per batch, the ``λ·‖σ(S)‖₁ / P`` term with λ = 10 (pushes
 #: unused scores down so the soft model cannot lean on a thin spread of τ), 40
 #: epochs, and the exact target size at the end. Chosen on the demo's Adam finetunes
 #: (benchmarks/RESULTS.md has the sweep).

@@ -45,7 +45,7 @@ CHUNK_ENTRIES = 1 << 22
 class SafetensorsReader:
     """The tensors of a ``.safetensors`` file or a (sharded) model folder, listed from the headers and read one at a time.
 
-    Names come in the order :func:`~skillbank.vectors.weights.load_state_dict` gives them
+    Names come in the order :func:`~skillbank.vectors.weights.load_weights` gives them
     (shards in sorted order, each in its file's order), so results that depend on
     the order (tie-breaking) match the in-memory path.
     """

@@ -10,14 +10,12 @@ moment leaves the bank openable with every acknowledged skill intact.
 
 from __future__ import annotations
 
-import builtins
 import errno
 import hashlib
 import json
 import os
 import re
 import stat
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -134,7 +132,7 @@ def _manifest_checksum(body: dict[str, Any]) -> str:
 
 
 class SkillBank:
-    """A directory registry of skills: ``add``, ``get``, ``list``, ``remove``, ``verify``.
+    """A directory registry of skills: ``add``, ``get``, ``entries``, ``remove``, ``verify``.
 
     Every read checks the file's sha256 against the manifest and the skill's
     base fingerprint against the bank's. Many processes may read and write one
@@ -537,12 +535,6 @@ class SkillBank:
                     removed = _unlink_regular(Path(leftover.path)) or removed
         if removed:
             fsync_dir(self.path)
-
-    # last in the class body: after it, ``list`` in an annotation here would name this method
-    def list(self) -> builtins.list[SkillEntry]:
-        """Deprecated: :meth:`entries` (this name shadowed the builtin ``list``)."""
-        warnings.warn("SkillBank.list() is now SkillBank.entries(); list() will be removed.", DeprecationWarning, stacklevel=2)
-        return self.entries()
 
 
 class _Unreadable(Exception):

@@ -17,19 +17,17 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from skillbank.integrations.labelled_text import TextSplit, task_loader
+from skillbank.integrations.labelled_text import TextSplit
 from skillbank.testbed.pull import DataError, package_root
 
 __all__ = [
     "TASKS",
-    "TextSplit",
     "TextTask",
     "load_task",
     "read_orange_tab",
     "read_rotten_tomatoes",
     "read_spam",
     "split_sentences",
-    "task_loader",
 ]
 
 Pair = tuple[str, str]  # (text, label name)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Union
@@ -31,7 +30,6 @@ __all__ = [
     "drop_aliases",
     "fingerprint_from_digests",
     "is_float",
-    "load_state_dict",
     "load_weights",
     "model_path",
     "require_safetensors",
@@ -101,16 +99,6 @@ def load_weights(source: WeightsSource) -> StateDict:
             return state
         require_safetensors(path)  # raises, saying whether only pickled weights are there
     raise SkillbankError(f"no model at {path}: the path does not exist.")
-
-
-def load_state_dict(source: WeightsSource) -> StateDict:
-    """Deprecated: :func:`load_weights` (this name read as torch's ``Module.load_state_dict``, which does the opposite)."""
-    warnings.warn(
-        "skillbank.load_state_dict() is now skillbank.load_weights(); the old name will be removed.",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return load_weights(source)
 
 
 def drop_aliases(state: Mapping[str, Tensor]) -> StateDict:

@@ -30,8 +30,6 @@ def test_add_get_list_remove_verify(tmp_path, base_model):
     assert not (tmp_path / "bank" / "t1.safetensors").exists()
     assert bank.base_fingerprint == skills[0].metadata.base_fingerprint
     assert [e.name for e in bank.entries()] == ["t0", "t2"] == [e.name for e in bank]
-    with pytest.warns(DeprecationWarning, match=r"entries\(\)"):  # the old name, which shadowed the builtin
-        assert bank.list() == bank.entries()
 
 
 def test_duplicate_and_unknown_names(tmp_path, base_model):
