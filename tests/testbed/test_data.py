@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from helpers.models import tiny_tokenizer
+from skillbank.integrations.labelled_text import task_loader
 from skillbank.testbed.pull import PACKAGES, DataError, WheelFiles, package_root, pull
 from skillbank.testbed.text_tasks import (
     TASKS,
@@ -21,7 +22,6 @@ from skillbank.testbed.text_tasks import (
     read_spam,
     sentiment_task,
     subjectivity_task,
-    task_loader,
 )
 
 # -- small extracts in the real formats ---------------------------------------------------------
