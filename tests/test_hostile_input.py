@@ -289,24 +289,10 @@ def test_ctrl_c_is_one_line_and_exit_130(bank, monkeypatch, capsys):
     def interrupted(args):  # noqa: ANN001, ANN202
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("skillbank.integrations.cli._list", interrupted)
-    monkeypatch.setattr("skillbank.integrations.cli.build_parser", _parser_running(interrupted))
+    monkeypatch.setattr("skillbank.integrations.cli.registry._list", interrupted)
     assert main(["list", str(bank.path)]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "skillbank list: interrupted; nothing half-written was left."
-
-
-def _parser_running(handler):  # noqa: ANN001, ANN202
-    from skillbank.integrations import cli
-
-    real = cli.__dict__["build_parser"]
-
-    def build():  # noqa: ANN202
-        parser = real()
-        parser._subparsers._group_actions[0].choices["list"].set_defaults(run=handler)
-        return parser
-
-    return build
 
 
 # -- reads do not write -----------------------------------------------------------------------------------------

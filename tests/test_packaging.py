@@ -33,7 +33,12 @@ _MAY_IMPORT = {
     "testbed": {"vectors", "localization", "storage", "stitching", "comparison", "callbacks", "integrations"},
 }
 # the edges that may reach the scaffolding: pulled: aliases (pull) and the demo
-_EDGES_INTO_TESTBED = {"integrations/cli.py", "integrations/fit.py", "integrations/table_data.py"}
+_EDGES_INTO_TESTBED = {
+    "integrations/cli/app.py",  # pulled: aliases
+    "integrations/cli/running.py",  # demo, pull
+    "integrations/fit.py",
+    "integrations/table_data.py",
+}
 
 
 def _imported_modules(path: Path) -> set[str]:

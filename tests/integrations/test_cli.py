@@ -536,15 +536,5 @@ def test_warnings_are_one_line_of_their_own_and_library_noise_is_filtered(folder
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `treespec.is_leaf()`", DeprecationWarning)
         return 0
 
-    monkeypatch.setattr("skillbank.integrations.cli._list", noisy)
-    from skillbank.integrations import cli
-
-    real = cli.build_parser
-
-    def build():  # noqa: ANN202
-        parser = real()
-        parser._subparsers._group_actions[0].choices["list"].set_defaults(run=noisy)
-        return parser
-
-    monkeypatch.setattr(cli, "build_parser", build)
+    monkeypatch.setattr("skillbank.integrations.cli.registry._list", noisy)
     assert main(["list", str(folders / "b")]) == 0 and capsys.readouterr().err == ""

@@ -159,7 +159,9 @@ def test_no_pickle_anywhere(base_model, tmp_path, monkeypatch):
     for source in package.rglob("*.py"):
         text = source.read_text()
         # nothing that unpickles is called (catching pickle.UnpicklingError, to report a checkpoint torch refused, is not)
-        assert not re.search(r"\bpickle\.(loads?|Unpickler)\b|\bfrom _?c?pickle import\b|torch\.load\b|weights_only", text), source
+        assert not re.search(r"\bpickle\.(loads?|Unpickler)\b|\bfrom _?c?pickle import\b|torch\.load\b|weights_only", text), (
+            source
+        )
 
     def forbidden(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("unpickling was attempted")

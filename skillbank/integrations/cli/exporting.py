@@ -1,0 +1,82 @@
+"""``skillbank stitch`` and ``export``: the bank's skills as Hugging Face model folders."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from skillbank.storage.bank import SkillBank
+
+if TYPE_CHECKING:
+    pass
+from skillbank.integrations.cli.common import progress, skill_list_arg
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:  # argparse's subparsers action
+    """Add ``stitch`` and ``export``."""
+    p = sub.add_parser(
+        "stitch",
+        help="stitch skills onto the base and write a Hugging Face model folder",
+        description="Stitch the bank's skills (or --skills) onto --base, overlaps combined by --rule, and write "
+        "--out: a folder AutoModel.from_pretrained loads (config, model.safetensors), each skill's head "
+        "in heads/<name>.safetensors, and a README.md model card listing the skills.",
+    )
+    p.add_argument("--base", required=True, help="the base model folder (save_pretrained) or .safetensors file")
+    p.add_argument("--bank", required=True, help="the bank directory")
+    p.add_argument("--skills", type=skill_list_arg, help="comma-separated skill names (default: every skill, in bank order)")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument(
+        "--rule",
+        choices=_rule_names(),
+        default="mean",
+        help="how overlapping skills combine (default: mean, the paper's). " + _rule_help(),
+    )
+    p.set_defaults(run=_stitch)
+
+    p = sub.add_parser(
+        "export",
+        help="write one skill as a dense single-task Hugging Face model folder",
+        description="Stitch only NAME onto --base (theta_pre + gamma * tau) with its own head and write "
+        "--out, a folder AutoModelForSequenceClassification.from_pretrained loads without skillbank, "
+        "with a short model card.",
+    )
+    p.add_argument("bank", help="the bank directory")
+    p.add_argument("name", help="the skill to export")
+    p.add_argument("--base", required=True, help="the base model folder (save_pretrained) or pulled:<alias>")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.set_defaults(run=_export)
+
+
+def _stitch(args: argparse.Namespace) -> int:
+    from skillbank.stitching.stitch_out import stitch_to_folder
+
+    bank = SkillBank(args.bank, create=False)
+    names = args.skills if args.skills is not None else bank.names()
+    out = stitch_to_folder(
+        args.base, bank, names, args.out, progress=lambda it: progress(it, desc="stitch", unit="skill"), rule=args.rule
+    )
+    print(f"stitched {len(names)} skills ({', '.join(names)}) onto {args.base} with rule {args.rule!r} -> {out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from skillbank.stitching.stitch_out import export_skill
+
+    bank = SkillBank(args.bank, create=False)
+    out = export_skill(args.base, bank, args.name, args.out)
+    print(f"exported {args.name!r} as a dense single-task model -> {out}")
+    return 0
+
+
+def _rule_names() -> list[str]:
+    from skillbank.stitching.overlap import RULES
+
+    return sorted(RULES)
+
+
+def _rule_help() -> str:
+    from skillbank.stitching.overlap import RULES
+
+    return "; ".join(f"{name}: {RULES[name].summary}" for name in sorted(RULES))

@@ -1,0 +1,281 @@
+"""``skillbank localize`` and ``route``: a finetune's skill into a bank, and which skill a text would be routed to."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from skillbank.errors import SkillbankError
+from skillbank.storage.bank import SkillBank
+from skillbank.storage.format import VALUE_DTYPE_NAMES
+
+if TYPE_CHECKING:
+    from skillbank.storage.skill import Skill
+    from skillbank.vectors.task_vectors import TaskVector
+    from skillbank.vectors.weights import WeightsSource
+from skillbank.integrations.cli.common import (
+    escape,
+    progress,
+    regex_arg,
+    skill_list_arg,
+    sparsity_or_auto_arg,
+    table,
+)
+
+__all__ = ["register"]
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def register(sub: Any) -> None:  # argparse's subparsers action
+    """Add ``localize`` and ``route``."""
+    p = sub.add_parser(
+        "localize",
+        help="localize a finetuned model's skill and add it to a bank",
+        description="Compute the task vector of --finetuned against --base, keep the top ceil(s*P) "
+        "entries of |tau| over all shared parameters (dataless localization), and add the skill (plus the "
+        "finetuned model's own head) to --bank. Models are Hugging Face folders (save_pretrained) or "
+        ".safetensors files; wrapper prefixes such as 'bert.' are matched automatically. A PEFT LoRA adapter "
+        "folder (adapter_config.json) as --finetuned is merged onto --base (a model folder) with PEFT's "
+        "merge_and_unload; its modules_to_save (the classifier) become the skill's head.",
+    )
+    p.add_argument("--base", required=True, help="the pretrained base model (folder or .safetensors)")
+    p.add_argument("--finetuned", required=True, help="the finetuned model (folder or .safetensors) or a PEFT adapter folder")
+    p.add_argument("--bank", required=True, help="the bank directory (created if missing)")
+    p.add_argument("--name", required=True, help="the skill's unique name (letters, digits, '.', '_', '-')")
+    p.add_argument("--task", default="", help="task description stored with the skill (default: the name)")
+    p.add_argument("--tag", action="append", metavar="TAG", help="a tag for the skill in the bank (repeat for more)")
+    p.add_argument("--note", default="", help="a free-text note kept with the skill in the bank")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace the bank's skill of this --name atomically, keeping the old version's provenance in the new one",
+    )
+    p.add_argument(
+        "--sparsity",
+        type=sparsity_or_auto_arg,
+        default=0.01,
+        help="fraction s in (0, 1] of entries to keep (default: 0.01), or 'auto': the smallest of "
+        "0.1%%, 0.2%%, 0.5%%, 1%%, 2%%, 5%%, 10%%, 20%%, 50%%, 100%% whose skill alone keeps --target-recovery "
+        "of the finetune's accuracy on --val-data",
+    )
+    p.add_argument(
+        "--target-recovery",
+        type=float,
+        default=0.99,
+        help="with --sparsity auto: the share of the finetune's validation accuracy to keep (default: 0.99)",
+    )
+    p.add_argument(
+        "--val-data",
+        default=None,
+        metavar="FILE",
+        help='with --sparsity auto: labelled validation texts, one JSON object a line: {"text": ..., "label": 0}; '
+        "tokenized with the finetuned folder's tokenizer",
+    )
+    p.add_argument(
+        "--routing-data",
+        default=None,
+        metavar="FILE",
+        help="texts of the task (same JSON-lines format; labels give one centroid each) whose base features are "
+        "stored with the skill so `skillbank route` can pick it for requests that do not name their task "
+        "(default: --val-data, when given and --base is a model folder). Needs --base to be a model folder.",
+    )
+    p.add_argument("--max-centroids", type=int, default=16, help="with routing data: centroids kept, one per label (default: 16)")
+    p.add_argument("--max-length", type=int, default=128, help="with --val-data/--routing-data: tokens per text (default: 128)")
+    p.add_argument(
+        "--value-dtype",
+        choices=sorted(VALUE_DTYPE_NAMES),
+        default="float32",
+        help="dtype of the stored task-vector values (default: float32; bfloat16 halves them)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        type=regex_arg,
+        help="never select parameters whose name matches (repeatable), e.g. --exclude embeddings",
+    )
+    p.add_argument(
+        "--head-pattern",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        type=regex_arg,
+        help="treat shared parameters matching this as the task head (repeatable)",
+    )
+    p.set_defaults(run=_localize)
+
+    p = sub.add_parser(
+        "route",
+        help="show which skill a text would be routed to, and the scores",
+        description="Routing for requests that do not name their task: one forward of the base model gives "
+        "the text's mean-pooled features; each skill's score is the best cosine similarity to the centroids "
+        "stored with it (skillbank localize --routing-data); the highest score wins. Skills without routing "
+        "data are an error: name the routable ones with --skills.",
+    )
+    p.add_argument("bank", help="the bank directory")
+    p.add_argument("--base", required=True, help="the base model folder the skills were localized on, or pulled:<alias>")
+    p.add_argument("--text", action="append", required=True, help="a text to route (repeatable)")
+    p.add_argument("--skills", type=skill_list_arg, help="comma-separated skill names to choose among (default: every skill)")
+    p.add_argument("--top", type=int, default=5, help="scores shown per text (default: 5)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per text (default: 128)")
+    p.set_defaults(run=_route)
+
+
+def _localize(args: argparse.Namespace) -> int:
+    from skillbank.localization.localize import localize_dataless
+    from skillbank.localization.streaming import localize_streaming
+    from skillbank.vectors.adapters import is_adapter_folder
+    from skillbank.vectors.task_vectors import task_vector
+    from skillbank.vectors.weights import load_weights
+
+    bank = SkillBank(args.bank)  # fail fast on a bad bank path before the heavy work
+    if args.name in bank and not args.replace:
+        raise SkillbankError(
+            f"a skill named {args.name!r} is already in {bank.path}; pick another --name, or --replace it with this one."
+        )
+    if args.replace and args.name not in bank:
+        raise SkillbankError(f"--replace: there is no skill named {args.name!r} in {bank.path} to replace; drop --replace.")
+    fields = dict(
+        name=args.name,
+        task=args.task or args.name,
+        exclude=args.exclude,
+        value_dtype=args.value_dtype,
+        source={"kind": "full finetune", "base": args.given["base"], "finetuned": args.given["finetuned"]},
+    )
+    with progress(total=4, desc=f"localize {args.name}", unit="step") as bar:
+        adapter = is_adapter_folder(args.finetuned)  # merged onto the base model itself, so both stay paths
+        if not adapter and args.sparsity != "auto":  # read one tensor at a time: memory follows the skill, not the model
+            bar.set_postfix_str("top-k, tensor by tensor")
+            skill = localize_streaming(args.base, args.finetuned, args.sparsity, head_patterns=args.head_pattern, **fields)
+            bar.update(2)
+        else:
+            bar.set_postfix_str("loading weights")
+            base = args.base if adapter else load_weights(args.base)
+            finetuned = args.finetuned if adapter else load_weights(args.finetuned)
+            bar.update()
+            bar.set_postfix_str("task vector")
+            tv = task_vector(base, finetuned, head_patterns=args.head_pattern)
+            bar.update()
+            if args.sparsity == "auto":
+                bar.set_postfix_str(f"sizes keeping {args.target_recovery:g}")
+                skill = _localize_auto(args, base, tv, fields)
+            else:
+                bar.set_postfix_str("top-k")
+                skill = localize_dataless(tv, args.sparsity, **fields)
+        # --val-data doubles as routing data when the base is a model folder (routing needs its encoder)
+        base_is_folder = (Path(args.base) / "config.json").is_file()
+        routing_data = args.routing_data or (args.val_data if base_is_folder else None)
+        if routing_data:
+            bar.set_postfix_str("routing centroids")
+            skill = _with_routing(args, skill, routing_data)
+        bar.update()
+        bar.set_postfix_str("writing")
+        if args.replace:  # the old version's provenance goes into the new one's metadata; tags and note carry over
+            entry = bank.replace(skill, tags=args.tag, note=args.note or None)
+        else:
+            entry = bank.add(skill, tags=args.tag or [], note=args.note)
+        bar.update()
+    print(
+        f"{'replaced' if args.replace else 'added'} {entry.name!r}: {entry.entries:,} of {skill.num_shared:,} entries "
+        f"({entry.entries / skill.num_shared:.2%}), head {len(skill.head)} tensors, {entry.bytes:,} bytes -> {bank.path / entry.file}"
+    )
+    if skill.centroids is not None:
+        print(f"routing: {len(skill.centroids)} centroids of the base's features ({skill.centroids.shape[1]} wide)")
+    auto = skill.metadata.settings.get("auto")
+    if auto:
+        tried = ", ".join(f"{s} {r:.3f}" for s, r in auto["tried"].items())
+        verdict = "keeps" if auto["met"] else "is the best tried but misses"
+        print(
+            f"sparsity {auto['sparsity']:g} {verdict} the target: recovery {auto['recovery']:.4f} of the finetune's "
+            f"validation accuracy {auto['reference']:.4f} (tried: {tried})"
+        )
+    return 0
+
+
+def _localize_auto(args: argparse.Namespace, base: WeightsSource, tv: TaskVector, fields: dict) -> Skill:
+    """The dataless skill at the smallest size keeping --target-recovery on --val-data."""
+    from transformers import AutoModelForSequenceClassification
+
+    from skillbank.comparison.baselines import apply_delta
+    from skillbank.integrations.labelled_text import read_jsonl, task_loader
+    from skillbank.localization.auto_sparsity import localize_auto
+    from skillbank.vectors.weights import load_weights, require_safetensors
+
+    if not args.val_data:
+        raise SkillbankError(
+            '--sparsity auto needs --val-data FILE (JSON lines of {"text": ..., "label": ...}) '
+            "to measure what each mask size keeps; or give a number, e.g. --sparsity 0.05."
+        )
+    folder = Path(args.finetuned)
+    if not (folder / "config.json").is_file():
+        raise SkillbankError("--sparsity auto needs --finetuned to be a Hugging Face classifier folder (with its tokenizer).")
+    probe = AutoModelForSequenceClassification.from_pretrained(
+        require_safetensors(folder), local_files_only=True, use_safetensors=True
+    ).eval()
+    apply_delta(probe, load_weights(base), {})  # the base with the finetuned head: where each mask is tried
+    split = read_jsonl(args.val_data, probe.config.num_labels)
+    batches = list(task_loader(split, _tokenizer(folder, args.base), max_length=args.max_length, batch_size=64))
+    return localize_auto(tv, probe, batches, target=args.target_recovery, **fields)
+
+
+def _tokenizer(*folders: str | Path) -> Any:  # a Hugging Face tokenizer
+    """The tokenizer of the first folder that has one."""
+    from transformers import AutoTokenizer
+
+    for folder in folders:
+        if not any((Path(folder) / f).is_file() for f in _TOKENIZER_FILES):
+            continue  # transformers 5 would build an empty tokenizer that maps every word to [UNK]
+        try:
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError):
+            continue
+    raise SkillbankError(
+        f"none of {', '.join(map(str, folders))} holds a tokenizer; save one with the model (tokenizer.save_pretrained(folder))."
+    )
+
+
+def _base_encoder(base: str) -> Any:  # a transformers model
+    """The base model folder as a Hugging Face encoder (for routing features), in eval mode."""
+    from transformers import AutoModel
+
+    from skillbank.vectors.weights import require_safetensors
+
+    if not (Path(base) / "config.json").is_file():
+        raise SkillbankError(f"routing needs --base to be a Hugging Face model folder (with config.json), not {base}.")
+    return AutoModel.from_pretrained(require_safetensors(base), local_files_only=True, use_safetensors=True).eval()
+
+
+def _with_routing(args: argparse.Namespace, skill: Skill, data: str) -> Skill:
+    """``skill`` with centroids of the base's features of ``data`` (one per label)."""
+    from skillbank.integrations.labelled_text import read_jsonl, task_loader
+    from skillbank.stitching.routing import routing_centroids, with_routing
+
+    encoder = _base_encoder(args.base)
+    split = read_jsonl(data)
+    batches = task_loader(split, _tokenizer(args.finetuned, args.base), max_length=args.max_length, batch_size=64)
+    return with_routing(skill, routing_centroids(encoder, batches, args.max_centroids))
+
+
+def _route(args: argparse.Namespace) -> int:
+    import torch
+
+    from skillbank.stitching.routing import SkillRouter, mean_pooled_features
+
+    bank = SkillBank(args.bank, create=False)
+    names = args.skills if args.skills is not None else bank.names()
+    encoder = _base_encoder(args.base)
+    router = SkillRouter([bank.get(n) for n in names], width=encoder.config.hidden_size)
+    batch = _tokenizer(args.base)(list(args.text), truncation=True, max_length=args.max_length, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        scores = router.scores(mean_pooled_features(encoder, batch))
+    for text, row in zip(args.text, scores):
+        order = row.argsort(descending=True).tolist()
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        print(f"{escape(shown)!s} -> {router.names[order[0]]}")
+        print(table(("skill", "cosine"), [(router.names[i], float(row[i])) for i in order[: args.top]]))
+        print()
+    return 0
