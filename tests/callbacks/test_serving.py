@@ -1,4 +1,4 @@
-"""SkillStitcher's serving mode: each batch is answered by the skill it names, with that skill's head."""
+"""SkillSwitcher: each batch is answered by the skill it names, with that skill's head."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from helpers.models import finetune_like, live_copy
 from helpers.modules import quiet_trainer
 from skillbank import SkillBank, SkillbankError, Stitcher, localize_dataless, task_vector
-from skillbank.callbacks import SkillStitcher
+from skillbank.callbacks import SkillStitcher, SkillSwitcher
 from skillbank.stitching.switching import group_by_skill
 
 
@@ -67,7 +67,7 @@ def test_each_batch_is_answered_by_the_skill_it_names_and_the_base_comes_back(ba
     loader = DataLoader(data, batch_sampler=group_by_skill(skills, 2, shuffle=True))
     module = Recorder(live_copy(base_model))
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
-    quiet_trainer(callbacks=[SkillStitcher(bank.path, switch_by="skill")]).validate(module, loader)
+    quiet_trainer(callbacks=[SkillSwitcher(bank.path, switch_by="skill")]).validate(module, loader)
     assert [s[0] for s, *_ in module.seen] != sorted(s[0] for s, *_ in module.seen)  # batches interleave skills
     for names, _, ids, logits in module.seen:
         assert len(set(names)) == 1
@@ -79,7 +79,7 @@ def test_each_batch_is_answered_by_the_skill_it_names_and_the_base_comes_back(ba
 def test_one_dataloader_per_skill(base_model, bank):
     loaders = [DataLoader(Named(["x"] * 4, seed=s), batch_size=2) for s in (1, 2)]
     module = Recorder(live_copy(base_model))
-    quiet_trainer(callbacks=[SkillStitcher(bank.path, dataloader_skills=["b", "a"])]).test(module, loaders)
+    quiet_trainer(callbacks=[SkillSwitcher(bank.path, dataloader_skills=["b", "a"])]).test(module, loaders)
     assert sorted({d for _, d, _, _ in module.seen}) == [0, 1]
     for _, loader_idx, ids, logits in module.seen:
         torch.testing.assert_close(logits, alone(base_model, bank, ["b", "a"][loader_idx], ids), rtol=0, atol=1e-6)
@@ -89,11 +89,13 @@ def test_one_dataloader_per_skill(base_model, bank):
 def test_batches_that_name_no_single_known_skill_are_refused(base_model, bank, skills, words):
     module = Recorder(live_copy(base_model))
     with pytest.raises(SkillbankError, match=words):
-        quiet_trainer(callbacks=[SkillStitcher(bank.path, switch_by="skill")]).validate(
+        quiet_trainer(callbacks=[SkillSwitcher(bank.path, switch_by="skill")]).validate(
             module, DataLoader(Named(skills), batch_size=2)
         )
 
 
 def test_serving_settings_fail_fast(tmp_path):
-    with pytest.raises(SkillbankError, match="not both"):
-        SkillStitcher(tmp_path / "bank", switch_by="skill", dataloader_skills=["a"])
+    for kwargs in ({"switch_by": "skill", "dataloader_skills": ["a"]}, {}):
+        with pytest.raises(SkillbankError, match="one of the two"):
+            SkillSwitcher(tmp_path / "bank", **kwargs)
+    assert not hasattr(SkillStitcher(tmp_path / "bank"), "switch_by")  # continual stitching has one job
