@@ -33,7 +33,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from skillbank import SkillBank, Stitcher, localize_dataless, task_vector, use_head
 from skillbank.comparison.arrivals import arrival_metrics
-from skillbank.comparison.baselines import apply_delta, arrivals, average, consensus, magmax, opcm_steps, task_arithmetic, ties
+from skillbank.comparison.baselines import arrivals, average, consensus, magmax, opcm_steps, task_arithmetic, ties
 from skillbank.integrations.classifier import SequenceClassifier
 from skillbank.integrations.labelled_text import task_loader
 from skillbank.localization.auto_sparsity import DEFAULT_GRID, localize_auto, search_sparsity, stitched_scorer, with_choice
@@ -44,6 +44,7 @@ from skillbank.stitching.routing import SkillRouter, mean_pooled_features, routi
 from skillbank.testbed.demo import quiet as quiet_demo
 from skillbank.testbed.pull import package_root, pull
 from skillbank.testbed.text_tasks import TASKS, TextTask, load_task
+from skillbank.vectors.models import apply_delta
 
 STAGES = (
     "pull",

@@ -68,7 +68,7 @@ print("RESULT " + json.dumps(result))
 
 STITCH = """
 from skillbank import SkillBank, Stitcher
-from skillbank.stitching.stitch_out import load_base_model
+from skillbank.vectors.models import load_base_model
 base, bank = sys.argv[2], SkillBank(sys.argv[3])
 model = load_base_model(base)
 result["model_dtype"] = str(next(model.parameters()).dtype)

@@ -19,7 +19,6 @@ from torch.distributed.constants import default_pg_timeout
 from typing_extensions import override
 
 from skillbank.callbacks._model import wrapped_model
-from skillbank.comparison.baselines import apply_delta
 from skillbank.errors import SkillbankError, SkillNameError, TimeLimitError
 from skillbank.localization.auto_sparsity import DEFAULT_GRID, search_sparsity, stitched_scorer, with_choice
 from skillbank.localization.causal_lm import is_causal_lm
@@ -31,6 +30,7 @@ from skillbank.storage.bank import SkillBank
 from skillbank.storage.ranks import bank_on_rank_zero, raise_everywhere
 from skillbank.storage.skill import Skill
 from skillbank.vectors.adapters import find_peft_model, merged_finetune
+from skillbank.vectors.models import apply_delta
 from skillbank.vectors.task_vectors import TaskVector, task_vector
 from skillbank.vectors.weights import WeightsSource, is_float, load_weights
 

@@ -13,9 +13,10 @@ from torch.utils.data import DataLoader
 
 from helpers.models import finetune_like, live_copy, make_skill, reference_stitch
 from skillbank import MaskLearner, SkillBank, Stitcher, StitchError, localize_dataless, task_vector
-from skillbank.comparison.baselines import apply_delta, magmax, opcm, task_arithmetic, ties
+from skillbank.comparison.baselines import magmax, opcm, task_arithmetic, ties
 from skillbank.stitching.stitch_out import stitch_to_folder
 from skillbank.testbed.synthetic import DEMO_TASKS, TokenDataset
+from skillbank.vectors.models import apply_delta
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

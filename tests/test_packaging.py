@@ -13,7 +13,7 @@ import pytest
 
 import skillbank
 from skillbank.testbed.pull import PULLED
-from skillbank.vectors import weights
+from skillbank.vectors import models
 
 
 def test_the_version_has_one_source():
@@ -90,7 +90,7 @@ def test_the_core_never_imports_what_downloads():
     assert len(core) > 30
     offenders = {rel: sorted(m for m in _imported_modules(p) if _stage(m) == "testbed") for rel, p in core.items()}
     assert {rel: found for rel, found in offenders.items() if found} == {}
-    assert weights._PULLED == PULLED  # the spelled-out copy of the prefix agrees
+    assert PULLED is models.PULLED  # one spelling of the prefix, in the models room
 
 
 def test_no_pre_release_shims_remain():
@@ -105,8 +105,8 @@ def test_no_pre_release_shims_remain():
 
 def test_the_core_refuses_an_alias_with_what_to_do():
     from skillbank import SkillbankError, load_weights
-    from skillbank.localization.mask_learner import load_model
     from skillbank.localization.streaming import localize_streaming
+    from skillbank.vectors.models import load_model
 
     for call in (
         lambda: load_weights("pulled:minilm"),
@@ -115,3 +115,14 @@ def test_the_core_refuses_an_alias_with_what_to_do():
     ):  # MaskLearner's and SequenceClassifier's loader: no pull on any rank
         with pytest.raises(SkillbankError, match=r"pulled model's alias.*resolve_model\('pulled:minilm'\)"):
             call()
+
+
+def test_every_model_and_tokenizer_is_loaded_in_one_room():
+    """Hugging Face loads (safetensors only, locally, the no-pickle guarantee) happen in ``skillbank.vectors.models``
+    alone; PEFT's adapter loader stays with the adapters, behind their own safetensors check."""
+    loads = {}
+    for rel, path in _sources().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "from_pretrained" and rel != "vectors/models.py":
+                loads.setdefault(rel, []).append(ast.unparse(node.value))
+    assert loads == {"vectors/adapters.py": ["PeftModel"]}

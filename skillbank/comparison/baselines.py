@@ -22,15 +22,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from skillbank.devices import OnDevice, device_of
 from skillbank.errors import TaskVectorError
 from skillbank.sparse import check_sparsity, num_selected
-from skillbank.vectors.weights import align_names
 
 __all__ = [
-    "apply_delta",
     "arrivals",
     "average",
     "consensus",
@@ -222,28 +220,3 @@ def arrivals(merge: Callable[[TaskVectors], dict[str, Tensor]], taus: TaskVector
     """
     for t in range(1, len(taus) + 1):
         yield merge(taus[:t])
-
-
-@torch.no_grad()
-def apply_delta(model: nn.Module, base: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> nn.Module:
-    """Set ``model``'s parameters named in ``base`` to ``base + delta`` (``delta`` may lack entries: base kept).
-
-    Names are matched up to a wrapper prefix (``bert.``), as everywhere in skillbank. Only floating-point
-    tensors count, as in a task vector: a checkpoint's integer buffers (``embeddings.position_ids``, which
-    transformers 5 no longer keeps in the model) are neither written nor required.
-
-    Raises:
-        TaskVectorError: a floating-point base or delta tensor has no counterpart in ``model`` or another shape.
-    """
-    base = {k: v for k, v in base.items() if v.is_floating_point()}
-    params = dict(model.state_dict(keep_vars=True))
-    names = align_names(base, params)
-    missing = sorted(set(base) - set(names)) + sorted(set(delta) - set(base))
-    if missing:
-        raise TaskVectorError(f"the model has no tensor for {missing[:5]}; is it built on this base?")
-    for src, dst in names.items():
-        value = base[src].float() + delta[src].to(base[src].device).float() if src in delta else base[src]
-        if params[dst].shape != value.shape:
-            raise TaskVectorError(f"{dst!r} has shape {tuple(params[dst].shape)}, the base {tuple(value.shape)}.")
-        params[dst].copy_(value)
-    return model

@@ -10,8 +10,8 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from skillbank.errors import SkillbankError
-from skillbank.localization.mask_learner import load_model
 from skillbank.stitching.heads import use_head
+from skillbank.vectors.models import load_model
 
 __all__ = ["SequenceClassifier"]
 

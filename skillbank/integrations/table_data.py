@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from skillbank.errors import SkillbankError
 from skillbank.integrations.labelled_text import TextSplit, json_lines, task_loader
 from skillbank.localization.fewshot import balanced_indices
+from skillbank.vectors.models import load_tokenizer
 
 __all__ = ["MAX_TABLE_BYTES", "TextClassificationData", "read_table"]
 
@@ -161,8 +162,6 @@ class TextClassificationData(pl.LightningDataModule):
         resolve_model(self.tokenizer_source)
 
     def setup(self, stage: str | None = None) -> None:
-        from transformers import AutoTokenizer
-
         from skillbank.testbed.pull import resolve_model
 
         rows, self.label_names = read_table(self.path, self.text_column, self.label_column)
@@ -174,7 +173,7 @@ class TextClassificationData(pl.LightningDataModule):
             name: TextSplit(tuple(rows.texts[i] for i in sorted(part)), tuple(rows.labels[i] for i in sorted(part)))
             for name, part in parts.items()
         }
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.tokenizer_source), local_files_only=True)
+        self.tokenizer = load_tokenizer(str(resolve_model(self.tokenizer_source)))
 
     def _loader(self, name: str, indices: list[int] | None = None, shuffle: bool = False) -> DataLoader:
         split = self.splits[name]

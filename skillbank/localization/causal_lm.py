@@ -17,13 +17,12 @@ like any model; three things differ, and live here:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-__all__ = ["LM_EXCLUDE", "NextTokenAccuracy", "is_causal_lm", "is_causal_lm_config", "with_lm_labels"]
+__all__ = ["LM_EXCLUDE", "NextTokenAccuracy", "is_causal_lm", "with_lm_labels"]
 
 #: Regexes of the token and position embeddings and the LM head of common decoders (Llama, Mistral, GPT-2,
 #: GPT-NeoX, OPT, Falcon…): ``exclude=LM_EXCLUDE`` keeps them out of a mask, as the paper does for language models.
@@ -38,11 +37,6 @@ _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 def is_causal_lm(model: nn.Module) -> bool:
     """Whether ``model`` is a Hugging Face causal language model (``…ForCausalLM``, ``…LMHeadModel``)."""
     return type(model).__name__.endswith(_CAUSAL_SUFFIXES)
-
-
-def is_causal_lm_config(config: Mapping[str, Any]) -> bool:
-    """Whether a model folder's ``config.json`` (as a mapping) names a causal LM architecture."""
-    return any(str(a).endswith(_CAUSAL_SUFFIXES) for a in config.get("architectures") or ())
 
 
 def with_lm_labels(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -26,7 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from skillbank.devices import device_of
 from skillbank.errors import BaseMismatchError, SkillbankError, SkillNameError, TaskVectorError, TimeLimitError
-from skillbank.localization.causal_lm import NextTokenAccuracy, is_causal_lm, is_causal_lm_config, with_lm_labels
+from skillbank.localization.causal_lm import NextTokenAccuracy, is_causal_lm, with_lm_labels
 from skillbank.localization.localize import skill_from_task_vector
 from skillbank.localization.mask_recipes import MaskRecipe, resolve_recipe
 from skillbank.sparse import check_sparsity, global_topk, num_selected, topk_positions
@@ -35,36 +35,17 @@ from skillbank.storage.bank import SkillBank, check_skill_name
 from skillbank.storage.ranks import bank_on_rank_zero, raise_everywhere
 from skillbank.storage.skill import Region, Skill
 from skillbank.vectors.adapters import find_peft_model, is_adapter_folder, merged_finetune
+from skillbank.vectors.models import load_model
 from skillbank.vectors.task_vectors import TaskVector, matches, task_vector
 from skillbank.vectors.weights import WeightsSource, align_names, load_weights
 
-__all__ = ["MaskLearner", "load_model"]
+__all__ = ["MaskLearner"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 _NO_UPDATES = (
     "no update was made to the mask: the few-shot dataloader yielded no batches "
     "(is the dataset empty, or limit_train_batches=0?)."
 )
-
-
-def load_model(model: nn.Module | str, num_labels: int | None = None) -> nn.Module:
-    """``model`` itself, or a model loaded from a local Hugging Face folder: a causal
-    language model when its config names a ``…ForCausalLM``/``…LMHeadModel`` architecture, else a sequence classifier."""
-    if isinstance(model, nn.Module):
-        return model
-    import json
-
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from skillbank.vectors.weights import model_path, require_safetensors
-
-    folder = require_safetensors(model_path(model))
-    config_file = folder / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() and config_file.stat().st_size < 1 << 20 else {}
-    if is_causal_lm_config(config):
-        return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True)
-    extra: dict[str, Any] = {} if num_labels is None else {"num_labels": num_labels}
-    return AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True, use_safetensors=True, **extra)
 
 
 class MaskLearner(pl.LightningModule):

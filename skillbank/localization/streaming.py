@@ -24,8 +24,9 @@ from skillbank.errors import SkillbankError
 from skillbank.localization.localize import dataless_settings, eligible_names, skill_from_regions
 from skillbank.sparse import check_sparsity, num_selected, topk_positions
 from skillbank.storage.skill import Region, Skill
+from skillbank.vectors.models import model_path, require_safetensors
 from skillbank.vectors.task_vectors import Plausibility, check_finite, nonfinite_error, pair_shared
-from skillbank.vectors.weights import chunked_digest, fingerprint_from_digests, model_path, require_safetensors
+from skillbank.vectors.weights import chunked_digest, fingerprint_from_digests
 
 __all__ = ["CHUNK_ENTRIES", "SafetensorsReader", "localize_streaming"]
 

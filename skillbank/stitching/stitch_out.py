@@ -13,30 +13,15 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from skillbank.errors import SkillbankError
 from skillbank.stitching.overlap import OverlapRule, get_rule
 from skillbank.stitching.stitcher import Stitcher
 from skillbank.storage.bank import SkillBank, check_skill_name
 from skillbank.storage.skill import Skill
-from skillbank.vectors.weights import model_path
+from skillbank.vectors.models import load_base_model, load_classifier, model_path
 
-__all__ = ["export_skill", "load_base_model", "stitch_to_folder"]
-
-
-def load_base_model(base: str | Path) -> nn.Module:
-    """Load a ``save_pretrained`` folder with the architecture its config names (``AutoModel`` otherwise)."""
-    import transformers
-    from transformers.utils import logging as hf_logging
-
-    from skillbank.vectors.weights import require_safetensors
-
-    hf_logging.set_verbosity_error()
-    config = transformers.AutoConfig.from_pretrained(require_safetensors(base), local_files_only=True)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    return (cls or transformers.AutoModel).from_pretrained(base, local_files_only=True, use_safetensors=True).eval()
+__all__ = ["export_skill", "stitch_to_folder"]
 
 
 def _model_card(bank: SkillBank, stitcher: Stitcher, base: str | Path, rule: OverlapRule) -> str:
@@ -196,9 +181,8 @@ def export_skill(base: str | Path, bank: SkillBank, name: str, out: str | Path) 
 
     ``base`` is the base model's ``save_pretrained`` folder (or ``pulled:<alias>``).
     """
-    import transformers
 
-    from skillbank.vectors.weights import align_names, require_safetensors
+    from skillbank.vectors.weights import align_names
 
     out = Path(out)
     _check_out(out)
@@ -207,12 +191,7 @@ def export_skill(base: str | Path, bank: SkillBank, name: str, out: str | Path) 
     if not base_path.is_dir():
         raise SkillbankError(f"--base {base} is not a model folder; export needs the base's save_pretrained folder.")
     labels = _labels_of(skill.head)
-    if labels is not None:
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            require_safetensors(base_path), num_labels=labels, local_files_only=True, use_safetensors=True
-        ).eval()
-    else:
-        model = load_base_model(base_path)
+    model: Any = load_classifier(base_path, labels).eval() if labels is not None else load_base_model(base_path)
     stitcher = Stitcher(model, base_path, bank=bank)
     stitcher.add(skill)
     params = dict(model.state_dict(keep_vars=True))

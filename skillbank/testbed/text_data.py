@@ -14,6 +14,7 @@ from skillbank.integrations.labelled_text import TextSplit, task_loader
 from skillbank.localization.fewshot import balanced_indices
 from skillbank.testbed.pull import resolve_model
 from skillbank.testbed.text_tasks import TextTask, load_task
+from skillbank.vectors.models import load_tokenizer
 
 __all__ = ["TextTaskData"]
 
@@ -61,10 +62,8 @@ class TextTaskData(pl.LightningDataModule):
         resolve_model(self.tokenizer_source, self.cache)
 
     def setup(self, stage: str | None = None) -> None:
-        from transformers import AutoTokenizer
-
         self.task = load_task(self.task_name, self.cache, seed=self.seed)
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.tokenizer_source, self.cache), local_files_only=True)
+        self.tokenizer = load_tokenizer(str(resolve_model(self.tokenizer_source, self.cache)))
 
     @property
     def num_labels(self) -> int:

@@ -92,7 +92,8 @@ def _base_for_adapter(base: Any, folder: Path, config: dict[str, Any]) -> nn.Mod
     """A fresh model of the adapter's kind holding the base weights (never the caller's module)."""
     from transformers import AutoModel, AutoModelForSequenceClassification
 
-    from skillbank.vectors.weights import align_names, load_weights, model_path, require_safetensors
+    from skillbank.vectors.models import load_classifier, load_encoder, model_path
+    from skillbank.vectors.weights import align_names, load_weights
 
     seq_cls = config.get("task_type") == "SEQ_CLS"
     labels = _labels_in_adapter(folder) if seq_cls else None
@@ -100,7 +101,7 @@ def _base_for_adapter(base: Any, folder: Path, config: dict[str, Any]) -> nn.Mod
     auto = AutoModelForSequenceClassification if seq_cls else AutoModel
     base = model_path(base) if isinstance(base, str) else base
     if isinstance(base, (str, Path)) and Path(base).is_dir():
-        return auto.from_pretrained(require_safetensors(base), local_files_only=True, use_safetensors=True, **extra)
+        return load_classifier(base, labels) if seq_cls else load_encoder(base)
     if isinstance(base, nn.Module) and hasattr(base, "config"):
         model = auto.from_config(copy.deepcopy(base.config), **extra)
         state = load_weights(base)
@@ -118,7 +119,7 @@ def _base_for_adapter(base: Any, folder: Path, config: dict[str, Any]) -> nn.Mod
 def _load_adapter(folder: Path, base: Any) -> Finetune:
     from peft import PeftModel
 
-    from skillbank.vectors.weights import require_safetensors
+    from skillbank.vectors.models import require_safetensors
 
     require_safetensors(folder, stem="adapter_model")  # PEFT would fall back to a pickled adapter_model.bin
     config = json.loads((folder / "adapter_config.json").read_text())

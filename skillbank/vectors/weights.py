@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from skillbank.errors import SkillbankError
+from skillbank.vectors.models import model_path, require_safetensors
 
 __all__ = [
     "StateDict",
@@ -31,30 +32,11 @@ __all__ = [
     "fingerprint_from_digests",
     "is_float",
     "load_weights",
-    "model_path",
-    "require_safetensors",
     "tensor_digest",
 ]
 
 StateDict = dict[str, Tensor]
 WeightsSource = Union[str, Path, Mapping[str, Tensor], nn.Module]
-
-# skillbank.testbed.pull.PULLED, spelled out: the core reads folders and never imports the module that downloads
-_PULLED = "pulled:"
-
-
-def model_path(source: str | Path) -> Path:
-    """``source`` as a path; a pulled model's alias (``pulled:minilm``) is refused with what to do.
-
-    Aliases are resolved at the edges — the CLI, configs run by ``skillbank fit`` and the
-    DataModules' ``prepare_data`` — so nothing in the core downloads, on any rank.
-    """
-    if str(source).startswith(_PULLED):
-        raise SkillbankError(
-            f"{str(source)!r} is a pulled model's alias, which only the command line, configs and DataModules "
-            f"resolve; in Python pass its folder: skillbank.testbed.pull.resolve_model({str(source)!r}) (it pulls on first use)."
-        )
-    return Path(source)
 
 
 def is_float(tensor: Tensor) -> bool:
@@ -114,38 +96,6 @@ def drop_aliases(state: Mapping[str, Tensor]) -> StateDict:
             seen.add(key)
         out[name] = tensor
     return out
-
-
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def require_safetensors(folder: str | Path, stem: str = "model") -> Path:
-    """``folder`` if it holds ``<stem>.safetensors`` (or its shard index), else a :class:`SkillbankError`.
-
-    Checked before any Hugging Face loader sees the folder, so a folder with only
-    pickled weights is refused before anything is deserialized.
-    """
-    folder = Path(folder)
-    if (folder / f"{stem}.safetensors").is_file() or (folder / f"{stem}.safetensors.index.json").is_file():
-        return folder
-    if not folder.exists():
-        hint = (
-            " It is one of the demo's folders: make them first with `skillbank demo` (it writes them to ./skillbank-demo)."
-            if "skillbank-demo" in folder.parts
-            else ""
-        )
-        raise SkillbankError(f"no model folder at {folder} (relative to {Path.cwd()}): the path does not exist.{hint}")
-    found = sorted(p.name for p in folder.iterdir())[:10] if folder.is_dir() else []
-    pickled = [n for n in found if n.endswith(_PICKLE_SUFFIXES)]
-    why = (
-        f"it holds only pickled weights ({', '.join(pickled)}), and skillbank never unpickles (unpickling runs arbitrary code)"
-        if pickled
-        else f"found: {found}"
-    )
-    raise SkillbankError(
-        f"{folder} has no {stem}.safetensors: {why}. Re-save it with "
-        "save_pretrained(folder, safe_serialization=True) from a trusted copy."
-    )
 
 
 def _candidate_prefixes(names: Iterable[str]) -> set[str]:

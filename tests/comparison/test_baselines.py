@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from skillbank.comparison.baselines import apply_delta, average, consensus, tall_masks, task_arithmetic, ties, trim_top
+from skillbank.comparison.baselines import average, consensus, tall_masks, task_arithmetic, ties, trim_top
 from skillbank.errors import TaskVectorError
+from skillbank.vectors.models import apply_delta
 
 
 def _taus(n: int = 3, seed: int = 0) -> list[dict[str, torch.Tensor]]:

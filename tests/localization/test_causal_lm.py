@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from skillbank import MaskLearner, SkillBank, Stitcher, localize_dataless, task_vector
 from skillbank.localization.causal_lm import LM_EXCLUDE, NextTokenAccuracy, with_lm_labels
-from skillbank.localization.mask_learner import load_model
+from skillbank.vectors.models import load_model
 
 VOCAB = 40
 

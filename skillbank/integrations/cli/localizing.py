@@ -26,9 +26,6 @@ from skillbank.integrations.cli.common import (
 __all__ = ["register"]
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
-
-
 def register(sub: Any) -> None:  # argparse's subparsers action
     """Add ``localize`` and ``route``."""
     p = sub.add_parser(
@@ -198,12 +195,10 @@ def _localize(args: argparse.Namespace) -> int:
 
 def _localize_auto(args: argparse.Namespace, base: WeightsSource, tv: TaskVector, fields: dict) -> Skill:
     """The dataless skill at the smallest size keeping --target-recovery on --val-data."""
-    from transformers import AutoModelForSequenceClassification
-
-    from skillbank.comparison.baselines import apply_delta
     from skillbank.integrations.labelled_text import read_jsonl, task_loader
     from skillbank.localization.auto_sparsity import localize_auto
-    from skillbank.vectors.weights import load_weights, require_safetensors
+    from skillbank.vectors.models import apply_delta, load_model, load_tokenizer
+    from skillbank.vectors.weights import load_weights
 
     if not args.val_data:
         raise SkillbankError(
@@ -213,50 +208,22 @@ def _localize_auto(args: argparse.Namespace, base: WeightsSource, tv: TaskVector
     folder = Path(args.finetuned)
     if not (folder / "config.json").is_file():
         raise SkillbankError("--sparsity auto needs --finetuned to be a Hugging Face classifier folder (with its tokenizer).")
-    probe = AutoModelForSequenceClassification.from_pretrained(
-        require_safetensors(folder), local_files_only=True, use_safetensors=True
-    ).eval()
+    probe: Any = load_model(str(folder)).eval()  # a transformers classifier
     apply_delta(probe, load_weights(base), {})  # the base with the finetuned head: where each mask is tried
     split = read_jsonl(args.val_data, probe.config.num_labels)
-    batches = list(task_loader(split, _tokenizer(folder, args.base), max_length=args.max_length, batch_size=64))
+    batches = list(task_loader(split, load_tokenizer(folder, args.base), max_length=args.max_length, batch_size=64))
     return localize_auto(tv, probe, batches, target=args.target_recovery, **fields)
-
-
-def _tokenizer(*folders: str | Path) -> Any:  # a Hugging Face tokenizer
-    """The tokenizer of the first folder that has one."""
-    from transformers import AutoTokenizer
-
-    for folder in folders:
-        if not any((Path(folder) / f).is_file() for f in _TOKENIZER_FILES):
-            continue  # transformers 5 would build an empty tokenizer that maps every word to [UNK]
-        try:
-            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        except (OSError, ValueError):
-            continue
-    raise SkillbankError(
-        f"none of {', '.join(map(str, folders))} holds a tokenizer; save one with the model (tokenizer.save_pretrained(folder))."
-    )
-
-
-def _base_encoder(base: str) -> Any:  # a transformers model
-    """The base model folder as a Hugging Face encoder (for routing features), in eval mode."""
-    from transformers import AutoModel
-
-    from skillbank.vectors.weights import require_safetensors
-
-    if not (Path(base) / "config.json").is_file():
-        raise SkillbankError(f"routing needs --base to be a Hugging Face model folder (with config.json), not {base}.")
-    return AutoModel.from_pretrained(require_safetensors(base), local_files_only=True, use_safetensors=True).eval()
 
 
 def _with_routing(args: argparse.Namespace, skill: Skill, data: str) -> Skill:
     """``skill`` with centroids of the base's features of ``data`` (one per label)."""
     from skillbank.integrations.labelled_text import read_jsonl, task_loader
     from skillbank.stitching.routing import routing_centroids, with_routing
+    from skillbank.vectors.models import load_encoder, load_tokenizer
 
-    encoder = _base_encoder(args.base)
+    encoder = load_encoder(args.base)
     split = read_jsonl(data)
-    batches = task_loader(split, _tokenizer(args.finetuned, args.base), max_length=args.max_length, batch_size=64)
+    batches = task_loader(split, load_tokenizer(args.finetuned, args.base), max_length=args.max_length, batch_size=64)
     return with_routing(skill, routing_centroids(encoder, batches, args.max_centroids))
 
 
@@ -264,12 +231,15 @@ def _route(args: argparse.Namespace) -> int:
     import torch
 
     from skillbank.stitching.routing import SkillRouter, mean_pooled_features
+    from skillbank.vectors.models import load_encoder, load_tokenizer
 
     bank = SkillBank(args.bank, create=False)
     names = args.skills if args.skills is not None else bank.names()
-    encoder = _base_encoder(args.base)
+    encoder = load_encoder(args.base)
     router = SkillRouter([bank.get(n) for n in names], width=encoder.config.hidden_size)
-    batch = _tokenizer(args.base)(list(args.text), truncation=True, max_length=args.max_length, padding=True, return_tensors="pt")
+    batch = load_tokenizer(args.base)(
+        list(args.text), truncation=True, max_length=args.max_length, padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         scores = router.scores(mean_pooled_features(encoder, batch))
     for text, row in zip(args.text, scores):
