@@ -36,14 +36,14 @@ from skillbank.comparison.arrivals import arrival_metrics
 from skillbank.comparison.baselines import arrivals, average, consensus, magmax, opcm_steps, task_arithmetic, ties
 from skillbank.integrations.classifier import SequenceClassifier
 from skillbank.integrations.labelled_text import task_loader
+from skillbank.integrations.pulled.tasks import TASKS, TextTask, load_task
+from skillbank.integrations.pulled.wheels import package_root, pull
 from skillbank.localization.auto_sparsity import DEFAULT_GRID, localize_auto, search_sparsity, stitched_scorer, with_choice
 from skillbank.localization.fewshot import balanced_indices
 from skillbank.localization.mask_learner import MaskLearner
 from skillbank.stitching.heads import accuracy
 from skillbank.stitching.routing import SkillRouter, mean_pooled_features, routing_centroids
 from skillbank.testbed.demo import quiet as quiet_demo
-from skillbank.testbed.pull import package_root, pull
-from skillbank.testbed.text_tasks import TASKS, TextTask, load_task
 from skillbank.vectors.models import apply_delta
 
 STAGES = (

@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     unpacking.add_argument("folder", type=Path)
     args = parser.parse_args(argv)
     if args.verb == "pack":
-        from skillbank.testbed.pull import default_cache, pull
+        from skillbank.integrations.pulled.wheels import default_cache, pull
 
         cache = args.cache or default_cache()
         pull(cache=cache)

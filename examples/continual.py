@@ -28,12 +28,12 @@ from torch import nn
 
 from skillbank.callbacks import SkillHarvester, SkillStitcher
 from skillbank.integrations.classifier import SequenceClassifier
+from skillbank.integrations.pulled.data import TextTaskData
+from skillbank.integrations.pulled.wheels import resolve_model
 from skillbank.localization.fewshot import balanced_indices
 from skillbank.stitching.heads import use_head
 from skillbank.testbed.demo import demo_classifier, pretrained_base, quiet
-from skillbank.testbed.pull import resolve_model
 from skillbank.testbed.synthetic import DEMO_TASKS, make_splits
-from skillbank.testbed.text_data import TextTaskData
 from skillbank.vectors.models import load_model
 
 REAL_TASKS = ("sentiment", "spam", "tweets")

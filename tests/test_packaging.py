@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import skillbank
-from skillbank.testbed.pull import PULLED
+from skillbank.integrations.pulled.wheels import PULLED
 from skillbank.vectors import models
 
 
@@ -33,12 +33,8 @@ _MAY_IMPORT = {
     "testbed": {"vectors", "localization", "storage", "stitching", "comparison", "callbacks", "integrations"},
 }
 # the edges that may reach the scaffolding: pulled: aliases (pull) and the demo
-_EDGES_INTO_TESTBED = {
-    "integrations/cli/app.py",  # pulled: aliases
-    "integrations/cli/running.py",  # demo, pull
-    "integrations/fit.py",
-    "integrations/table_data.py",
-}
+# the one edge that may reach the scaffolding: the demo command (testbed sits above everything, the product below it)
+_EDGES_INTO_TESTBED = {"integrations/cli/running.py"}
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -85,11 +81,21 @@ def test_each_stage_imports_only_the_stages_before_it():
 
 
 def test_the_core_never_imports_what_downloads():
-    """``pulled:`` aliases are resolved at the edges; the core reads folders and never imports ``skillbank.testbed.pull``."""
-    core = {rel: p for rel, p in _sources().items() if not rel.startswith("testbed/") and rel not in _EDGES_INTO_TESTBED}
+    """``pulled:`` aliases are resolved at the edges (``integrations``); the core reads folders and never imports
+    ``skillbank.integrations.pulled``, and nothing but the demo command imports ``testbed``."""
+    sources = _sources()
+    core = {rel: p for rel, p in sources.items() if rel.split("/")[0] not in ("integrations", "testbed")}
     assert len(core) > 30
-    offenders = {rel: sorted(m for m in _imported_modules(p) if _stage(m) == "testbed") for rel, p in core.items()}
+    offenders = {
+        rel: sorted(m for m in _imported_modules(p) if m.startswith("skillbank.integrations")) for rel, p in core.items()
+    }
     assert {rel: found for rel, found in offenders.items() if found} == {}
+    into_testbed = {
+        rel
+        for rel, p in sources.items()
+        if not rel.startswith("testbed/") and any(_stage(m) == "testbed" for m in _imported_modules(p))
+    }
+    assert into_testbed == {"integrations/cli/running.py"}
     assert PULLED is models.PULLED  # one spelling of the prefix, in the models room
 
 

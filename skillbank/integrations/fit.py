@@ -71,7 +71,7 @@ def resolve_pulled(value: object) -> object:
     """``value`` with every ``pulled:<alias>`` string in it (nested in namespaces, dicts and lists) replaced by the
     model's folder, pulled on first use: configs name pulled models, the classes they build take folders."""
     if isinstance(value, str):
-        from skillbank.testbed.pull import PULLED, resolve_model
+        from skillbank.integrations.pulled.wheels import PULLED, resolve_model
 
         return resolve_model(value) if value.startswith(PULLED) else value
     if isinstance(value, argparse.Namespace):

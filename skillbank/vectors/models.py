@@ -27,7 +27,7 @@ __all__ = [
     "require_safetensors",
 ]
 
-#: The prefix of a pulled model's alias (``pulled:minilm``); only the edges resolve one (``skillbank.testbed.pull``).
+#: The prefix of a pulled model's alias (``pulled:minilm``); only the edges resolve one (``skillbank.integrations.pulled.wheels``).
 PULLED = "pulled:"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -43,7 +43,7 @@ def model_path(source: str | Path) -> Path:
     if str(source).startswith(PULLED):
         raise SkillbankError(
             f"{str(source)!r} is a pulled model's alias, which only the command line, configs and DataModules "
-            f"resolve; in Python pass its folder: skillbank.testbed.pull.resolve_model({str(source)!r}) (it pulls on first use)."
+            f"resolve; in Python pass its folder: skillbank.integrations.pulled.wheels.resolve_model({str(source)!r}) (it pulls on first use)."
         )
     return Path(source)
 

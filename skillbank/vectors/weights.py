@@ -51,7 +51,7 @@ def load_weights(source: WeightsSource) -> StateDict:
         source: a Hugging Face model folder (``save_pretrained`` output, single or
             sharded safetensors), a ``.safetensors`` file, an ``nn.Module`` (its
             ``state_dict``, sharing memory), a mapping of tensors, or a pulled
-            model's folder (:func:`skillbank.testbed.pull.resolve_model` turns ``"pulled:minilm"`` into one).
+            model's folder (:func:`skillbank.integrations.pulled.wheels.resolve_model` turns ``"pulled:minilm"`` into one).
 
     Only safetensors files are read: pickled checkpoints are refused, because
     unpickling runs arbitrary code.

@@ -78,7 +78,7 @@ def reference_stitch(base: Mapping[str, Tensor], skills: Sequence[Skill]) -> dic
 def pulled_minilm_folder(cache: Path) -> Path:
     """Where ``pulled:minilm`` resolves to in ``cache``, marked as completely pulled, so nothing is downloaded:
     a test writes a tiny model there and points ``$SKILLBANK_CACHE`` at ``cache``."""
-    from skillbank.testbed.pull import MODELS, package_root
+    from skillbank.integrations.pulled.wheels import MODELS, package_root
 
     package, inner = MODELS["minilm"]
     package_root(package, cache).mkdir(parents=True)

