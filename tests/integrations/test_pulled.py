@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from helpers.models import tiny_tokenizer
+from skillbank.errors import SkillbankError
 from skillbank.integrations.labelled_text import task_loader
 from skillbank.integrations.pulled.tasks import (
     TASKS,
@@ -260,3 +261,18 @@ def test_text_task_data_gives_few_shot_and_subset_loaders(cache: Path, tmp_path:
     assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
     assert sum(len(b["labels"]) for b in data.val_dataloader()) == 2
     assert sum(len(b["labels"]) for b in data.test_dataloader()) == len(load_task("tweets", cache).test)
+
+
+def test_text_task_data_is_a_text_classification_data_with_the_tasks_own_splits(cache: Path, tmp_path: Path) -> None:
+    from skillbank.integrations.pulled.data import TextTaskData
+    from skillbank.integrations.table_data import TextClassificationData
+
+    tiny_tokenizer(["stronger", "together"]).save_pretrained(tmp_path / "tok")
+    data = TextTaskData("tweets", tokenizer=str(tmp_path / "tok"), val_size=None, test_size=None, cache=str(cache))
+    assert isinstance(data, TextClassificationData)
+    with pytest.raises(SkillbankError, match="TextTaskData has no data yet: call setup"):
+        data.val_dataloader()
+    data.setup()
+    task = load_task("tweets", cache)
+    assert data.splits == {"train": task.train, "validation": task.validation, "test": task.test}
+    assert data.label_names == list(task.label_names) and data.source == "task 'tweets'"
