@@ -1,4 +1,4 @@
-"""The README's "Callbacks for Lightning runs": a finetuning run banks its skill when it ends (SkillHarvester),
+"""The README's "The callbacks in a finetuning run": a finetuning run banks its skill when it ends (SkillHarvester),
 and a run that serves the base stitches every banked skill before validating (SkillStitcher).
 
     python examples/callbacks.py [WORKDIR]      # default: ./callbacks-example

@@ -1,4 +1,4 @@
-"""The README's "Causal language models": a tiny Llama finetuned to count, its skill learned with the next-token
+"""docs/methods.md's "Causal language models": a tiny Llama finetuned to count, its skill learned with the next-token
 loss (padding ignored, embeddings and LM head left out as in the paper), banked, stitched, and generating.
 
     python examples/causal_lm.py [WORKDIR]      # default: ./causal-lm-example

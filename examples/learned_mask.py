@@ -1,4 +1,4 @@
-"""The README's "Learned masks": learn a skill's mask on a few labelled examples with a Lightning Trainer and bank it,
+"""docs/methods.md's "Learned masks": learn a skill's mask on a few labelled examples with a Lightning Trainer and bank it,
 then the same with a candidate pool (state over the top 30·k entries of |τ| only).
 
     python examples/learned_mask.py [WORKDIR]      # default: ./learned-mask-example

@@ -1,4 +1,4 @@
-"""The README's "Overlap rules, skills sized by what they keep, masks learned in context": a skill sized by the
+"""docs/methods.md's "Overlap rules, skills sized by what they keep, masks learned in context": a skill sized by the
 validation accuracy it keeps, a stitcher that combines overlapping skills by a named rule, and a second skill's mask
 learned against the model it will join.
 

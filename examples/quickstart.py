@@ -1,4 +1,4 @@
-"""The README's "Use it", end to end: localize a finetune, keep it in a bank, stitch it onto the base, answer with
+"""The README's "Add tasks over time", end to end: localize a finetune, keep it in a bank, stitch it onto the base, answer with
 its own head, take it out again.
 
     python examples/quickstart.py [WORKDIR]      # default: ./quickstart-example

@@ -1,4 +1,4 @@
-"""The README's "Switching" and "Routing": one base in memory answers each task with its own skill and head,
+"""The README's "Serving" (switching and routing): one base in memory answers each task with its own skill and head,
 switched exactly; requests that do not name their task are routed by the base's features.
 
     python examples/switching.py [WORKDIR]       # default: ./switching-example
