@@ -7,7 +7,7 @@ import functools
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +20,21 @@ from typing_extensions import override
 
 from skillbank.callbacks._model import wrapped_model
 from skillbank.errors import SkillbankError, SkillNameError, TimeLimitError
-from skillbank.localization.auto_sparsity import DEFAULT_GRID, search_sparsity, stitched_scorer, with_choice
+from skillbank.localization.auto_sparsity import DEFAULT_GRID
 from skillbank.localization.causal_lm import is_causal_lm
-from skillbank.localization.localize import localize_dataless
-from skillbank.localization.mask_learner import MaskLearner
-from skillbank.sparse import check_sparsity
+from skillbank.localization.finetune import localize_finetune
+from skillbank.localization.methods import LocalizationInputs
+from skillbank.localization.spec import LocalizationSpec
 from skillbank.stitching.routing import routing_centroids, with_routing
 from skillbank.storage.bank import SkillBank
 from skillbank.storage.ranks import bank_on_rank_zero, raise_everywhere
 from skillbank.storage.skill import Skill
 from skillbank.vectors.adapters import find_peft_model, merged_finetune
 from skillbank.vectors.models import apply_delta
-from skillbank.vectors.task_vectors import TaskVector, task_vector
 from skillbank.vectors.weights import WeightsSource, is_float, load_weights
 
 __all__ = ["BASE_FILE", "SkillHarvester", "save_finetune", "wait_budget"]
 
-METHODS = ("dataless", "learned")
 #: The captured base's file beside the saved finetune, for ``skillbank localize --base``.
 BASE_FILE = "base.safetensors"
 
@@ -152,12 +150,17 @@ class SkillHarvester(Callback):
         finetuned_dir: str | Path | None = None,
         keep_finetuned: bool = False,
     ) -> None:
-        if isinstance(sparsity, str) and sparsity != "auto":
-            raise SkillbankError(f"sparsity must be a fraction in (0, 1] or 'auto', got {sparsity!r}.")
-        if not isinstance(sparsity, str):
-            check_sparsity(sparsity)
-        if method not in METHODS:
-            raise SkillbankError(f"method must be one of {METHODS}, got {method!r}.")
+        # one typed spec, checked now (an unknown method or a bad sparsity fails before training)
+        self.spec = LocalizationSpec(
+            method=method,
+            sparsity=sparsity,
+            target_recovery=target_recovery,
+            grid=tuple(grid),
+            exclude=tuple(exclude),
+            head_patterns=tuple(head_patterns),
+            value_dtype=value_dtype,
+            learner=dict(learner_kwargs or {}),
+        )
         if method == "learned" and few_shot is None:
             raise SkillbankError("method='learned' needs few_shot=: a dataloader of labelled examples (e.g. 64 per class).")
         if not name:
@@ -172,7 +175,6 @@ class SkillHarvester(Callback):
         self.saved: Path | None = None  # where the finetuned weights went, on rank 0
         self.skill: Skill | None = None
         self._captured: dict[str, Tensor] | None = None
-        self._deadline: float | None = None  # time.monotonic() by which a learned mask must be done (DDP)
 
     @property
     @override
@@ -241,15 +243,21 @@ class SkillHarvester(Callback):
             if self.sparsity == "auto"
             else f"--sparsity {self.sparsity}"
         )
+        if self.method != "dataless":
+            sparsity += f" --method {self.method}" + (
+                " --few-shot FEW.jsonl (its labelled examples)" if self.method == "learned" else ""
+            )
         return (
             f"The finetuned weights are saved in {saved}; once the cause is fixed, bank them with: skillbank localize "
             f"--base {base} --finetuned {saved} --bank {self.bank} --name {self.name} {sparsity}"
         )
 
     def harvest(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Skill:
-        """Localize the finetuned model (this process only) and return the skill, not yet banked."""
+        """Localize the finetuned model (this process only) and return the skill, not yet banked: the run's
+        arguments become a :class:`~skillbank.localization.spec.LocalizationSpec` and inputs, and
+        :func:`~skillbank.localization.finetune.localize_finetune` does the rest, as for ``skillbank localize``."""
         budget = wait_budget(trainer)
-        self._deadline = None if budget is None else time.monotonic() + budget
+        deadline = None if budget is None else time.monotonic() + budget
         model = wrapped_model(pl_module, self.model_attr)
         base = self.base if self.base is not None else self._captured
         if base is None:
@@ -264,44 +272,38 @@ class SkillHarvester(Callback):
             "epochs": trainer.current_epoch,
         }
         finetune = merged_finetune(model)  # a LoRA model is merged on a copy, once
-        tv = task_vector(base, finetune, head_patterns=self.head_patterns)
-        fields: dict[str, Any] = dict(
-            exclude=self.exclude, task=self.task, metrics=metrics, source=source, value_dtype=self.value_dtype
-        )
         plain = finetune.weights if finetune.source else model
         # the base with the finetuned head: copied once, for the routing features and the auto size search
         base_probe = functools.cache(lambda: apply_delta(copy.deepcopy(plain), load_weights(base), {}).eval())
-        centroids = None
-        if self.routing is not None:  # before a learner may reset a merged copy to the base
-            centroids = routing_centroids(base_probe(), self.routing)  # the base's features are what routes
-        sparsity = self.sparsity
-        if isinstance(sparsity, str):  # "auto"
-            skill = self._harvest_auto(trainer, plain, base, tv, fields, base_probe)
-        elif self.method == "dataless":
-            skill = localize_dataless(tv, sparsity, name=self.name, **fields)
-        elif finetune.source:  # merged: already a copy the learner may reset to the base
-            skill = self._learn(finetune.weights, base, tv, sparsity, fields, copy_model=False)
-        else:
-            skill = self._learn(model, base, tv, sparsity, fields)
-        return skill if centroids is None else with_routing(skill, centroids)
-
-    def _learn(
-        self, model: torch.nn.Module, base: Any, tv: TaskVector, sparsity: float, fields: dict, copy_model: bool = True
-    ) -> Skill:
-        learner = MaskLearner(
-            copy.deepcopy(model) if copy_model else model,
-            base,
-            tv,
-            sparsity,
-            exclude=self.exclude,
-            task=self.task,
-            value_dtype=self.value_dtype,
-            **self.learner_kwargs,
+        validation = self.validation if self.validation is not None else trainer.val_dataloaders
+        if self.spec.auto and validation is None:
+            raise SkillbankError(
+                "sparsity='auto' needs validation data: give the fit a validation dataloader, or SkillHarvester(validation=...)."
+            )
+        inputs = LocalizationInputs(
+            base=base,
+            model=plain,
+            few_shot=self.few_shot,
+            validation=validation,
+            probe=base_probe,
+            time_limit=None if deadline is None else deadline - time.monotonic(),
         )
-        assert self.few_shot is not None  # __init__ refuses method="learned" without it
-        limit = None if self._deadline is None else self._deadline - time.monotonic()
+        centroids = None
+        if self.routing is not None:
+            centroids = routing_centroids(base_probe(), self.routing)  # the base's features are what routes
+        # the weights saved before localizing are files: a dataless mask of a fixed size streams from them (memory
+        # follows the skill), bit for bit the in-memory one
+        sources: tuple[Any, Any] = (base, finetune)
+        if self.saved is not None and self.spec.method == "dataless" and not self.spec.auto:
+            saved_base = (
+                self.base if isinstance(self.base, (str, Path)) else self.saved / BASE_FILE if self.base is None else None
+            )
+            if saved_base is not None:
+                sources = (saved_base, self.saved)
         try:
-            skill = learner.learn(self.few_shot, name=self.name, time_limit=limit)
+            skill = localize_finetune(
+                *sources, self.spec, name=self.name, task=self.task, inputs=inputs, metrics=metrics, source=source
+            )
         except TimeLimitError as exc:
             raise TimeLimitError(
                 f"SkillHarvester: {exc} Under DDP rank 0 learns the mask alone while the other ranks wait for it, up to "
@@ -309,42 +311,4 @@ class SkillHarvester(Callback):
                 "hours=2)))), learn on fewer few-shot batches or epochs, or harvest method='dataless' now and learn the "
                 "mask afterwards in one process (MaskLearner(...).learn, or skillbank fit with a MaskLearner config)."
             ) from None
-        skill.metadata.metrics.update(fields["metrics"])
-        skill.metadata.source.update({**fields["source"], **tv.source})
-        return skill
-
-    def _harvest_auto(
-        self,
-        trainer: pl.Trainer,
-        model: torch.nn.Module,
-        base: Any,
-        tv: TaskVector,
-        fields: dict,
-        base_probe: Callable[[], torch.nn.Module],
-    ) -> Skill:
-        """The smallest dataless (then learned, searched from the dataless size) skill that keeps the target."""
-        validation = self.validation if self.validation is not None else trainer.val_dataloaders
-        if validation is None:
-            raise SkillbankError(
-                "sparsity='auto' needs validation data: give the fit a validation dataloader, or SkillHarvester(validation=...)."
-            )
-        score = stitched_scorer(base_probe(), validation)
-        reference = score(localize_dataless(tv, 1.0, name=self.name, exclude=self.exclude))
-        dataless, choice = search_sparsity(
-            lambda s: localize_dataless(tv, s, name=self.name, **fields),
-            score,
-            reference,
-            target=self.target_recovery,
-            grid=self.grid,
-        )
-        if self.method == "dataless":
-            return with_choice(dataless, choice)
-        learned, choice = search_sparsity(
-            lambda s: self._learn(model, base, tv, s, fields),
-            score,
-            reference,
-            target=self.target_recovery,
-            grid=self.grid,
-            start=choice.sparsity,
-        )
-        return with_choice(learned, choice)
+        return skill if centroids is None else with_routing(skill, centroids)

@@ -26,9 +26,16 @@ def finetune(base_model, callback, steps: int = 12) -> SequenceClassifier:
     return module
 
 
-def test_a_finetune_leaves_a_verified_dataless_skill(base_model, tmp_path):
-    harvester = SkillHarvester(tmp_path / "bank", "sentiment", sparsity=0.05, task="sentiment")
+def test_a_finetune_leaves_a_verified_dataless_skill(base_model, tmp_path, monkeypatch):
+    from skillbank.localization import streaming
+
+    streamed = []  # the weights saved before localizing are read back tensor by tensor (memory follows the skill)
+    real = streaming.localize_streaming
+    monkeypatch.setattr(streaming, "localize_streaming", lambda *a, **k: streamed.append(a[:2]) or real(*a, **k))
+    harvester = SkillHarvester(tmp_path / "bank", "sentiment", sparsity=0.05, task="sentiment", finetuned_dir=tmp_path / "ft")
     module = finetune(base_model, harvester)
+    assert streamed == [(tmp_path / "ft" / "sentiment" / "base.safetensors", tmp_path / "ft" / "sentiment")]
+    assert not (tmp_path / "ft" / "sentiment").exists()  # removed once banked
     bank = SkillBank(tmp_path / "bank")
     assert bank.names() == ["sentiment"] and bank.verify() == {"sentiment": "ok"}
     skill = bank.get("sentiment")
@@ -117,7 +124,7 @@ def test_a_taken_name_fails_before_training(base_model, tmp_path):
     "kwargs, words",
     [
         (dict(sparsity=0.0), "sparsity must be a fraction"),
-        (dict(method="magic"), "method must be one of"),
+        (dict(method="magic"), "unknown localization method .magic.; known: dataless, learned"),
         (dict(method="learned"), "needs few_shot="),
         (dict(name=""), "name the skill"),
         (dict(sparsity="half"), r"sparsity must be a fraction in \(0, 1\] or 'auto', got 'half'"),

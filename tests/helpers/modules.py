@@ -40,8 +40,18 @@ class Watcher(pl.LightningModule):
 
 
 def quiet_trainer(**overrides) -> pl.Trainer:
+    """A CPU Trainer without logs or bars, writing (a harvest's saved finetune, checkpoints) into a fresh temporary
+    folder, never into the working directory."""
+    import tempfile
+
     settings = dict(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tempfile.mkdtemp(prefix="skillbank-test-run-"),
     )
     settings.update(overrides)
     return pl.Trainer(**settings)

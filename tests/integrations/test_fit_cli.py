@@ -189,12 +189,12 @@ def test_your_own_csv_becomes_a_banked_skill_with_no_python(tmp_path, monkeypatc
 
 
 def test_a_failed_localization_keeps_the_finetune_and_says_how_to_bank_it(tmp_path, monkeypatch, capsys):
-    from skillbank.callbacks import skill_harvester
+    from skillbank.localization import finetune
 
     def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise SkillbankError("the localization broke")
 
-    monkeypatch.setattr(skill_harvester, "search_sparsity", broken)
+    monkeypatch.setattr(finetune, "search_sparsity", broken)
     assert _fit_own_csv(_own_csv_setup(tmp_path, monkeypatch), tmp_path) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     saved = tmp_path / "runs" / "finetuned" / "my-task"

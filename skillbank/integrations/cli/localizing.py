@@ -12,8 +12,6 @@ from skillbank.storage.format import VALUE_DTYPE_NAMES
 
 if TYPE_CHECKING:
     from skillbank.storage.skill import Skill
-    from skillbank.vectors.task_vectors import TaskVector
-    from skillbank.vectors.weights import WeightsSource
 from skillbank.integrations.cli.common import (
     escape,
     progress,
@@ -49,6 +47,19 @@ def register(sub: Any) -> None:  # argparse's subparsers action
         "--replace",
         action="store_true",
         help="replace the bank's skill of this --name atomically, keeping the old version's provenance in the new one",
+    )
+    p.add_argument(
+        "--method",
+        choices=_method_names(),
+        default="dataless",
+        help="how the mask is found (default: dataless). " + _method_help(),
+    )
+    p.add_argument(
+        "--few-shot",
+        default=None,
+        metavar="FILE",
+        help='with --method learned: the labelled examples the mask is learned on, one JSON object a line: {"text": ..., '
+        '"label": 0} (64 a class in the paper), in order, 32 a batch; tokenized with the finetuned folder\'s tokenizer',
     )
     p.add_argument(
         "--sparsity",
@@ -123,11 +134,8 @@ def register(sub: Any) -> None:  # argparse's subparsers action
 
 
 def _localize(args: argparse.Namespace) -> int:
-    from skillbank.localization.localize import localize_dataless
-    from skillbank.localization.streaming import localize_streaming
-    from skillbank.vectors.adapters import is_adapter_folder
-    from skillbank.vectors.task_vectors import task_vector
-    from skillbank.vectors.weights import load_weights
+    from skillbank.localization.finetune import localize_finetune
+    from skillbank.localization.spec import LocalizationSpec
 
     bank = SkillBank(args.bank)  # fail fast on a bad bank path before the heavy work
     if args.name in bank and not args.replace:
@@ -136,33 +144,26 @@ def _localize(args: argparse.Namespace) -> int:
         )
     if args.replace and args.name not in bank:
         raise SkillbankError(f"--replace: there is no skill named {args.name!r} in {bank.path} to replace; drop --replace.")
-    fields = dict(
-        name=args.name,
-        task=args.task or args.name,
+    spec = LocalizationSpec(
+        method=args.method,
+        sparsity=args.sparsity,
+        target_recovery=args.target_recovery,
         exclude=args.exclude,
+        head_patterns=args.head_pattern,
         value_dtype=args.value_dtype,
-        source={"kind": "full finetune", "base": args.given["base"], "finetuned": args.given["finetuned"]},
     )
-    with progress(total=4, desc=f"localize {args.name}", unit="step") as bar:
-        adapter = is_adapter_folder(args.finetuned)  # merged onto the base model itself, so both stay paths
-        if not adapter and args.sparsity != "auto":  # read one tensor at a time: memory follows the skill, not the model
-            bar.set_postfix_str("top-k, tensor by tensor")
-            skill = localize_streaming(args.base, args.finetuned, args.sparsity, head_patterns=args.head_pattern, **fields)
-            bar.update(2)
-        else:
-            bar.set_postfix_str("loading weights")
-            base = args.base if adapter else load_weights(args.base)
-            finetuned = args.finetuned if adapter else load_weights(args.finetuned)
-            bar.update()
-            bar.set_postfix_str("task vector")
-            tv = task_vector(base, finetuned, head_patterns=args.head_pattern)
-            bar.update()
-            if args.sparsity == "auto":
-                bar.set_postfix_str(f"sizes keeping {args.target_recovery:g}")
-                skill = _localize_auto(args, base, tv, fields)
-            else:
-                bar.set_postfix_str("top-k")
-                skill = localize_dataless(tv, args.sparsity, **fields)
+    with progress(total=3, desc=f"localize {args.name}", unit="step") as bar:
+        bar.set_postfix_str(f"{spec.method}, sizes keeping {args.target_recovery:g}" if spec.auto else spec.method)
+        skill = localize_finetune(
+            args.base,
+            args.finetuned,
+            spec,
+            name=args.name,
+            task=args.task,
+            inputs=_inputs(args, spec),
+            source={"kind": "full finetune", "base": args.given["base"], "finetuned": args.given["finetuned"]},
+        )
+        bar.update()
         # --val-data doubles as routing data when the base is a model folder (routing needs its encoder)
         base_is_folder = (Path(args.base) / "config.json").is_file()
         routing_data = args.routing_data or (args.val_data if base_is_folder else None)
@@ -193,26 +194,56 @@ def _localize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _localize_auto(args: argparse.Namespace, base: WeightsSource, tv: TaskVector, fields: dict) -> Skill:
-    """The dataless skill at the smallest size keeping --target-recovery on --val-data."""
+def _inputs(args: argparse.Namespace, spec: Any) -> Any:  # a LocalizationSpec -> LocalizationInputs
+    """The command line's files as what the method needs: --val-data (auto sizes, scored on the base with the
+    finetune's head) and --few-shot (learned masks, on the finetuned folder's model), tokenized with its tokenizer."""
     from skillbank.integrations.labelled_text import read_jsonl, task_loader
-    from skillbank.localization.auto_sparsity import localize_auto
+    from skillbank.localization.methods import LocalizationInputs
     from skillbank.vectors.models import apply_delta, load_model, load_tokenizer
     from skillbank.vectors.weights import load_weights
 
-    if not args.val_data:
+    inputs = LocalizationInputs(base=args.base)
+    if not spec.auto and spec.method == "dataless":
+        return inputs
+    if spec.auto and not args.val_data:
         raise SkillbankError(
             '--sparsity auto needs --val-data FILE (JSON lines of {"text": ..., "label": ...}) '
             "to measure what each mask size keeps; or give a number, e.g. --sparsity 0.05."
         )
+    if spec.method == "learned" and not args.few_shot:
+        raise SkillbankError(
+            '--method learned needs --few-shot FILE (JSON lines of {"text": ..., "label": ...}; the paper uses 64 a class).'
+        )
     folder = Path(args.finetuned)
     if not (folder / "config.json").is_file():
-        raise SkillbankError("--sparsity auto needs --finetuned to be a Hugging Face classifier folder (with its tokenizer).")
-    probe: Any = load_model(str(folder)).eval()  # a transformers classifier
-    apply_delta(probe, load_weights(base), {})  # the base with the finetuned head: where each mask is tried
-    split = read_jsonl(args.val_data, probe.config.num_labels)
-    batches = list(task_loader(split, load_tokenizer(folder, args.base), max_length=args.max_length, batch_size=64))
-    return localize_auto(tv, probe, batches, target=args.target_recovery, **fields)
+        raise SkillbankError(
+            "--sparsity auto and --method learned need --finetuned to be a Hugging Face classifier folder (with its tokenizer)."
+        )
+    model: Any = load_model(str(folder))  # a transformers classifier
+    tokenizer = load_tokenizer(folder, args.base)
+
+    def batches(file: str, batch_size: int) -> list[Any]:
+        split = read_jsonl(file, model.config.num_labels)
+        return list(task_loader(split, tokenizer, max_length=args.max_length, batch_size=batch_size))
+
+    if spec.auto:
+        inputs.validation = batches(args.val_data, 64)
+        inputs.probe = lambda: apply_delta(load_model(str(folder)).eval(), load_weights(args.base), {})  # base + head
+    if spec.method == "learned":
+        inputs.model, inputs.few_shot = model, batches(args.few_shot, 32)
+    return inputs
+
+
+def _method_names() -> list[str]:
+    from skillbank.localization.methods import METHODS
+
+    return sorted(METHODS)
+
+
+def _method_help() -> str:
+    from skillbank.localization.methods import METHODS
+
+    return "; ".join(f"{name}: {METHODS[name].summary}" for name in sorted(METHODS))
 
 
 def _with_routing(args: argparse.Namespace, skill: Skill, data: str) -> Skill:

@@ -1,0 +1,96 @@
+"""``localize_finetune``: the one path from a finetune to a skill. ``skillbank localize``, ``SkillHarvester`` and
+configs translate their inputs into a :class:`~skillbank.localization.spec.LocalizationSpec` and
+:class:`~skillbank.localization.methods.LocalizationInputs` and call it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from skillbank.errors import SkillbankError
+from skillbank.localization.auto_sparsity import search_sparsity, stitched_scorer, with_choice
+from skillbank.localization.localize import localize_dataless
+from skillbank.localization.methods import LocalizationInputs, get_method
+from skillbank.localization.spec import LocalizationSpec
+from skillbank.storage.skill import Skill
+from skillbank.vectors.adapters import Finetune
+from skillbank.vectors.weights import WeightsSource
+
+__all__ = ["localize_finetune"]
+
+
+def localize_finetune(
+    base: WeightsSource,
+    finetuned: WeightsSource | Finetune,
+    spec: LocalizationSpec,
+    *,
+    name: str,
+    task: str = "",
+    inputs: LocalizationInputs | None = None,
+    metrics: dict[str, float] | None = None,
+    source: dict[str, Any] | None = None,
+) -> Skill:
+    """The skill of ``finetuned`` over ``base`` as ``spec`` says, with the spec in its metadata (``settings["spec"]``).
+
+    A dataless mask of a fixed size between two model files or folders is computed tensor by
+    tensor (:func:`~skillbank.localization.streaming.localize_streaming`: memory follows the skill);
+    anything else from the task vector in memory. ``sparsity="auto"`` wraps any method: the
+    dataless sizes of ``spec.grid`` are scored on ``inputs.validation`` (each skill alone on
+    ``inputs.probe()``), and a learned method then steps down from the dataless choice.
+
+    Raises:
+        SkillbankError: what a method or the ``auto`` search needs is missing from ``inputs``.
+    """
+    inputs = inputs or LocalizationInputs(base=base)
+    method = get_method(spec.method)
+    method.check(inputs)
+    fields: dict[str, Any] = dict(
+        name=name, task=task or name, metrics=dict(metrics or {}), source=dict(source or {}), value_dtype=spec.value_dtype
+    )
+    if method.name == "dataless" and not spec.auto and _streamable(base, finetuned):
+        from skillbank.localization.streaming import localize_streaming
+
+        assert isinstance(base, (str, Path)) and isinstance(finetuned, (str, Path))
+        skill = localize_streaming(
+            base, finetuned, float(spec.sparsity), exclude=spec.exclude, head_patterns=spec.head_patterns, **fields
+        )
+        return _with_spec(skill, spec)
+    from skillbank.vectors.task_vectors import task_vector
+
+    tv = task_vector(base, finetuned, head_patterns=spec.head_patterns)
+    if not spec.auto:
+        return _with_spec(method.localize(tv, float(spec.sparsity), spec, inputs, fields), spec)
+    if inputs.validation is None or inputs.probe is None:
+        raise SkillbankError(
+            "sparsity='auto' needs validation data to measure what a mask keeps (CLI: --val-data FILE; "
+            "SkillHarvester: the run's validation loader or validation=); or give a number as the sparsity."
+        )
+    score = stitched_scorer(inputs.probe(), inputs.validation)
+    reference = score(localize_dataless(tv, 1.0, name=name, exclude=spec.exclude))
+    dataless = get_method("dataless")
+    skill, choice = search_sparsity(
+        lambda s: dataless.localize(tv, s, spec, inputs, fields), score, reference, target=spec.target_recovery, grid=spec.grid
+    )
+    if method is not dataless:  # learned sizes step down from the dataless choice
+        skill, choice = search_sparsity(
+            lambda s: method.localize(tv, s, spec, inputs, fields),
+            score,
+            reference,
+            target=spec.target_recovery,
+            grid=spec.grid,
+            start=choice.sparsity,
+        )
+    return _with_spec(with_choice(skill, choice), spec)
+
+
+def _streamable(base: object, finetuned: object) -> bool:
+    """Whether both are model files or folders of plain weights (a LoRA adapter folder is merged in memory)."""
+    from skillbank.vectors.adapters import is_adapter_folder
+
+    return isinstance(base, (str, Path)) and isinstance(finetuned, (str, Path)) and not is_adapter_folder(finetuned)
+
+
+def _with_spec(skill: Skill, spec: LocalizationSpec) -> Skill:
+    settings = {**skill.metadata.settings, "spec": spec.to_dict()}
+    return replace(skill, metadata=replace(skill.metadata, settings=settings))
