@@ -292,9 +292,10 @@ class SkillHarvester(Callback):
         if self.routing is not None:
             centroids = routing_centroids(base_probe(), self.routing)  # the base's features are what routes
         # the weights saved before localizing are files: a dataless mask of a fixed size streams from them (memory
-        # follows the skill), bit for bit the in-memory one
+        # follows the skill), bit for bit the in-memory one. A merged LoRA stays in memory: its provenance and its
+        # modules_to_save (the head) come with the merge, not with the files.
         sources: tuple[Any, Any] = (base, finetune)
-        if self.saved is not None and self.spec.method == "dataless" and not self.spec.auto:
+        if self.saved is not None and self.spec.method == "dataless" and not self.spec.auto and not finetune.source:
             saved_base = (
                 self.base if isinstance(self.base, (str, Path)) else self.saved / BASE_FILE if self.base is None else None
             )
