@@ -23,38 +23,17 @@ __all__ = [
 ]
 
 
-def skill_from_mask(
-    tv: TaskVector,
-    indices: Mapping[str, Tensor],
-    *,
-    name: str,
-    sparsity: float,
-    method: str,
-    task: str = "",
-    settings: Mapping[str, Any] | None = None,
-    metrics: Mapping[str, float] | None = None,
-    source: Mapping[str, Any] | None = None,
-    value_dtype: str = "float32",
-) -> Skill:
-    """Build a :class:`Skill` from a task vector and chosen flat ``indices`` per parameter."""
+def skill_from_mask(tv: TaskVector, indices: Mapping[str, Tensor], **fields: Any) -> Skill:
+    """Build a :class:`Skill` from a task vector and chosen flat ``indices`` per parameter; ``fields`` as in
+    :func:`skill_from_regions` (``name``, ``sparsity``, ``method``, ``task``, ``settings``, ``metrics``, ``source``,
+    ``value_dtype``)."""
     empty = torch.empty(0, dtype=torch.int64, device="cpu")
     regions = {}
     for pname, tau in tv.shared.items():
         idx = indices.get(pname, empty).to("cpu", torch.int64)
         values = tau.reshape(-1)[idx.to(tau.device)] if idx.numel() else torch.empty(0, device="cpu")
         regions[pname] = Region(idx, values.to("cpu", torch.float32))
-    return skill_from_task_vector(
-        tv,
-        regions,
-        name=name,
-        sparsity=sparsity,
-        method=method,
-        task=task,
-        settings=settings,
-        metrics=metrics,
-        source=source,
-        value_dtype=value_dtype,
-    )
+    return skill_from_task_vector(tv, regions, **fields)
 
 
 def skill_from_task_vector(

@@ -10,12 +10,9 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from skillbank.errors import SkillbankError
-
-if TYPE_CHECKING:
-    pass
 from skillbank.integrations.cli import exporting, localizing, registry, running
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_BROKEN_PIPE", "EXIT_INTERRUPTED", "build_parser", "main"]

@@ -8,12 +8,9 @@ import json
 import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from skillbank.errors import SkillbankError
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "command",

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from skillbank.storage.bank import SkillBank
-
-if TYPE_CHECKING:
-    pass
 from skillbank.integrations.cli.common import progress, skill_list_arg
+from skillbank.storage.bank import SkillBank
 
 __all__ = ["register"]
 

@@ -29,9 +29,9 @@ def register(sub: Any) -> None:  # argparse's subparsers action
     p = sub.add_parser(
         "localize",
         help="localize a finetuned model's skill and add it to a bank",
-        description="Compute the task vector of --finetuned against --base, keep the top ceil(s*P) "
-        "entries of |tau| over all shared parameters (dataless localization), and add the skill (plus the "
-        "finetuned model's own head) to --bank. Models are Hugging Face folders (save_pretrained) or "
+        description="Compute the task vector of --finetuned against --base, find its mask with --method (dataless: "
+        "the top ceil(s*P) entries of |tau| over all shared parameters; learned: trained on --few-shot examples), "
+        "and add the skill (plus the finetuned model's own head) to --bank; SkillHarvester takes the same path. Models are Hugging Face folders (save_pretrained) or "
         ".safetensors files; wrapper prefixes such as 'bert.' are matched automatically. A PEFT LoRA adapter "
         "folder (adapter_config.json) as --finetuned is merged onto --base (a model folder) with PEFT's "
         "merge_and_unload; its modules_to_save (the classifier) become the skill's head.",

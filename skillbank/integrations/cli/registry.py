@@ -6,13 +6,9 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from skillbank.errors import SkillbankError
-from skillbank.storage.bank import SkillBank
-
-if TYPE_CHECKING:
-    pass
 from skillbank.integrations.cli.common import (
     command,
     escape,
@@ -21,6 +17,7 @@ from skillbank.integrations.cli.common import (
     skill_list_arg,
     table,
 )
+from skillbank.storage.bank import SkillBank
 
 __all__ = ["register"]
 

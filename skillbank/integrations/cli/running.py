@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from skillbank.errors import SkillbankError
-
-if TYPE_CHECKING:
-    pass
 from skillbank.integrations.cli.common import sparsity_arg
 
 __all__ = ["DEMO_FOLDER", "register"]
