@@ -29,7 +29,7 @@ from skillbank.stitching.routing import routing_centroids, with_routing
 from skillbank.storage.bank import SkillBank
 from skillbank.storage.ranks import bank_on_rank_zero, raise_everywhere
 from skillbank.storage.skill import Skill
-from skillbank.vectors.adapters import find_peft_model, merged_finetune
+from skillbank.vectors.adapters import Finetune, find_peft_model, merged_finetune
 from skillbank.vectors.models import apply_delta
 from skillbank.vectors.weights import WeightsSource, is_float, load_weights
 
@@ -39,15 +39,13 @@ __all__ = ["BASE_FILE", "SkillHarvester", "save_finetune", "wait_budget"]
 BASE_FILE = "base.safetensors"
 
 
-def save_finetune(model: torch.nn.Module, folder: Path, base: Mapping[str, Tensor] | None = None) -> Path:
-    """Save a finetuned ``model``'s weights to ``folder`` as ``skillbank localize --finetuned`` reads them (a
-    Hugging Face model with ``save_pretrained``, so its config comes too; else one ``model.safetensors``), and
-    ``base`` beside them as :data:`BASE_FILE` when given. A LoRA model is saved merged. Written into a sibling
-    and renamed, so ``folder`` is complete or absent."""
+def save_finetune(plain: torch.nn.Module, folder: Path, base: Mapping[str, Tensor] | None = None) -> Path:
+    """Save a finetuned model's weights (``plain``: a LoRA model merged first, :func:`_plain_finetune`) to ``folder``
+    as ``skillbank localize --finetuned`` reads them (a Hugging Face model with ``save_pretrained``, so its config
+    comes too; else one ``model.safetensors``), and ``base`` beside them as :data:`BASE_FILE` when given. Written
+    into a sibling and renamed, so ``folder`` is complete or absent."""
     from safetensors.torch import save_file, save_model
 
-    finetune = merged_finetune(model)
-    plain = finetune.weights if finetune.source else model
     folder.parent.mkdir(parents=True, exist_ok=True)
     staged = folder.with_name(f".{folder.name}.partial-{uuid.uuid4().hex}")
     try:
@@ -64,6 +62,12 @@ def save_finetune(model: torch.nn.Module, folder: Path, base: Mapping[str, Tenso
         shutil.rmtree(staged, ignore_errors=True)
         raise
     return folder
+
+
+def _plain_finetune(model: torch.nn.Module) -> tuple[Finetune, torch.nn.Module]:
+    """``model`` as a finetune (a LoRA model merged on a copy, once) and its plain weights as a module."""
+    finetune = merged_finetune(model)
+    return finetune, finetune.weights if finetune.source else model
 
 
 def _add_advice(exc: BaseException, advice: str) -> None:
@@ -165,12 +169,9 @@ class SkillHarvester(Callback):
             raise SkillbankError("method='learned' needs few_shot=: a dataloader of labelled examples (e.g. 64 per class).")
         if not name:
             raise SkillNameError("name the skill the harvester should add (name=...).")
-        self.bank, self.name, self.base, self.sparsity, self.method = Path(bank), name, base, sparsity, method
+        self.bank, self.name, self.base = Path(bank), name, base
         self.few_shot, self.model_attr, self.task = few_shot, model_attr, task
-        self.exclude, self.head_patterns, self.value_dtype = tuple(exclude), tuple(head_patterns), value_dtype
-        self.learner_kwargs = dict(learner_kwargs or {})
-        self.target_recovery, self.grid, self.validation = target_recovery, tuple(grid), validation
-        self.routing = routing
+        self.validation, self.routing = validation, routing
         self.finetuned_dir, self.keep_finetuned = finetuned_dir, keep_finetuned
         self.saved: Path | None = None  # where the finetuned weights went, on rank 0
         self.skill: Skill | None = None
@@ -209,12 +210,10 @@ class SkillHarvester(Callback):
         self.saved = None
 
         def save_then_harvest() -> Skill:
-            self.saved = save_finetune(
-                wrapped_model(pl_module, self.model_attr),
-                self._finetuned_folder(trainer),
-                None if self.base is not None else self._captured,
-            )
-            return self.harvest(trainer, pl_module)
+            merged = _plain_finetune(wrapped_model(pl_module, self.model_attr))
+            base = None if self.base is not None else self._captured
+            self.saved = save_finetune(merged[1], self._finetuned_folder(trainer), base)
+            return self.harvest(trainer, pl_module, merged)
 
         try:
             skill = bank_on_rank_zero(trainer, self.bank, save_then_harvest, "SkillHarvester")
@@ -236,26 +235,35 @@ class SkillHarvester(Callback):
             target = folder / f"{self.name}-{n}"
         return target
 
+    def _base_file(self) -> str | Path | None:
+        """The base as a file: the ``base=`` path, or the captured base saved beside the finetune; ``None`` for a base
+        given as a module or state dict (it is not saved)."""
+        if isinstance(self.base, (str, Path)):
+            return self.base
+        return self.saved / BASE_FILE if self.base is None and self.saved is not None else None
+
     def _recovery_advice(self, saved: Path) -> str:
-        base = self.base if isinstance(self.base, (str, Path)) else saved / BASE_FILE
+        base = self._base_file() or "BASE (the base model's folder, which was passed as a module)"
+        spec = self.spec
         sparsity = (
-            "--sparsity auto --val-data VAL.jsonl (labelled validation texts)"
-            if self.sparsity == "auto"
-            else f"--sparsity {self.sparsity}"
+            "--sparsity auto --val-data VAL.jsonl (labelled validation texts)" if spec.auto else f"--sparsity {spec.sparsity}"
         )
-        if self.method != "dataless":
-            sparsity += f" --method {self.method}" + (
-                " --few-shot FEW.jsonl (its labelled examples)" if self.method == "learned" else ""
+        if spec.method != "dataless":
+            sparsity += f" --method {spec.method}" + (
+                " --few-shot FEW.jsonl (its labelled examples)" if spec.method == "learned" else ""
             )
         return (
             f"The finetuned weights are saved in {saved}; once the cause is fixed, bank them with: skillbank localize "
             f"--base {base} --finetuned {saved} --bank {self.bank} --name {self.name} {sparsity}"
         )
 
-    def harvest(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Skill:
+    def harvest(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: tuple[Finetune, torch.nn.Module] | None = None
+    ) -> Skill:
         """Localize the finetuned model (this process only) and return the skill, not yet banked: the run's
         arguments become a :class:`~skillbank.localization.spec.LocalizationSpec` and inputs, and
-        :func:`~skillbank.localization.finetune.localize_finetune` does the rest, as for ``skillbank localize``."""
+        :func:`~skillbank.localization.finetune.localize_finetune` does the rest, as for ``skillbank localize``.
+        ``merged``: the model as :func:`_plain_finetune` gives it, when the caller has it already."""
         budget = wait_budget(trainer)
         deadline = None if budget is None else time.monotonic() + budget
         model = wrapped_model(pl_module, self.model_attr)
@@ -271,8 +279,7 @@ class SkillHarvester(Callback):
             "global_step": trainer.global_step,
             "epochs": trainer.current_epoch,
         }
-        finetune = merged_finetune(model)  # a LoRA model is merged on a copy, once
-        plain = finetune.weights if finetune.source else model
+        finetune, plain = merged if merged is not None else _plain_finetune(model)
         # the base with the finetuned head: copied once, for the routing features and the auto size search
         base_probe = functools.cache(lambda: apply_delta(copy.deepcopy(plain), load_weights(base), {}).eval())
         validation = self.validation if self.validation is not None else trainer.val_dataloaders
@@ -295,12 +302,10 @@ class SkillHarvester(Callback):
         # follows the skill), bit for bit the in-memory one. A merged LoRA stays in memory: its provenance and its
         # modules_to_save (the head) come with the merge, not with the files.
         sources: tuple[Any, Any] = (base, finetune)
-        if self.saved is not None and self.spec.method == "dataless" and not self.spec.auto and not finetune.source:
-            saved_base = (
-                self.base if isinstance(self.base, (str, Path)) else self.saved / BASE_FILE if self.base is None else None
-            )
-            if saved_base is not None:
-                sources = (saved_base, self.saved)
+        base_file = self._base_file()
+        streamable = self.spec.method == "dataless" and not self.spec.auto and not finetune.source
+        if streamable and self.saved is not None and base_file is not None:
+            sources = (base_file, self.saved)
         try:
             skill = localize_finetune(
                 *sources, self.spec, name=self.name, task=self.task, inputs=inputs, metrics=metrics, source=source
