@@ -16,7 +16,6 @@ from skillbank.callbacks._bank_watch import BankWatcher
 from skillbank.callbacks._model import wrapped_model
 from skillbank.errors import SkillbankError
 from skillbank.stitching.stitcher import Stitcher
-from skillbank.storage.bank import SkillBank
 from skillbank.vectors.weights import WeightsSource
 
 __all__ = ["SkillStitcher"]
@@ -126,20 +125,18 @@ class SkillStitcher(BankWatcher):
         """The stitcher; after a restore, the model is first put back to its base and the skills re-stitched in order."""
         if self._stitcher is not None:
             return self._stitcher
-        model = wrapped_model(pl_module, self.model_attr)
         if self._restored and self._restored_base is None:
             raise SkillbankError(
                 "the checkpoint lists stitched skills but not the base values under them; it was not written by SkillStitcher."
             )
         if self._restored_base:
-            state = model.state_dict(keep_vars=True)
+            state = wrapped_model(pl_module, self.model_attr).state_dict(keep_vars=True)
             with torch.no_grad():
                 for name, saved in self._restored_base.items():
                     flat = state[name].data.view(-1)
                     flat.index_copy_(0, saved["indices"].to(flat.device), saved["values"].to(flat.device, flat.dtype))
-        stitcher = Stitcher(model, self.base, bank=SkillBank.if_exists(self.bank), rule=self.rule)
+        stitcher = super()._ensure_stitcher(pl_module)
         for name in self._restored:
             stitcher.add(name)
         self._restored, self._restored_base = [], None
-        self._stitcher = stitcher
         return stitcher
