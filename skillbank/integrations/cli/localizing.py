@@ -154,13 +154,14 @@ def _localize(args: argparse.Namespace) -> int:
     )
     with progress(total=3, desc=f"localize {args.name}", unit="step") as bar:
         bar.set_postfix_str(f"{spec.method}, sizes keeping {args.target_recovery:g}" if spec.auto else spec.method)
+        base, finetuned, inputs = _inputs(args, spec)
         skill = localize_finetune(
-            args.base,
-            args.finetuned,
+            base,
+            finetuned,
             spec,
             name=args.name,
             task=args.task,
-            inputs=_inputs(args, spec),
+            inputs=inputs,
             source={"kind": "full finetune", "base": args.given["base"], "finetuned": args.given["finetuned"]},
         )
         bar.update()
@@ -194,17 +195,20 @@ def _localize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inputs(args: argparse.Namespace, spec: Any) -> Any:  # a LocalizationSpec -> LocalizationInputs
-    """The command line's files as what the method needs: --val-data (auto sizes, scored on the base with the
-    finetune's head) and --few-shot (learned masks, on the finetuned folder's model), tokenized with its tokenizer."""
+def _inputs(args: argparse.Namespace, spec: Any) -> tuple[Any, Any, Any]:  # a LocalizationSpec -> base, finetuned, inputs
+    """What to localize from and with. A dataless mask of a fixed size: the two paths (it streams from them). Else the
+    weights read once, the base and the finetuned folder's model, shared by the task vector, the auto search's probe
+    (a copy of the model with the base written in) and the learner; --val-data (auto sizes) and --few-shot (learned
+    masks) tokenized with the folder's tokenizer."""
+    import copy
+
     from skillbank.integrations.labelled_text import read_jsonl, task_loader
     from skillbank.localization.methods import LocalizationInputs
     from skillbank.vectors.models import apply_delta, load_model, load_tokenizer
     from skillbank.vectors.weights import load_weights
 
-    inputs = LocalizationInputs(base=args.base)
     if not spec.auto and spec.method == "dataless":
-        return inputs
+        return args.base, args.finetuned, LocalizationInputs(base=args.base)
     if spec.auto and not args.val_data:
         raise SkillbankError(
             '--sparsity auto needs --val-data FILE (JSON lines of {"text": ..., "label": ...}) '
@@ -220,7 +224,9 @@ def _inputs(args: argparse.Namespace, spec: Any) -> Any:  # a LocalizationSpec -
             "--sparsity auto and --method learned need --finetuned to be a Hugging Face classifier folder (with its tokenizer)."
         )
     model: Any = load_model(str(folder))  # a transformers classifier
+    base = load_weights(args.base)
     tokenizer = load_tokenizer(folder, args.base)
+    inputs = LocalizationInputs(base=base)
 
     def batches(file: str, batch_size: int) -> list[Any]:
         split = read_jsonl(file, model.config.num_labels)
@@ -228,10 +234,10 @@ def _inputs(args: argparse.Namespace, spec: Any) -> Any:  # a LocalizationSpec -
 
     if spec.auto:
         inputs.validation = batches(args.val_data, 64)
-        inputs.probe = lambda: apply_delta(load_model(str(folder)).eval(), load_weights(args.base), {})  # base + head
+        inputs.probe = lambda: apply_delta(copy.deepcopy(model).eval(), base, {})  # the base with the finetune's head
     if spec.method == "learned":
         inputs.model, inputs.few_shot = model, batches(args.few_shot, 32)
-    return inputs
+    return base, model, inputs
 
 
 def _method_names() -> list[str]:
