@@ -52,31 +52,19 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def check_output_path(out: Path, *, folder: bool = False) -> None:
-    """Refuse ``out`` as a place to write a result unless it is missing or what this writes (a regular file, or with
-    ``folder`` an empty directory): never a symbolic link (it would send the write elsewhere), a FIFO, a device
-    (``/dev/full``, ``/dev/stdout``) or the other kind; its folder must exist. Raises :class:`BankError` saying which."""
+def check_output_path(out: Path) -> None:
+    """Refuse ``out`` as a place to write a result file unless it is missing or a regular file: never a symbolic
+    link (it would send the write elsewhere), a directory, a FIFO or a device (``/dev/full``, ``/dev/stdout``); its
+    folder must exist. Raises :class:`BankError` saying which."""
     import stat
 
     try:
-        info = os.lstat(out)
+        mode = os.lstat(out).st_mode
     except FileNotFoundError:
-        info = None
-    if info is not None:
-        kind = (
-            "a symbolic link"
-            if stat.S_ISLNK(info.st_mode)
-            else "a directory"
-            if stat.S_ISDIR(info.st_mode) and not folder
-            else "a regular file"
-            if stat.S_ISREG(info.st_mode) and folder
-            else None
-            if stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)
-            else "a FIFO, socket or device"
-        )
-        if kind:
-            wanted = "a new or empty folder" if folder else "a new or regular file"
-            raise BankError(f"{out} is {kind}; write to {wanted} instead (nothing was written).")
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode) else "a FIFO, socket or device"
+        raise BankError(f"{out} is {kind}; write to a new or regular file instead (nothing was written).")
     if not out.parent.is_dir():
         raise BankError(f"cannot write {out}: the folder {out.parent} does not exist; create it first.")
 
