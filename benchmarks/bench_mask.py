@@ -32,7 +32,7 @@ import lightning.pytorch as pl
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from skillbank import MaskLearner, Stitcher, localize_dataless, task_vector
+from skillbank import LearnerSpec, LocalizationSpec, MaskLearner, Stitcher, localize_dataless, task_vector
 from skillbank.localization.fewshot import balanced_indices
 from skillbank.stitching.heads import accuracy
 
@@ -71,7 +71,7 @@ def time_steps(mode: str, device: str, batch: int, seq: int, steps: int) -> dict
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 1e-3)
-        learner = MaskLearner(model, base, sparsity=0.01).to(device)
+        learner = MaskLearner(model, base, spec={"sparsity": 0.01}).to(device)
         del base
         optimizer = learner.configure_optimizers()
 
@@ -137,7 +137,8 @@ def demo_report(args: argparse.Namespace) -> None:
         row = {"finetuned": accuracy(finetuned, test)}
         row["dataless"] = stitched_accuracy(localize_dataless(task_vector(base, finetuned), 0.01, name=task.name))
         for recipe in ("topk", "paper"):
-            learner = MaskLearner(copy.deepcopy(finetuned), base, sparsity=0.01, recipe=recipe, skill_name=task.name)
+            spec = LocalizationSpec(method="learned", sparsity=0.01, learner=LearnerSpec(recipe=recipe))
+            learner = MaskLearner(copy.deepcopy(finetuned), base, spec=spec, skill_name=task.name)
             loader = torch.utils.data.DataLoader(few, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
             epochs = args.epochs if recipe == "topk" else learner.recipe.epochs
             pl.Trainer(

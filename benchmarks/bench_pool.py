@@ -5,7 +5,7 @@
 Needs the real benchmark's finetunes in --work (``bench_real.py --stages pull,finetune``).
 For each task, learns the 1% mask twice with the benchmark's recipe (a Trainer, the
 best-validating mask): scoring every entry, and scoring only the top ``pool · k`` of |τ|
-(``MaskLearner(pool=...)``); then tests each skill alone and the skills of all tasks
+(``LearnerSpec(pool=...)``); then tests each skill alone and the skills of all tasks
 stitched, normalized by the finetuned accuracy. Also: the learner's state bytes (τ, scores,
 Adam's two moments, the pool's positions) and the median time of a training step of each,
 the two alternated on one task. Writes ``pool.json`` into --work (results under "full" and "pool <c>").
@@ -22,15 +22,17 @@ import time
 from bench_real import Bench, _alone, _fewshot_loader, _quiet, _stitched, build_parser, learn_skill
 from skillbank import SkillBank
 from skillbank.localization.mask_learner import MaskLearner
+from skillbank.localization.spec import LearnerSpec, LocalizationSpec
 
 
 def step_times(b: Bench, name: str, base: dict, pool: float, steps: int = 12) -> dict[str, float]:
     """Median seconds of a training step (forward, backward, Adam) of each learner, alternated step by step."""
     finetuned = str(b.finetuned_dir(name))
-    learners = {
-        "full": MaskLearner(finetuned, base, finetuned, b.args.sparsity, num_labels=b.task(name).num_labels),
-        "pool": MaskLearner(finetuned, base, finetuned, b.args.sparsity, num_labels=b.task(name).num_labels, pool=pool),
+    specs = {
+        "full": LocalizationSpec(method="learned", sparsity=b.args.sparsity),
+        "pool": LocalizationSpec(method="learned", sparsity=b.args.sparsity, learner=LearnerSpec(pool=pool)),
     }
+    learners = {k: MaskLearner(finetuned, base, finetuned, spec, num_labels=b.task(name).num_labels) for k, spec in specs.items()}
     optimizers = {k: v.configure_optimizers() for k, v in learners.items()}
     batches = list(_fewshot_loader(b, name, 0))
     times: dict[str, list[float]] = {k: [] for k in learners}

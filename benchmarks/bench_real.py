@@ -41,6 +41,7 @@ from skillbank.integrations.pulled.wheels import package_root, pull
 from skillbank.localization.auto_sparsity import DEFAULT_GRID, localize_auto, search_sparsity, stitched_scorer, with_choice
 from skillbank.localization.fewshot import balanced_indices
 from skillbank.localization.mask_learner import MaskLearner
+from skillbank.localization.spec import LearnerSpec, LocalizationSpec
 from skillbank.stitching.heads import accuracy
 from skillbank.stitching.routing import SkillRouter, mean_pooled_features, routing_centroids
 from skillbank.testbed.demo import quiet as quiet_demo
@@ -216,26 +217,28 @@ def _fewshot_loader(b: Bench, name: str, seed: int):  # noqa: ANN202
 
 
 def learn_skill(
-    b: Bench, name: str, sparsity: float, base: dict, skill_name: str | None = None, context: Sequence = (), **learner_kwargs
+    b: Bench, name: str, sparsity: float, base: dict, skill_name: str | None = None, context: Sequence = (), **options
 ) -> tuple:  # noqa: ANN003
     """Learn ``name``'s mask at ``sparsity`` with a Trainer (keeps the best-validating mask); (skill, seconds).
 
     With ``context`` (skills already stitched) the mask is learned against the model holding them (rule ``--rule``).
+    ``options``: :class:`LearnerSpec` fields (e.g. ``pool``).
     """
     a = b.args
     finetuned = b.finetuned_dir(name)
     pl.seed_everything(a.seed, verbose=False)
-    extra = dict(context=list(context), rule=a.context_rule, owned_penalty=a.owned_penalty) if context else {}
+    if context:
+        options = {"rule": a.context_rule, "owned_penalty": a.owned_penalty, **options}
+    spec = LocalizationSpec(method="learned", sparsity=sparsity, learner=LearnerSpec(**options))
     learner = MaskLearner(
         str(finetuned),
         base,
         str(finetuned),
-        sparsity,
+        spec,
         num_labels=b.task(name).num_labels,
         task=name,
         skill_name=skill_name or name,
-        **extra,
-        **learner_kwargs,
+        context=list(context),
     )
     trainer = pl.Trainer(
         max_epochs=a.mask_epochs,
@@ -728,7 +731,7 @@ def stage_lora(b: Bench) -> None:
                 learner = MaskLearner(
                     str(folder),
                     str(b.base_dir),
-                    sparsity=a.sparsity,
+                    spec=LocalizationSpec(method="learned", sparsity=a.sparsity),
                     num_labels=task.num_labels,
                     task=name,
                     skill_name=skill_name,

@@ -17,7 +17,7 @@ imports through ``/proc/self/clear_refs``; Linux):
    the time of each add, the state's bytes and the covered entries;
 4. ``skillbank stitch --out`` of all the skills.
 
---learner-layers L adds a step: candidate-pool mask learning (``MaskLearner(pool=30)``,
+--learner-layers L adds a step: candidate-pool mask learning (``LearnerSpec(pool=30)``,
 next-token loss) on a model of this shape cut to L layers, a few steps on random
 tokens: its peak memory, learner state and step time.
 """
@@ -86,7 +86,7 @@ for name in bank.names():
 LEARN = """
 from skillbank.localization.mask_learner import MaskLearner
 base, finetuned, steps = sys.argv[2], sys.argv[3], int(sys.argv[4])
-learner = MaskLearner(finetuned, base, finetuned, 0.01, pool=30)
+learner = MaskLearner(finetuned, base, finetuned, {"sparsity": 0.01, "learner": {"pool": 30}})
 result["setup_seconds"] = time.perf_counter() - start
 result["pool_entries"] = learner.scores.numel()
 result["eligible_entries"] = learner.num_eligible

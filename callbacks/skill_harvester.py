@@ -24,8 +24,7 @@ from skillbank.localization.auto_sparsity import DEFAULT_GRID
 from skillbank.localization.causal_lm import is_causal_lm
 from skillbank.localization.finetune import localize_finetune
 from skillbank.localization.methods import LocalizationInputs
-from skillbank.localization.spec import LocalizationSpec
-from skillbank.stitching.routing import routing_centroids, with_routing
+from skillbank.localization.spec import LearnerSpec, LocalizationSpec
 from skillbank.storage.bank import SkillBank
 from skillbank.storage.ranks import bank_on_rank_zero, raise_everywhere
 from skillbank.storage.skill import Skill
@@ -113,11 +112,13 @@ class SkillHarvester(Callback):
             ``None``, or a module without ``model``, means the LightningModule itself.
         task, exclude, head_patterns, value_dtype: as in :func:`~skillbank.localize_dataless`
             and :func:`~skillbank.task_vector`.
-        learner_kwargs: more :class:`~skillbank.MaskLearner` arguments (``recipe``, ``lr``, …).
+        learner: how a learned mask trains: a :class:`~skillbank.localization.spec.LearnerSpec` or its
+            fields (``recipe``, ``lr``, ``pool``, …).
         routing: batches of the task (e.g. the few-shot or validation loader) whose
             base features become the skill's routing centroids, one per label, so a
             :class:`~skillbank.stitching.routing.SkillRouter` can pick it for requests that do not
             name their task (a Hugging Face encoder model; see :mod:`skillbank.stitching.routing`).
+        routing_centroids: at most this many centroids are kept.
         finetuned_dir: where the finetuned weights are saved before localizing (default
             ``<default_root_dir>/finetuned/<name>``; a folder that exists gets a ``-1``, ``-2`` … twin,
             never overwritten), so a failure after training loses nothing: its error says
@@ -146,11 +147,12 @@ class SkillHarvester(Callback):
         exclude: Sequence[str] = (),
         head_patterns: Sequence[str] = (),
         value_dtype: str = "float32",
-        learner_kwargs: Mapping[str, Any] | None = None,
+        learner: LearnerSpec | Mapping[str, Any] | None = None,
         target_recovery: float = 0.99,
         grid: Sequence[float] = DEFAULT_GRID,
         validation: Iterable[Any] | None = None,
         routing: Iterable[Any] | None = None,
+        routing_centroids: int = 16,
         finetuned_dir: str | Path | None = None,
         keep_finetuned: bool = False,
     ) -> None:
@@ -163,7 +165,8 @@ class SkillHarvester(Callback):
             exclude=tuple(exclude),
             head_patterns=tuple(head_patterns),
             value_dtype=value_dtype,
-            learner=dict(learner_kwargs or {}),
+            learner=LearnerSpec.of(learner),
+            routing_centroids=routing_centroids,
         )
         if method == "learned" and few_shot is None:
             raise SkillbankError("method='learned' needs few_shot=: a dataloader of labelled examples (e.g. 64 per class).")
@@ -294,10 +297,8 @@ class SkillHarvester(Callback):
             validation=validation,
             probe=base_probe,
             time_limit=None if deadline is None else deadline - time.monotonic(),
+            routing=self.routing,  # the base's features are what routes
         )
-        centroids = None
-        if self.routing is not None:
-            centroids = routing_centroids(base_probe(), self.routing)  # the base's features are what routes
         # the weights saved before localizing are files: a dataless mask of a fixed size streams from them (memory
         # follows the skill), bit for bit the in-memory one. A merged LoRA stays in memory: its provenance and its
         # modules_to_save (the head) come with the merge, not with the files.
@@ -317,4 +318,4 @@ class SkillHarvester(Callback):
                 "hours=2)))), learn on fewer few-shot batches or epochs, or harvest method='dataless' now and learn the "
                 "mask afterwards in one process (MaskLearner(...).learn, or skillbank fit with a MaskLearner config)."
             ) from None
-        return skill if centroids is None else with_routing(skill, centroids)
+        return skill

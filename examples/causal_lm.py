@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from skillbank import MaskLearner, SkillBank, Stitcher
+from skillbank import LocalizationSpec, MaskLearner, SkillBank, Stitcher
 from skillbank.localization.causal_lm import LM_EXCLUDE
 
 warnings.filterwarnings("ignore", ".*(does not have many workers|eval mode|LeafSpec).*")
@@ -58,7 +58,8 @@ def main(workdir: Path) -> None:
     bank = SkillBank(workdir / "skills")
     if "count" in bank:  # a rerun: replace the earlier copy
         bank.remove("count")
-    learner = MaskLearner(finetuned.eval(), base, sparsity=0.05, exclude=LM_EXCLUDE, bank=str(bank.path), skill_name="count")
+    spec = LocalizationSpec(method="learned", sparsity=0.05, exclude=LM_EXCLUDE)
+    learner = MaskLearner(finetuned.eval(), base, spec=spec, bank=str(bank.path), skill_name="count")
     pl.Trainer(
         max_epochs=10,
         accelerator="cpu",

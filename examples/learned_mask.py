@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tiny_models import fresh_bank, loader, quiet_trainer, tiny_models
 
-from skillbank import MaskLearner, Stitcher
+from skillbank import LearnerSpec, LocalizationSpec, MaskLearner, Stitcher
 from skillbank.stitching.heads import accuracy
 
 
@@ -22,9 +22,9 @@ def main(workdir: Path) -> None:
     bank = fresh_bank(workdir / "skills", ("topic-learned", "topic-pooled"))
     few_shot, val, test = loader("topic", n=64, seed=1), loader("topic", n=128, seed=2), loader("topic", n=256, seed=3)
     for name, pool in (("topic-learned", None), ("topic-pooled", 30)):
-        learner = MaskLearner(
-            str(finetuned["topic"]), str(base), sparsity=0.02, bank=str(bank.path), skill_name=name, pool=pool
-        )  # the name is checked before training
+        spec = LocalizationSpec(method="learned", sparsity=0.02, learner=LearnerSpec(pool=pool))
+        learner = MaskLearner(str(finetuned["topic"]), str(base), spec=spec, bank=str(bank.path), skill_name=name)
+        # the name is checked before training
         trainer = quiet_trainer(max_epochs=learner.recipe.epochs)
         trainer.fit(learner, few_shot, val)  # keeps the best-validating mask; adds the skill to the bank at the end
         model = learner.model  # the finetuned classifier, reset to the base in its shared parameters

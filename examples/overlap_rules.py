@@ -15,7 +15,7 @@ from pathlib import Path
 from tiny_models import fresh_bank, loader, quiet_trainer, tiny_models
 from transformers import BertForSequenceClassification
 
-from skillbank import MaskLearner, Stitcher, task_vector
+from skillbank import LearnerSpec, LocalizationSpec, MaskLearner, Stitcher, task_vector
 from skillbank.localization.auto_sparsity import localize_auto
 from skillbank.stitching.heads import accuracy
 
@@ -42,9 +42,8 @@ def main(workdir: Path) -> None:
     learner = MaskLearner(
         str(finetuned["topic"]),
         str(base),
-        sparsity=0.05,
+        spec=LocalizationSpec(method="learned", sparsity=0.05, learner=LearnerSpec(rule=stitcher.rule.name)),
         context=[bank.get(n) for n in stitcher.stitched],
-        rule=stitcher.rule.name,
         bank=str(bank.path),
         skill_name="topic-in-context",
     )

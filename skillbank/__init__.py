@@ -31,6 +31,9 @@ _LAZY = {
     "localize_dataless": "localization.localize",
     "skill_from_mask": "localization.localize",
     "MaskLearner": "localization.mask_learner",
+    "LearnerSpec": "localization.spec",
+    "LocalizationSpec": "localization.spec",
+    "localize_finetune": "localization.finetune",
     "RECIPES": "localization.mask_recipes",
     "MaskRecipe": "localization.mask_recipes",
     "Region": "storage.skill",
@@ -45,9 +48,11 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from skillbank.localization.finetune import localize_finetune
     from skillbank.localization.localize import localize_dataless, skill_from_mask
     from skillbank.localization.mask_learner import MaskLearner
     from skillbank.localization.mask_recipes import RECIPES, MaskRecipe
+    from skillbank.localization.spec import LearnerSpec, LocalizationSpec
     from skillbank.stitching.heads import use_head
     from skillbank.stitching.stitcher import Stitcher
     from skillbank.storage.bank import SkillBank, SkillEntry
@@ -74,6 +79,8 @@ __all__ = [
     "BankError",
     "BankLockedError",
     "BaseMismatchError",
+    "LearnerSpec",
+    "LocalizationSpec",
     "MaskLearner",
     "MaskRecipe",
     "RECIPES",
@@ -94,6 +101,7 @@ __all__ = [
     "base_fingerprint",
     "load_weights",
     "localize_dataless",
+    "localize_finetune",
     "skill_from_mask",
     "task_vector",
     "use_head",

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from helpers.models import finetune_like, live_copy, make_skill, reference_stitch
+from helpers.models import finetune_like, learned, live_copy, make_skill, reference_stitch
 from skillbank import MaskLearner, SkillBank, Stitcher, StitchError, localize_dataless, task_vector
 from skillbank.comparison.baselines import magmax, opcm, task_arithmetic, ties
 from skillbank.stitching.stitch_out import stitch_to_folder
@@ -100,7 +100,7 @@ def test_mask_learner_trains_on_a_gpu_trainer_with_inputs_on_any_device(base_mod
     finetuned = finetune_like(base_model, seed=3, scale=0.05)
     finetuned.save_pretrained(tmp_path / "ft")
     base_on_gpu = copy.deepcopy(base_model).cuda()
-    learner = MaskLearner(str(tmp_path / "ft"), base_on_gpu, sparsity=0.05, num_labels=2)  # model read onto the CPU
+    learner = MaskLearner(str(tmp_path / "ft"), base_on_gpu, spec=learned(0.05), num_labels=2)  # model read onto the CPU
     seen = _Seen()
     gpu_trainer(precision=precision, callbacks=[seen]).fit(learner, loader(), loader(seed=1))
     assert seen.scores == ("cuda", torch.float32)  # trained on the GPU; the scores stay fp32 under mixed precision
@@ -115,7 +115,7 @@ def test_mask_learner_trains_on_a_gpu_trainer_with_inputs_on_any_device(base_mod
 def test_mask_learner_learns_without_a_trainer_on_the_gpu_and_in_context(base_model):
     context = [make_skill(base_model, "a", seed=7, sparsity=0.05)]
     finetuned = finetune_like(base_model, seed=4, scale=0.05)
-    learner = MaskLearner(copy.deepcopy(finetuned).cuda(), base_model, sparsity=0.05, context=context)
+    learner = MaskLearner(copy.deepcopy(finetuned).cuda(), base_model, spec=learned(0.05), context=context)
     assert learner.tau.is_cuda and learner.context_acc.is_cuda
     skill = learner.learn(loader(), epochs=1, name="b")
     assert skill.num_entries == learner.k and skill.metadata.settings["context"] == ["a"]

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from helpers.models import finetune_like, live_copy, make_skill, reference_stitch
+from helpers.models import finetune_like, learned, live_copy, make_skill, reference_stitch
 from skillbank import MaskLearner, Skill, SkillBank, Stitcher, localize_dataless, task_vector
 from skillbank.comparison.baselines import magmax, opcm, task_arithmetic, ties
 from skillbank.localization.fewshot import balanced_indices
@@ -167,15 +167,15 @@ def test_masks_are_learned_in_context_and_examples_picked(default: str, base_mod
     # made here: a DataLoader draws its seed on the default device, and a meta tensor holds none
     data = list(DataLoader(TokenDataset(ids, labels), batch_size=16))
 
-    def learned() -> Skill:
+    def learn() -> Skill:
         torch.manual_seed(0)
-        learner = MaskLearner(copy.deepcopy(finetuned), base_model, sparsity=0.05, context=context)  # it writes into its model
+        learner = MaskLearner(copy.deepcopy(finetuned), base_model, spec=learned(0.05), context=context)  # writes its model
         return learner.learn(data, epochs=1, name="b")
 
-    expected = learned()
+    expected = learn()
     picked = balanced_indices(labels, 3, seed=1)
     grouped = group_by_skill(["a", "b", "a", "a", "b"], 2, shuffle=True, seed=1)
     with torch.device(default):
-        same_skill(learned(), expected)
+        same_skill(learn(), expected)
         assert balanced_indices(labels.tolist(), 3, seed=1) == picked
         assert group_by_skill(["a", "b", "a", "a", "b"], 2, shuffle=True, seed=1) == grouped

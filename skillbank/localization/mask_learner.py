@@ -28,8 +28,8 @@ from skillbank.devices import device_of
 from skillbank.errors import BaseMismatchError, SkillbankError, SkillNameError, TaskVectorError, TimeLimitError
 from skillbank.localization.causal_lm import NextTokenAccuracy, is_causal_lm, with_lm_labels
 from skillbank.localization.localize import skill_from_task_vector
-from skillbank.localization.mask_recipes import MaskRecipe, resolve_recipe
-from skillbank.sparse import check_sparsity, global_topk, num_selected, topk_positions
+from skillbank.localization.spec import LocalizationSpec
+from skillbank.sparse import global_topk, num_selected, topk_positions
 from skillbank.stitching.overlap import get_rule
 from skillbank.storage.bank import SkillBank, check_skill_name
 from skillbank.storage.ranks import bank_on_rank_zero, raise_everywhere
@@ -58,14 +58,12 @@ class MaskLearner(pl.LightningModule):
         base: the base weights (folder, file, module or state dict).
         finetuned: where ``τ`` comes from if not ``model``'s own weights: weights or a
             :class:`TaskVector` (its head is then loaded into ``model``).
-        sparsity: target fraction of the eligible entries in the final mask.
-        recipe: ``"topk"`` (default) or ``"paper"``; see :data:`~skillbank.localization.mask_recipes.RECIPES`.
-        lr, l1, init_scale, init_sparsity, binarize, full_batch: override the recipe's value when given.
-        keep_best: keep the binary mask that scored best in validation (ties go to
-            the later epoch), as ``ModelCheckpoint(monitor="val_acc")`` would; without
-            validation, the last mask.
-        exclude: regexes of shared parameter names that get no score (never in
-            the mask, kept at the base), e.g. ``"embeddings"``.
+        spec: what to learn: ``sparsity`` (the fraction of the eligible entries in the final
+            mask), ``exclude`` (regexes of shared parameter names that get no score: never in
+            the mask, kept at the base), ``value_dtype`` and ``learner`` (recipe, pool, … — see
+            :class:`~skillbank.localization.spec.LearnerSpec`). A
+            :class:`~skillbank.localization.spec.LocalizationSpec` or its fields, e.g.
+            ``{"sparsity": 0.02, "learner": {"pool": 30}}``; default 1% with the ``topk`` recipe.
         loss_fn: ``loss_fn(logits, target)``; without it the model's own loss is
             used (Hugging Face: ``labels`` in the batch -> ``outputs.loss``). A causal
             LM gets its next-token loss; a batch without ``labels`` is labelled with its
@@ -75,23 +73,11 @@ class MaskLearner(pl.LightningModule):
             next-token accuracy for a causal LM.
         bank, skill_name, task: when ``bank`` is set, the skill is added to it at
             the end of fitting, by rank 0 only.
-        value_dtype: dtype of the stored skill values.
         context: skills already stitched into the model this skill will join. The
             mask is then learned against that model: the forward pass sees the
-            earlier skills combined with the new one by ``rule`` (differentiably in
-            the soft mask, exactly at a binary one), so the mask is chosen for
-            where it will live. Earlier skills are read only, never changed.
-        rule: the overlap rule of the Stitcher the skill will join (``"mean"`` or
-            ``"sum"``: rules with a differentiable form); used with ``context``.
-        owned_penalty: with ``context``, an extra ``owned_penalty · mean(σ(S))`` over
-            the entries earlier skills own, so the mask pays for diluting them.
-        pool: score only a candidate pool: the top ``pool · k`` entries of ``|τ|``
-            (30 kept full scoring's quality on the real benchmark, 10 did not), so ``τ``,
-            the scores and the optimizer's state follow the pool, not the model (32 bytes
-            per pool entry instead of 16 per entry of the model); the mask is chosen
-            inside the pool. ``None`` (default): every entry.
-        pool_small: with ``pool``, tensors of at most this many entries (biases,
-            LayerNorms) join the pool whole.
+            earlier skills combined with the new one by ``spec.learner.rule``
+            (differentiably in the soft mask, exactly at a binary one), so the mask is
+            chosen for where it will live. Earlier skills are read only, never changed.
 
     The learner works on its model's device (``τ`` computed elsewhere is brought
     there); a Trainer then moves all of it to its accelerator, as with any module.
@@ -111,31 +97,18 @@ class MaskLearner(pl.LightningModule):
         model: nn.Module | str,
         base: WeightsSource,
         finetuned: WeightsSource | TaskVector | None = None,
-        sparsity: float = 0.01,
+        spec: LocalizationSpec | Mapping[str, Any] | None = None,
         *,
-        recipe: str | MaskRecipe | Mapping[str, Any] = "topk",
-        lr: float | None = None,
-        l1: float | None = None,
-        init_scale: float | None = None,
-        init_sparsity: float | None = None,
-        binarize: str | None = None,
-        full_batch: bool | None = None,
-        keep_best: bool = True,
-        exclude: Sequence[str] = (),
         loss_fn: LossFn | None = None,
         metric: Metric | None = None,
         num_labels: int | None = None,
         bank: str | None = None,
         skill_name: str | None = None,
         task: str = "",
-        value_dtype: str = "float32",
         context: Sequence[Skill] = (),
-        rule: str = "mean",
-        owned_penalty: float = 0.0,
-        pool: float | None = None,
-        pool_small: int = 0,
     ) -> None:
         super().__init__()
+        self.spec = spec = _learned_spec(spec)
         # every argument that is plain data, so load_from_checkpoint(path) rebuilds the learner from folders
         # (pass model=/base=/... again where they were modules or tensors)
         objects = [
@@ -144,37 +117,25 @@ class MaskLearner(pl.LightningModule):
             if not isinstance(v, (str, os.PathLike, type(None)))
         ]
         self.save_hyperparameters(ignore=[*objects, "loss_fn", "metric", "context"])
-        if isinstance(recipe, MaskRecipe):
-            self.hparams["recipe"] = recipe.to_dict()
-        self.sparsity = check_sparsity(sparsity)
-        self.recipe = resolve_recipe(
-            recipe,
-            lr=lr,
-            l1=l1,
-            init_scale=init_scale,
-            init_sparsity=init_sparsity,
-            binarize=binarize,
-            full_batch=full_batch,
-        )
+        self.hparams["spec"] = spec.to_dict()
+        learner = spec.learner
+        self.sparsity = float(spec.sparsity)
+        self.recipe = learner.mask_recipe()
         if bank is not None and not skill_name:
             raise SkillbankError("bank is set but skill_name is not: name the skill the learner should add.")
         if skill_name is not None:
             check_skill_name(skill_name)
-        self.exclude = tuple(exclude)
-        self.keep_best = keep_best
+        self.exclude = spec.exclude
+        self.keep_best = learner.keep_best
         self.loss_fn = loss_fn
-        self.bank, self.skill_name, self.task, self.value_dtype = bank, skill_name, task, value_dtype
+        self.bank, self.skill_name, self.task, self.value_dtype = bank, skill_name, task, spec.value_dtype
         self.automatic_optimization = False
-        self.rule = get_rule(rule)
-        if owned_penalty < 0:
-            raise SkillbankError(f"owned_penalty must be >= 0, got {owned_penalty}.")
-        self.owned_penalty = float(owned_penalty)
+        self.rule = get_rule(learner.rule)
+        self.owned_penalty = float(learner.owned_penalty)
         self.context_names = [c.name for c in context]
-        if pool is not None and not pool >= 1:
-            raise SkillbankError(f"pool must be >= 1 (the pool holds pool·k entries), got {pool}.")
-        if pool is not None and context:
-            raise SkillbankError("pool= with context= is not supported: learn in context over every entry.")
-        self.pool, self.pool_small = pool, int(pool_small)
+        if learner.pool is not None and context:
+            raise SkillbankError("a pool with context= is not supported: learn in context over every entry.")
+        self.pool, self.pool_small = learner.pool, int(learner.pool_small)
 
         adapter = merged_finetune(model, base) if is_adapter_folder(model) or find_peft_model(model) is not None else None
         self.model = load_model(adapter.weights if adapter else model, num_labels)  # a PEFT model: its merged copy
@@ -571,6 +532,7 @@ class MaskLearner(pl.LightningModule):
         if self._trainer is not None:
             metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(("val_", "mask_"))}
         settings = {
+            "spec": self.spec.to_dict(),
             **self.recipe.to_dict(),
             "k": chosen,
             "exclude": list(self.exclude),
@@ -603,3 +565,16 @@ class MaskLearner(pl.LightningModule):
                 values = tau[torch.searchsorted(self.scored, flat) if self.pooled else flat]
             regions[b] = Region(idx, values.to("cpu", torch.float32))
         return regions
+
+
+def _learned_spec(spec: LocalizationSpec | Mapping[str, Any] | None) -> LocalizationSpec:
+    """``spec`` as the spec of a learned mask of one size (the learner always learns: its method is ``"learned"``,
+    whatever the spec's default said, as a config that gives only a size and learner options means)."""
+    if spec is None or isinstance(spec, Mapping):
+        spec = LocalizationSpec.from_dict({**(spec or {}), "method": "learned"})
+    if spec.auto:
+        raise SkillbankError(
+            "MaskLearner learns a mask of one size; for sparsity='auto' call localize_finetune (or skillbank localize "
+            "--method learned --sparsity auto), which searches the sizes."
+        )
+    return spec if spec.method == "learned" else replace(spec, method="learned")

@@ -1,19 +1,89 @@
 """``LocalizationSpec``: how a finetune becomes a skill, as one frozen, typed value that round-trips through JSON and
-the skill's metadata (``settings["spec"]``), so a skill says exactly how it was made."""
+the skill's metadata (``settings["spec"]``), so a skill says exactly how it was made. ``LearnerSpec``: its part that
+says how a learned mask trains (what :class:`~skillbank.MaskLearner` takes)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from skillbank.errors import SkillbankError
 from skillbank.localization.auto_sparsity import DEFAULT_GRID
+from skillbank.localization.mask_recipes import MaskRecipe, resolve_recipe
 from skillbank.localization.methods import get_method
 from skillbank.sparse import check_sparsity
 from skillbank.storage.format import VALUE_DTYPE_NAMES
 
-__all__ = ["LocalizationSpec"]
+__all__ = ["LearnerSpec", "LocalizationSpec"]
+
+
+@dataclass(frozen=True)
+class LearnerSpec:
+    """How a learned mask trains; checked when made.
+
+    Attributes:
+        recipe: ``"topk"`` (default) or ``"paper"`` (:data:`~skillbank.localization.mask_recipes.RECIPES`), or a
+            recipe's fields.
+        lr, l1, init_scale, init_sparsity, binarize, full_batch: override the recipe's value when given.
+        keep_best: keep the binary mask that scored best in validation (ties go to the later epoch), as
+            ``ModelCheckpoint(monitor="val_acc")`` would; without validation, the last mask.
+        rule: with earlier skills as context, the overlap rule of the Stitcher the skill will join (``"mean"`` or
+            ``"sum"``: rules with a differentiable form).
+        owned_penalty: with context, an extra ``owned_penalty · mean(σ(S))`` over the entries earlier skills own,
+            so the mask pays for diluting them.
+        pool: score only a candidate pool, the top ``pool · k`` entries of ``|τ|`` (30 kept full scoring's quality
+            on the real benchmark, 10 did not): ``τ``, the scores and the optimizer's state follow the pool, not the
+            model. ``None`` (default): every entry.
+        pool_small: with ``pool``, tensors of at most this many entries (biases, LayerNorms) join the pool whole.
+
+    >>> LearnerSpec(recipe="paper", lr=1e6).mask_recipe().lr
+    1000000.0
+    """
+
+    recipe: str | Mapping[str, Any] = "topk"
+    lr: float | None = None
+    l1: float | None = None
+    init_scale: float | None = None
+    init_sparsity: float | None = None
+    binarize: str | None = None
+    full_batch: bool | None = None
+    keep_best: bool = True
+    rule: str = "mean"
+    owned_penalty: float = 0.0
+    pool: float | None = None
+    pool_small: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.recipe, MaskRecipe):
+            object.__setattr__(self, "recipe", self.recipe.to_dict())
+        elif isinstance(self.recipe, Mapping):
+            object.__setattr__(self, "recipe", dict(self.recipe))
+        self.mask_recipe()  # an unknown recipe or a bad override fails now
+        if not self.owned_penalty >= 0:
+            raise SkillbankError(f"owned_penalty must be >= 0, got {self.owned_penalty}.")
+        if self.pool is not None and not self.pool >= 1:
+            raise SkillbankError(f"pool must be >= 1 (the pool holds pool·k entries), got {self.pool}.")
+        if int(self.pool_small) != self.pool_small or self.pool_small < 0:
+            raise SkillbankError(f"pool_small must be a whole number >= 0, got {self.pool_small!r}.")
+
+    def mask_recipe(self) -> MaskRecipe:
+        """The recipe with the overrides applied."""
+        overrides = {k: getattr(self, k) for k in ("lr", "l1", "init_scale", "init_sparsity", "binarize", "full_batch")}
+        return resolve_recipe(self.recipe, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values."""
+        return asdict(self)
+
+    @classmethod
+    def of(cls, value: LearnerSpec | Mapping[str, Any] | None) -> LearnerSpec:
+        """``value`` as a spec: itself, the default for ``None``, or read from :meth:`to_dict` output (unknown keys,
+        from a newer release, are ignored)."""
+        if isinstance(value, LearnerSpec):
+            return value
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in (value or {}).items() if k in known})
 
 
 @dataclass(frozen=True)
@@ -28,9 +98,11 @@ class LocalizationSpec:
         exclude: regexes of parameters never selected.
         head_patterns: regexes of shared parameters treated as the task head.
         value_dtype: the dtype the skill stores its values in.
-        learner: :class:`~skillbank.MaskLearner` options for ``"learned"`` (``recipe``, ``lr``, ``pool``, …).
+        learner: how a ``"learned"`` mask trains (a :class:`LearnerSpec`, or its fields).
+        routing_centroids: with routing data, at most this many centroids of the base's features (one per label)
+            are stored with the skill, so a :class:`~skillbank.stitching.routing.SkillRouter` can pick it.
 
-    >>> spec = LocalizationSpec(method="learned", sparsity="auto", learner={"recipe": "topk"})
+    >>> spec = LocalizationSpec(method="learned", sparsity="auto", learner={"pool": 30})
     >>> LocalizationSpec.from_dict(spec.to_dict()) == spec
     True
     """
@@ -42,7 +114,8 @@ class LocalizationSpec:
     exclude: tuple[str, ...] = ()
     head_patterns: tuple[str, ...] = ()
     value_dtype: str = "float32"
-    learner: Mapping[str, Any] = field(default_factory=dict)
+    learner: LearnerSpec = field(default_factory=LearnerSpec)
+    routing_centroids: int = 16
 
     def __post_init__(self) -> None:
         get_method(self.method)  # an unknown name lists the known ones
@@ -62,12 +135,18 @@ class LocalizationSpec:
             object.__setattr__(self, name, tuple(value))
         for sparsity in self.grid:
             check_sparsity(sparsity)
-        object.__setattr__(self, "learner", dict(self.learner))
+        object.__setattr__(self, "learner", LearnerSpec.of(self.learner))
+        if isinstance(self.routing_centroids, bool) or not isinstance(self.routing_centroids, int) or self.routing_centroids < 1:
+            raise SkillbankError(f"routing_centroids must be a whole number >= 1, got {self.routing_centroids!r}.")
 
     @property
     def auto(self) -> bool:
         """Whether the size is chosen on validation data."""
         return self.sparsity == "auto"
+
+    def at(self, sparsity: float) -> LocalizationSpec:
+        """This spec at one fixed size (what each step of an ``auto`` search learns)."""
+        return replace(self, sparsity=sparsity)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (lists for tuples)."""

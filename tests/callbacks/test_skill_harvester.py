@@ -58,7 +58,7 @@ def test_learned_harvest_uses_the_few_shot_loader(base_model, tmp_path):
         sparsity=0.05,
         method="learned",
         few_shot=task_loader(n=64),
-        learner_kwargs={"recipe": "topk"},
+        learner={"recipe": "topk"},
     )
     finetune(base_model, harvester)
     skill = SkillBank(tmp_path / "bank").get("s")
@@ -91,7 +91,7 @@ def test_a_learned_mask_that_would_outlast_the_ranks_wait_stops_early_and_says_w
         sparsity=0.05,
         method="learned",
         few_shot=task_loader(n=64),
-        learner_kwargs={"recipe": "topk"},
+        learner={"recipe": "topk"},
     )
     with pytest.raises(TimeLimitError, match=r"would take about .* min \(1 of 160 steps.*DDPStrategy\(timeout=") as caught:
         finetune(base_model, harvester)

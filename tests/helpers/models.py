@@ -11,6 +11,7 @@ from torch import Tensor
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 from skillbank import Skill, localize_dataless, task_vector
+from skillbank.localization.spec import LearnerSpec, LocalizationSpec
 
 
 def tiny_config(**overrides) -> BertConfig:
@@ -119,3 +120,12 @@ def own_data(folder: Path, monkeypatch: Any) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return base
+
+
+def learned(
+    sparsity: float = 0.01, *, exclude: Sequence[str] = (), value_dtype: str = "float32", **learner: Any
+) -> LocalizationSpec:
+    """A learned spec of one size, as the tests write it: :class:`LearnerSpec`'s fields as keywords."""
+    return LocalizationSpec(
+        method="learned", sparsity=sparsity, exclude=tuple(exclude), value_dtype=value_dtype, learner=LearnerSpec(**learner)
+    )

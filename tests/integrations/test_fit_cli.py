@@ -68,13 +68,15 @@ def test_print_config_shows_every_setting(demo_like, capsys):
     assert done.value.code == 0
     config = yaml.safe_load(capsys.readouterr().out)
     settings = config["model"]["init_args"]
-    assert settings["sparsity"] == 0.01 and settings["recipe"] == "topk" and settings["base"] == demo_like["base"]
+    spec = settings["spec"]
+    assert spec["sparsity"] == 0.01 and spec["learner"]["recipe"] == "topk" and settings["base"] == demo_like["base"]
+    assert spec["learner"]["pool"] is None and spec["value_dtype"] == "float32"  # defaults shown too
     assert config["data"]["init_args"]["shots_per_class"] == 64
     assert config["trainer"]["max_epochs"] == 2
 
 
 def test_fit_reports_bad_settings_plainly(demo_like, capsys):
-    assert main(["fit", *mask_args(demo_like), "--model.init_args.sparsity", "1.5"]) == 2
+    assert main(["fit", *mask_args(demo_like), "--model.init_args.spec.sparsity", "1.5"]) == 2
     assert "sparsity must be a fraction in (0, 1]" in capsys.readouterr().err
 
 

@@ -22,7 +22,7 @@ from transformers import BertForSequenceClassification, BertModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
 from helpers.ddp_teardown import teardown  # noqa: E402
-from helpers.models import finetune_like, tiny_config  # noqa: E402
+from helpers.models import finetune_like, learned, tiny_config  # noqa: E402
 from skillbank import MaskLearner  # noqa: E402
 from skillbank.localization.fewshot import balanced_indices  # noqa: E402
 from skillbank.testbed.synthetic import DEMO_TASKS, TokenDataset  # noqa: E402
@@ -66,7 +66,7 @@ def main(devices: int, bank: str) -> None:
     loader = DataLoader(few, batch_size=GLOBAL_BATCH // devices, shuffle=False)
     val = DataLoader(Subset(dataset, range(256, 400)), batch_size=GLOBAL_BATCH // devices)
     learner = MaskLearner(
-        finetuned, base, sparsity=0.05, bank=bank, skill_name="sentiment", full_batch=True, lr=0.5, keep_best=False
+        finetuned, base, spec=learned(0.05, full_batch=True, lr=0.5, keep_best=False), bank=bank, skill_name="sentiment"
     )  # compare the final masks, not a best epoch
     trainer = pl.Trainer(
         accelerator="cpu",

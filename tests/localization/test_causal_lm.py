@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from helpers.models import learned
 from skillbank import MaskLearner, SkillBank, Stitcher, localize_dataless, task_vector
 from skillbank.localization.causal_lm import LM_EXCLUDE, NextTokenAccuracy, with_lm_labels
 from skillbank.vectors.models import load_model
@@ -89,7 +90,7 @@ def test_lm_labels_ignore_padding_and_the_learner_uses_the_next_token_loss():
     assert torch.equal(labelled["labels"] == -100, batch["attention_mask"] == 0)
     assert with_lm_labels({**batch, "labels": batch["input_ids"]})["labels"] is batch["input_ids"]  # its own kept
     base, ft = llama(), perturbed(llama(), seed=2)
-    learner = MaskLearner(copy.deepcopy(ft), base, sparsity=0.05)
+    learner = MaskLearner(copy.deepcopy(ft), base, spec=learned(0.05))
     loss, logits, target = learner(batch, gate=torch.ones_like(learner.tau))
     expected = ft(**labelled).loss
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
@@ -112,7 +113,7 @@ def test_a_learned_lm_skill_is_banked_stitched_and_generates(tmp_path):
     base = llama()
     ft = perturbed(base, seed=3)
     learner = MaskLearner(
-        copy.deepcopy(ft), base, sparsity=0.05, bank=str(tmp_path / "bank"), skill_name="count", exclude=LM_EXCLUDE
+        copy.deepcopy(ft), base, spec=learned(0.05, exclude=LM_EXCLUDE), bank=str(tmp_path / "bank"), skill_name="count"
     )
     trainer = pl.Trainer(
         accelerator="cpu",

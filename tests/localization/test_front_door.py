@@ -49,7 +49,7 @@ def _by_cli(folders, method: str, sparsity: str):  # noqa: ANN001, ANN202
     argv = ["localize", "--base", str(folders / "base"), "--finetuned", str(folders / "ft"), "--bank", str(folders / "cli")]
     argv += ["--name", f"{method}-{sparsity}", "--method", method, "--sparsity", sparsity, "--target-recovery", "0.9"]
     if sparsity == "auto":
-        argv += ["--val-data", str(folders / "data.jsonl")]  # also its routing data: centroids, not compared
+        argv += ["--val-data", str(folders / "data.jsonl")]  # also its routing data (the base is a model folder)
     if method == "learned":
         argv += ["--few-shot", str(folders / "data.jsonl")]
     assert main(argv) == 0
@@ -59,6 +59,7 @@ def _by_cli(folders, method: str, sparsity: str):  # noqa: ANN001, ANN202
 def _by_harvester(folders, method: str, sparsity: str):  # noqa: ANN001, ANN202
     tokenizer = load_tokenizer(folders / "ft")
     split = read_jsonl(folders / "data.jsonl", 2)
+    validation = list(task_loader(split, tokenizer, max_length=128, batch_size=64))
     harvester = SkillHarvester(
         folders / "callback",
         f"{method}-{sparsity}",
@@ -67,7 +68,8 @@ def _by_harvester(folders, method: str, sparsity: str):  # noqa: ANN001, ANN202
         method=method,
         target_recovery=0.9,
         few_shot=list(task_loader(split, tokenizer, max_length=128, batch_size=32)),
-        validation=list(task_loader(split, tokenizer, max_length=128, batch_size=64)),
+        validation=validation,
+        routing=validation if sparsity == "auto" else None,
     )
     trainer = SimpleNamespace(world_size=1, callback_metrics={}, global_step=0, current_epoch=0, val_dataloaders=None)
     return harvester.harvest(trainer, Holder(load_model(str(folders / "ft"))))
@@ -90,6 +92,10 @@ def test_the_cli_and_the_harvester_make_the_same_skill_bit_for_bit(folders, meth
     assert spec.method == method and spec.sparsity == (sparsity if sparsity == "auto" else float(sparsity))
     if sparsity == "auto":
         assert by_cli.metadata.settings["auto"] == by_callback.metadata.settings["auto"]
+        assert by_cli.centroids is not None and by_cli.centroids.shape == (2, 16)  # one per label, the base's width (16)
+        assert torch.equal(by_cli.centroids, by_callback.centroids) and by_cli.metadata.routing == by_callback.metadata.routing
+    else:
+        assert by_cli.centroids is None and by_callback.centroids is None
 
 
 def test_adding_a_method_is_one_module_and_one_registration(folders):

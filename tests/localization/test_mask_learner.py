@@ -18,8 +18,10 @@ from torch.utils.data import DataLoader, Subset
 from transformers import BertForSequenceClassification, BertModel
 
 from helpers import DDP_TIMEOUT
-from helpers.models import finetune_like, live_copy, make_skill, tiny_config
+from helpers.models import finetune_like, learned, live_copy, make_skill, tiny_config
 from skillbank import (
+    LearnerSpec,
+    LocalizationSpec,
     MaskLearner,
     SkillBank,
     SkillbankError,
@@ -65,7 +67,7 @@ def entries(skill) -> set[tuple[str, int]]:
 
 def test_masked_forward_spans_base_to_finetuned(base_model):
     finetuned = finetune_like(base_model, seed=3, scale=0.05)
-    learner = MaskLearner(copy.deepcopy(finetuned), base_model, sparsity=0.1)
+    learner = MaskLearner(copy.deepcopy(finetuned), base_model, spec=learned(0.1))
     batch = next(iter(token_loader()))
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     _, full, _ = learner(batch, gate=torch.ones_like(learner.tau))
@@ -80,7 +82,7 @@ def test_masked_forward_spans_base_to_finetuned(base_model):
 
 def test_only_the_scores_train_and_start_at_the_dataless_mask(base_model):
     finetuned = finetune_like(base_model, seed=3)
-    learner = MaskLearner(copy.deepcopy(finetuned), base_model, sparsity=0.05)
+    learner = MaskLearner(copy.deepcopy(finetuned), base_model, spec=learned(0.05))
     assert [n for n, p in learner.named_parameters() if p.requires_grad] == ["scores"]
     assert learner.configure_optimizers().param_groups[0]["params"] == [learner.scores]
     tv = task_vector(base_model, finetuned)
@@ -91,7 +93,7 @@ def test_only_the_scores_train_and_start_at_the_dataless_mask(base_model):
 
 def test_exclude_keeps_parameters_out_of_the_scores(base_model):
     finetuned = finetune_like(base_model, seed=3)
-    learner = MaskLearner(finetuned, base_model, sparsity=0.05, exclude=["embeddings"])
+    learner = MaskLearner(finetuned, base_model, spec=learned(0.05, exclude=["embeddings"]))
     tv = task_vector(base_model, finetune_like(base_model, seed=3))
     eligible = sum(t.numel() for n, t in tv.shared.items() if "embeddings" not in n)
     assert learner.scores.numel() == eligible
@@ -104,7 +106,7 @@ def test_exclude_keeps_parameters_out_of_the_scores(base_model):
 def test_paper_recipe_takes_the_released_codes_full_batch_step(base_model):
     """One epoch = one step: S ← S − lr·mean_b ∂L_b/∂S + λ·sign(S)·σ'(S), as in Localizer.train_graft."""
     learner = MaskLearner(
-        finetune_like(base_model, seed=3, scale=0.05), base_model, sparsity=0.05, recipe="paper", lr=1e4, init_sparsity=0.05
+        finetune_like(base_model, seed=3, scale=0.05), base_model, spec=learned(0.05, recipe="paper", lr=1e4, init_sparsity=0.05)
     )
     loader = token_loader(n=48, batch_size=16)
     start = learner.scores.detach().clone()
@@ -134,7 +136,9 @@ def test_any_module_with_a_loss_function():
         optimizer.step()
         optimizer.zero_grad()
     loader = DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
-    learner = MaskLearner(copy.deepcopy(finetuned), base.state_dict(), sparsity=0.2, loss_fn=nn.CrossEntropyLoss(), num_labels=3)
+    learner = MaskLearner(
+        copy.deepcopy(finetuned), base.state_dict(), spec=learned(0.2), loss_fn=nn.CrossEntropyLoss(), num_labels=3
+    )
     seen = []
 
     class Record(pl.Callback):
@@ -171,7 +175,7 @@ def test_learned_mask_beats_dataless_on_an_adam_finetune(adam_finetune, tmp_path
         generator=torch.Generator().manual_seed(0),
     )
     pl.seed_everything(0, verbose=False)
-    learner = MaskLearner(copy.deepcopy(finetuned), base, sparsity=0.01, bank=str(tmp_path / "bank"), skill_name="sentiment")
+    learner = MaskLearner(copy.deepcopy(finetuned), base, spec=learned(0.01), bank=str(tmp_path / "bank"), skill_name="sentiment")
     trainer(max_epochs=learner.recipe.epochs).fit(learner, few)
     dataless = localize_dataless(task_vector(base, finetuned), 0.01, name="sentiment")
     scores = {}
@@ -213,20 +217,37 @@ def test_ddp_learns_the_same_mask_and_writes_the_bank_once(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs, error, words",
+    "spec, kwargs, error, words",
     [
-        (dict(sparsity=0.0), SkillbankError, "sparsity must be a fraction in (0, 1]"),
-        (dict(sparsity=1.5), SkillbankError, "sparsity must be a fraction in (0, 1]"),
-        (dict(exclude=[".*"]), TaskVectorError, "no shared floating-point parameter is left"),
-        (dict(recipe="fast"), SkillbankError, "unknown recipe 'fast'"),
-        (dict(bank="somewhere"), SkillbankError, "skill_name is not"),
-        (dict(bank="somewhere", skill_name="../up"), SkillNameError, "invalid skill name '../up'"),
-        (dict(lr=-1.0), SkillbankError, "need lr > 0"),
+        ({"sparsity": 0.0}, {}, SkillbankError, "sparsity must be a fraction in (0, 1]"),
+        ({"sparsity": 1.5}, {}, SkillbankError, "sparsity must be a fraction in (0, 1]"),
+        ({"sparsity": "auto"}, {}, SkillbankError, "learns a mask of one size; for sparsity='auto' call localize_finetune"),
+        ({"exclude": [".*"]}, {}, TaskVectorError, "no shared floating-point parameter is left"),
+        ({"learner": {"recipe": "fast"}}, {}, SkillbankError, "unknown recipe 'fast'"),
+        ({"learner": {"lr": -1.0}}, {}, SkillbankError, "need lr > 0"),
+        ({"learner": {"pool_small": -1}}, {}, SkillbankError, "pool_small must be a whole number >= 0"),
+        ({}, dict(bank="somewhere"), SkillbankError, "skill_name is not"),
+        ({}, dict(bank="somewhere", skill_name="../up"), SkillNameError, "invalid skill name '../up'"),
     ],
 )
-def test_bad_arguments_are_refused(base_model, kwargs, error, words):
+def test_bad_arguments_are_refused(base_model, spec, kwargs, error, words):
     with pytest.raises(error, match=re.escape(words)):
-        MaskLearner(finetune_like(base_model, seed=1), base_model, **kwargs)
+        MaskLearner(finetune_like(base_model, seed=1), base_model, spec=spec, **kwargs)
+
+
+def test_the_spec_may_be_given_as_its_fields_and_is_what_the_skill_records(base_model):
+    finetuned = finetune_like(base_model, seed=1)
+    typed = MaskLearner(copy.deepcopy(finetuned), base_model, spec=learned(0.05, exclude=["embeddings"], pool=2, lr=0.5))
+    fields = {"sparsity": 0.05, "exclude": ["embeddings"], "learner": {"pool": 2, "lr": 0.5}}  # no method: a learned one
+    plain = MaskLearner(copy.deepcopy(finetuned), base_model, spec=fields)
+    assert plain.spec == typed.spec and plain.k == typed.k and plain.pool == 2 and plain.recipe.lr == 0.5
+    assert plain.hparams["spec"] == typed.spec.to_dict()  # plain data in the checkpoint
+    skill = plain.to_skill("s")
+    assert LocalizationSpec.from_dict(skill.metadata.settings["spec"]) == typed.spec
+    untyped = MaskLearner(copy.deepcopy(finetuned), base_model, spec=LocalizationSpec(sparsity=0.05, exclude=["embeddings"]))
+    assert untyped.spec.method == "learned" and untyped.spec.exclude == ("embeddings",)  # the learner always learns
+    default = MaskLearner(copy.deepcopy(finetuned), base_model)
+    assert default.sparsity == 0.01 and default.recipe == LearnerSpec().mask_recipe() and default.pool is None
 
 
 def test_a_taken_skill_name_is_refused_before_any_training(base_model, tmp_path):
@@ -273,7 +294,7 @@ def test_in_context_forward_is_the_stitched_model_it_will_join(base_model, rule)
     context = [make_skill(base_model, "c1", seed=11, sparsity=0.2), make_skill(base_model, "c2", seed=12, sparsity=0.2)]
     finetuned = finetune_like(base_model, seed=3, scale=0.05)
     new = localize_dataless(task_vector(base_model, finetuned), 0.2, name="new")
-    learner = MaskLearner(copy.deepcopy(finetuned), base_model, sparsity=0.2, context=context, rule=rule)
+    learner = MaskLearner(copy.deepcopy(finetuned), base_model, spec=learned(0.2, rule=rule), context=context)
     batch = next(iter(token_loader()))
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     _, logits, _ = learner(batch, gate=learner._gate_of({n: r.indices for n, r in new.regions.items()}))
@@ -283,7 +304,7 @@ def test_in_context_forward_is_the_stitched_model_it_will_join(base_model, rule)
         stitcher.add(skill)
     with stitcher.use_head("new") as model:
         torch.testing.assert_close(logits, model(**inputs).logits, atol=1e-5, rtol=1e-5)
-    isolated = MaskLearner(copy.deepcopy(finetuned), base_model, sparsity=0.2)
+    isolated = MaskLearner(copy.deepcopy(finetuned), base_model, spec=learned(0.2))
     _, alone, _ = isolated(batch, gate=isolated._gate_of({n: r.indices for n, r in new.regions.items()}))
     assert not torch.allclose(alone, logits, atol=1e-4)  # the context does change what the mask is judged on
 
@@ -297,7 +318,7 @@ def test_in_context_learning_records_the_context_and_penalizes_owned_entries(bas
     overlaps = {}
     for penalty in (0.0, 1000.0):
         learner = MaskLearner(
-            copy.deepcopy(finetuned), base_model, sparsity=0.05, context=context, owned_penalty=penalty, lr=0.5, l1=0.0
+            copy.deepcopy(finetuned), base_model, spec=learned(0.05, owned_penalty=penalty, lr=0.5, l1=0.0), context=context
         )
         skill = learner.learn(token_loader(), epochs=5, name="new")
         assert skill.metadata.settings["context"] == ["c1"] and skill.metadata.settings["rule"] == "mean"
@@ -306,7 +327,7 @@ def test_in_context_learning_records_the_context_and_penalizes_owned_entries(bas
 
 
 @pytest.mark.parametrize(
-    "kwargs, error, words",
+    "options, error, words",
     [
         (dict(rule="sign_mean"), SkillbankError, "no differentiable form"),
         (dict(owned_penalty=-1.0), SkillbankError, "owned_penalty"),
@@ -314,15 +335,13 @@ def test_in_context_learning_records_the_context_and_penalizes_owned_entries(bas
         (dict(foreign=True), SkillbankError, "another base"),
     ],
 )
-def test_bad_context_settings_are_refused(base_model, kwargs, error, words):
-    from helpers.models import make_skill
-
+def test_bad_context_settings_are_refused(base_model, options, error, words):
     torch.manual_seed(5)
     other = BertModel(tiny_config()).eval()
-    context = [make_skill(other if kwargs.pop("foreign", False) else base_model, "c1", seed=11)]
+    context = [make_skill(other if options.pop("foreign", False) else base_model, "c1", seed=11)]
     finetuned = finetune_like(base_model, seed=3, scale=0.05)
     with pytest.raises(error, match=words):
-        MaskLearner(copy.deepcopy(finetuned), base_model, sparsity=0.05, context=context, **kwargs)
+        MaskLearner(copy.deepcopy(finetuned), base_model, spec=learned(0.05, **options), context=context)
 
 
 def test_in_context_masks_depend_on_what_arrived_before_not_on_its_order(base_model):
@@ -331,13 +350,13 @@ def test_in_context_masks_depend_on_what_arrived_before_not_on_its_order(base_mo
     c1, c2 = make_skill(base_model, "c1", seed=11, sparsity=0.3), make_skill(base_model, "c2", seed=12, sparsity=0.3)
     finetuned = finetune_like(base_model, seed=3, scale=0.05)
 
-    def learned(context):  # noqa: ANN001, ANN202
+    def learn(context):  # noqa: ANN001, ANN202
         torch.manual_seed(0)
-        learner = MaskLearner(copy.deepcopy(finetuned), base_model, sparsity=0.05, context=context, lr=0.5, l1=0.0)
+        learner = MaskLearner(copy.deepcopy(finetuned), base_model, spec=learned(0.05, lr=0.5, l1=0.0), context=context)
         return entries(learner.learn(token_loader(), epochs=4, name="new"))
 
-    assert learned([c1, c2]) == learned([c2, c1])  # the rule is order-free: only the set of earlier skills counts
-    assert learned([c1, c2]) != learned([])  # arrival-aware: the mask is chosen for the model it joins
+    assert learn([c1, c2]) == learn([c2, c1])  # the rule is order-free: only the set of earlier skills counts
+    assert learn([c1, c2]) != learn([])  # arrival-aware: the mask is chosen for the model it joins
 
 
 def test_an_unknown_classifier_optimizer_is_a_skillbank_error(base_model):
@@ -349,7 +368,7 @@ def test_an_unknown_classifier_optimizer_is_a_skillbank_error(base_model):
 
 def test_a_resumed_run_keeps_the_best_mask_and_the_update_count(base_model, tmp_path):
     def learner() -> MaskLearner:
-        return MaskLearner(finetune_like(base_model, seed=3, scale=0.05), base_model, sparsity=0.05, lr=0.5)
+        return MaskLearner(finetune_like(base_model, seed=3, scale=0.05), base_model, spec=learned(0.05, lr=0.5))
 
     def run(module: MaskLearner, epochs: int, **fit) -> pl.Trainer:
         pl.seed_everything(0, verbose=False)
@@ -376,7 +395,7 @@ def test_load_from_checkpoint_rebuilds_the_learner_from_folders_or_given_modules
         ("folders", (str(tmp_path / "ft"), str(tmp_path / "base")), {}),
         ("modules", (copy.deepcopy(finetuned), base_model), {"model": copy.deepcopy(finetuned), "base": base_model}),
     ):
-        learner = MaskLearner(*args, sparsity=0.05, num_labels=2, recipe=resolve_recipe("topk", lr=0.05), pool=3)
+        learner = MaskLearner(*args, spec=learned(0.05, recipe=resolve_recipe("topk", lr=0.05), pool=3), num_labels=2)
         run = trainer(max_epochs=2, enable_checkpointing=True, default_root_dir=tmp_path / label)
         run.fit(learner, token_loader())
         restored = MaskLearner.load_from_checkpoint(run.checkpoint_callback.best_model_path, **again)

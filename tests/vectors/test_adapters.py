@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForSequenceClassification, BertForSequenceClassification, BertModel
 
-from helpers.models import tiny_config
+from helpers.models import learned, tiny_config
 from skillbank import MaskLearner, SkillBank, Stitcher, localize_dataless, task_vector
 from skillbank.callbacks import SkillHarvester
 from skillbank.errors import BaseMismatchError
@@ -198,7 +198,7 @@ def test_harvester_and_mask_learner_take_a_lora_lightning_module(base_model: Ber
     expected = localize_dataless(task_vector(base_model, module), 0.05, name="lora-task")
     assert all(torch.equal(skill.regions[n].indices, r.indices) for n, r in expected.regions.items())
 
-    learner = MaskLearner(module.model, base_model, sparsity=0.05, num_labels=NUM_LABELS)  # a PeftModel in memory
-    learned = learner.learn([{"input_ids": ids[:16], "labels": ids[:16, 0] % NUM_LABELS}], epochs=2, name="lora-learned")
-    assert learned.metadata.source["kind"] == "lora adapter" and learned.num_entries == expected.num_entries
+    learner = MaskLearner(module.model, base_model, spec=learned(0.05), num_labels=NUM_LABELS)  # a PeftModel in memory
+    skill_learned = learner.learn([{"input_ids": ids[:16], "labels": ids[:16, 0] % NUM_LABELS}], epochs=2, name="lora-learned")
+    assert skill_learned.metadata.source["kind"] == "lora adapter" and skill_learned.num_entries == expected.num_entries
     assert any("lora" in n for n in module.model.state_dict())  # the user's PEFT model is still a PEFT model

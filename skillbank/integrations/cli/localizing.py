@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from skillbank.errors import SkillbankError
-from skillbank.storage.bank import SkillBank
-from skillbank.storage.format import VALUE_DTYPE_NAMES
-
-if TYPE_CHECKING:
-    from skillbank.storage.skill import Skill
 from skillbank.integrations.cli.common import (
     escape,
     progress,
@@ -20,6 +15,8 @@ from skillbank.integrations.cli.common import (
     sparsity_or_auto_arg,
     table,
 )
+from skillbank.storage.bank import SkillBank
+from skillbank.storage.format import VALUE_DTYPE_NAMES
 
 __all__ = ["register"]
 
@@ -151,8 +148,9 @@ def _localize(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         head_patterns=args.head_pattern,
         value_dtype=args.value_dtype,
+        routing_centroids=args.max_centroids,
     )
-    with progress(total=3, desc=f"localize {args.name}", unit="step") as bar:
+    with progress(total=2, desc=f"localize {args.name}", unit="step") as bar:
         bar.set_postfix_str(f"{spec.method}, sizes keeping {args.target_recovery:g}" if spec.auto else spec.method)
         base, finetuned, inputs = _inputs(args, spec)
         skill = localize_finetune(
@@ -164,13 +162,6 @@ def _localize(args: argparse.Namespace) -> int:
             inputs=inputs,
             source={"kind": "full finetune", "base": args.given["base"], "finetuned": args.given["finetuned"]},
         )
-        bar.update()
-        # --val-data doubles as routing data when the base is a model folder (routing needs its encoder)
-        base_is_folder = (Path(args.base) / "config.json").is_file()
-        routing_data = args.routing_data or (args.val_data if base_is_folder else None)
-        if routing_data:
-            bar.set_postfix_str("routing centroids")
-            skill = _with_routing(args, skill, routing_data)
         bar.update()
         bar.set_postfix_str("writing")
         if args.replace:  # the old version's provenance goes into the new one's metadata; tags and note carry over
@@ -199,7 +190,26 @@ def _inputs(args: argparse.Namespace, spec: Any) -> tuple[Any, Any, Any]:  # a L
     """What to localize from and with. A dataless mask of a fixed size: the two paths (it streams from them). Else the
     weights read once, the base and the finetuned folder's model, shared by the task vector, the auto search's probe
     (a copy of the model with the base written in) and the learner; --val-data (auto sizes) and --few-shot (learned
-    masks) tokenized with the folder's tokenizer."""
+    masks) tokenized with the folder's tokenizer. Routing data (--routing-data, else --val-data when the base is a
+    model folder, whose encoder gives the features) in any case."""
+    from skillbank.localization.methods import LocalizationInputs
+
+    routing_data = args.routing_data or (args.val_data if (Path(args.base) / "config.json").is_file() else None)
+    if not spec.auto and spec.method == "dataless":
+        base, finetuned, inputs = args.base, args.finetuned, LocalizationInputs(base=args.base)
+    else:
+        base, finetuned, inputs = _loaded_inputs(args, spec)
+    if routing_data:
+        from skillbank.integrations.labelled_text import read_jsonl, task_loader
+        from skillbank.vectors.models import load_encoder, load_tokenizer
+
+        tokenizer = load_tokenizer(args.finetuned, args.base)
+        inputs.routing = task_loader(read_jsonl(routing_data), tokenizer, max_length=args.max_length, batch_size=64)
+        inputs.encoder = lambda: load_encoder(args.base)
+    return base, finetuned, inputs
+
+
+def _loaded_inputs(args: argparse.Namespace, spec: Any) -> tuple[Any, Any, Any]:
     import copy
 
     from skillbank.integrations.labelled_text import read_jsonl, task_loader
@@ -207,8 +217,6 @@ def _inputs(args: argparse.Namespace, spec: Any) -> tuple[Any, Any, Any]:  # a L
     from skillbank.vectors.models import apply_delta, load_model, load_tokenizer
     from skillbank.vectors.weights import load_weights
 
-    if not spec.auto and spec.method == "dataless":
-        return args.base, args.finetuned, LocalizationInputs(base=args.base)
     if spec.auto and not args.val_data:
         raise SkillbankError(
             '--sparsity auto needs --val-data FILE (JSON lines of {"text": ..., "label": ...}) '
@@ -250,18 +258,6 @@ def _method_help() -> str:
     from skillbank.localization.methods import METHODS
 
     return "; ".join(f"{name}: {METHODS[name].summary}" for name in sorted(METHODS))
-
-
-def _with_routing(args: argparse.Namespace, skill: Skill, data: str) -> Skill:
-    """``skill`` with centroids of the base's features of ``data`` (one per label)."""
-    from skillbank.integrations.labelled_text import read_jsonl, task_loader
-    from skillbank.stitching.routing import routing_centroids, with_routing
-    from skillbank.vectors.models import load_encoder, load_tokenizer
-
-    encoder = load_encoder(args.base)
-    split = read_jsonl(data)
-    batches = task_loader(split, load_tokenizer(args.finetuned, args.base), max_length=args.max_length, batch_size=64)
-    return with_routing(skill, routing_centroids(encoder, batches, args.max_centroids))
 
 
 def _route(args: argparse.Namespace) -> int:

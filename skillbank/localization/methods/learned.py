@@ -18,8 +18,7 @@ __all__ = ["LearnedMethod"]
 
 class LearnedMethod(LocalizationMethod):
     """Scores over the shared entries trained on ``inputs.few_shot``, starting from the dataless mask; the top-k of
-    the trained scores is the mask. ``spec.learner`` holds :class:`~skillbank.MaskLearner`'s options (``recipe``,
-    ``lr``, ``pool``, …). Learned in this process, on a copy of ``inputs.model``.
+    the trained scores is the mask. ``spec.learner`` says how it trains (``recipe``, ``lr``, ``pool``, …). Learned in this process, on a copy of ``inputs.model``.
 
     >>> LearnedMethod.name
     'learned'
@@ -47,16 +46,7 @@ class LearnedMethod(LocalizationMethod):
 
         self.check(inputs)
         assert inputs.model is not None and inputs.few_shot is not None and inputs.base is not None
-        learner = MaskLearner(
-            copy.deepcopy(inputs.model),
-            inputs.base,
-            tv,
-            sparsity,
-            exclude=spec.exclude,
-            task=fields["task"],
-            value_dtype=fields["value_dtype"],
-            **dict(spec.learner),
-        )
+        learner = MaskLearner(copy.deepcopy(inputs.model), inputs.base, tv, spec.at(sparsity), task=fields["task"])
         skill = learner.learn(inputs.few_shot, name=fields["name"], time_limit=inputs.time_limit)
         skill.metadata.metrics.update(fields.get("metrics") or {})
         skill.metadata.source.update({**(fields.get("source") or {}), **tv.source})

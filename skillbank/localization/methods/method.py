@@ -31,6 +31,8 @@ class LocalizationInputs:
         validation: labelled batches the ``auto`` size search scores each skill on.
         probe: makes the model those scores are taken on: the base with the finetune's head.
         time_limit: seconds a learned mask may take (under DDP, what the other ranks can wait).
+        routing: batches of the task whose base features become the skill's routing centroids.
+        encoder: makes the model those features are taken from (holding the base); default ``probe``.
     """
 
     base: WeightsSource | None = None
@@ -39,6 +41,8 @@ class LocalizationInputs:
     validation: Iterable[Any] | None = None
     probe: Callable[[], nn.Module] | None = None
     time_limit: float | None = None
+    routing: Iterable[Any] | None = None
+    encoder: Callable[[], nn.Module] | None = None
 
 
 class LocalizationMethod(ABC):
