@@ -31,7 +31,9 @@ from skillbank.sparse import check_sparsity, num_selected
 __all__ = [
     "arrivals",
     "average",
+    "checked",
     "consensus",
+    "is_weight_matrix",
     "magmax",
     "opcm",
     "opcm_steps",
@@ -44,7 +46,7 @@ __all__ = [
 TaskVectors = Sequence[Mapping[str, Tensor]]
 
 
-def _checked(taus: TaskVectors) -> tuple[list[str], list[Mapping[str, Tensor]]]:
+def checked(taus: TaskVectors) -> tuple[list[str], list[Mapping[str, Tensor]]]:
     """The parameter names the task vectors share, and the task vectors as seen on the first one's device
     (the others are moved one tensor at a time: :mod:`skillbank.devices`)."""
     if not taus:
@@ -62,7 +64,7 @@ def _checked(taus: TaskVectors) -> tuple[list[str], list[Mapping[str, Tensor]]]:
 
 def task_arithmetic(taus: TaskVectors, scale: float = 0.3) -> dict[str, Tensor]:
     """``λ · Σ_t τ_t`` (Ilharco et al., 2023); ``λ`` is usually chosen on validation data."""
-    names, taus = _checked(taus)
+    names, taus = checked(taus)
     return {n: scale * torch.stack([t[n].float() for t in taus]).sum(0) for n in names}
 
 
@@ -92,7 +94,7 @@ def trim_top(tau: Mapping[str, Tensor], density: float) -> dict[str, Tensor]:
 def ties(taus: TaskVectors, density: float = 0.2, scale: float = 1.0) -> dict[str, Tensor]:
     """TIES-merging (Yadav et al., 2023): trim each ``τ_t`` to its top ``density``, elect the sign of the
     summed trimmed values per entry, and average only the entries that agree with it (disjoint mean); times ``λ``."""
-    names, taus = _checked(taus)
+    names, taus = checked(taus)
     trimmed = [trim_top(t, density) for t in taus]
     merged = {}
     for n in names:
@@ -112,7 +114,7 @@ def tall_masks(
     An entry is in task ``t``'s mask when ``τ_t`` is a large enough part of the
     multi-task vector there.
     """
-    names, taus = _checked(taus)
+    names, taus = checked(taus)
     lams = [float(lam)] * len(taus) if isinstance(lam, (int, float)) else [float(x) for x in lam]
     if len(lams) != len(taus):
         raise TaskVectorError(f"{len(lams)} lambdas for {len(taus)} task vectors.")
@@ -125,7 +127,7 @@ def consensus(taus: TaskVectors, k: int = 2, lam: float | Sequence[float] = 0.4,
     in at least ``k`` TALL masks; entries only one task (``k=2``) or no task relies on are dropped."""
     if k < 1:
         raise TaskVectorError(f"k must be at least 1, got {k}.")
-    names, taus = _checked(taus)
+    names, taus = checked(taus)
     total = {n: torch.stack([t[n].float() for t in taus]).sum(0) for n in names}
     masks = tall_masks(taus, lam, total)
     return {n: scale * total[n] * (torch.stack([m[n] for m in masks]).sum(0) >= k) for n in names}
@@ -139,7 +141,7 @@ def magmax(taus: TaskVectors, scale: float = 1.0) -> dict[str, Tensor]:
     [-2.0, -3.0]
     """
     merged = {}
-    names, taus = _checked(taus)
+    names, taus = checked(taus)
     for n in names:
         stack = torch.stack([t[n].float() for t in taus])
         pick = stack.abs().argmax(0, keepdim=True)  # the first maximum on ties
@@ -147,7 +149,9 @@ def magmax(taus: TaskVectors, scale: float = 1.0) -> dict[str, Tensor]:
     return merged
 
 
-def _is_matrix(name: str, tensor: Tensor) -> bool:
+def is_weight_matrix(name: str, tensor: Tensor) -> bool:
+    """Whether a tensor is a weight matrix the matrix-wise merges (OPCM, TSV-M, Iso-C) work on: 2-D, outside the
+    embeddings (a vocabulary table is a lookup, not a linear map; it is averaged or added instead)."""
     return tensor.dim() == 2 and "embeddings" not in name
 
 
@@ -188,8 +192,8 @@ def opcm_steps(
     """
     if not 0 <= alpha < 1:
         raise TaskVectorError(f"alpha must be in [0, 1), got {alpha}.")
-    names, taus = _checked(taus)
-    project = matrices or _is_matrix
+    names, taus = checked(taus)
+    project = matrices or is_weight_matrix
     total: dict[str, Tensor] = {}
     norms: list[float] = []
     for tau in taus:

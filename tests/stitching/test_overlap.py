@@ -92,7 +92,7 @@ def test_a_second_rule_of_a_taken_name_is_refused():
     from skillbank.stitching.overlap import get_rule
     from skillbank.stitching.overlap.rule import register_rule
 
-    with pytest.raises(SkillbankError, match="'mean' is registered already; give the new rule another name"):
+    with pytest.raises(SkillbankError, match="an overlap rule named 'mean' is registered already; give the new one another name"):
         register_rule(type(get_rule("mean")))
 
 

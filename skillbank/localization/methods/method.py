@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from skillbank.errors import SkillbankError
+from skillbank.registry import Registry
 
 if TYPE_CHECKING:  # the CLI's --help lists the methods without torch
     from torch import nn
@@ -64,19 +64,14 @@ class LocalizationMethod(ABC):
 
 
 #: Every known method, by name.
-METHODS: dict[str, LocalizationMethod] = {}
+METHODS: Registry[LocalizationMethod] = Registry("localization method")
 
 
 def register_method(method: LocalizationMethod) -> LocalizationMethod:
     """Make ``method`` known by its name; a taken name is an error."""
-    if method.name in METHODS:
-        raise SkillbankError(f"a localization method named {method.name!r} is registered already; pick another name.")
-    METHODS[method.name] = method
-    return method
+    return METHODS.add(method.name, method)
 
 
 def get_method(name: str) -> LocalizationMethod:
     """The method called ``name``; an unknown name is an error listing the known ones."""
-    if name not in METHODS:
-        raise SkillbankError(f"unknown localization method {name!r}; known: {', '.join(sorted(METHODS))}.")
     return METHODS[name]

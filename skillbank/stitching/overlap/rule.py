@@ -5,7 +5,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
-from skillbank.errors import SkillbankError, StitchError
+from skillbank.errors import StitchError
+from skillbank.registry import Registry
 
 if TYPE_CHECKING:  # torch is not imported to list the rules (the CLI's --help)
     from torch import Tensor
@@ -13,7 +14,7 @@ if TYPE_CHECKING:  # torch is not imported to list the rules (the CLI's --help)
 __all__ = ["OverlapRule", "RULES", "get_rule", "register_rule"]
 
 #: Every known rule, by name.
-RULES: dict[str, type[OverlapRule]] = {}
+RULES: Registry[type[OverlapRule]] = Registry("overlap rule", StitchError)
 
 
 class OverlapRule(ABC):
@@ -64,10 +65,7 @@ class OverlapRule(ABC):
 
 def register_rule(cls: type[OverlapRule]) -> type[OverlapRule]:
     """Class decorator: make ``cls`` available by its ``name``."""
-    if cls.name in RULES:
-        raise SkillbankError(f"an overlap rule named {cls.name!r} is registered already; give the new rule another name.")
-    RULES[cls.name] = cls
-    return cls
+    return RULES.add(cls.name, cls)
 
 
 def get_rule(rule: str | OverlapRule) -> OverlapRule:
@@ -78,6 +76,4 @@ def get_rule(rule: str | OverlapRule) -> OverlapRule:
     """
     if isinstance(rule, OverlapRule):
         return rule
-    if rule not in RULES:
-        raise StitchError(f"unknown overlap rule {rule!r}; choose one of {sorted(RULES)}.")
     return RULES[rule]()
