@@ -33,10 +33,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from skillbank import SkillBank, Stitcher, localize_dataless, task_vector, use_head
 from skillbank.comparison.arrivals import arrival_metrics
-from skillbank.comparison.baselines import arrivals, average, consensus, magmax, opcm_steps, task_arithmetic, ties
+from skillbank.comparison.baselines import arrivals, magmax, opcm_steps, task_arithmetic, ties
+from skillbank.comparison.merges import MERGES, get_merge
 from skillbank.integrations.classifier import SequenceClassifier
 from skillbank.integrations.labelled_text import task_loader
-from skillbank.integrations.pulled.tasks import TASKS, TextTask, load_task
+from skillbank.integrations.pulled.tasks import ALL_TASKS, TASKS, TextTask, load_task
 from skillbank.integrations.pulled.wheels import package_root, pull
 from skillbank.localization.auto_sparsity import DEFAULT_GRID, localize_auto, search_sparsity, stitched_scorer, with_choice
 from skillbank.localization.fewshot import balanced_indices
@@ -378,22 +379,37 @@ def _heads(b: Bench) -> dict[str, dict[str, torch.Tensor]]:
 def _sweep(
     b: Bench, live: nn.Module, base: dict, heads: dict, make: Callable[[float], dict], grid: Sequence[float], test: bool = True
 ) -> tuple[float, dict]:
-    """Pick the scale with the best mean validation accuracy; return it and the test accuracies (if ``test``)."""
-    best = (-1.0, None)
-    for scale in grid:
+    """Pick the scale with the best mean validation accuracy; return it and the test accuracies (if ``test``).
+
+    When the best scale is the grid's largest (or its smallest, above 0), the grid is widened that way by a
+    factor of 1.5 (up to 4 times), so the chosen scale is never at an end of what was tried."""
+    tried: dict[float, float] = {}
+
+    def score(scale: float) -> float:
         apply_delta(live, base, make(scale))
         val = _eval_heads(b, live, heads, b.validation)
-        mean = sum(val.values()) / len(val)
-        print(f"    scale {scale:<5} validation mean {mean:.4f}")
-        if mean > best[0]:
-            best = (mean, scale)
+        tried[scale] = sum(val.values()) / len(val)
+        print(f"    scale {scale:<6g} validation mean {tried[scale]:.4f}")
+        return tried[scale]
+
+    for scale in grid:
+        score(scale)
+    for _ in range(4):
+        best = max(tried, key=lambda s: (tried[s], -s))  # ties: the smaller scale
+        if len(tried) > 1 and best == max(tried):
+            score(round(best * 1.5, 4))
+        elif len(tried) > 1 and best == min(tried):
+            score(round(best / 1.5, 4))
+        else:
+            break
+    best = max(tried, key=lambda s: (tried[s], -s))
     if not test:
         apply_delta(live, base, {})
-        return best[1], {}
-    apply_delta(live, base, make(best[1]))
-    test = _eval_heads(b, live, heads, b.test)
+        return best, {}
+    apply_delta(live, base, make(best))
+    result = _eval_heads(b, live, heads, b.test)
     apply_delta(live, base, {})
-    return best[1], test
+    return best, result
 
 
 def _linear_probe(b: Bench, base: nn.Module, name: str) -> float:
@@ -447,27 +463,23 @@ def stage_evaluate(b: Bench) -> None:
     run("finetuned", lambda: {n: finetune[n]["test_acc"] for n in b.tasks})
     run("base + finetuned head", lambda: _eval_heads(b, live, heads, b.test))
     run("linear probe", lambda: {n: _linear_probe(b, live, n) for n in b.tasks})
-    run(
-        "simple averaging",
-        lambda: (
-            apply_delta(live, base, average(shared_taus())),
-            _eval_heads(b, live, heads, b.test),
-            apply_delta(live, base, {}),
-        )[1],
-    )
-    for label, build, grid in (
-        ("task arithmetic", lambda: task_arithmetic(shared_taus(), 1.0), (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)),
-        ("TIES (top-20%)", lambda: ties(shared_taus(), 0.2, 1.0), (0.3, 0.5, 0.7, 1.0, 1.5)),
-        ("consensus (TALL, k=2)", lambda: consensus(shared_taus(), 2, 0.4, 1.0), (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)),
-    ):
+    for name in b.args.merges:
+        merge = get_merge(name)
 
-        def swept(build=build, grid=grid, label=label) -> dict:  # noqa: ANN001
-            unit = build()  # each baseline is linear in its scale: merge once, scale per grid point
-            scale, test = _sweep(b, live, base, heads, lambda s: {n: s * t for n, t in unit.items()}, grid)
-            results.setdefault("chosen scales", {})[label] = scale
+        def merged(merge=merge) -> dict:  # noqa: ANN001
+            start = time.perf_counter()
+            unit = merge.unit(shared_taus())  # every merge is linear in its scale: merge once, scale per grid point
+            b.timed(f"merge {merge.label}", time.perf_counter() - start)
+            if len(merge.scales) == 1:  # nothing to choose
+                apply_delta(live, base, {n: merge.scales[0] * t for n, t in unit.items()})
+                test = _eval_heads(b, live, heads, b.test)
+                apply_delta(live, base, {})
+                return test
+            scale, test = _sweep(b, live, base, heads, lambda s: {n: s * t for n, t in unit.items()}, merge.scales)
+            results.setdefault("chosen scales", {})[merge.label] = scale
             return test
 
-        run(label, swept)
+        run(merge.label, merged)
     for method in BANKS:
         folder = b.work / "banks" / method
         if not folder.is_dir() or not all(n in SkillBank(folder, create=False) for n in b.tasks):
@@ -540,6 +552,13 @@ def stage_arrivals(b: Bench) -> None:
     methods[f"running TA (λ={ta:g})"] = lambda: merged_runs(arrivals(lambda ts: task_arithmetic(ts, ta), shared_taus()))
     methods[f"running TIES (λ={ti:g})"] = lambda: merged_runs(arrivals(lambda ts: ties(ts, 0.2, ti), shared_taus()))
     methods[f"OPCM (α={a.opcm_alpha:g})"] = lambda: merged_runs(opcm_steps(shared_taus(), a.opcm_alpha))
+    for name in ("tsv_m", "iso_c", "iso_cts"):  # recomputed over the tasks seen so far at each arrival
+        merge = get_merge(name)
+        if merge.label in scales and name in a.merges:
+            scale = scales[merge.label]
+            methods[f"running {merge.label} (λ={scale:g})"] = lambda merge=merge, scale=scale: merged_runs(
+                arrivals(lambda ts: merge(ts, scale), shared_taus())
+            )
 
     def magmax_runs() -> list[dict]:
         unit = magmax(shared_taus())
@@ -826,6 +845,8 @@ def stage_report(b: Bench) -> None:
         "newsgroups": "20ng",
         "reuters": "r8",
         "tweets": "tweets",
+        "friends": "friends",
+        "commodities": "r52-r8",
     }
     head = "| method | " + " | ".join(short.get(t, t) for t in b.tasks) + " | avg | norm. avg |"
     lines = [head, "|" + "---|" * (len(b.tasks) + 3)]
@@ -837,6 +858,9 @@ def stage_report(b: Bench) -> None:
         "task arithmetic",
         "TIES (top-20%)",
         "consensus (TALL, k=2)",
+        "TSV-M",
+        "Iso-C",
+        "Iso-CTS",
     ]
     for bank in BANKS:
         order += [f"L&S {bank}, skill alone", f"L&S {bank}"] + [f"L&S {bank} [{r}]" for r in ("sum", "sign_mean")]
@@ -860,6 +884,9 @@ def stage_report(b: Bench) -> None:
         bank = SkillBank(b.work / "banks" / method, create=False)
         sizes = [bank.entry(n).bytes for n in b.tasks if n in bank]
         sparsities = [bank.entry(n).sparsity for n in b.tasks if n in bank]
+        if not sizes:  # e.g. learned-auto after auto --no-auto-learned
+            print(f"\n{method} skills: none of these tasks")
+            continue
         print(
             f"\n{method} skills: {sum(sizes):,} bytes for {len(sizes)} skills ({sum(sizes) / len(sizes) / 1e6:.2f} MB each), "
             f"mean sparsity {sum(sparsities) / len(sparsities):.4g}"
@@ -908,7 +935,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default="~/.cache/skillbank/real", help="work folder (cached stages; default %(default)s)")
     p.add_argument("--cache", default=None, help="pulled wheels' files (default $SKILLBANK_CACHE or ~/.cache/skillbank)")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run (default: all)")
-    p.add_argument("--tasks", type=lambda s: s.split(","), default=list(TASKS), help="comma-separated tasks")
+    p.add_argument(
+        "--tasks",
+        type=lambda s: s.split(","),
+        default=list(TASKS),
+        help=f"comma-separated tasks (default the six; known: {', '.join(ALL_TASKS)})",
+    )
+    p.add_argument(
+        "--merges",
+        type=lambda s: s.split(","),
+        default=["average", "task_arithmetic", "ties", "consensus", "tsv_m", "iso_c", "iso_cts"],
+        help=f"evaluate stage: global merges, scales chosen on validation (known: {', '.join(sorted(MERGES))})",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-length", type=int, default=64, help="tokens per text (default %(default)s)")

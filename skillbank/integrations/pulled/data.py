@@ -18,7 +18,7 @@ class TextTaskData(TextClassificationData):
     """Tokenized train/validation/test loaders of a real task, pulled on first use.
 
     Args:
-        task: one of :data:`skillbank.integrations.pulled.tasks.TASKS`.
+        task: one of :data:`skillbank.integrations.pulled.tasks.ALL_TASKS`.
         tokenizer: a local tokenizer folder, or a pulled model's alias (``pulled:minilm``).
         shots_per_class: train on this many class-balanced examples per class
             (e.g. 64 for mask learning); ``None`` for the whole train split.

