@@ -45,6 +45,7 @@ from skillbank.localization.mask_learner import MaskLearner
 from skillbank.localization.spec import LearnerSpec, LocalizationSpec
 from skillbank.stitching.heads import accuracy
 from skillbank.stitching.routing import SkillRouter, mean_pooled_features, routing_centroids
+from skillbank.stitching.spectral import spectral_delta
 from skillbank.testbed.demo import quiet as quiet_demo
 from skillbank.vectors.models import apply_delta
 
@@ -490,6 +491,23 @@ def stage_evaluate(b: Bench) -> None:
         for rule in ("mean", *b.args.rules):
             key = f"L&S {method}" + ("" if rule == "mean" else f" [{rule}]")
             run(key, lambda bank=bank, rule=rule: _stitched(b, live, base, bank, rule))
+    for method in b.args.spectral_banks:  # the bank's skills composed matrix by matrix, scale chosen on validation
+        folder = b.work / "banks" / method
+        if not folder.is_dir() or not all(n in SkillBank(folder, create=False) for n in b.tasks):
+            continue
+        for merge in b.args.spectral:
+
+            def composed(folder=folder, merge=merge) -> dict:  # noqa: ANN001
+                bank = SkillBank(folder, create=False)
+                start = time.perf_counter()
+                unit = spectral_delta([bank.get(n) for n in b.tasks], merge)
+                b.timed(f"compose {merge} {folder.name}", time.perf_counter() - start)
+                label = f"L&S {folder.name} [{get_merge(merge).label} of the skills]"
+                scale, test = _sweep(b, live, base, heads, lambda s: {n: s * t for n, t in unit.items()}, get_merge(merge).scales)
+                results.setdefault("chosen scales", {})[label] = scale
+                return test
+
+            run(f"L&S {method} [{get_merge(merge).label} of the skills]", composed)
     main = "learned" if (b.work / "banks" / "learned").is_dir() else "learned-auto"
     run("order independence", lambda: _orders(b, live, base, SkillBank(b.work / "banks" / main, create=False)))
 
@@ -866,6 +884,7 @@ def stage_report(b: Bench) -> None:
         order += [f"L&S {bank}, skill alone", f"L&S {bank}"] + [f"L&S {bank} [{r}]" for r in ("sum", "sign_mean")]
         order += [f"L&S {bank}, switched (task given)", f"L&S {bank}, routed (task not given)"]
     order += ["L&S dataless, pooler as head, skill alone", "L&S dataless, pooler as head"]
+    order += [k for k in results if k.endswith(" of the skills]")]
     for key in [k for k in order if k in results]:
         accs = results[key]
         norm = sum(accs[t] / ft[t] for t in b.tasks) / len(b.tasks)
@@ -940,6 +959,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda s: s.split(","),
         default=list(TASKS),
         help=f"comma-separated tasks (default the six; known: {', '.join(ALL_TASKS)})",
+    )
+    p.add_argument(
+        "--spectral",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=["tsv_m", "iso_c", "iso_cts"],
+        help="evaluate stage: spectral compositions of the skills of each --spectral-banks bank (matrix by matrix)",
+    )
+    p.add_argument(
+        "--spectral-banks",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=["dataless-auto"],
+        help="evaluate stage: the banks whose skills are composed by each --spectral merge (default %(default)s)",
     )
     p.add_argument(
         "--merges",

@@ -27,13 +27,13 @@ from torch import Tensor
 from skillbank.devices import OnDevice, device_of
 from skillbank.errors import TaskVectorError
 from skillbank.sparse import check_sparsity, num_selected
+from skillbank.vectors.spectral import is_weight_matrix
 
 __all__ = [
     "arrivals",
     "average",
     "checked",
     "consensus",
-    "is_weight_matrix",
     "magmax",
     "opcm",
     "opcm_steps",
@@ -147,12 +147,6 @@ def magmax(taus: TaskVectors, scale: float = 1.0) -> dict[str, Tensor]:
         pick = stack.abs().argmax(0, keepdim=True)  # the first maximum on ties
         merged[n] = scale * stack.gather(0, pick).squeeze(0)
     return merged
-
-
-def is_weight_matrix(name: str, tensor: Tensor) -> bool:
-    """Whether a tensor is a weight matrix the matrix-wise merges (OPCM, TSV-M, Iso-C) work on: 2-D, outside the
-    embeddings (a vocabulary table is a lookup, not a linear map; it is averaged or added instead)."""
-    return tensor.dim() == 2 and "embeddings" not in name
 
 
 def _norm(tensors: Mapping[str, Tensor], names: Sequence[str]) -> float:

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from skillbank.comparison.merges import MERGES, Merge, get_merge, register_merge
-from skillbank.comparison.spectral import iso_c, iso_cts, nearest_orthonormal, tsv_m
+from skillbank.comparison.spectral import iso_c, iso_cts, tsv_m
 from skillbank.errors import SkillbankError, TaskVectorError
+from skillbank.vectors.spectral import nearest_orthonormal
 
 
 def _diag(*values: float) -> torch.Tensor:

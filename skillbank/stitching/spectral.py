@@ -1,0 +1,80 @@
+"""Skills composed matrix by matrix (TSV-M, Iso-C, Iso-CTS on what the skills hold), not entry by entry.
+
+The overlap rules combine skills per entry. A spectral composition treats each weight matrix as a whole:
+the skills that touch it are densified there (their sparse ``τ``), and a merge of
+:data:`~skillbank.vectors.spectral.MATRIX_MERGES` decorrelates their singular directions (TSV-M) or flattens
+the spectrum (Iso-C, Iso-CTS). Every other tensor takes the mean of the skills covering each entry, as the
+``mean`` rule does. It is a pure function of the set of skills: recomputed exactly from them, deterministic,
+independent of the order they arrived in (they are taken in name order).
+
+>>> import torch
+>>> from skillbank.storage.skill import Region, Skill, SkillMetadata
+>>> meta = lambda n: SkillMetadata(n, "fp", 0.5, {"layer.weight": [2, 2], "layer.bias": [2]})
+>>> a = Skill(meta("a"), {"layer.weight": Region(torch.tensor([0]), torch.tensor([4.0])),
+...                       "layer.bias": Region(torch.tensor([0]), torch.tensor([1.0]))})
+>>> b = Skill(meta("b"), {"layer.weight": Region(torch.tensor([3]), torch.tensor([2.0])),
+...                       "layer.bias": Region(torch.tensor([0, 1]), torch.tensor([3.0, 5.0]))})
+>>> delta = spectral_delta([a, b], "tsv_m")
+>>> delta["layer.weight"].tolist(), delta["layer.bias"].tolist()  # orthogonal skills add up; biases: covering mean
+([[4.0, 0.0], [0.0, 2.0]], [2.0, 5.0])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from skillbank.errors import StitchError
+from skillbank.storage.skill import Skill
+from skillbank.vectors.spectral import MATRIX_MERGES, is_weight_matrix
+
+__all__ = ["spectral_delta"]
+
+
+def spectral_delta(
+    skills: Sequence[Skill],
+    merge: str = "tsv_m",
+    scale: float = 1.0,
+    matrices: Callable[[str, Tensor], bool] | None = None,
+) -> dict[str, Tensor]:
+    """The offset from the base that composing ``skills`` by ``merge`` gives, by (base) tensor name, float32 on the
+    CPU: for each weight matrix (2-D, outside the embeddings, unless ``matrices`` says otherwise) ``merge`` of the
+    skills that touch it; elsewhere the mean of the skills covering each entry; all times ``scale``.
+
+    Raises:
+        StitchError: an unknown merge, skills of different shapes for one tensor, or two skills of one name.
+    """
+    if merge not in MATRIX_MERGES:
+        raise StitchError(f"unknown spectral merge {merge!r}; known: {', '.join(sorted(MATRIX_MERGES))}.")
+    names = [s.name for s in skills]
+    if len(set(names)) != len(names):
+        raise StitchError(f"two skills share a name in {sorted(names)}; compose each skill once.")
+    ordered = sorted(skills, key=lambda s: s.name)  # the set decides, not the order of arrival
+    is_matrix = matrices or is_weight_matrix
+    shapes: dict[str, list[int]] = {}
+    for skill in ordered:
+        for tensor, shape in skill.metadata.shapes.items():
+            if shapes.setdefault(tensor, list(shape)) != list(shape):
+                raise StitchError(f"skills disagree on the shape of {tensor!r}: {shapes[tensor]} and {list(shape)}.")
+    delta = {}
+    for tensor, shape in shapes.items():
+        covering = [s.regions[tensor] for s in ordered if tensor in s.regions and len(s.regions[tensor])]
+        if not covering:
+            continue
+        dense = []
+        for region in covering:
+            flat = torch.zeros(math.prod(shape), dtype=torch.float32)
+            flat[region.indices.to("cpu", torch.int64)] = region.values.to("cpu", torch.float32)
+            dense.append(flat.reshape(shape))
+        if is_matrix(tensor, dense[0]):
+            merged = MATRIX_MERGES[merge](dense)
+        else:
+            count = torch.zeros(math.prod(shape), dtype=torch.float32)
+            for region in covering:
+                count[region.indices.to("cpu", torch.int64)] += 1
+            merged = torch.stack(dense).sum(0) / count.clamp_min(1).reshape(shape)
+        delta[tensor] = scale * merged
+    return delta

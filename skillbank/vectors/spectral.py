@@ -1,0 +1,99 @@
+"""Spectral merges of one weight matrix: the task vectors' singular directions rather than their entries.
+
+* **TSV-M** (task singular vectors, Gargiulo et al., CVPR 2025): each task keeps its leading ``r/T``
+  singular directions; the directions of all tasks are decorrelated (each side replaced by its
+  nearest orthonormal matrix) and recombined with the tasks' own singular values.
+* **Iso-C** (isotropic merging in the common subspace, Marczak et al., ICML 2025): the sum of the task
+  vectors with its spectrum flattened to the mean singular value.
+* **Iso-CTS** (common and task-specific subspaces, same paper): the sum's leading directions plus each
+  task's leading directions outside them, decorrelated, with a flat spectrum.
+
+Pure functions of a list of same-shaped matrices, in float32. Whole models are merged with them by
+:mod:`skillbank.comparison.spectral` (task vectors) and :mod:`skillbank.stitching.spectral` (a bank's skills).
+
+>>> import torch
+>>> iso_c_matrix([torch.tensor([[2.0, 0.0], [0.0, 1.0]])]).tolist()  # singular values 2 and 1 flattened
+[[1.5, 0.0], [0.0, 1.5]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MATRIX_MERGES",
+    "is_weight_matrix",
+    "iso_c_matrix",
+    "iso_cts_matrix",
+    "nearest_orthonormal",
+    "tsv_matrix",
+]
+
+
+def is_weight_matrix(name: str, tensor: Tensor) -> bool:
+    """Whether a tensor is a weight matrix the matrix-wise merges (OPCM, TSV-M, Iso-C) work on: 2-D, outside the
+    embeddings (a vocabulary table is a lookup, not a linear map; it is averaged or added instead)."""
+    return tensor.dim() == 2 and "embeddings" not in name
+
+
+def nearest_orthonormal(a: Tensor) -> Tensor:
+    """The orthonormal matrix nearest to ``a`` in Frobenius norm (its polar factor ``P Qᵀ`` for ``a = P S Qᵀ``):
+    the whitening TSV-M and Iso-CTS decorrelate stacked singular vectors with."""
+    p, _, qh = torch.linalg.svd(a, full_matrices=False)
+    return p @ qh
+
+
+def tsv_matrix(mats: list[Tensor]) -> Tensor:
+    """TSV-M of one matrix: each task's top ``max(1, r // T)`` singular triplets, both sides' stacked singular
+    vectors replaced by their nearest orthonormal matrices, recombined with the kept singular values."""
+    rank = min(mats[0].shape)
+    keep = max(1, rank // len(mats))  # each task's share of the rank (at least one direction)
+    us, ss, vhs = [], [], []
+    for m in mats:
+        u, s, vh = torch.linalg.svd(m.float(), full_matrices=False)
+        us.append(u[:, :keep])
+        ss.append(s[:keep])
+        vhs.append(vh[:keep])
+    u, vh = nearest_orthonormal(torch.cat(us, 1)), nearest_orthonormal(torch.cat(vhs, 0))
+    return u @ torch.diag(torch.cat(ss)) @ vh
+
+
+def iso_c_matrix(mats: list[Tensor]) -> Tensor:
+    """Iso-C of one matrix: ``σ̄ · U Vᵀ`` for the sum of the task vectors ``U Σ Vᵀ`` (``σ̄`` its mean singular
+    value), so every direction of the sum gets the same weight."""
+    u, s, vh = torch.linalg.svd(torch.stack([m.float() for m in mats]).sum(0), full_matrices=False)
+    return s.mean() * (u @ vh)
+
+
+def iso_cts_matrix(mats: list[Tensor], common_fraction: float = 0.8) -> Tensor:
+    """Iso-CTS of one matrix of rank ``r``: the sum's top ``r − T·s`` directions (about ``common_fraction · r``)
+    and each task's top ``s`` directions outside them, both sides decorrelated, every direction weighted by the
+    mean of their singular values (``s = round((r − ⌊common_fraction · r⌋) / T)``; ``s = 0`` is Iso-C)."""
+    rank, tasks = min(mats[0].shape), len(mats)
+    per_task = round((rank - int(rank * common_fraction)) / tasks)  # the task-specific share, equal for every task
+    if per_task == 0:
+        return iso_c_matrix(mats)
+    common = rank - per_task * tasks
+    mats = [m.float() for m in mats]
+    u, s, vh = torch.linalg.svd(torch.stack(mats).sum(0), full_matrices=False)
+    uc = u[:, :common]
+    us, ss, vhs = [uc], [s[:common]], [vh[:common]]
+    for m in mats:
+        outside = m - uc @ (uc.T @ m)  # the task's part outside the common subspace
+        ut, st, vht = torch.linalg.svd(outside, full_matrices=False)
+        us.append(ut[:, :per_task])
+        ss.append(st[:per_task])
+        vhs.append(vht[:per_task])
+    u_all, vh_all = nearest_orthonormal(torch.cat(us, 1)), nearest_orthonormal(torch.cat(vhs, 0))
+    return torch.cat(ss).mean() * (u_all @ vh_all)
+
+
+#: Each spectral merge of one matrix by name (Iso-CTS at the paper's common fraction 0.8).
+MATRIX_MERGES: dict[str, Callable[[list[Tensor]], Tensor]] = {
+    "tsv_m": tsv_matrix,
+    "iso_c": iso_c_matrix,
+    "iso_cts": iso_cts_matrix,
+}

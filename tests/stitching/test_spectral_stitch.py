@@ -1,0 +1,72 @@
+"""``spectral_delta``: a bank's skills composed matrix by matrix (TSV-M, Iso-C, Iso-CTS), from what they hold."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers.models import make_skill
+from skillbank import StitchError, localize_dataless, task_vector
+from skillbank.comparison.spectral import iso_c, tsv_m
+from skillbank.stitching.spectral import spectral_delta
+from skillbank.storage.skill import Region, Skill, SkillMetadata
+
+
+def _dense(skill: Skill) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, shape in skill.metadata.shapes.items():
+        flat = torch.zeros(torch.Size(shape).numel())
+        region = skill.regions.get(name)
+        if region is not None:
+            flat[region.indices] = region.values.float()
+        out[name] = flat.reshape(shape)
+    return out
+
+
+@pytest.mark.parametrize("merge, reference", [("tsv_m", tsv_m), ("iso_c", iso_c)])
+def test_whole_skills_compose_as_the_global_merge_of_their_task_vectors(base_model, merge, reference):
+    from helpers.models import finetune_like
+
+    skills = [localize_dataless(task_vector(base_model, finetune_like(base_model, seed=s)), 1.0, name=f"s{s}") for s in (1, 2, 3)]
+    delta = spectral_delta(skills, merge, scale=1.5)
+    expected = reference([_dense(s) for s in skills], scale=1.5)
+    assert delta.keys() == {n for n in expected if expected[n].abs().sum() > 0}
+    for name, tensor in delta.items():  # every skill covers every entry: the covering mean is the plain mean
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_set_decides_not_the_order_of_arrival(base_model):
+    skills = [make_skill(base_model, f"s{i}", seed=i, sparsity=0.2) for i in range(4)]
+    first = spectral_delta(skills, "iso_cts")
+    again = spectral_delta([skills[2], skills[0], skills[3], skills[1]], "iso_cts")
+    assert first.keys() == again.keys() and all(torch.equal(first[n], again[n]) for n in first)  # bit for bit
+    fewer = spectral_delta(skills[:3], "iso_cts")  # a skill leaves: recomputed from the others
+    assert any(not torch.equal(first[n], fewer[n]) for n in fewer)
+
+
+def _meta(name: str) -> SkillMetadata:
+    return SkillMetadata(name, "fp", 0.5, {"layer.weight": [2, 3], "layer.bias": [3]})
+
+
+def test_only_the_skills_touching_a_matrix_share_it_and_biases_take_the_covering_mean():
+    a = Skill(_meta("a"), {"layer.weight": Region(torch.tensor([0, 4]), torch.tensor([3.0, 1.0]))})
+    b = Skill(_meta("b"), {"layer.bias": Region(torch.tensor([1, 2]), torch.tensor([2.0, 4.0]))})
+    c = Skill(_meta("c"), {"layer.bias": Region(torch.tensor([2]), torch.tensor([6.0]))})
+    delta = spectral_delta([a, b, c], "tsv_m")
+    # a alone touches the matrix: it keeps all min(2, 3) = 2 of its directions, i.e. its own matrix
+    torch.testing.assert_close(delta["layer.weight"], torch.tensor([[3.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    torch.testing.assert_close(delta["layer.bias"], torch.tensor([0.0, 2.0, 5.0]))  # entry 2: (4 + 6) / 2
+
+
+def test_bad_compositions_are_refused():
+    a = Skill(_meta("a"), {"layer.bias": Region(torch.tensor([0]), torch.tensor([1.0]))})
+    with pytest.raises(StitchError, match="unknown spectral merge 'svd'; known: iso_c, iso_cts, tsv_m"):
+        spectral_delta([a], "svd")
+    with pytest.raises(StitchError, match="two skills share a name"):
+        spectral_delta([a, a])
+    other = Skill(
+        SkillMetadata("b", "fp", 0.5, {"layer.bias": [4]}), {"layer.bias": Region(torch.tensor([0]), torch.tensor([1.0]))}
+    )
+    with pytest.raises(StitchError, match="skills disagree on the shape of 'layer.bias'"):
+        spectral_delta([a, other])
+    assert spectral_delta([], "tsv_m") == {}
