@@ -60,13 +60,20 @@ def test_two_task_miniature_end_to_end(tmp_path: Path) -> None:
         "task arithmetic",
         "TIES (top-20%)",
         "consensus (TALL, k=2)",
+        "TSV-M",
+        "Iso-C",
+        "Iso-CTS",
         "L&S dataless",
         "L&S learned",
+        "L&S dataless-auto [TSV-M of the skills]",
+        "L&S dataless-auto [Iso-C of the skills]",
     ):
         assert set(results[key]) == {"spam", "tweets"}, key
         assert all(0.0 <= v <= 1.0 for v in results[key].values())
     assert min(results["finetuned"].values()) > 0.6  # 30 steps already learn both tasks
     assert results["order independence"]["bitwise_equal"] == 1.0
+    scales = results["chosen scales"]
+    assert {"TSV-M", "Iso-C", "Iso-CTS", "L&S dataless-auto [TSV-M of the skills]"} <= set(scales)
     assert (work / "plots" / "overlap-learned.png").stat().st_size > 0
     assert (work / "plots" / "recovery.png").stat().st_size > 0
     lora = json.loads((work / "lora.json").read_text())
