@@ -22,16 +22,16 @@ independent of the order they arrived in (they are taken in name order).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from skillbank.errors import StitchError
 from skillbank.storage.skill import Skill
-from skillbank.vectors.spectral import MATRIX_MERGES, is_weight_matrix
+from skillbank.vectors.spectral import MATRIX_MERGES, is_weight_matrix, tsv_parts
 
-__all__ = ["spectral_delta"]
+__all__ = ["spectral_delta", "tsv_skill_parts"]
 
 
 def spectral_delta(
@@ -49,6 +49,35 @@ def spectral_delta(
     """
     if merge not in MATRIX_MERGES:
         raise StitchError(f"unknown spectral merge {merge!r}; known: {', '.join(sorted(MATRIX_MERGES))}.")
+    delta = {}
+    for tensor, dense, counts, is_matrix in _dense_tensors(skills, matrices):
+        if is_matrix:
+            merged = MATRIX_MERGES[merge](list(dense.values()))
+        else:
+            merged = torch.stack(list(dense.values())).sum(0) / counts
+        delta[tensor] = scale * merged
+    return delta
+
+
+def tsv_skill_parts(
+    skills: Sequence[Skill], matrices: Callable[[str, Tensor], bool] | None = None
+) -> dict[str, dict[str, Tensor]]:
+    """Each skill's part of ``spectral_delta(skills, "tsv_m")`` (``{skill: {tensor: part}}``): in each matrix its
+    decorrelated singular directions with its singular values, elsewhere its values over the covering count. The
+    parts add up to the composition, so a skill's share can be weighted per tensor (e.g. on a few examples)."""
+    parts: dict[str, dict[str, Tensor]] = {s.name: {} for s in skills}
+    for tensor, dense, counts, is_matrix in _dense_tensors(skills, matrices):
+        split = tsv_parts(list(dense.values())) if is_matrix else [t / counts for t in dense.values()]
+        for name, part in zip(dense, split):
+            parts[name][tensor] = part
+    return parts
+
+
+def _dense_tensors(
+    skills: Sequence[Skill], matrices: Callable[[str, Tensor], bool] | None
+) -> Iterator[tuple[str, dict[str, Tensor], Tensor, bool]]:
+    """Per tensor some skill covers: ``{skill: its dense τ there}`` (in name order), how many skills cover each
+    entry (at least 1), and whether the tensor is a weight matrix; one tensor at a time."""
     names = [s.name for s in skills]
     if len(set(names)) != len(names):
         raise StitchError(f"two skills share a name in {sorted(names)}; compose each skill once.")
@@ -59,22 +88,16 @@ def spectral_delta(
         for tensor, shape in skill.metadata.shapes.items():
             if shapes.setdefault(tensor, list(shape)) != list(shape):
                 raise StitchError(f"skills disagree on the shape of {tensor!r}: {shapes[tensor]} and {list(shape)}.")
-    delta = {}
     for tensor, shape in shapes.items():
-        covering = [s.regions[tensor] for s in ordered if tensor in s.regions and len(s.regions[tensor])]
+        covering = {s.name: s.regions[tensor] for s in ordered if tensor in s.regions and len(s.regions[tensor])}
         if not covering:
             continue
-        dense = []
-        for region in covering:
+        dense, count = {}, torch.zeros(math.prod(shape), dtype=torch.float32)
+        for name, region in covering.items():
             flat = torch.zeros(math.prod(shape), dtype=torch.float32)
-            flat[region.indices.to("cpu", torch.int64)] = region.values.to("cpu", torch.float32)
-            dense.append(flat.reshape(shape))
-        if is_matrix(tensor, dense[0]):
-            merged = MATRIX_MERGES[merge](dense)
-        else:
-            count = torch.zeros(math.prod(shape), dtype=torch.float32)
-            for region in covering:
-                count[region.indices.to("cpu", torch.int64)] += 1
-            merged = torch.stack(dense).sum(0) / count.clamp_min(1).reshape(shape)
-        delta[tensor] = scale * merged
-    return delta
+            indices = region.indices.to("cpu", torch.int64)
+            flat[indices] = region.values.to("cpu", torch.float32)
+            count[indices] += 1
+            dense[name] = flat.reshape(shape)
+        first = next(iter(dense.values()))
+        yield tensor, dense, count.clamp_min(1).reshape(shape), is_matrix(tensor, first)

@@ -30,6 +30,7 @@ __all__ = [
     "iso_cts_matrix",
     "nearest_orthonormal",
     "tsv_matrix",
+    "tsv_parts",
 ]
 
 
@@ -46,9 +47,9 @@ def nearest_orthonormal(a: Tensor) -> Tensor:
     return p @ qh
 
 
-def tsv_matrix(mats: list[Tensor]) -> Tensor:
-    """TSV-M of one matrix: each task's top ``max(1, r // T)`` singular triplets, both sides' stacked singular
-    vectors replaced by their nearest orthonormal matrices, recombined with the kept singular values."""
+def tsv_parts(mats: list[Tensor]) -> list[Tensor]:
+    """Each task's part of :func:`tsv_matrix`: its kept singular values between its columns of the decorrelated
+    singular vectors (the parts add up to the merge, so each task's share can be weighted on its own)."""
     rank = min(mats[0].shape)
     keep = max(1, rank // len(mats))  # each task's share of the rank (at least one direction)
     us, ss, vhs = [], [], []
@@ -58,7 +59,14 @@ def tsv_matrix(mats: list[Tensor]) -> Tensor:
         ss.append(s[:keep])
         vhs.append(vh[:keep])
     u, vh = nearest_orthonormal(torch.cat(us, 1)), nearest_orthonormal(torch.cat(vhs, 0))
-    return u @ torch.diag(torch.cat(ss)) @ vh
+    blocks = [slice(i * keep, (i + 1) * keep) for i in range(len(mats))]
+    return [u[:, b] @ torch.diag(s) @ vh[b] for b, s in zip(blocks, ss)]
+
+
+def tsv_matrix(mats: list[Tensor]) -> Tensor:
+    """TSV-M of one matrix: each task's top ``max(1, r // T)`` singular triplets, both sides' stacked singular
+    vectors replaced by their nearest orthonormal matrices, recombined with the kept singular values."""
+    return torch.stack(tsv_parts(mats)).sum(0)
 
 
 def iso_c_matrix(mats: list[Tensor]) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from helpers.models import make_skill
 from skillbank import StitchError, localize_dataless, task_vector
 from skillbank.comparison.spectral import iso_c, tsv_m
-from skillbank.stitching.spectral import spectral_delta
+from skillbank.stitching.spectral import spectral_delta, tsv_skill_parts
 from skillbank.storage.skill import Region, Skill, SkillMetadata
 
 
@@ -70,3 +70,17 @@ def test_bad_compositions_are_refused():
     with pytest.raises(StitchError, match="skills disagree on the shape of 'layer.bias'"):
         spectral_delta([a, other])
     assert spectral_delta([], "tsv_m") == {}
+
+
+def test_each_skills_tsv_part_adds_up_to_the_composition(base_model):
+    skills = [make_skill(base_model, f"s{i}", seed=i, sparsity=0.3) for i in range(3)]
+    parts = tsv_skill_parts(skills)
+    delta = spectral_delta(skills, "tsv_m")
+    assert set(parts) == {"s0", "s1", "s2"}
+    for tensor, merged in delta.items():
+        total = sum(p[tensor] for p in parts.values() if tensor in p)
+        torch.testing.assert_close(total, merged, rtol=1e-5, atol=1e-6, msg=tensor)
+    matrix = next(n for n in delta if n.endswith("query.weight"))
+    ranks = [int(torch.linalg.matrix_rank(p[matrix])) for p in parts.values()]
+    keep = min(delta[matrix].shape) // 3  # each skill keeps r // T directions
+    assert keep > 0 and ranks == [keep] * 3
