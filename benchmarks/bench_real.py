@@ -8,7 +8,9 @@ pull → finetune → localize (dataless + learned skills in two banks) → auto
 from the dataless size) → context (learned masks in arrival order, each
 learned against the model holding the earlier ones) → evaluate (finetuned,
 base + head, linear probe, averaging, task arithmetic, TIES, consensus, dataless
-and learned L&S under each overlap rule; order independence) → arrivals (tasks
+and learned L&S under each overlap rule; order independence; the 2025 merges, and the skills composed matrix
+by matrix) → calibrate (the TSV-M composition's per-skill, per-layer weights learned on a few labelled
+examples of each task) → arrivals (tasks
 arriving one at a time: L&S, running TA/TIES, MagMax, OPCM) → switch (every
 request answered by its own skill from one live model: task given, or routed by
 nearest centroid of the base's features) → curve (sparsity vs recovery) → report (markdown table + PNG plots via ``skillbank plot``).
@@ -45,7 +47,7 @@ from skillbank.localization.mask_learner import MaskLearner
 from skillbank.localization.spec import LearnerSpec, LocalizationSpec
 from skillbank.stitching.heads import accuracy
 from skillbank.stitching.routing import SkillRouter, mean_pooled_features, routing_centroids
-from skillbank.stitching.spectral import spectral_delta
+from skillbank.stitching.spectral import spectral_delta, tsv_skill_parts
 from skillbank.testbed.demo import quiet as quiet_demo
 from skillbank.vectors.models import apply_delta
 
@@ -56,6 +58,7 @@ STAGES = (
     "auto",
     "context",
     "evaluate",
+    "calibrate",
     "arrivals",
     "switch",
     "lora",
@@ -510,6 +513,78 @@ def stage_evaluate(b: Bench) -> None:
             run(f"L&S {method} [{get_merge(merge).label} of the skills]", composed)
     main = "learned" if (b.work / "banks" / "learned").is_dir() else "learned-auto"
     run("order independence", lambda: _orders(b, live, base, SkillBank(b.work / "banks" / main, create=False)))
+
+
+def _layer_of(tensor: str) -> str:
+    """The coefficient group of a tensor: its encoder layer (``layer.3``), or ``other`` (embeddings, pooler)."""
+    parts = tensor.split(".")
+    return f"layer.{parts[parts.index('layer') + 1]}" if "layer" in parts else "other"
+
+
+def stage_calibrate(b: Bench) -> None:
+    """The --calibrate-bank's skills composed by TSV-M, each skill's part weighted per encoder layer (or per skill:
+    --calibrate-groups skill), the weights learned on --calibrate-shots labelled training examples per class of
+    every task (cross-entropy through each task's own head; what a skill that keeps a few examples would allow).
+    They start at the TSV-M composition's chosen scale; the row is tested like the others."""
+    a = b.args
+    results = b.read("results.json")
+    folder = b.work / "banks" / a.calibrate_bank
+    key = f"L&S {a.calibrate_bank} [TSV-M of the skills, weights learned on {a.calibrate_shots} a class]"
+    if key in results or not folder.is_dir() or not all(n in SkillBank(folder, create=False) for n in b.tasks):
+        return
+    bank = SkillBank(folder, create=False)
+    live = b.classifier().requires_grad_(False)  # only the weights learn
+    base = b.base_state(live)
+    heads = _heads(b)
+    start = time.perf_counter()
+    parts = tsv_skill_parts([bank.get(n) for n in b.tasks])
+    group = (lambda t: "all") if a.calibrate_groups == "skill" else _layer_of
+    groups = sorted({group(t) for p in parts.values() for t in p})
+    init = results.get("chosen scales", {}).get(f"L&S {a.calibrate_bank} [TSV-M of the skills]", 1.0)
+    weights = torch.full((len(b.tasks), len(groups)), float(init), requires_grad=True)
+    index = {g: i for i, g in enumerate(groups)}
+    prefix = "bert."  # the classifier's names of the base's tensors
+
+    def delta(w: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for i, name in enumerate(b.tasks):
+            for t, part in parts[name].items():
+                term = w[i, index[group(t)]] * part
+                out[t] = out[t] + term if t in out else term
+        return out
+
+    calibration = {}
+    for name in b.tasks:
+        train = b.task(name).train
+        idx = balanced_indices(torch.tensor(train.labels), a.calibrate_shots, seed=a.seed + 1)
+        calibration[name] = list(b.loader(name, "train", indices=idx, batch_size=a.batch_size))
+    optimizer = torch.optim.Adam([weights], lr=a.calibrate_lr)
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in range(a.calibrate_epochs):
+        optimizer.zero_grad()
+        total = 0.0
+        params = {prefix + t: base[t] + v for t, v in delta(weights).items()}
+        for name in b.tasks:
+            with use_head(live, heads[name]):
+                for batch in calibration[name]:
+                    inputs = {k: v.to(b.device) for k, v in batch.items() if k != "labels"}
+                    logits = torch.func.functional_call(live, params, args=(), kwargs=inputs).logits
+                    loss = loss_fn(logits, batch["labels"].to(b.device)) / (len(b.tasks) * len(calibration[name]))
+                    loss.backward(retain_graph=True)
+                    total += float(loss)
+        optimizer.step()
+        print(f"    epoch {epoch + 1}: calibration loss {total:.4f}  weights {weights.min():.3f}..{weights.max():.3f}")
+    b.timed(f"calibrate {a.calibrate_bank}", time.perf_counter() - start)
+    with torch.no_grad():
+        apply_delta(live, base, delta(weights.detach()))
+    results[key] = _eval_heads(b, live, heads, b.test)
+    apply_delta(live, base, {})
+    results.setdefault("calibrated weights", {})[key] = {
+        "groups": groups,
+        "weights": {n: [round(float(x), 4) for x in row] for n, row in zip(b.tasks, weights.detach())},
+        "start": init,
+    }
+    b.write("results.json", results)
 
 
 def stage_arrivals(b: Bench) -> None:
@@ -972,6 +1047,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=["dataless-auto"],
         help="evaluate stage: the banks whose skills are composed by each --spectral merge (default %(default)s)",
     )
+    p.add_argument("--calibrate-bank", default="dataless-auto", help="calibrate stage: the bank whose skills it composes")
+    p.add_argument("--calibrate-shots", type=int, default=8, help="calibrate stage: labelled examples per class and task")
+    p.add_argument("--calibrate-groups", choices=("layer", "skill"), default="layer", help="calibrate stage: a weight per")
+    p.add_argument("--calibrate-epochs", type=int, default=30, help="calibrate stage: full-batch Adam steps")
+    p.add_argument("--calibrate-lr", type=float, default=0.02, help="calibrate stage: Adam's learning rate")
     p.add_argument(
         "--merges",
         type=lambda s: s.split(","),

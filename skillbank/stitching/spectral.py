@@ -41,8 +41,9 @@ def spectral_delta(
     matrices: Callable[[str, Tensor], bool] | None = None,
 ) -> dict[str, Tensor]:
     """The offset from the base that composing ``skills`` by ``merge`` gives, by (base) tensor name, float32 on the
-    CPU: for each weight matrix (2-D, outside the embeddings, unless ``matrices`` says otherwise) ``merge`` of the
-    skills that touch it; elsewhere the mean of the skills covering each entry; all times ``scale``.
+    CPU: for each weight matrix (2-D, outside the embeddings, unless ``matrices`` says otherwise) ``scale`` times
+    ``merge`` of the skills that touch it; elsewhere the mean of the skills covering each entry, as the ``mean``
+    overlap rule stitches it (unscaled).
 
     Raises:
         StitchError: an unknown merge, skills of different shapes for one tensor, or two skills of one name.
@@ -52,10 +53,9 @@ def spectral_delta(
     delta = {}
     for tensor, dense, counts, is_matrix in _dense_tensors(skills, matrices):
         if is_matrix:
-            merged = MATRIX_MERGES[merge](list(dense.values()))
+            delta[tensor] = scale * MATRIX_MERGES[merge](list(dense.values()))
         else:
-            merged = torch.stack(list(dense.values())).sum(0) / counts
-        delta[tensor] = scale * merged
+            delta[tensor] = torch.stack(list(dense.values())).sum(0) / counts
     return delta
 
 
