@@ -16,15 +16,17 @@ from safetensors.torch import load_file, save_file
 
 from skillbank.errors import SkillbankError
 from skillbank.stitching.overlap import OverlapRule, get_rule
+from skillbank.stitching.spectral_stitcher import SpectralStitcher
 from skillbank.stitching.stitcher import Stitcher
 from skillbank.storage.bank import SkillBank, check_skill_name
 from skillbank.storage.skill import Skill
 from skillbank.vectors.models import load_base_model, load_classifier, model_path
+from skillbank.vectors.spectral import MATRIX_MERGES
 
 __all__ = ["export_skill", "stitch_to_folder"]
 
 
-def _model_card(bank: SkillBank, stitcher: Stitcher, base: str | Path, rule: OverlapRule) -> str:
+def _model_card(bank: SkillBank, stitcher: Stitcher | SpectralStitcher, base: str | Path, rule: str) -> str:
     names = stitcher.stitched
     lines = [
         "---",
@@ -35,9 +37,7 @@ def _model_card(bank: SkillBank, stitcher: Stitcher, base: str | Path, rule: Ove
         "# Stitched model",
         "",
         f"Base model `{base}` with {len(names)} skills from the skillbank bank `{bank.path}` stitched on:",
-        "θ = θ_pre + Σ_i γ'_i ⊙ τ_i, where skills overlap combined by the overlap rule below.",
-        "",
-        f"Overlap rule: `{rule.name}` — {rule.summary}.",
+        *_composition(stitcher, rule),
         "",
         "| skill | task | method | sparsity | entries | source |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -127,16 +127,20 @@ def stitch_to_folder(
     out: str | Path,
     progress: Callable[[Iterable[str]], Iterable[str]] = lambda it: it,
     rule: str | OverlapRule = "mean",
+    scale: float = 1.0,
 ) -> Path:
     """Stitch ``names`` from ``bank`` onto ``base`` and write the result to ``out``.
 
     ``base`` is a ``save_pretrained`` folder (``out`` is then a folder that
     ``AutoModel.from_pretrained`` loads) or a ``.safetensors`` file (``out``
     then holds ``model.safetensors``). Every name is checked before anything
-    is written. ``rule`` combines overlapping skills (see :mod:`skillbank.stitching.overlap`)
-    and is recorded in the model card.
+    is written. ``rule`` combines overlapping skills (see :mod:`skillbank.stitching.overlap`), or names a
+    spectral composition of each weight matrix (``"tsv_m"``, ``"iso_c"``, ``"iso_cts"``: a
+    :class:`~skillbank.stitching.spectral_stitcher.SpectralStitcher` at ``scale``); it is recorded in the model card.
     """
-    rule = get_rule(rule)
+    spectral = isinstance(rule, str) and rule in MATRIX_MERGES
+    rule = rule if spectral else get_rule(rule).name
+    assert isinstance(rule, str)
     out = Path(out)
     _check_out(out)
     if not names:
@@ -148,10 +152,14 @@ def stitch_to_folder(
     base_path = model_path(base)
     if base_path.is_dir():
         model: Any = load_base_model(base_path)  # a transformers model (else, below, a flat state dict)
-        stitcher = Stitcher(model, base_path, bank=bank, rule=rule)
     else:
         model = load_file(str(base_path))
-        stitcher = Stitcher(model, bank=bank, rule=rule)
+    check = base_path if base_path.is_dir() else None
+    stitcher: Stitcher | SpectralStitcher = (
+        SpectralStitcher(model, check, bank=bank, merge=rule, scale=scale)
+        if spectral
+        else Stitcher(model, check, bank=bank, rule=rule)
+    )
     for name in progress(names):
         stitcher.add(name)
     with _building(out) as folder:
@@ -166,6 +174,22 @@ def stitch_to_folder(
                 save_file({k: v.contiguous().clone() for k, v in head.items()}, str(target))
         (folder / "README.md").write_text(_model_card(bank, stitcher, base, rule))
     return out
+
+
+def _composition(stitcher: Stitcher | SpectralStitcher, rule: str) -> list[str]:
+    """The model card's lines on how the skills were combined."""
+    if isinstance(stitcher, SpectralStitcher):
+        merge = MATRIX_MERGES[stitcher.merge]
+        return [
+            "θ = θ_pre + s · merge(τ_i) in each weight matrix, the mean of the skills covering each entry elsewhere.",
+            "",
+            f"Composition: `{merge.name}` — {merge.summary}; scale s = {stitcher.scale:g}.",
+        ]
+    return [
+        "θ = θ_pre + Σ_i γ'_i ⊙ τ_i, where skills overlap combined by the overlap rule below.",
+        "",
+        f"Overlap rule: `{rule}` — {get_rule(rule).summary}.",
+    ]
 
 
 def _labels_of(head: dict) -> int | None:

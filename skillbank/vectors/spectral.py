@@ -19,12 +19,15 @@ Pure functions of a list of same-shaped matrices, in float32. Whole models are m
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # the CLI's --help lists the merges without torch
+    from torch import Tensor
 
 __all__ = [
     "MATRIX_MERGES",
+    "MatrixMerge",
     "is_weight_matrix",
     "iso_c_matrix",
     "iso_cts_matrix",
@@ -43,6 +46,8 @@ def is_weight_matrix(name: str, tensor: Tensor) -> bool:
 def nearest_orthonormal(a: Tensor) -> Tensor:
     """The orthonormal matrix nearest to ``a`` in Frobenius norm (its polar factor ``P Qᵀ`` for ``a = P S Qᵀ``):
     the whitening TSV-M and Iso-CTS decorrelate stacked singular vectors with."""
+    import torch
+
     p, _, qh = torch.linalg.svd(a, full_matrices=False)
     return p @ qh
 
@@ -50,6 +55,8 @@ def nearest_orthonormal(a: Tensor) -> Tensor:
 def tsv_parts(mats: list[Tensor]) -> list[Tensor]:
     """Each task's part of :func:`tsv_matrix`: its kept singular values between its columns of the decorrelated
     singular vectors (the parts add up to the merge, so each task's share can be weighted on its own)."""
+    import torch
+
     rank = min(mats[0].shape)
     keep = max(1, rank // len(mats))  # each task's share of the rank (at least one direction)
     us, ss, vhs = [], [], []
@@ -66,12 +73,16 @@ def tsv_parts(mats: list[Tensor]) -> list[Tensor]:
 def tsv_matrix(mats: list[Tensor]) -> Tensor:
     """TSV-M of one matrix: each task's top ``max(1, r // T)`` singular triplets, both sides' stacked singular
     vectors replaced by their nearest orthonormal matrices, recombined with the kept singular values."""
+    import torch
+
     return torch.stack(tsv_parts(mats)).sum(0)
 
 
 def iso_c_matrix(mats: list[Tensor]) -> Tensor:
     """Iso-C of one matrix: ``σ̄ · U Vᵀ`` for the sum of the task vectors ``U Σ Vᵀ`` (``σ̄`` its mean singular
     value), so every direction of the sum gets the same weight."""
+    import torch
+
     u, s, vh = torch.linalg.svd(torch.stack([m.float() for m in mats]).sum(0), full_matrices=False)
     return s.mean() * (u @ vh)
 
@@ -80,6 +91,8 @@ def iso_cts_matrix(mats: list[Tensor], common_fraction: float = 0.8) -> Tensor:
     """Iso-CTS of one matrix of rank ``r``: the sum's top ``r − T·s`` directions (about ``common_fraction · r``)
     and each task's top ``s`` directions outside them, both sides decorrelated, every direction weighted by the
     mean of their singular values (``s = round((r − ⌊common_fraction · r⌋) / T)``; ``s = 0`` is Iso-C)."""
+    import torch
+
     rank, tasks = min(mats[0].shape), len(mats)
     per_task = round((rank - int(rank * common_fraction)) / tasks)  # the task-specific share, equal for every task
     if per_task == 0:
@@ -99,9 +112,27 @@ def iso_cts_matrix(mats: list[Tensor], common_fraction: float = 0.8) -> Tensor:
     return torch.cat(ss).mean() * (u_all @ vh_all)
 
 
+@dataclass(frozen=True)
+class MatrixMerge:
+    """A spectral merge of one weight matrix: its name, one line for ``--help``, and the function."""
+
+    name: str
+    summary: str
+    merge: Callable[[list[Tensor]], Tensor]
+
+    def __call__(self, mats: list[Tensor]) -> Tensor:
+        """The merged matrix of the task vectors ``mats`` (scale 1)."""
+        return self.merge(mats)
+
+
 #: Each spectral merge of one matrix by name (Iso-CTS at the paper's common fraction 0.8).
-MATRIX_MERGES: dict[str, Callable[[list[Tensor]], Tensor]] = {
-    "tsv_m": tsv_matrix,
-    "iso_c": iso_c_matrix,
-    "iso_cts": iso_cts_matrix,
+MATRIX_MERGES: dict[str, MatrixMerge] = {
+    m.name: m
+    for m in (
+        MatrixMerge("tsv_m", "each skill's top r/T singular directions, decorrelated (TSV-M, CVPR 2025)", tsv_matrix),
+        MatrixMerge("iso_c", "the sum of the skills with a flat spectrum (Iso-C, ICML 2025)", iso_c_matrix),
+        MatrixMerge(
+            "iso_cts", "the sum's and each skill's own directions, decorrelated, flat spectrum (Iso-CTS)", iso_cts_matrix
+        ),
+    )
 }

@@ -169,6 +169,32 @@ def test_stitch_with_another_rule_records_it_in_the_card(folders, base_model, ca
         main(["stitch", "--base", str(folders / "base"), "--bank", str(bank), "--out", str(folders / "o2"), "--rule", "x"])
 
 
+def test_stitch_composes_each_matrix_spectrally_when_asked(folders, base_model, capsys):
+    from skillbank.stitching.spectral import spectral_delta
+
+    bank = folders / "bank"
+    for i in range(2):
+        argv = ["localize", "--base", str(folders / "base"), "--finetuned", str(folders / f"ft{i}"), "--bank", str(bank)]
+        assert main([*argv, "--name", f"t{i}", "--sparsity", "0.3"]) == 0
+    out = folders / "out"
+    argv = ["stitch", "--base", str(folders / "base"), "--bank", str(bank), "--out", str(out), "--rule", "tsv_m"]
+    assert main([*argv, "--scale", "1.5"]) == 0
+    assert "rule 'tsv_m'" in capsys.readouterr().out
+    assert "Composition: `tsv_m`" in (out / "README.md").read_text() and "scale s = 1.5" in (out / "README.md").read_text()
+    reloaded = AutoModel.from_pretrained(out).eval().state_dict()
+    skills = [SkillBank(bank).get(n) for n in ("t0", "t1")]
+    delta = spectral_delta(skills, "tsv_m", 1.5)
+    for name in ("encoder.layer.0.attention.self.query.weight", "encoder.layer.0.attention.output.LayerNorm.weight"):
+        torch.testing.assert_close(reloaded[name], base_model.state_dict()[name] + delta[name], rtol=1e-5, atol=1e-6)
+    assert set((out / "heads").iterdir()) == {out / "heads" / "t0.safetensors", out / "heads" / "t1.safetensors"}
+    o2 = ["stitch", "--base", str(folders / "base"), "--bank", str(bank), "--out", str(folders / "o2")]
+    assert main([*o2, "--rule", "mean", "--scale", "2"]) == 2
+    assert "--scale applies to a matrix composition" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["stitch", "--base", str(folders / "base"), "--bank", str(bank), "--out", str(folders / "o3"), "--scale", "-1"])
+    assert "give a finite number above 0" in capsys.readouterr().err
+
+
 def test_stitch_a_subset_from_a_safetensors_file(folders, capsys):
     bank = folders / "bank"
     for i in range(2):

@@ -17,6 +17,7 @@ __all__ = [
     "cell",
     "escape",
     "finite",
+    "positive_float_arg",
     "print_json",
     "progress",
     "recovery_cell",
@@ -79,6 +80,19 @@ def sparsity_arg(text: str) -> float:
         return check_sparsity(float(text))
     except (ValueError, SkillbankError) as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def positive_float_arg(text: str) -> float:
+    """A finite number above 0 (a scale), checked when parsed."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number.") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number above 0.")
+    return value
 
 
 def escape(text: str) -> str:

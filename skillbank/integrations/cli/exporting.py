@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from skillbank.integrations.cli.common import progress, skill_list_arg
+from skillbank.errors import SkillbankError
+from skillbank.integrations.cli.common import positive_float_arg, progress, skill_list_arg
 from skillbank.storage.bank import SkillBank
 
 __all__ = ["register"]
@@ -28,7 +29,15 @@ def register(sub: Any) -> None:  # argparse's subparsers action
         "--rule",
         choices=_rule_names(),
         default="mean",
-        help="how overlapping skills combine (default: mean, the paper's). " + _rule_help(),
+        help="how overlapping skills combine (default: mean, the paper's), or how each weight matrix is composed "
+        "from every skill touching it (the rest by mean). " + _rule_help(),
+    )
+    p.add_argument(
+        "--scale",
+        type=positive_float_arg,
+        default=1.0,
+        help="with a matrix composition (tsv_m, iso_c, iso_cts): the composed matrices' scale, chosen on "
+        "validation data (1.5-2.5 on the real benchmark; default: 1)",
     )
     p.set_defaults(run=_stitch)
 
@@ -51,8 +60,16 @@ def _stitch(args: argparse.Namespace) -> int:
 
     bank = SkillBank(args.bank, create=False)
     names = args.skills if args.skills is not None else bank.names()
+    if args.scale != 1.0 and args.rule not in _spectral_names():
+        raise SkillbankError(f"--scale applies to a matrix composition ({', '.join(_spectral_names())}), not --rule {args.rule}.")
     out = stitch_to_folder(
-        args.base, bank, names, args.out, progress=lambda it: progress(it, desc="stitch", unit="skill"), rule=args.rule
+        args.base,
+        bank,
+        names,
+        args.out,
+        progress=lambda it: progress(it, desc="stitch", unit="skill"),
+        rule=args.rule,
+        scale=args.scale,
     )
     print(f"stitched {len(names)} skills ({', '.join(names)}) onto {args.base} with rule {args.rule!r} -> {out}")
     return 0
@@ -67,13 +84,21 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spectral_names() -> list[str]:
+    from skillbank.vectors.spectral import MATRIX_MERGES
+
+    return sorted(MATRIX_MERGES)
+
+
 def _rule_names() -> list[str]:
     from skillbank.stitching.overlap import RULES
 
-    return sorted(RULES)
+    return sorted(RULES) + _spectral_names()
 
 
 def _rule_help() -> str:
     from skillbank.stitching.overlap import RULES
+    from skillbank.vectors.spectral import MATRIX_MERGES
 
-    return "; ".join(f"{name}: {RULES[name].summary}" for name in sorted(RULES))
+    rules = [f"{name}: {RULES[name].summary}" for name in sorted(RULES)]
+    return "; ".join(rules + [f"{name}: {MATRIX_MERGES[name].summary}" for name in _spectral_names()])

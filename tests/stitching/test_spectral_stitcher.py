@@ -1,0 +1,110 @@
+"""``SpectralStitcher``: each weight matrix composed by TSV-M / Iso-C / Iso-CTS, the rest by the mean rule; exact,
+order-free, back to the base bit for bit."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+from helpers.models import live_copy, make_skill, tiny_config
+from skillbank import BaseMismatchError, SkillBank, StitchError
+from skillbank.stitching.spectral import spectral_delta
+from skillbank.stitching.spectral_stitcher import SpectralStitcher
+from skillbank.storage.skill import Region
+
+
+def _state(model) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def skills(base_model):  # noqa: ANN201
+    return [make_skill(base_model, f"s{i}", seed=i + 1, sparsity=0.2) for i in range(3)]
+
+
+@pytest.mark.parametrize("merge", ["tsv_m", "iso_c", "iso_cts"])
+def test_the_model_holds_the_base_plus_the_spectral_composition(base_model, skills, merge):
+    model = copy.deepcopy(base_model)
+    stitcher = SpectralStitcher(model, base_model, merge=merge, scale=1.3)
+    for skill in skills:
+        stitcher.add(skill)
+    delta = spectral_delta(skills, merge, 1.3)
+    base = base_model.state_dict()
+    for name, tensor in model.state_dict().items():
+        expected = base[name] + delta[name] if name in delta else base[name]
+        torch.testing.assert_close(tensor, expected, rtol=1e-5, atol=1e-6, msg=name)
+    matrix = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(model.state_dict()[matrix], base[matrix])
+    assert stitcher.stitched == ["s0", "s1", "s2"] and "s1" in stitcher and len(stitcher) == 3
+
+
+def test_any_arrival_order_and_any_removal_give_the_same_model_bit_for_bit(base_model, skills):
+    def stitched(order, remove=()):  # noqa: ANN001, ANN202
+        model = copy.deepcopy(base_model)
+        stitcher = SpectralStitcher(model, merge="tsv_m", scale=1.5)
+        for i in order:
+            stitcher.add(skills[i])
+        for i in remove:
+            stitcher.remove(skills[i].name)
+        return _state(model)
+
+    assert _equal(stitched([0, 1, 2]), stitched([2, 0, 1]))
+    assert _equal(stitched([0, 1, 2], remove=[1]), stitched([2, 0]))  # a skill leaves: as if it never came
+    assert _equal(stitched([0, 1, 2], remove=[0, 2, 1]), _state(base_model))  # every skill gone: the base, bit for bit
+
+
+def test_reset_and_heads_and_the_bank(base_model, skills, tmp_path):
+    bank = SkillBank(tmp_path / "bank")
+    for skill in skills:
+        bank.add(skill)
+    model = live_copy(base_model)  # a classifier over the base: names matched through its wrapper
+    before = _state(model)
+    stitcher = SpectralStitcher(model, base_model, bank=bank, merge="iso_cts", scale=2.0)
+    stitcher.add("s0")
+    stitcher.add(skills[1])
+    assert stitcher.heads.keys() == {"s0", "s1"} and stitcher.metadata["s0"].name == "s0"
+    assert not _equal(_state(model), before)
+    stitcher.reset()
+    assert _equal(_state(model), before) and len(stitcher) == 0
+    with pytest.raises(StitchError, match="no bank"):
+        SpectralStitcher(copy.deepcopy(base_model)).add("s0")
+
+
+def test_a_refused_skill_leaves_the_model_as_it_was(base_model, skills):
+    model = copy.deepcopy(base_model)
+    stitcher = SpectralStitcher(model, merge="tsv_m")
+    stitcher.add(skills[0])
+    before = _state(model)
+    matrix = "encoder.layer.0.attention.self.query.weight"
+    region = skills[1].regions[matrix]
+    damaged = replace(skills[1], regions={**skills[1].regions, matrix: Region(region.indices.flip(0), region.values)})
+    with pytest.raises(StitchError, match="not strictly ascending; the skill is damaged"):
+        stitcher.add(damaged)
+    poisoned = replace(
+        skills[1], regions={**skills[1].regions, matrix: Region(region.indices, torch.full_like(region.values, float("nan")))}
+    )
+    with pytest.raises(StitchError, match="NaN/Inf values"):
+        stitcher.add(poisoned)
+    torch.manual_seed(7)
+    from transformers import BertModel
+
+    other = make_skill(BertModel(tiny_config()).eval(), "other", seed=3)
+    with pytest.raises(BaseMismatchError):
+        stitcher.add(other)
+    with pytest.raises(StitchError, match="already stitched"):
+        stitcher.add(skills[0])
+    assert _equal(_state(model), before) and stitcher.stitched == ["s0"]
+
+
+def test_bad_settings_are_refused(base_model):
+    with pytest.raises(StitchError, match="unknown spectral merge 'mean'; known: iso_c, iso_cts, tsv_m"):
+        SpectralStitcher(copy.deepcopy(base_model), merge="mean")
+    with pytest.raises(StitchError, match="scale must be a positive number"):
+        SpectralStitcher(copy.deepcopy(base_model), scale=0.0)
