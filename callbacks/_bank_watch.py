@@ -3,6 +3,7 @@ skill names broadcast to every rank, a :class:`~skillbank.Stitcher` on the run's
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -17,8 +18,10 @@ from typing_extensions import override
 from skillbank.callbacks._model import wrapped_model
 from skillbank.errors import SkillbankError
 from skillbank.stitching.overlap import get_rule
+from skillbank.stitching.spectral_stitcher import SpectralStitcher
 from skillbank.stitching.stitcher import Stitcher
 from skillbank.storage.bank import SkillBank
+from skillbank.vectors.spectral import MATRIX_MERGES
 from skillbank.vectors.weights import WeightsSource
 
 __all__ = ["BankWatcher"]
@@ -31,7 +34,7 @@ class BankWatcher(Callback):
     and (``on_validation_start``) at each validation run; subclasses say what a new skill means (:meth:`update`).
 
     Args: as :class:`~skillbank.callbacks.SkillStitcher`'s (``bank``, ``base``, ``every_n_steps``,
-    ``on_validation_start``, ``skills``, ``model_attr``, ``rule``), checked here.
+    ``on_validation_start``, ``skills``, ``model_attr``, ``rule``, ``scale``), checked here.
     """
 
     def __init__(
@@ -43,6 +46,7 @@ class BankWatcher(Callback):
         skills: Sequence[str] | None = None,
         model_attr: str | None = "model",
         rule: str = "mean",
+        scale: float = 1.0,
     ) -> None:
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps < 1):
             raise SkillbankError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}.")
@@ -52,8 +56,15 @@ class BankWatcher(Callback):
         self.look_on_validation_start = on_validation_start
         self.skills = None if skills is None else list(skills)
         self.model_attr = model_attr
-        self.rule = get_rule(rule).name  # fail fast on an unknown name
-        self._stitcher: Stitcher | None = None
+        self.rule = rule if rule in MATRIX_MERGES else get_rule(rule).name  # fail fast on an unknown name
+        if rule not in MATRIX_MERGES and scale != 1.0:
+            raise SkillbankError(
+                f"scale applies to a matrix composition ({', '.join(sorted(MATRIX_MERGES))}), not rule {rule!r}."
+            )
+        if not math.isfinite(scale) or scale <= 0:
+            raise SkillbankError(f"scale must be a positive number, got {scale}.")
+        self.scale = float(scale)
+        self._stitcher: Stitcher | SpectralStitcher | None = None
         self._warned: set[str] = set()
         self._latest_step = 0  # the global step of the last look after training batches
 
@@ -146,11 +157,16 @@ class BankWatcher(Callback):
             self._warned.add(key)
             rank_zero_warn(message)
 
-    def _ensure_stitcher(self, pl_module: pl.LightningModule) -> Stitcher:
-        """The stitcher on the run's model, made at the first look."""
+    def _ensure_stitcher(self, pl_module: pl.LightningModule) -> Stitcher | SpectralStitcher:
+        """The stitcher on the run's model, made at the first look (a :class:`SpectralStitcher` for a matrix
+        composition)."""
         if self._stitcher is None:
             model = wrapped_model(pl_module, self.model_attr)
-            self._stitcher = Stitcher(model, self.base, bank=SkillBank.if_exists(self.bank), rule=self.rule)
+            bank = SkillBank.if_exists(self.bank)
+            if self.rule in MATRIX_MERGES:
+                self._stitcher = SpectralStitcher(model, self.base, bank=bank, merge=self.rule, scale=self.scale)
+            else:
+                self._stitcher = Stitcher(model, self.base, bank=bank, rule=self.rule)
         return self._stitcher
 
     # -- moments -------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing_extensions import override
 from skillbank.callbacks._bank_watch import BankWatcher
 from skillbank.callbacks._model import wrapped_model
 from skillbank.errors import SkillbankError
+from skillbank.stitching.spectral_stitcher import SpectralStitcher
 from skillbank.stitching.stitcher import Stitcher
 from skillbank.vectors.weights import WeightsSource
 
@@ -42,7 +43,11 @@ class SkillStitcher(BankWatcher):
         model_attr: the LightningModule attribute holding the model; ``None``, or a
             module without ``model``, means the LightningModule itself.
         rule: how overlapping skills combine (``"mean"``, ``"sum"``, ``"sign_mean"``;
-            see :mod:`skillbank.stitching.overlap`), checked here.
+            see :mod:`skillbank.stitching.overlap`), or a composition of each weight matrix from every skill
+            touching it (``"tsv_m"``, ``"iso_c"``, ``"iso_cts"``: a
+            :class:`~skillbank.stitching.spectral_stitcher.SpectralStitcher`, which recomputes the matrices a
+            new skill touches; its checkpoint holds those matrices' base values whole), checked here.
+        scale: with a matrix composition, the composed matrices' scale (chosen on validation data).
 
     Heads: the callback keeps them (:attr:`heads`, ``{name: head tensors}``) and
     :meth:`use_head` swaps one in, so each task is evaluated with its own head;
@@ -54,7 +59,7 @@ class SkillStitcher(BankWatcher):
     same skills in the same order.
     """
 
-    _stitcher: Stitcher | None  # declared here too: mypy sees the base class from another package path as Any
+    _stitcher: Stitcher | SpectralStitcher | None  # declared here too: mypy sees the base class as Any
 
     def __init__(
         self,
@@ -65,8 +70,9 @@ class SkillStitcher(BankWatcher):
         skills: Sequence[str] | None = None,
         model_attr: str | None = "model",
         rule: str = "mean",
+        scale: float = 1.0,
     ) -> None:
-        super().__init__(bank, base, every_n_steps, on_validation_start, skills, model_attr, rule)
+        super().__init__(bank, base, every_n_steps, on_validation_start, skills, model_attr, rule, scale)
         self.history: list[tuple[str, int]] = []  # (skill, global step) as stitched
         self._restored: list[str] = []
         self._restored_base: dict[str, dict[str, Tensor]] | None = None
@@ -93,15 +99,16 @@ class SkillStitcher(BankWatcher):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"stitched": self.stitched, "bank": str(self.bank), "rule": self.rule}
+        return {"stitched": self.stitched, "bank": str(self.bank), "rule": self.rule, "scale": self.scale}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved_rule = state_dict.get("rule", "mean")
-        if state_dict["stitched"] and saved_rule != self.rule:
+        saved_rule, saved_scale = state_dict.get("rule", "mean"), state_dict.get("scale", 1.0)
+        if state_dict["stitched"] and (saved_rule, saved_scale) != (self.rule, self.scale):
             raise SkillbankError(
-                f"the checkpoint's skills were stitched with rule {saved_rule!r}, this SkillStitcher uses {self.rule!r}; "
-                f"resume with SkillStitcher(rule={saved_rule!r})."
+                f"the checkpoint's skills were stitched with rule {saved_rule!r} (scale {saved_scale:g}), this "
+                f"SkillStitcher uses {self.rule!r} (scale {self.scale:g}); resume with "
+                f"SkillStitcher(rule={saved_rule!r}, scale={saved_scale:g})."
             )
         self._restored = list(state_dict["stitched"])
         self._stitcher = None  # the restored weights already hold these skills; rebuilt at the next look
@@ -121,7 +128,7 @@ class SkillStitcher(BankWatcher):
         return f"{self.state_key}:base_values"
 
     @override
-    def _ensure_stitcher(self, pl_module: pl.LightningModule) -> Stitcher:
+    def _ensure_stitcher(self, pl_module: pl.LightningModule) -> Stitcher | SpectralStitcher:
         """The stitcher; after a restore, the model is first put back to its base and the skills re-stitched in order."""
         if self._stitcher is not None:
             return self._stitcher

@@ -14,6 +14,7 @@ from typing_extensions import override
 from skillbank.callbacks._bank_watch import BankWatcher
 from skillbank.errors import SkillbankError
 from skillbank.stitching.stitcher import Stitcher
+from skillbank.vectors.spectral import MATRIX_MERGES
 from skillbank.vectors.weights import WeightsSource
 
 __all__ = ["SkillSwitcher"]
@@ -57,6 +58,11 @@ class SkillSwitcher(BankWatcher):
             raise SkillbankError(
                 "give switch_by= (the batch key that names a batch's skill) or dataloader_skills= (one skill per "
                 "dataloader), one of the two."
+            )
+        if rule in MATRIX_MERGES:
+            raise SkillbankError(
+                f"rule {rule!r} composes several skills' matrices; SkillSwitcher holds one skill at a time: use an "
+                "overlap rule (mean), or SkillStitcher for a composed model."
             )
         super().__init__(bank, base, every_n_steps, on_validation_start, skills, model_attr, rule)
         self.switch_by = switch_by

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import replace
 
 import torch
@@ -96,6 +97,18 @@ class SpectralStitcher:
     def metadata(self) -> dict[str, SkillMetadata]:
         """Each stitched skill's metadata, by skill name."""
         return self._inner.metadata
+
+    def base_values(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{tensor name: (flat indices, base values)}`` of every entry a skill touches (a touched matrix whole), so
+        writing them back returns the model to its base bit for bit (as :meth:`Stitcher.base_values`)."""
+        out = self._inner.base_values()
+        for dst, value in self._base.items():
+            out[dst] = (torch.arange(value.numel()), value.detach().reshape(-1).cpu().clone())
+        return out
+
+    def use_head(self, name: str) -> AbstractContextManager[nn.Module]:
+        """Context manager: the model with skill ``name``'s head swapped in."""
+        return self._inner.use_head(name)
 
     def __contains__(self, name: object) -> bool:
         return name in self._inner

@@ -99,3 +99,5 @@ def test_serving_settings_fail_fast(tmp_path):
         with pytest.raises(SkillbankError, match="one of the two"):
             SkillSwitcher(tmp_path / "bank", **kwargs)
     assert not hasattr(SkillStitcher(tmp_path / "bank"), "switch_by")  # continual stitching has one job
+    with pytest.raises(SkillbankError, match="SkillSwitcher holds one skill at a time"):
+        SkillSwitcher(tmp_path / "bank", switch_by="skill", rule="tsv_m")

@@ -130,6 +130,37 @@ def test_the_rule_is_used_and_a_resume_with_another_rule_is_refused(base_model, 
         )
 
 
+def test_a_matrix_composition_is_stitched_resumed_and_checked(base_model, skills, tmp_path):
+    from skillbank.stitching.spectral_stitcher import SpectralStitcher
+
+    a, b = skills
+    bank = SkillBank(tmp_path / "bank")
+    bank.add(a)
+    first = Watcher(live_copy(base_model))
+    trainer = quiet_trainer(
+        max_steps=3, callbacks=[SkillStitcher(tmp_path / "bank", rule="tsv_m", scale=1.5)], enable_checkpointing=False
+    )
+    trainer.fit(first, task_loader())
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    bank.add(b)
+    resumed = Watcher(live_copy(base_model))
+    stitcher = SkillStitcher(tmp_path / "bank", rule="tsv_m", scale=1.5)
+    quiet_trainer(max_steps=6, callbacks=[stitcher], enable_checkpointing=False).fit(
+        resumed, task_loader(), ckpt_path=tmp_path / "run.ckpt"
+    )
+    assert stitcher.stitched == ["a", "b"] and stitcher.history == [("b", 3)]
+    reference = live_copy(base_model)
+    by_hand = SpectralStitcher(reference, base_model, merge="tsv_m", scale=1.5)
+    by_hand.add(a)
+    by_hand.add(b)
+    for name, tensor in reference.bert.state_dict().items():
+        assert torch.equal(resumed.model.bert.state_dict()[name], tensor), name  # bitwise, after the resume
+    with pytest.raises(SkillbankError, match=r"rule 'tsv_m' \(scale 1.5\).*SkillStitcher\(rule='tsv_m', scale=1.5\)"):
+        quiet_trainer(max_steps=4, callbacks=[SkillStitcher(tmp_path / "bank", rule="tsv_m")], enable_checkpointing=False).fit(
+            Watcher(live_copy(base_model)), task_loader(), ckpt_path=tmp_path / "run.ckpt"
+        )
+
+
 def test_a_missing_bank_or_skill_is_warned_about_and_no_bank_is_created(base_model, skills, tmp_path):
     module = Watcher(live_copy(base_model))
     nowhere = SkillStitcher(tmp_path / "no-such-bank")
@@ -159,6 +190,8 @@ def test_a_missing_bank_or_skill_is_warned_about_and_no_bank_is_created(base_mod
         (dict(every_n_steps=0), "every_n_steps must be"),
         (dict(file=True), "is a file"),
         (dict(rule="median"), "unknown overlap rule"),
+        (dict(rule="mean", scale=2.0), "scale applies to a matrix composition"),
+        (dict(rule="tsv_m", scale=-1.0), "scale must be a positive number"),
     ],
 )
 def test_bad_arguments_fail_fast(tmp_path, kwargs, words):

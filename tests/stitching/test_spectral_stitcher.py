@@ -71,6 +71,14 @@ def test_reset_and_heads_and_the_bank(base_model, skills, tmp_path):
     stitcher.add(skills[1])
     assert stitcher.heads.keys() == {"s0", "s1"} and stitcher.metadata["s0"].name == "s0"
     assert not _equal(_state(model), before)
+    restored = copy.deepcopy(model)  # a checkpoint's weights: the base values put back return it to the base
+    tensors = restored.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, (indices, values) in stitcher.base_values().items():
+            tensors[name].data.view(-1).index_copy_(0, indices, values)
+    assert _equal(_state(restored), before)
+    with stitcher.use_head("s0") as head_model:
+        assert head_model is model
     stitcher.reset()
     assert _equal(_state(model), before) and len(stitcher) == 0
     with pytest.raises(StitchError, match="no bank"):
