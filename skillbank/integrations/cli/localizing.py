@@ -210,6 +210,7 @@ def _inputs(args: argparse.Namespace, spec: Any) -> tuple[Any, Any, Any]:  # a L
 
 
 def _loaded_inputs(args: argparse.Namespace, spec: Any) -> tuple[Any, Any, Any]:
+    """The base's weights, the finetuned folder's model and what an auto size or a learned mask needs, read once."""
     import copy
 
     from skillbank.integrations.labelled_text import read_jsonl, task_loader

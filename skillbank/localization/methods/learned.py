@@ -18,7 +18,8 @@ __all__ = ["LearnedMethod"]
 
 class LearnedMethod(LocalizationMethod):
     """Scores over the shared entries trained on ``inputs.few_shot``, starting from the dataless mask; the top-k of
-    the trained scores is the mask. ``spec.learner`` says how it trains (``recipe``, ``lr``, ``pool``, …). Learned in this process, on a copy of ``inputs.model``.
+    the trained scores is the mask. ``spec.learner`` says how it trains (``recipe``, ``lr``, ``pool``, …). Learned
+    in this process, on a copy of ``inputs.model``.
 
     >>> LearnedMethod.name
     'learned'
