@@ -1024,6 +1024,11 @@ def stage_report(b: Bench) -> None:
     print(f"\nplots in {out}")
 
 
+def _names(text: str) -> list[str]:
+    """A comma-separated list argument."""
+    return [x for x in text.split(",") if x]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="~/.cache/skillbank/real", help="work folder (cached stages; default %(default)s)")
@@ -1037,13 +1042,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--spectral",
-        type=lambda s: [x for x in s.split(",") if x],
+        type=_names,
         default=["tsv_m", "iso_c", "iso_cts"],
         help="evaluate stage: spectral compositions of the skills of each --spectral-banks bank (matrix by matrix)",
     )
     p.add_argument(
         "--spectral-banks",
-        type=lambda s: [x for x in s.split(",") if x],
+        type=_names,
         default=["dataless-auto"],
         help="evaluate stage: the banks whose skills are composed by each --spectral merge (default %(default)s)",
     )
@@ -1089,7 +1094,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--rules",
-        type=lambda s: [r for r in s.split(",") if r],
+        type=_names,
         default=["sign_mean"],
         help="evaluate and arrivals stages: overlap rules besides the mean to stitch every bank with (default: sign_mean)",
     )
