@@ -67,6 +67,7 @@ def test_two_task_miniature_end_to_end(tmp_path: Path) -> None:
         "L&S learned",
         "L&S dataless-auto [TSV-M of the skills]",
         "L&S dataless-auto [Iso-C of the skills]",
+        "L&S dataless-auto [TSV-M of the skills, weights learned on 8 a class]",
     ):
         assert set(results[key]) == {"spam", "tweets"}, key
         assert all(0.0 <= v <= 1.0 for v in results[key].values())
@@ -74,6 +75,8 @@ def test_two_task_miniature_end_to_end(tmp_path: Path) -> None:
     assert results["order independence"]["bitwise_equal"] == 1.0
     scales = results["chosen scales"]
     assert {"TSV-M", "Iso-C", "Iso-CTS", "L&S dataless-auto [TSV-M of the skills]"} <= set(scales)
+    weights = results["calibrated weights"]["L&S dataless-auto [TSV-M of the skills, weights learned on 8 a class]"]
+    assert set(weights["weights"]) == {"spam", "tweets"} and "layer.0" in weights["groups"]
     assert (work / "plots" / "overlap-learned.png").stat().st_size > 0
     assert (work / "plots" / "recovery.png").stat().st_size > 0
     lora = json.loads((work / "lora.json").read_text())
