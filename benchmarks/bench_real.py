@@ -50,6 +50,7 @@ from skillbank.stitching.routing import SkillRouter, mean_pooled_features, routi
 from skillbank.stitching.spectral import spectral_delta, tsv_skill_parts
 from skillbank.testbed.demo import quiet as quiet_demo
 from skillbank.vectors.models import apply_delta
+from skillbank.vectors.spectral import is_weight_matrix
 
 STAGES = (
     "pull",
@@ -525,7 +526,8 @@ def stage_calibrate(b: Bench) -> None:
     """The --calibrate-bank's skills composed by TSV-M, each skill's part weighted per encoder layer (or per skill:
     --calibrate-groups skill), the weights learned on --calibrate-shots labelled training examples per class of
     every task (cross-entropy through each task's own head; what a skill that keeps a few examples would allow).
-    They start at the TSV-M composition's chosen scale; the row is tested like the others."""
+    They start at 1 on the composition as the evaluate stage chose it (matrices at its scale); the row is tested
+    like the others."""
     a = b.args
     results = b.read("results.json")
     folder = b.work / "banks" / a.calibrate_bank
@@ -541,7 +543,11 @@ def stage_calibrate(b: Bench) -> None:
     group = (lambda t: "all") if a.calibrate_groups == "skill" else _layer_of
     groups = sorted({group(t) for p in parts.values() for t in p})
     init = results.get("chosen scales", {}).get(f"L&S {a.calibrate_bank} [TSV-M of the skills]", 1.0)
-    weights = torch.full((len(b.tasks), len(groups)), float(init), requires_grad=True)
+    for part in parts.values():  # start from the composition as evaluated: its matrices at the chosen scale
+        for t, tensor in part.items():
+            if is_weight_matrix(t, tensor):
+                part[t] = init * tensor
+    weights = torch.ones(len(b.tasks), len(groups), requires_grad=True)
     index = {g: i for i, g in enumerate(groups)}
     prefix = "bert."  # the classifier's names of the base's tensors
 
