@@ -92,9 +92,9 @@ def _dense_tensors(
         covering = {s.name: s.regions[tensor] for s in ordered if tensor in s.regions and len(s.regions[tensor])}
         if not covering:
             continue
-        dense, count = {}, torch.zeros(math.prod(shape), dtype=torch.float32)
+        dense, count = {}, torch.zeros(math.prod(shape), dtype=torch.float32, device="cpu")
         for name, region in covering.items():
-            flat = torch.zeros(math.prod(shape), dtype=torch.float32)
+            flat = torch.zeros(math.prod(shape), dtype=torch.float32, device="cpu")
             indices = region.indices.to("cpu", torch.int64)
             flat[indices] = region.values.to("cpu", torch.float32)
             count[indices] += 1

@@ -103,7 +103,7 @@ class SpectralStitcher:
         writing them back returns the model to its base bit for bit (as :meth:`Stitcher.base_values`)."""
         out = self._inner.base_values()
         for dst, value in self._base.items():
-            out[dst] = (torch.arange(value.numel()), value.detach().reshape(-1).cpu().clone())
+            out[dst] = (torch.arange(value.numel(), device="cpu"), value.detach().reshape(-1).cpu().clone())
         return out
 
     def use_head(self, name: str) -> AbstractContextManager[nn.Module]:
