@@ -1,6 +1,6 @@
 """What composing skills matrix by matrix costs: ``SpectralStitcher`` against the per-entry ``Stitcher``.
 
-    python benchmarks/bench_spectral.py [--model minilm|roberta] [--skills 8] [--sparsity 0.1] [--out spectral.json]
+    python benchmarks/bench_spectral.py [--model minilm|roberta] [--skills 8] [--sparsity 0.1] [--rules mean,tsv_m]
 
 A model of MiniLM-L6's shape (6 layers, width 384, 22M parameters) or RoBERTa-base's (12 layers, width 768,
 125M), random init, and random skills of ``--sparsity`` (uniform per tensor, as ``bench_stitch.py``). Skills
@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--model", choices=("minilm", "roberta"), default="minilm")
     p.add_argument("--skills", type=int, default=8)
     p.add_argument("--sparsity", type=float, default=0.1)
+    p.add_argument("--rules", default="mean,tsv_m,iso_c,iso_cts", help="comma-separated: mean and spectral merges")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -48,7 +49,7 @@ def main() -> None:
     skills = [random_skill(state, fingerprint, f"s{i}", seed=i, sparsity=args.sparsity) for i in range(args.skills)]
     params = sum(t.numel() for t in state.values())
     result: dict = {"model": args.model, "parameters": params, "sparsity": args.sparsity, "skills": args.skills}
-    for label in ("mean", "tsv_m", "iso_c", "iso_cts"):
+    for label in args.rules.split(","):
         stitcher = Stitcher(live, rule="mean") if label == "mean" else SpectralStitcher(live, merge=label, scale=1.0)
         adds = []
         for skill in skills:

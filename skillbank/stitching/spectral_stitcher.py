@@ -131,13 +131,23 @@ class SpectralStitcher:
             raise StitchError(f"skill {skill.name!r} is already stitched; remove it first to re-apply it.")
         matrices, rest = self._split(skill)
         self._inner.add(rest)  # checks names, shapes and the base fingerprint of the whole skill's header
+        try:
+            delta = self._composed({**self._matrices, skill.name: matrices}, matrices.regions)
+        except BaseException:
+            self._inner.remove(skill.name)  # exact: the mean rule takes a skill out bit for bit
+            raise
         self._matrices[skill.name] = matrices
-        self._recompute(matrices.regions)
+        self._write(delta, matrices.regions)
 
     def remove(self, name: str) -> None:
         """Take skill ``name`` out: the other tensors by the mean rule, its matrices recomputed from the others."""
+        if name not in self._matrices:
+            self._inner.remove(name)  # names the error
+        touched = self._matrices[name].regions
+        delta = self._composed({n: s for n, s in self._matrices.items() if n != name}, touched)
         self._inner.remove(name)
-        self._recompute(self._matrices.pop(name).regions)
+        del self._matrices[name]
+        self._write(delta, touched)
 
     def reset(self) -> None:
         """Put the base back, bit for bit, and forget every stitched skill."""
@@ -174,15 +184,18 @@ class SpectralStitcher:
         rest = {src: region for src, region in skill.regions.items() if src not in matrix}
         return replace(skill, regions=matrix), replace(skill, regions=rest)
 
-    def _recompute(self, touched: Mapping[str, Region]) -> None:
-        """Write ``base + scale · merge`` into each matrix in ``touched`` (the base, once no skill touches it)."""
-        names = align_names(list(touched), self._tensors)
+    def _composed(self, skills: Mapping[str, Skill], touched: Mapping[str, Region]) -> dict[str, Tensor]:
+        """``scale · merge`` of ``skills`` in each matrix of ``touched`` (computed before anything is written)."""
         covering = [
             replace(s, regions={src: s.regions[src] for src in touched if src in s.regions})
-            for s in self._matrices.values()
+            for s in skills.values()
             if any(src in s.regions and len(s.regions[src]) for src in touched)
         ]
-        delta = spectral_delta(covering, self.merge, self.scale, matrices=lambda _n, _t: True) if covering else {}
+        return spectral_delta(covering, self.merge, self.scale, matrices=lambda _n, _t: True) if covering else {}
+
+    def _write(self, delta: Mapping[str, Tensor], touched: Mapping[str, Region]) -> None:
+        """``base + delta`` into each matrix of ``touched`` (the base, where no skill touches it any more)."""
+        names = align_names(list(touched), self._tensors)
         with torch.no_grad():
             for src in touched:
                 dst = names[src]

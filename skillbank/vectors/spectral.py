@@ -32,6 +32,7 @@ __all__ = [
     "iso_c_matrix",
     "iso_cts_matrix",
     "nearest_orthonormal",
+    "svd",
     "tsv_matrix",
     "tsv_parts",
 ]
@@ -43,12 +44,23 @@ def is_weight_matrix(name: str, tensor: Tensor) -> bool:
     return tensor.dim() == 2 and "embeddings" not in name
 
 
+def svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD of ``a`` in float32; where LAPACK's float32 solver does not converge (a near-zero or
+    ill-conditioned matrix, e.g. a task's residual outside a common subspace that holds nearly all of it), the same
+    in float64, cast back."""
+    import torch
+
+    try:
+        return torch.linalg.svd(a.float(), full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
+        return u.float(), s.float(), vh.float()
+
+
 def nearest_orthonormal(a: Tensor) -> Tensor:
     """The orthonormal matrix nearest to ``a`` in Frobenius norm (its polar factor ``P Qᵀ`` for ``a = P S Qᵀ``):
     the whitening TSV-M and Iso-CTS decorrelate stacked singular vectors with."""
-    import torch
-
-    p, _, qh = torch.linalg.svd(a, full_matrices=False)
+    p, _, qh = svd(a)
     return p @ qh
 
 
@@ -61,7 +73,7 @@ def tsv_parts(mats: list[Tensor]) -> list[Tensor]:
     keep = max(1, rank // len(mats))  # each task's share of the rank (at least one direction)
     us, ss, vhs = [], [], []
     for m in mats:
-        u, s, vh = torch.linalg.svd(m.float(), full_matrices=False)
+        u, s, vh = svd(m)
         us.append(u[:, :keep])
         ss.append(s[:keep])
         vhs.append(vh[:keep])
@@ -83,7 +95,7 @@ def iso_c_matrix(mats: list[Tensor]) -> Tensor:
     value), so every direction of the sum gets the same weight."""
     import torch
 
-    u, s, vh = torch.linalg.svd(torch.stack([m.float() for m in mats]).sum(0), full_matrices=False)
+    u, s, vh = svd(torch.stack([m.float() for m in mats]).sum(0))
     return s.mean() * (u @ vh)
 
 
@@ -99,12 +111,12 @@ def iso_cts_matrix(mats: list[Tensor], common_fraction: float = 0.8) -> Tensor:
         return iso_c_matrix(mats)
     common = rank - per_task * tasks
     mats = [m.float() for m in mats]
-    u, s, vh = torch.linalg.svd(torch.stack(mats).sum(0), full_matrices=False)
+    u, s, vh = svd(torch.stack(mats).sum(0))
     uc = u[:, :common]
     us, ss, vhs = [uc], [s[:common]], [vh[:common]]
     for m in mats:
         outside = m - uc @ (uc.T @ m)  # the task's part outside the common subspace
-        ut, st, vht = torch.linalg.svd(outside, full_matrices=False)
+        ut, st, vht = svd(outside)
         us.append(ut[:, :per_task])
         ss.append(st[:per_task])
         vhs.append(vht[:per_task])

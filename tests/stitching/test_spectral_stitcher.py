@@ -116,3 +116,47 @@ def test_bad_settings_are_refused(base_model):
         SpectralStitcher(copy.deepcopy(base_model), merge="mean")
     with pytest.raises(StitchError, match="scale must be a positive number"):
         SpectralStitcher(copy.deepcopy(base_model), scale=0.0)
+
+
+def test_a_composition_that_fails_leaves_the_model_and_the_stitcher_as_they_were(base_model, skills, monkeypatch):
+    import skillbank.stitching.spectral_stitcher as module
+
+    model = copy.deepcopy(base_model)
+    stitcher = SpectralStitcher(model, merge="tsv_m")
+    stitcher.add(skills[0])
+    stitcher.add(skills[1])
+    before = _state(model)
+
+    def failing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise torch.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr(module, "spectral_delta", failing)
+    with pytest.raises(torch.linalg.LinAlgError):
+        stitcher.add(skills[2])
+    with pytest.raises(torch.linalg.LinAlgError):
+        stitcher.remove("s0")  # s1 still touches its matrices: they would be recomputed
+    assert _equal(_state(model), before) and stitcher.stitched == ["s0", "s1"]
+    monkeypatch.undo()
+    stitcher.add(skills[2])  # and it goes on as if nothing had happened
+    again = copy.deepcopy(base_model)
+    reference = SpectralStitcher(again, merge="tsv_m")
+    for skill in skills:
+        reference.add(skill)
+    assert _equal(_state(model), _state(again))
+
+
+def test_an_svd_that_float32_cannot_converge_on_is_taken_in_float64(monkeypatch):
+    from skillbank.vectors import spectral
+
+    real = torch.linalg.svd
+
+    def float32_fails(a, full_matrices=True):  # noqa: ANN001, ANN202
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(a, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", float32_fails)
+    matrix = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    u, s, vh = spectral.svd(matrix)
+    assert s.dtype == torch.float32 and s.tolist() == [3.0, 1.0]
+    torch.testing.assert_close(u @ torch.diag(s) @ vh, matrix)
