@@ -48,12 +48,11 @@ def spectral_delta(
     Raises:
         StitchError: an unknown merge, skills of different shapes for one tensor, or two skills of one name.
     """
-    if merge not in MATRIX_MERGES:
-        raise StitchError(f"unknown spectral merge {merge!r}; known: {', '.join(sorted(MATRIX_MERGES))}.")
+    combine = MATRIX_MERGES[merge]  # an unknown name is refused before any work
     delta = {}
     for tensor, dense, counts, is_matrix in _dense_tensors(skills, matrices):
         if is_matrix:
-            delta[tensor] = scale * MATRIX_MERGES[merge](list(dense.values()))
+            delta[tensor] = scale * combine(list(dense.values()))
         else:
             delta[tensor] = torch.stack(list(dense.values())).sum(0) / counts
     return delta

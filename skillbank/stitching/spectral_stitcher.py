@@ -72,11 +72,10 @@ class SpectralStitcher:
         merge: str = "tsv_m",
         scale: float = 1.0,
     ) -> None:
-        if merge not in MATRIX_MERGES:
-            raise StitchError(f"unknown spectral merge {merge!r}; known: {', '.join(sorted(MATRIX_MERGES))}.")
+        self.merge = MATRIX_MERGES[merge].name  # an unknown name is refused now
         if not math.isfinite(scale) or scale <= 0:
             raise StitchError(f"scale must be a positive number, got {scale}.")
-        self.model, self.bank, self.merge, self.scale = model, bank, merge, float(scale)
+        self.model, self.bank, self.scale = model, bank, float(scale)
         self._inner = Stitcher(model, base, rule="mean")  # every tensor but the matrices; checks bases and shapes
         tensors = model.state_dict(keep_vars=True) if isinstance(model, nn.Module) else model
         self._tensors = {k: v for k, v in tensors.items() if v.is_floating_point()}

@@ -22,6 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from skillbank.errors import StitchError
+from skillbank.registry import Registry
+
 if TYPE_CHECKING:  # the CLI's --help lists the merges without torch
     from torch import Tensor
 
@@ -137,14 +140,12 @@ class MatrixMerge:
         return self.merge(mats)
 
 
-#: Each spectral merge of one matrix by name (Iso-CTS at the paper's common fraction 0.8).
-MATRIX_MERGES: dict[str, MatrixMerge] = {
-    m.name: m
-    for m in (
-        MatrixMerge("tsv_m", "each skill's top r/T singular directions, decorrelated (TSV-M, CVPR 2025)", tsv_matrix),
-        MatrixMerge("iso_c", "the sum of the skills with a flat spectrum (Iso-C, ICML 2025)", iso_c_matrix),
-        MatrixMerge(
-            "iso_cts", "the sum's and each skill's own directions, decorrelated, flat spectrum (Iso-CTS)", iso_cts_matrix
-        ),
-    )
-}
+#: Each spectral merge of one matrix by name (Iso-CTS at the paper's common fraction 0.8); an unknown name is a
+#: :class:`~skillbank.errors.StitchError` listing the known ones.
+MATRIX_MERGES: Registry[MatrixMerge] = Registry("spectral merge", StitchError)
+for _merge in (
+    MatrixMerge("tsv_m", "each skill's top r/T singular directions, decorrelated (TSV-M, CVPR 2025)", tsv_matrix),
+    MatrixMerge("iso_c", "the sum of the skills with a flat spectrum (Iso-C, ICML 2025)", iso_c_matrix),
+    MatrixMerge("iso_cts", "the sum's and each skill's own directions, decorrelated, flat spectrum (Iso-CTS)", iso_cts_matrix),
+):
+    MATRIX_MERGES.add(_merge.name, _merge)
