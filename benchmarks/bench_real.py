@@ -500,18 +500,18 @@ def stage_evaluate(b: Bench) -> None:
         if not folder.is_dir() or not all(n in SkillBank(folder, create=False) for n in b.tasks):
             continue
         for merge in b.args.spectral:
+            label = f"L&S {method} [{get_merge(merge).label} of the skills]"
 
-            def composed(folder=folder, merge=merge) -> dict:  # noqa: ANN001
+            def composed(folder=folder, merge=merge, label=label) -> dict:  # noqa: ANN001
                 bank = SkillBank(folder, create=False)
                 start = time.perf_counter()
                 unit = spectral_delta([bank.get(n) for n in b.tasks], merge)
                 b.timed(f"compose {merge} {folder.name}", time.perf_counter() - start)
-                label = f"L&S {folder.name} [{get_merge(merge).label} of the skills]"
                 scale, test = _sweep(b, live, base, heads, lambda s: {n: s * t for n, t in unit.items()}, get_merge(merge).scales)
                 results.setdefault("chosen scales", {})[label] = scale
                 return test
 
-            run(f"L&S {method} [{get_merge(merge).label} of the skills]", composed)
+            run(label, composed)
     main = "learned" if (b.work / "banks" / "learned").is_dir() else "learned-auto"
     run("order independence", lambda: _orders(b, live, base, SkillBank(b.work / "banks" / main, create=False)))
 
