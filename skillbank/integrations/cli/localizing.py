@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -192,30 +193,34 @@ def _inputs(args: argparse.Namespace, spec: Any) -> tuple[Any, Any, Any]:  # a L
     (a copy of the model with the base written in) and the learner; --val-data (auto sizes) and --few-shot (learned
     masks) tokenized with the folder's tokenizer. Routing data (--routing-data, else --val-data when the base is a
     model folder, whose encoder gives the features) in any case."""
-    from skillbank.localization.methods import LocalizationInputs
+    import functools
 
+    from skillbank.localization.methods import LocalizationInputs
+    from skillbank.vectors.models import load_tokenizer
+
+    tokenizer = functools.cache(lambda: load_tokenizer(args.finetuned, args.base))  # read once, where needed
     routing_data = args.routing_data or (args.val_data if (Path(args.base) / "config.json").is_file() else None)
     if not spec.auto and spec.method == "dataless":
         base, finetuned, inputs = args.base, args.finetuned, LocalizationInputs(base=args.base)
     else:
-        base, finetuned, inputs = _loaded_inputs(args, spec)
+        base, finetuned, inputs = _loaded_inputs(args, spec, tokenizer)
     if routing_data:
         from skillbank.integrations.labelled_text import read_jsonl, task_loader
-        from skillbank.vectors.models import load_encoder, load_tokenizer
+        from skillbank.vectors.models import load_encoder
 
-        tokenizer = load_tokenizer(args.finetuned, args.base)
-        inputs.routing = task_loader(read_jsonl(routing_data), tokenizer, max_length=args.max_length, batch_size=64)
+        inputs.routing = task_loader(read_jsonl(routing_data), tokenizer(), max_length=args.max_length, batch_size=64)
         inputs.encoder = lambda: load_encoder(args.base)
     return base, finetuned, inputs
 
 
-def _loaded_inputs(args: argparse.Namespace, spec: Any) -> tuple[Any, Any, Any]:
-    """The base's weights, the finetuned folder's model and what an auto size or a learned mask needs, read once."""
+def _loaded_inputs(args: argparse.Namespace, spec: Any, tokenizer: Callable[[], Any]) -> tuple[Any, Any, Any]:
+    """The base's weights, the finetuned folder's model and what an auto size or a learned mask needs, read once
+    (``tokenizer()`` gives the finetuned folder's tokenizer, after the arguments are checked)."""
     import copy
 
     from skillbank.integrations.labelled_text import read_jsonl, task_loader
     from skillbank.localization.methods import LocalizationInputs
-    from skillbank.vectors.models import apply_delta, load_model, load_tokenizer
+    from skillbank.vectors.models import apply_delta, load_model
     from skillbank.vectors.weights import load_weights
 
     if spec.auto and not args.val_data:
@@ -234,12 +239,11 @@ def _loaded_inputs(args: argparse.Namespace, spec: Any) -> tuple[Any, Any, Any]:
         )
     model: Any = load_model(str(folder))  # a transformers classifier
     base = load_weights(args.base)
-    tokenizer = load_tokenizer(folder, args.base)
     inputs = LocalizationInputs(base=base)
 
     def batches(file: str, batch_size: int) -> list[Any]:
         split = read_jsonl(file, model.config.num_labels)
-        return list(task_loader(split, tokenizer, max_length=args.max_length, batch_size=batch_size))
+        return list(task_loader(split, tokenizer(), max_length=args.max_length, batch_size=batch_size))
 
     if spec.auto:
         inputs.validation = batches(args.val_data, 64)
