@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from skillbank.errors import BankError, BaseMismatchError, SkillFileError, SkillNameError
 from skillbank.storage.durable import TMP_PREFIX, atomic_write, exclusive_lock, fsync_dir
-from skillbank.storage.format import FORMAT_VERSION
+from skillbank.storage.format import MANIFEST_VERSION
 
 if TYPE_CHECKING:  # reading the manifest (list, names, entry) needs neither torch nor the skill format
     from skillbank.storage.skill import Skill
@@ -435,7 +435,7 @@ class SkillBank:
                     f"Pick an empty or new directory (found e.g. {sorted(stray)[:3]})."
                 )
             self._write_manifest(
-                {"format": "skillbank", "format_version": FORMAT_VERSION, "base_fingerprint": None, "skills": []}
+                {"format": "skillbank", "format_version": MANIFEST_VERSION, "base_fingerprint": None, "skills": []}
             )
 
     def _current(self) -> _Snapshot:
@@ -468,9 +468,9 @@ class SkillBank:
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, an integer of thousands of digits
             raise BankError(f"{path} is damaged (not valid JSON: {str(exc)[:80]}); restore it from a backup.") from None
         version = body.get("format_version") if isinstance(body, dict) else None
-        if isinstance(version, int) and version > FORMAT_VERSION:
+        if isinstance(version, int) and version > MANIFEST_VERSION:
             raise BankError(
-                f"{path} has format version {version}, newer than this skillbank reads ({FORMAT_VERSION}); "
+                f"{path} has format version {version}, newer than this skillbank reads ({MANIFEST_VERSION}); "
                 "upgrade skillbank (pip install -U skillbank)."
             )
         # The checksum covers the content; comparing with the canonical bytes catches any other flipped byte.

@@ -6,9 +6,12 @@ imports nothing heavy.
 
 from __future__ import annotations
 
-__all__ = ["FORMAT_VERSION", "VALUE_DTYPE_NAMES"]
+__all__ = ["FORMAT_VERSION", "MANIFEST_VERSION", "VALUE_DTYPE_NAMES"]
 
-#: Version of the skill file and manifest layout this release writes and reads.
-FORMAT_VERSION = 1
+#: The newest skill file layout this release reads and writes (2: a skill may keep a few examples). Each file
+#: is written at the oldest version that holds it, so a skill without examples stays at 1.
+FORMAT_VERSION = 2
+#: The bank manifest's layout (unchanged since 1; written by this release, the newest it reads).
+MANIFEST_VERSION = 1
 #: Names of the dtypes a skill may store its task-vector entries in.
 VALUE_DTYPE_NAMES = ("float32", "bfloat16", "float16")

@@ -3,15 +3,18 @@
 On disk a skill is one safetensors file: per shared parameter with a non-empty
 region, its sorted flat indices (compact code, see :mod:`skillbank.sparse`) and
 the task-vector values there; the head tensors; optionally its routing
-centroids (``route/centroids``, see :mod:`skillbank.stitching.routing`); and a JSON
-metadata header. Nothing is ever unpickled.
+centroids (``route/centroids``, see :mod:`skillbank.stitching.routing`); optionally a few
+labelled examples (``examples/``, see :mod:`skillbank.storage.examples`); and a JSON
+metadata header. Nothing is ever unpickled. A file is written at the oldest format
+version that holds what it holds (1 without examples, 2 with them), so older releases
+still read every skill they can.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from torch import Tensor
 
 from skillbank.errors import SkillFileError
 from skillbank.sparse import decode_indices, encode_indices
+from skillbank.storage.examples import Examples
 from skillbank.storage.format import FORMAT_VERSION, VALUE_DTYPE_NAMES
 
 __all__ = ["FORMAT_VERSION", "MAX_CENTROIDS", "Region", "Skill", "SkillMetadata", "VALUE_DTYPES"]
@@ -78,7 +82,7 @@ class SkillMetadata:
     dtypes: dict[str, str] = field(default_factory=dict)
     routing: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1  # the layout the file needs: 2 once it keeps examples (raised when written)
 
     def to_json(self) -> str:
         """Serialize to a JSON string."""
@@ -109,13 +113,15 @@ class Skill:
 
     ``centroids`` (``[C, D]`` float32, or ``None``) are the base model's
     features of a few of the task's examples: what :class:`~skillbank.stitching.routing.SkillRouter`
-    compares an input with when a request does not name its task.
+    compares an input with when a request does not name its task. ``examples`` (or ``None``) are a few
+    tokenized, labelled examples kept to weigh this skill against others in a composition.
     """
 
     metadata: SkillMetadata
     regions: dict[str, Region]
     head: dict[str, Tensor] = field(default_factory=dict)
     centroids: Tensor | None = None
+    examples: Examples | None = None
 
     @property
     def name(self) -> str:
@@ -147,7 +153,11 @@ class Skill:
             tensors[f"head/{name}"] = tensor.detach().to("cpu").contiguous().clone()
         if self.centroids is not None:
             tensors[_CENTROIDS_KEY] = _checked_centroids(self.centroids, self.name).to("cpu", torch.float32).contiguous().clone()
-        return st_save(tensors, metadata={_HEADER_KEY: self.metadata.to_json()})
+        metadata = self.metadata
+        if self.examples is not None:  # format 2; a skill without them stays readable by releases that read 1
+            tensors.update(self.examples.to_tensors())
+            metadata = replace(metadata, format_version=max(metadata.format_version, 2))
+        return st_save(tensors, metadata={_HEADER_KEY: metadata.to_json()})
 
     @classmethod
     def from_bytes(cls, data: bytes, origin: str = "skill") -> Skill:
@@ -175,6 +185,9 @@ class Skill:
         centroids = tensors.pop(_CENTROIDS_KEY, None)
         if centroids is not None:
             centroids = _checked_centroids(centroids, origin).float()
+        examples = Examples.from_tensors({k: tensors.pop(k) for k in Examples.keys(list(tensors))}, origin)
+        if examples is not None and metadata.format_version < 2:
+            raise SkillFileError(f"{origin} holds examples but declares format {metadata.format_version}; it is damaged.")
         for key, tensor in tensors.items():
             kind, _, rest = key.partition("/")
             if kind == "head":
@@ -206,7 +219,7 @@ class Skill:
             regions[name] = Region(indices, values.float())
         if parts:
             raise SkillFileError(f"{origin} has regions for parameters its header does not list: {sorted(parts)[:5]}.")
-        return cls(metadata=metadata, regions=regions, head=head, centroids=centroids)
+        return cls(metadata=metadata, regions=regions, head=head, centroids=centroids, examples=examples)
 
     def save(self, path: str | Path) -> None:
         """Write the skill to ``path`` (not atomic; a :class:`SkillBank` writes atomically)."""
