@@ -48,9 +48,10 @@ from skillbank.localization.spec import LearnerSpec, LocalizationSpec
 from skillbank.stitching.heads import accuracy
 from skillbank.stitching.routing import SkillRouter, mean_pooled_features, routing_centroids
 from skillbank.stitching.spectral import spectral_delta, tsv_skill_parts
+from skillbank.stitching.spectral_stitcher import SpectralStitcher
 from skillbank.testbed.demo import quiet as quiet_demo
 from skillbank.vectors.models import apply_delta
-from skillbank.vectors.spectral import is_weight_matrix
+from skillbank.vectors.spectral import MATRIX_MERGES, is_weight_matrix
 
 STAGES = (
     "pull",
@@ -595,7 +596,10 @@ def stage_calibrate(b: Bench) -> None:
 
 def stage_arrivals(b: Bench) -> None:
     """Tasks arrive one at a time (--tasks order); after each arrival every method's merged model is tested on
-    the tasks seen so far (--arrival-test-size examples each). Writes arrivals.json for ``skillbank plot arrivals``."""
+    the tasks seen so far (--arrival-test-size examples each): each bank's skills under the mean rule, --rules,
+    and (--spectral-banks) composed matrix by matrix by each --spectral merge at its evaluated scale; running
+    TA, TIES and the 2025 merges recomputed over the tasks so far; MagMax; OPCM. Writes arrivals.json for
+    ``skillbank plot arrivals``."""
     a = b.args
     data = b.read("arrivals.json")
     live = b.classifier()
@@ -626,7 +630,11 @@ def stage_arrivals(b: Bench) -> None:
         return out
 
     def stitched_runs(bank: SkillBank, rule: str = "mean") -> list[dict]:
-        stitcher = Stitcher(live, base, bank=bank, rule=rule)
+        if rule in MATRIX_MERGES:  # the skills composed matrix by matrix, recomputed at each arrival
+            label = f"L&S {bank.path.name} [{get_merge(rule).label} of the skills]"
+            stitcher = SpectralStitcher(live, base, bank=bank, merge=rule, scale=scales.get(label, 1.0))
+        else:
+            stitcher = Stitcher(live, base, bank=bank, rule=rule)
         out = []
         for t, name in enumerate(order):
             stitcher.add(name)
@@ -640,11 +648,14 @@ def stage_arrivals(b: Bench) -> None:
         ("learned-auto", "L&S learned auto"),
         ("learned-context", "L&S learned in context"),
         ("learned", "L&S learned 1%"),
+        ("dataless-auto", "L&S dataless auto"),
     ):
         folder = b.work / "banks" / bank_name
         if folder.is_dir() and all(n in SkillBank(folder, create=False) for n in order):
-            for rule in ("mean", *a.rules):
-                methods[label if rule == "mean" else f"{label} [{rule}]"] = lambda folder=folder, rule=rule: stitched_runs(
+            spectral = [m for m in a.spectral if bank_name in a.spectral_banks]
+            for rule in ("mean", *a.rules, *spectral):
+                shown = get_merge(rule).label + " of the skills" if rule in MATRIX_MERGES else rule
+                methods[label if rule == "mean" else f"{label} [{shown}]"] = lambda folder=folder, rule=rule: stitched_runs(
                     SkillBank(folder, create=False), rule
                 )
     ta, ti = scales.get("task arithmetic", 0.5), scales.get("TIES (top-20%)", 1.0)

@@ -564,3 +564,33 @@ def test_warnings_are_one_line_of_their_own_and_library_noise_is_filtered(folder
 
     monkeypatch.setattr("skillbank.integrations.cli.registry._list", noisy)
     assert main(["list", str(folders / "b")]) == 0 and capsys.readouterr().err == ""
+
+
+def test_localize_keeps_examples_show_lists_them_and_drop_examples_deletes_them(folders, capsys):
+    from helpers.models import tiny_tokenizer
+
+    tiny_tokenizer([f"w{i}" for i in range(59)]).save_pretrained(folders / "ft0")
+    rows = [{"text": " ".join(f"w{(n * 7 + j) % 59}" for j in range(2 + n % 4)), "label": n % 2} for n in range(20)]
+    (folders / "calib.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    bank = str(folders / "bank")
+    argv = ["localize", "--base", str(folders / "base"), "--finetuned", str(folders / "ft0"), "--bank", bank, "--name", "a"]
+
+    assert main([*argv, "--keep-examples", "3"]) == 2
+    assert "--keep-examples N needs" in capsys.readouterr().err and not (folders / "bank" / "a.safetensors").exists()
+    assert main([*argv, "--keep-examples", "3", "--examples-data", str(folders / "calib.jsonl")]) == 0
+    assert "examples: 6 examples, 2 classes" in capsys.readouterr().out
+    kept = SkillBank(bank).get("a").examples
+    assert sorted(kept.labels.tolist()) == [0, 0, 0, 1, 1, 1] and set(kept.inputs) >= {"input_ids", "attention_mask"}
+    assert kept.inputs["attention_mask"].sum(1).tolist() == (kept.inputs["input_ids"] != 0).sum(1).tolist()
+    with_examples = SkillBank(bank).get("a")
+
+    assert main(["show", bank, "a"]) == 0 and "examples  6 examples, 2 classes" in capsys.readouterr().out
+    assert main(["show", bank, "a", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"]["count"] == 6
+    assert main(["drop-examples", bank, "a"]) == 0 and "dropped 6 examples from 'a'" in capsys.readouterr().out
+    dropped = SkillBank(bank).get("a")
+    assert dropped.examples is None and dropped.metadata.source["versions"] == 1
+    for name, region in with_examples.regions.items():
+        assert torch.equal(dropped.regions[name].values, region.values)
+    assert main(["drop-examples", bank, "a"]) == 0 and "keeps no examples" in capsys.readouterr().out
+    assert main(["show", bank, "a"]) == 0 and "examples  none" in capsys.readouterr().out

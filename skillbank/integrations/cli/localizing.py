@@ -88,6 +88,21 @@ def register(sub: Any) -> None:  # argparse's subparsers action
         "stored with the skill so `skillbank route` can pick it for requests that do not name their task "
         "(default: --val-data, when given and --base is a model folder). Needs --base to be a model folder.",
     )
+    p.add_argument(
+        "--keep-examples",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep N tokenized examples a class in the skill file (default: 0, none), from --examples-data, else "
+        "--few-shot, else --val-data: a calibration set with which a composition of several skills can weigh them "
+        "later; skillbank drop-examples deletes them. Needs --finetuned to be a model folder (its tokenizer).",
+    )
+    p.add_argument(
+        "--examples-data",
+        default=None,
+        metavar="FILE",
+        help="with --keep-examples: the labelled texts to keep examples of (same JSON-lines format)",
+    )
     p.add_argument("--max-centroids", type=int, default=16, help="with routing data: centroids kept, one per label (default: 16)")
     p.add_argument("--max-length", type=int, default=128, help="with --val-data/--routing-data: tokens per text (default: 128)")
     p.add_argument(
@@ -132,8 +147,12 @@ def register(sub: Any) -> None:  # argparse's subparsers action
 
 
 def _localize(args: argparse.Namespace) -> int:
+    import functools
+    from dataclasses import replace
+
     from skillbank.localization.finetune import localize_finetune
     from skillbank.localization.spec import LocalizationSpec
+    from skillbank.vectors.models import load_tokenizer
 
     bank = SkillBank(args.bank)  # fail fast on a bad bank path before the heavy work
     if args.name in bank and not args.replace:
@@ -142,6 +161,14 @@ def _localize(args: argparse.Namespace) -> int:
         )
     if args.replace and args.name not in bank:
         raise SkillbankError(f"--replace: there is no skill named {args.name!r} in {bank.path} to replace; drop --replace.")
+    examples_data = args.examples_data or args.few_shot or args.val_data
+    if args.keep_examples < 0 or (args.keep_examples and not examples_data):
+        raise SkillbankError(
+            "--keep-examples N needs N >= 0 and labelled texts to take them from: --examples-data FILE "
+            '(JSON lines of {"text": ..., "label": ...}), --few-shot or --val-data.'
+        )
+    if args.keep_examples and not (Path(args.finetuned) / "config.json").is_file():
+        raise SkillbankError("--keep-examples needs --finetuned to be a Hugging Face model folder (with its tokenizer).")
     spec = LocalizationSpec(
         method=args.method,
         sparsity=args.sparsity,
@@ -151,9 +178,10 @@ def _localize(args: argparse.Namespace) -> int:
         value_dtype=args.value_dtype,
         routing_centroids=args.max_centroids,
     )
+    tokenizer = functools.cache(lambda: load_tokenizer(args.finetuned, args.base))  # read once, where needed
     with progress(total=2, desc=f"localize {args.name}", unit="step") as bar:
         bar.set_postfix_str(f"{spec.method}, sizes keeping {args.target_recovery:g}" if spec.auto else spec.method)
-        base, finetuned, inputs = _inputs(args, spec)
+        base, finetuned, inputs = _inputs(args, spec, tokenizer)
         skill = localize_finetune(
             base,
             finetuned,
@@ -163,6 +191,8 @@ def _localize(args: argparse.Namespace) -> int:
             inputs=inputs,
             source={"kind": "full finetune", "base": args.given["base"], "finetuned": args.given["finetuned"]},
         )
+        if args.keep_examples:
+            skill = replace(skill, examples=_kept_examples(args, examples_data, tokenizer))
         bar.update()
         bar.set_postfix_str("writing")
         if args.replace:  # the old version's provenance goes into the new one's metadata; tags and note carry over
@@ -174,6 +204,8 @@ def _localize(args: argparse.Namespace) -> int:
         f"{'replaced' if args.replace else 'added'} {entry.name!r}: {entry.entries:,} of {skill.num_shared:,} entries "
         f"({entry.entries / skill.num_shared:.2%}), head {len(skill.head)} tensors, {entry.bytes:,} bytes -> {bank.path / entry.file}"
     )
+    if skill.examples is not None:
+        print(f"examples: {skill.examples.summary()} kept (skillbank drop-examples deletes them)")
     if skill.centroids is not None:
         print(f"routing: {len(skill.centroids)} centroids of the base's features ({skill.centroids.shape[1]} wide)")
     auto = skill.metadata.settings.get("auto")
@@ -187,18 +219,14 @@ def _localize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inputs(args: argparse.Namespace, spec: Any) -> tuple[Any, Any, Any]:  # a LocalizationSpec -> base, finetuned, inputs
+def _inputs(args: argparse.Namespace, spec: Any, tokenizer: Callable[[], Any]) -> tuple[Any, Any, Any]:  # -> base, ft, inputs
     """What to localize from and with. A dataless mask of a fixed size: the two paths (it streams from them). Else the
     weights read once, the base and the finetuned folder's model, shared by the task vector, the auto search's probe
     (a copy of the model with the base written in) and the learner; --val-data (auto sizes) and --few-shot (learned
-    masks) tokenized with the folder's tokenizer. Routing data (--routing-data, else --val-data when the base is a
-    model folder, whose encoder gives the features) in any case."""
-    import functools
-
+    masks) tokenized with the folder's tokenizer (``tokenizer()``). Routing data (--routing-data, else --val-data when
+    the base is a model folder, whose encoder gives the features) in any case."""
     from skillbank.localization.methods import LocalizationInputs
-    from skillbank.vectors.models import load_tokenizer
 
-    tokenizer = functools.cache(lambda: load_tokenizer(args.finetuned, args.base))  # read once, where needed
     routing_data = args.routing_data or (args.val_data if (Path(args.base) / "config.json").is_file() else None)
     if not spec.auto and spec.method == "dataless":
         base, finetuned, inputs = args.base, args.finetuned, LocalizationInputs(base=args.base)
@@ -251,6 +279,15 @@ def _loaded_inputs(args: argparse.Namespace, spec: Any, tokenizer: Callable[[], 
     if spec.method == "learned":
         inputs.model, inputs.few_shot = model, batches(args.few_shot, 32)
     return base, model, inputs
+
+
+def _kept_examples(args: argparse.Namespace, file: str, tokenizer: Callable[[], Any]) -> Any:  # -> Examples
+    """--keep-examples a class of ``file``, tokenized with the finetuned folder's tokenizer (seed 0)."""
+    from skillbank.integrations.labelled_text import read_jsonl, task_loader
+    from skillbank.localization.fewshot import examples_from_batches
+
+    batches = task_loader(read_jsonl(file), tokenizer(), max_length=args.max_length, batch_size=64)
+    return examples_from_batches(batches, args.keep_examples, pad_token_id=tokenizer().pad_token_id or 0)
 
 
 def _method_names() -> list[str]:

@@ -1,11 +1,12 @@
-"""The bank as a registry: ``list``, ``show``, ``tag``, ``remove``, ``diff``, ``verify``, ``gc``, ``plot`` and ``report``."""
+"""The bank as a registry: ``list``, ``show``, ``tag``, ``drop-examples``, ``remove``, ``diff``, ``verify``, ``gc``, ``plot``
+and ``report``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from skillbank.errors import SkillbankError
@@ -68,6 +69,17 @@ def register(sub: Any) -> None:  # argparse's subparsers action
         "remove a skill from a bank",
         "Remove a skill from the bank: the manifest is rewritten first "
         "(atomically, under the bank's write lock), then the skill's file is deleted.",
+        skill=True,
+    )
+
+    command(
+        sub,
+        "drop-examples",
+        _drop_examples,
+        "delete the examples a skill keeps (its calibration set)",
+        "Replace the skill with the same skill without its examples (skillbank localize --keep-examples), "
+        "atomically, as --replace does: its regions, head and routing stay bit for bit, the old version's "
+        "provenance is kept in the new one's metadata, and the old file (with the examples) is deleted.",
         skill=True,
     )
 
@@ -188,6 +200,7 @@ def _show(args: argparse.Namespace) -> int:
                 "regions": {n: len(r) for n, r in skill.regions.items() if len(r)},
                 "head": {n: list(t.shape) for n, t in skill.head.items()},
                 "centroids": None if skill.centroids is None else list(skill.centroids.shape),
+                "examples": None if skill.examples is None else {"count": len(skill.examples), "tokens": skill.examples.length},
             }
         )
     print(f"skill {meta.name!r} (task {meta.task!r}) in {bank.path}")
@@ -209,6 +222,7 @@ def _show(args: argparse.Namespace) -> int:
             "routing",
             f"{len(skill.centroids)} centroids, {skill.centroids.shape[1]} wide" if skill.centroids is not None else "none",
         ),
+        ("examples", skill.examples.summary() if skill.examples is not None else "none"),
     ]:
         print(f"  {key:<9} {escape(str(value))}")
     rows = [(n, "x".join(map(str, meta.shapes[n])), f"{len(r):,}") for n, r in skill.regions.items() if len(r)]
@@ -230,6 +244,18 @@ def _tag(args: argparse.Namespace) -> int:
     change = {"remove_tags": args.tags} if args.remove else {"add_tags": args.tags}
     entry = bank.annotate(args.name, note=args.note, **change)
     print(f"{entry.name}: tags {', '.join(map(escape, entry.tags)) or '(none)'}; note {escape(entry.note) or '(none)'}")
+    return 0
+
+
+def _drop_examples(args: argparse.Namespace) -> int:
+    bank = SkillBank(args.bank, create=False)
+    skill = bank.get(args.name)
+    if skill.examples is None:
+        print(f"{args.name!r} keeps no examples; nothing to drop.")
+        return 0
+    count = len(skill.examples)
+    entry = bank.replace(replace(skill, examples=None))
+    print(f"dropped {count} examples from {args.name!r}: {entry.bytes:,} bytes now ({entry.file})")
     return 0
 
 
