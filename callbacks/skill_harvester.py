@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import shutil
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +18,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.distributed.constants import default_pg_timeout
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from skillbank.callbacks._model import wrapped_model
 from skillbank.errors import SkillbankError, SkillNameError, TimeLimitError
 from skillbank.localization.auto_sparsity import DEFAULT_GRID
 from skillbank.localization.causal_lm import is_causal_lm
+from skillbank.localization.fewshot import examples_from_batches
 from skillbank.localization.finetune import localize_finetune
 from skillbank.localization.methods import LocalizationInputs
 from skillbank.localization.spec import LearnerSpec, LocalizationSpec
@@ -119,6 +123,9 @@ class SkillHarvester(Callback):
             :class:`~skillbank.stitching.routing.SkillRouter` can pick it for requests that do not
             name their task (a Hugging Face encoder model; see :mod:`skillbank.stitching.routing`).
         routing_centroids: at most this many centroids are kept.
+        keep_examples: keep this many tokenized examples a class in the skill (default 0: none), from
+            ``examples`` (default: ``few_shot``, else the validation data): a calibration set with which a
+            composition of several skills can weigh them later (:mod:`skillbank.stitching.calibration`).
         finetuned_dir: where the finetuned weights are saved before localizing (default
             ``<default_root_dir>/finetuned/<name>``; a folder that exists gets a ``-1``, ``-2`` … twin,
             never overwritten), so a failure after training loses nothing: its error says
@@ -153,6 +160,8 @@ class SkillHarvester(Callback):
         validation: Iterable[Any] | None = None,
         routing: Iterable[Any] | None = None,
         routing_centroids: int = 16,
+        keep_examples: int = 0,
+        examples: Iterable[Any] | None = None,
         finetuned_dir: str | Path | None = None,
         keep_finetuned: bool = False,
     ) -> None:
@@ -172,6 +181,9 @@ class SkillHarvester(Callback):
             raise SkillbankError("method='learned' needs few_shot=: a dataloader of labelled examples (e.g. 64 per class).")
         if not name:
             raise SkillNameError("name the skill the harvester should add (name=...).")
+        if keep_examples < 0:
+            raise SkillbankError(f"keep_examples is a count of examples a class (0: none), got {keep_examples}.")
+        self.keep_examples, self.examples = keep_examples, examples
         self.bank, self.name, self.base = Path(bank), name, base
         self.few_shot, self.model_attr, self.task = few_shot, model_attr, task
         self.validation, self.routing = validation, routing
@@ -318,4 +330,15 @@ class SkillHarvester(Callback):
                 "hours=2)))), learn on fewer few-shot batches or epochs, or harvest method='dataless' now and learn the "
                 "mask afterwards in one process (MaskLearner(...).learn, or skillbank fit with a MaskLearner config)."
             ) from None
+        if self.keep_examples:
+            data = next((d for d in (self.examples, self.few_shot, validation) if d is not None), None)
+            if data is None:
+                raise SkillbankError(
+                    "keep_examples needs labelled batches: SkillHarvester(examples=...), few_shot=, or a validation dataloader."
+                )
+            loaders = data if isinstance(data, (list, tuple)) and all(isinstance(d, DataLoader) for d in data) else [data]
+            pad = getattr(getattr(plain, "config", None), "pad_token_id", None) or 0
+            skill = replace(
+                skill, examples=examples_from_batches(itertools.chain(*loaders), self.keep_examples, pad_token_id=pad)
+            )
         return skill

@@ -111,6 +111,16 @@ def test_routing_data_gives_the_skill_centroids_of_the_base_features(base_model,
     assert skill.centroids.shape == (2, 16) and skill.metadata.routing["centroids"] == 2
 
 
+def test_keep_examples_stores_a_balanced_set_from_the_runs_validation_data(base_model, tmp_path):
+    harvester = SkillHarvester(tmp_path / "bank", "s", sparsity=0.05, keep_examples=5)
+    finetune(base_model, harvester)
+    kept = SkillBank(tmp_path / "bank").get("s").examples
+    assert sorted(kept.labels.tolist()) == [0] * 5 + [1] * 5
+    validation = [b for b in task_loader(n=64, seed=1)]  # the fit's validation loader, which it took them from
+    rows = {tuple(r) for b in validation for r in b["input_ids"].tolist()}
+    assert all(tuple(r) in rows for r in kept.inputs["input_ids"].tolist())
+
+
 def test_a_taken_name_fails_before_training(base_model, tmp_path):
     finetune(base_model, SkillHarvester(tmp_path / "bank", "s", sparsity=0.05))
     module = SequenceClassifier(live_copy(base_model), num_labels=2)
@@ -127,6 +137,7 @@ def test_a_taken_name_fails_before_training(base_model, tmp_path):
         (dict(method="magic"), "unknown localization method .magic.; known: dataless, learned"),
         (dict(method="learned"), "needs few_shot="),
         (dict(name=""), "name the skill"),
+        (dict(keep_examples=-1), "keep_examples is a count"),
         (dict(sparsity="half"), r"sparsity must be a fraction in \(0, 1\] or 'auto', got 'half'"),
     ],
 )
