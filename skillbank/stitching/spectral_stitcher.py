@@ -37,7 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from skillbank.errors import StitchError
-from skillbank.stitching.spectral import spectral_delta
+from skillbank.stitching.calibration import Calibration, learn_part_weights
+from skillbank.stitching.spectral import spectral_delta, tsv_skill_parts
 from skillbank.stitching.stitcher import Stitcher
 from skillbank.storage.bank import SkillBank
 from skillbank.storage.skill import Region, Skill, SkillMetadata
@@ -80,7 +81,9 @@ class SpectralStitcher:
         tensors = model.state_dict(keep_vars=True) if isinstance(model, nn.Module) else model
         self._tensors = {k: v for k, v in tensors.items() if v.is_floating_point()}
         self._matrices: dict[str, Skill] = {}  # each stitched skill's regions in weight matrices (all are kept)
+        self._skills: dict[str, Skill] = {}  # each stitched skill whole (the teacher of a calibration)
         self._base: dict[str, Tensor] = {}  # model tensor name -> its base value, while a skill touches it
+        self.calibration: Calibration | None = None  # what calibrate() learned, until the next add or remove
 
     @property
     def stitched(self) -> list[str]:
@@ -136,7 +139,9 @@ class SpectralStitcher:
             self._inner.remove(skill.name)  # exact: the mean rule takes a skill out bit for bit
             raise
         self._matrices[skill.name] = matrices
+        self._skills[skill.name] = skill
         self._write(delta, matrices.regions)
+        self._uncalibrate()
 
     def remove(self, name: str) -> None:
         """Take skill ``name`` out: the other tensors by the mean rule, its matrices recomputed from the others."""
@@ -145,8 +150,9 @@ class SpectralStitcher:
         touched = self._matrices[name].regions
         delta = self._composed({n: s for n, s in self._matrices.items() if n != name}, touched)
         self._inner.remove(name)
-        del self._matrices[name]
+        del self._matrices[name], self._skills[name]
         self._write(delta, touched)
+        self._uncalibrate()
 
     def reset(self) -> None:
         """Put the base back, bit for bit, and forget every stitched skill."""
@@ -156,6 +162,65 @@ class SpectralStitcher:
                 self._tensors[dst].data.copy_(value)
         self._base.clear()
         self._matrices.clear()
+        self._skills.clear()
+        self.calibration = None
+
+    def calibrate(
+        self, *, loss: str = "distill", per: str = "layer", steps: int = 30, lr: float = 0.02, batch_size: int = 32
+    ) -> Calibration:
+        """Weigh each stitched skill's part of every weight matrix (per layer, or per skill) on the examples the
+        skills keep, and write the weighted composition (TSV-M only: its parts add up to it). Every stitched skill
+        must keep examples (``skillbank localize --keep-examples``); see :mod:`skillbank.stitching.calibration`
+        for the losses. The weights hold until the next :meth:`add` or :meth:`remove`, which recompose every
+        matrix without them (the composition stays a function of the set of skills); :attr:`calibration` keeps
+        what was learned. Costs one dense part per skill and matrix in memory while it learns.
+
+        Raises:
+            StitchError: another merge than ``tsv_m``, a model given as a mapping, no skills, skills without
+                examples, or bad settings (:func:`~skillbank.stitching.calibration.learn_part_weights`).
+        """
+        if self.merge != "tsv_m":
+            raise StitchError(f"calibration weighs TSV-M's per-skill parts; this stitcher composes by {self.merge!r}.")
+        if not isinstance(self.model, nn.Module):
+            raise StitchError("calibration runs the model on the skills' examples: give the stitcher an nn.Module.")
+        self._uncalibrate()
+        skills = {n: s for n, s in self._matrices.items() if any(len(r) for r in s.regions.values())}
+        names = align_names({t for s in self._skills.values() for t, r in s.regions.items() if len(r)}, self._tensors)
+        base = self._base_tensors(names)
+        parts = {
+            n: {names[t]: self.scale * part for t, part in p.items()}
+            for n, p in tsv_skill_parts(list(skills.values()), matrices=lambda _n, _t: True).items()
+        }
+        alone = {n: _alone(skill, base, names) for n, skill in self._skills.items() if n in parts} if loss == "distill" else {}
+        examples = {n: s.examples for n, s in self._skills.items() if s.examples is not None}
+        heads = self._inner.heads
+        tensors, self.calibration = learn_part_weights(
+            self.model, base, parts, alone, heads, examples, loss=loss, per=per, steps=steps, lr=lr, batch_size=batch_size
+        )
+        with torch.no_grad():
+            for dst, value in tensors.items():
+                self._tensors[dst].data.copy_(value.to(self._tensors[dst].dtype))
+        return self.calibration
+
+    def _uncalibrate(self) -> None:
+        """After a calibration, every matrix back to the plain composition of the stitched skills."""
+        if self.calibration is None:
+            return
+        self.calibration = None
+        touched = {src: r for s in self._matrices.values() for src, r in s.regions.items() if len(r)}
+        self._write(self._composed(self._matrices, touched), touched)
+
+    def _base_tensors(self, names: Mapping[str, str]) -> dict[str, Tensor]:
+        """The base value (float32) of every model tensor in ``names``' values: the model's with its base entries back."""
+        saved = self.base_values()
+        out = {}
+        for dst in set(names.values()):
+            tensor = self._tensors[dst].detach().float().reshape(-1).clone()
+            if dst in saved:
+                indices, values = saved[dst]
+                tensor[indices.to(tensor.device)] = values.to(tensor.device, torch.float32)
+            out[dst] = tensor.reshape(self._tensors[dst].shape)
+        return out
 
     def _split(self, skill: Skill) -> tuple[Skill, Skill]:
         """``skill``'s regions in weight matrices (checked here) and the rest (the inner stitcher checks those)."""
@@ -206,3 +271,15 @@ class SpectralStitcher:
                     target.data.copy_(merged.to(target.dtype))
                 else:
                     target.data.copy_(self._base.pop(dst))
+
+
+def _alone(skill: Skill, base: Mapping[str, Tensor], names: Mapping[str, str]) -> dict[str, Tensor]:
+    """Every tensor of ``base`` as the base plus ``skill`` alone: its τ added over its entries, the base elsewhere."""
+    out = dict(base)
+    for src, region in skill.regions.items():
+        if len(region):
+            dst = names[src]
+            flat = base[dst].reshape(-1).clone()
+            flat[region.indices.to(flat.device)] += region.values.to(flat.device, torch.float32)
+            out[dst] = flat.reshape(base[dst].shape)
+    return out
