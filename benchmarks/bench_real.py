@@ -42,16 +42,16 @@ from skillbank.integrations.labelled_text import task_loader
 from skillbank.integrations.pulled.tasks import ALL_TASKS, TASKS, TextTask, load_task
 from skillbank.integrations.pulled.wheels import package_root, pull
 from skillbank.localization.auto_sparsity import DEFAULT_GRID, localize_auto, search_sparsity, stitched_scorer, with_choice
-from skillbank.localization.fewshot import balanced_indices
+from skillbank.localization.fewshot import balanced_indices, examples_from_batches
 from skillbank.localization.mask_learner import MaskLearner
 from skillbank.localization.spec import LearnerSpec, LocalizationSpec
 from skillbank.stitching.heads import accuracy
 from skillbank.stitching.routing import SkillRouter, mean_pooled_features, routing_centroids
-from skillbank.stitching.spectral import spectral_delta, tsv_skill_parts
+from skillbank.stitching.spectral import spectral_delta
 from skillbank.stitching.spectral_stitcher import SpectralStitcher
 from skillbank.testbed.demo import quiet as quiet_demo
 from skillbank.vectors.models import apply_delta
-from skillbank.vectors.spectral import MATRIX_MERGES, is_weight_matrix
+from skillbank.vectors.spectral import MATRIX_MERGES
 
 STAGES = (
     "pull",
@@ -517,81 +517,37 @@ def stage_evaluate(b: Bench) -> None:
     run("order independence", lambda: _orders(b, live, base, SkillBank(b.work / "banks" / main, create=False)))
 
 
-def _layer_of(tensor: str) -> str:
-    """The coefficient group of a tensor: its encoder layer (``layer.3``), or ``other`` (embeddings, pooler)."""
-    parts = tensor.split(".")
-    return f"layer.{parts[parts.index('layer') + 1]}" if "layer" in parts else "other"
-
-
 def stage_calibrate(b: Bench) -> None:
-    """The --calibrate-bank's skills composed by TSV-M, each skill's part weighted per encoder layer (or per skill:
-    --calibrate-groups skill), the weights learned on --calibrate-shots labelled training examples per class of
-    every task (cross-entropy through each task's own head; what a skill that keeps a few examples would allow).
-    They start at 1 on the composition as the evaluate stage chose it (matrices at its scale); the row is tested
-    like the others."""
+    """The --calibrate-bank's skills composed by TSV-M at the evaluate stage's scale (a SpectralStitcher), each
+    skill's part weighted per layer (or per skill: --calibrate-groups skill) by ``SpectralStitcher.calibrate`` on
+    --calibrate-shots training examples per class of every task, kept with each skill as ``skillbank localize
+    --keep-examples`` keeps them, for each --calibrate-losses loss; each row is tested like the others."""
     a = b.args
     results = b.read("results.json")
     folder = b.work / "banks" / a.calibrate_bank
-    key = f"L&S {a.calibrate_bank} [TSV-M of the skills, weights learned on {a.calibrate_shots} a class]"
-    if key in results or not folder.is_dir() or not all(n in SkillBank(folder, create=False) for n in b.tasks):
+    if not folder.is_dir() or not all(n in SkillBank(folder, create=False) for n in b.tasks):
         return
     bank = SkillBank(folder, create=False)
-    live = b.classifier().requires_grad_(False)  # only the weights learn
-    base = b.base_state(live)
+    scale = results.get("chosen scales", {}).get(f"L&S {a.calibrate_bank} [TSV-M of the skills]", 1.0)
     heads = _heads(b)
-    start = time.perf_counter()
-    parts = tsv_skill_parts([bank.get(n) for n in b.tasks])
-    group = (lambda t: "all") if a.calibrate_groups == "skill" else _layer_of
-    groups = sorted({group(t) for p in parts.values() for t in p})
-    init = results.get("chosen scales", {}).get(f"L&S {a.calibrate_bank} [TSV-M of the skills]", 1.0)
-    for part in parts.values():  # start from the composition as evaluated: its matrices at the chosen scale
-        for t, tensor in part.items():
-            if is_weight_matrix(t, tensor):
-                part[t] = init * tensor
-    weights = torch.ones(len(b.tasks), len(groups), requires_grad=True)
-    index = {g: i for i, g in enumerate(groups)}
-    prefix = "bert."  # the classifier's names of the base's tensors
-
-    def delta(w: torch.Tensor) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for i, name in enumerate(b.tasks):
-            for t, part in parts[name].items():
-                term = w[i, index[group(t)]] * part
-                out[t] = out[t] + term if t in out else term
-        return out
-
-    calibration = {}
-    for name in b.tasks:
-        train = b.task(name).train
-        idx = balanced_indices(torch.tensor(train.labels), a.calibrate_shots, seed=a.seed + 1)
-        calibration[name] = list(b.loader(name, "train", indices=idx, batch_size=a.batch_size))
-    optimizer = torch.optim.Adam([weights], lr=a.calibrate_lr)
-    loss_fn = nn.CrossEntropyLoss()
-    for epoch in range(a.calibrate_epochs):
-        optimizer.zero_grad()
-        total = 0.0
-        params = {prefix + t: base[t] + v for t, v in delta(weights).items()}
+    for loss in a.calibrate_losses:
+        key = f"L&S {a.calibrate_bank} [TSV-M of the skills, calibrated ({loss}) on {a.calibrate_shots} a class]"
+        if key in results:
+            continue
+        live = b.classifier()
+        stitcher = SpectralStitcher(live, bank=bank, merge="tsv_m", scale=scale)
         for name in b.tasks:
-            with use_head(live, heads[name]):
-                for batch in calibration[name]:
-                    inputs = {k: v.to(b.device) for k, v in batch.items() if k != "labels"}
-                    logits = torch.func.functional_call(live, params, args=(), kwargs=inputs).logits
-                    loss = loss_fn(logits, batch["labels"].to(b.device)) / (len(b.tasks) * len(calibration[name]))
-                    loss.backward(retain_graph=True)
-                    total += float(loss)
-        optimizer.step()
-        print(f"    epoch {epoch + 1}: calibration loss {total:.4f}  weights {weights.min():.3f}..{weights.max():.3f}")
-    b.timed(f"calibrate {a.calibrate_bank}", time.perf_counter() - start)
-    with torch.no_grad():
-        apply_delta(live, base, delta(weights.detach()))
-    results[key] = _eval_heads(b, live, heads, b.test)
-    apply_delta(live, base, {})
-    results.setdefault("calibrated weights", {})[key] = {
-        "groups": groups,
-        "weights": {n: [round(float(x), 4) for x in row] for n, row in zip(b.tasks, weights.detach())},
-        "start": init,
-    }
-    b.write("results.json", results)
+            train = b.task(name).train
+            idx = balanced_indices(torch.tensor(train.labels), a.calibrate_shots, seed=a.seed + 1)
+            kept = examples_from_batches(b.loader(name, "train", indices=idx), a.calibrate_shots, seed=a.seed)
+            stitcher.add(replace(bank.get(name), examples=kept))
+        start = time.perf_counter()
+        record = stitcher.calibrate(loss=loss, per=a.calibrate_groups, steps=a.calibrate_epochs, lr=a.calibrate_lr)
+        b.timed(f"calibrate {a.calibrate_bank} {loss}", time.perf_counter() - start)
+        print(f"    {loss}: loss {record.losses[0]:.4f} -> {record.losses[-1]:.4f} ({time.perf_counter() - start:.0f} s)")
+        results[key] = _eval_heads(b, live, heads, b.test)
+        results.setdefault("calibrated weights", {})[key] = {**record.to_dict(), "scale": scale}
+        b.write("results.json", results)
 
 
 def stage_arrivals(b: Bench) -> None:
@@ -1073,6 +1029,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate-shots", type=int, default=8, help="calibrate stage: labelled examples per class and task")
     p.add_argument("--calibrate-groups", choices=("layer", "skill"), default="layer", help="calibrate stage: a weight per")
     p.add_argument("--calibrate-epochs", type=int, default=30, help="calibrate stage: full-batch Adam steps")
+    p.add_argument(
+        "--calibrate-losses",
+        type=_names,
+        default=["distill", "labels"],
+        help="calibrate stage: the losses the weights are learned on, a row each (distill, labels, entropy)",
+    )
     p.add_argument("--calibrate-lr", type=float, default=0.02, help="calibrate stage: Adam's learning rate")
     p.add_argument(
         "--merges",

@@ -67,7 +67,8 @@ def test_two_task_miniature_end_to_end(tmp_path: Path) -> None:
         "L&S learned",
         "L&S dataless-auto [TSV-M of the skills]",
         "L&S dataless-auto [Iso-C of the skills]",
-        "L&S dataless-auto [TSV-M of the skills, weights learned on 8 a class]",
+        "L&S dataless-auto [TSV-M of the skills, calibrated (distill) on 8 a class]",
+        "L&S dataless-auto [TSV-M of the skills, calibrated (labels) on 8 a class]",
     ):
         assert set(results[key]) == {"spam", "tweets"}, key
         assert all(0.0 <= v <= 1.0 for v in results[key].values())
@@ -75,8 +76,9 @@ def test_two_task_miniature_end_to_end(tmp_path: Path) -> None:
     assert results["order independence"]["bitwise_equal"] == 1.0
     scales = results["chosen scales"]
     assert {"TSV-M", "Iso-C", "Iso-CTS", "L&S dataless-auto [TSV-M of the skills]"} <= set(scales)
-    weights = results["calibrated weights"]["L&S dataless-auto [TSV-M of the skills, weights learned on 8 a class]"]
-    assert set(weights["weights"]) == {"spam", "tweets"} and "layer.0" in weights["groups"]
+    weights = results["calibrated weights"]["L&S dataless-auto [TSV-M of the skills, calibrated (distill) on 8 a class]"]
+    assert set(weights["weights"]) == {"spam", "tweets"} and "bert.encoder.layer.0" in weights["groups"]
+    assert weights["losses"][-1] < weights["losses"][0] and weights["examples"]["spam"] == 16
     assert (work / "plots" / "overlap-learned.png").stat().st_size > 0
     assert (work / "plots" / "recovery.png").stat().st_size > 0
     lora = json.loads((work / "lora.json").read_text())

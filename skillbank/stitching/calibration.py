@@ -110,7 +110,8 @@ def learn_part_weights(
     weights = torch.ones(len(names), len(groups), device=device, requires_grad=True)
     batches = {n: [{k: v.to(device) for k, v in b.items()} for b in examples[n].batches(batch_size)] for n in names}
     was_training = model.training
-    model.eval()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.eval().requires_grad_(False)  # only the weights learn; the model's own .grad stays untouched
     try:
         teachers = _teachers(model, alone, heads, batches) if loss == "distill" else {}
         optimizer = torch.optim.Adam([weights], lr=lr)
@@ -133,6 +134,8 @@ def learn_part_weights(
                 optimizer.step()
     finally:
         model.train(was_training)
+        for parameter in trainable:
+            parameter.requires_grad_(True)
     final = weights.detach()
     with torch.no_grad():
         tensors = _weighted(base, parts, names, final, lambda t: index[group(t)])

@@ -128,6 +128,7 @@ def stitch_to_folder(
     progress: Callable[[Iterable[str]], Iterable[str]] = lambda it: it,
     rule: str | OverlapRule = "mean",
     scale: float = 1.0,
+    calibrate: str | None = None,
 ) -> Path:
     """Stitch ``names`` from ``bank`` onto ``base`` and write the result to ``out``.
 
@@ -137,6 +138,9 @@ def stitch_to_folder(
     is written. ``rule`` combines overlapping skills (see :mod:`skillbank.stitching.overlap`), or names a
     spectral composition of each weight matrix (``"tsv_m"``, ``"iso_c"``, ``"iso_cts"``: a
     :class:`~skillbank.stitching.spectral_stitcher.SpectralStitcher` at ``scale``); it is recorded in the model card.
+    ``calibrate`` (a loss of :mod:`skillbank.stitching.calibration`, with ``rule="tsv_m"`` and a base folder) weighs
+    each skill's part per layer on the examples the skills keep, after every skill is stitched; the weights go into
+    the model card.
     """
     spectral = isinstance(rule, str) and rule in MATRIX_MERGES
     rule = rule if spectral else get_rule(rule).name
@@ -150,18 +154,30 @@ def stitch_to_folder(
     for name in names:
         bank.entry(name)
     base_path = model_path(base)
-    if base_path.is_dir():
-        model: Any = load_base_model(base_path)  # a transformers model (else, below, a flat state dict)
+    if calibrate is not None and (rule != "tsv_m" or not base_path.is_dir()):
+        raise SkillbankError("calibration weighs the parts of a TSV-M composition: rule 'tsv_m' and a base model folder.")
+    live: Any = None  # what the stitcher writes into: the model, or a classifier around it to calibrate through heads
+    if calibrate is not None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # the new head is meant to be new: each skill's own replaces it while it runs
+        live = load_classifier(base_path).eval()
+        model: Any = live.base_model
+    elif base_path.is_dir():
+        model = load_base_model(base_path)  # a transformers model (else, below, a flat state dict)
     else:
         model = load_file(str(base_path))
     check = base_path if base_path.is_dir() else None
     stitcher: Stitcher | SpectralStitcher = (
-        SpectralStitcher(model, check, bank=bank, merge=rule, scale=scale)
+        SpectralStitcher(live if live is not None else model, check, bank=bank, merge=rule, scale=scale)
         if spectral
         else Stitcher(model, check, bank=bank, rule=rule)
     )
     for name in progress(names):
         stitcher.add(name)
+    if calibrate is not None:
+        assert isinstance(stitcher, SpectralStitcher)
+        stitcher.calibrate(loss=calibrate)
     with _building(out) as folder:
         if not isinstance(model, dict):  # a transformers model
             model.save_pretrained(folder)
@@ -180,11 +196,23 @@ def _composition(stitcher: Stitcher | SpectralStitcher, rule: str) -> list[str]:
     """The model card's lines on how the skills were combined."""
     if isinstance(stitcher, SpectralStitcher):
         merge = MATRIX_MERGES[stitcher.merge]
-        return [
+        lines = [
             "θ = θ_pre + s · merge(τ_i) in each weight matrix, the mean of the skills covering each entry elsewhere.",
             "",
             f"Composition: `{merge.name}` — {merge.summary}; scale s = {stitcher.scale:g}.",
         ]
+        record = stitcher.calibration
+        if record is not None:
+            lines += [
+                "",
+                f"Calibrated: each skill's part of each layer weighted, learned on the skills' kept examples (loss "
+                f"`{record.loss}`, {record.steps} Adam steps, loss {record.losses[0]:.4g} → {record.losses[-1]:.4g}):",
+                "",
+                "| skill | " + " | ".join(_md(g) for g in record.groups) + " |",
+                "| --- |" + " --- |" * len(record.groups),
+                *(f"| {_md(n)} | " + " | ".join(f"{w:.3f}" for w in ws) + " |" for n, ws in record.weights.items()),
+            ]
+        return lines
     return [
         "θ = θ_pre + Σ_i γ'_i ⊙ τ_i, where skills overlap combined by the overlap rule below.",
         "",

@@ -594,3 +594,35 @@ def test_localize_keeps_examples_show_lists_them_and_drop_examples_deletes_them(
         assert torch.equal(dropped.regions[name].values, region.values)
     assert main(["drop-examples", bank, "a"]) == 0 and "keeps no examples" in capsys.readouterr().out
     assert main(["show", bank, "a"]) == 0 and "examples  none" in capsys.readouterr().out
+
+
+def test_stitch_calibrate_weighs_the_skills_on_their_kept_examples(folders, capsys):
+    from safetensors.torch import load_file
+
+    from helpers.models import tiny_tokenizer
+
+    rows = [{"text": " ".join(f"w{(n * 5 + j) % 59}" for j in range(3 + n % 3)), "label": n % 2} for n in range(20)]
+    (folders / "calib.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    bank = str(folders / "bank")
+    for i in range(2):
+        tiny_tokenizer([f"w{i}" for i in range(59)]).save_pretrained(folders / f"ft{i}")
+        argv = ["localize", "--base", str(folders / "base"), "--finetuned", str(folders / f"ft{i}"), "--bank", bank]
+        common = ["--name", f"t{i}", "--sparsity", "0.3", "--examples-data", str(folders / "calib.jsonl")]
+        assert main([*argv, *common, "--keep-examples", "4"]) == 0
+    stitch = ["stitch", "--base", str(folders / "base"), "--bank", bank, "--rule", "tsv_m", "--scale", "2"]
+    assert main([*stitch, "--out", str(folders / "plain")]) == 0
+    assert main([*stitch, "--out", str(folders / "calibrated"), "--calibrate"]) == 0
+    assert "calibrated on the skills' kept examples (distill)" in capsys.readouterr().out
+    card = (folders / "calibrated" / "README.md").read_text()
+    assert "Calibrated: each skill's part of each layer weighted" in card and "loss `distill`" in card
+    assert "| t0 | " in card and "| t1 | " in card and "encoder.layer.1" in card
+    plain, calibrated = (load_file(str(folders / f / "model.safetensors")) for f in ("plain", "calibrated"))
+    assert plain.keys() == calibrated.keys()
+    assert not torch.equal(plain["encoder.layer.1.output.dense.weight"], calibrated["encoder.layer.1.output.dense.weight"])
+    assert torch.equal(plain["embeddings.LayerNorm.weight"], calibrated["embeddings.LayerNorm.weight"])  # not a matrix
+
+    assert main([*stitch[:5], "--rule", "mean", "--out", str(folders / "x"), "--calibrate"]) == 2
+    assert "--calibrate weighs the parts of a TSV-M composition: add --rule tsv_m" in capsys.readouterr().err
+    assert main(["drop-examples", bank, "t1"]) == 0
+    assert main([*stitch, "--out", str(folders / "y"), "--calibrate", "labels"]) == 2
+    assert "skills ['t1'] keep no examples" in capsys.readouterr().err and not (folders / "y").exists()

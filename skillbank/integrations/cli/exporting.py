@@ -39,6 +39,16 @@ def register(sub: Any) -> None:  # argparse's subparsers action
         help="with a matrix composition (tsv_m, iso_c, iso_cts): the composed matrices' scale, chosen on "
         "validation data (1.5-2.5 on the real benchmark; default: 1)",
     )
+    p.add_argument(
+        "--calibrate",
+        nargs="?",
+        const="distill",
+        choices=("distill", "labels", "entropy"),
+        default=None,
+        help="with --rule tsv_m and a base model folder: weigh each skill's part of every layer on the examples the "
+        "skills keep (skillbank localize --keep-examples), by distill (default: match each skill alone), labels "
+        "(cross-entropy) or entropy; the weights go into the model card",
+    )
     p.set_defaults(run=_stitch)
 
     p = sub.add_parser(
@@ -62,6 +72,8 @@ def _stitch(args: argparse.Namespace) -> int:
     names = args.skills if args.skills is not None else bank.names()
     if args.scale != 1.0 and args.rule not in _spectral_names():
         raise SkillbankError(f"--scale applies to a matrix composition ({', '.join(_spectral_names())}), not --rule {args.rule}.")
+    if args.calibrate and args.rule != "tsv_m":
+        raise SkillbankError(f"--calibrate weighs the parts of a TSV-M composition: add --rule tsv_m (not {args.rule}).")
     out = stitch_to_folder(
         args.base,
         bank,
@@ -70,7 +82,10 @@ def _stitch(args: argparse.Namespace) -> int:
         progress=lambda it: progress(it, desc="stitch", unit="skill"),
         rule=args.rule,
         scale=args.scale,
+        calibrate=args.calibrate,
     )
+    if args.calibrate:
+        print(f"calibrated on the skills' kept examples ({args.calibrate}); the weights are in {out / 'README.md'}")
     print(f"stitched {len(names)} skills ({', '.join(names)}) onto {args.base} with rule {args.rule!r} -> {out}")
     return 0
 
