@@ -123,6 +123,8 @@ class SkillHarvester(Callback):
             :class:`~skillbank.stitching.routing.SkillRouter` can pick it for requests that do not
             name their task (a Hugging Face encoder model; see :mod:`skillbank.stitching.routing`).
         routing_centroids: at most this many centroids are kept.
+        low_rank: with the dataless method, also keep each weight matrix's top ``low_rank`` singular directions of τ as a
+            low-rank part (:mod:`skillbank.localization.low_rank`); such a skill composes matrix by matrix.
         keep_examples: keep this many tokenized examples a class in the skill (default 0: none), from
             ``examples`` (default: ``few_shot``, else the validation data): a calibration set with which a
             composition of several skills can weigh them later (:mod:`skillbank.stitching.calibration`).
@@ -162,6 +164,7 @@ class SkillHarvester(Callback):
         routing_centroids: int = 16,
         keep_examples: int = 0,
         examples: Iterable[Any] | None = None,
+        low_rank: int = 0,
         finetuned_dir: str | Path | None = None,
         keep_finetuned: bool = False,
     ) -> None:
@@ -176,6 +179,7 @@ class SkillHarvester(Callback):
             value_dtype=value_dtype,
             learner=LearnerSpec.of(learner),
             routing_centroids=routing_centroids,
+            low_rank=low_rank,
         )
         if method == "learned" and few_shot is None:
             raise SkillbankError("method='learned' needs few_shot=: a dataloader of labelled examples (e.g. 64 per class).")

@@ -21,6 +21,7 @@ from skillbank.errors import SkillbankError
 from skillbank.localization.localize import localize_dataless
 from skillbank.sparse import check_sparsity
 from skillbank.stitching.heads import accuracy
+from skillbank.stitching.spectral_stitcher import SpectralStitcher
 from skillbank.stitching.stitcher import Stitcher
 from skillbank.storage.skill import Skill
 from skillbank.vectors.task_vectors import TaskVector
@@ -141,9 +142,11 @@ def stitched_scorer(
     """
     if metric is None:
         metric = accuracy
-    stitcher = Stitcher(model)
+    plain = Stitcher(model)
 
     def score(skill: Skill) -> float:
+        # a skill with low-rank parts composes matrix by matrix; alone, TSV-M gives back its own τ there
+        stitcher = SpectralStitcher(model, merge="tsv_m") if skill.low_rank else plain
         stitcher.add(skill)
         try:
             with stitcher.use_head(skill.name) as live:

@@ -101,6 +101,8 @@ class LocalizationSpec:
         learner: how a ``"learned"`` mask trains (a :class:`LearnerSpec`, or its fields).
         routing_centroids: with routing data, at most this many centroids of the base's features (one per label)
             are stored with the skill, so a :class:`~skillbank.stitching.routing.SkillRouter` can pick it.
+        low_rank: with ``method="dataless"``, each weight matrix's top ``low_rank`` singular directions of τ kept as a
+            low-rank part, the mask taken from what they leave (:mod:`skillbank.localization.low_rank`); 0: none.
 
     >>> spec = LocalizationSpec(method="learned", sparsity="auto", learner={"pool": 30})
     >>> LocalizationSpec.from_dict(spec.to_dict()) == spec
@@ -116,6 +118,7 @@ class LocalizationSpec:
     value_dtype: str = "float32"
     learner: LearnerSpec = field(default_factory=LearnerSpec)
     routing_centroids: int = 16
+    low_rank: int = 0
 
     def __post_init__(self) -> None:
         get_method(self.method)  # an unknown name lists the known ones
@@ -138,6 +141,12 @@ class LocalizationSpec:
         object.__setattr__(self, "learner", LearnerSpec.of(self.learner))
         if isinstance(self.routing_centroids, bool) or not isinstance(self.routing_centroids, int) or self.routing_centroids < 1:
             raise SkillbankError(f"routing_centroids must be a whole number >= 1, got {self.routing_centroids!r}.")
+        if isinstance(self.low_rank, bool) or not isinstance(self.low_rank, int) or self.low_rank < 0:
+            raise SkillbankError(f"low_rank must be a whole number >= 0 (0: no low-rank part), got {self.low_rank!r}.")
+        if self.low_rank and self.method != "dataless":
+            raise SkillbankError(
+                f"a low-rank part (low_rank={self.low_rank}) is made by the dataless method, not {self.method!r}."
+            )
 
     @property
     def auto(self) -> bool:

@@ -88,15 +88,22 @@ def _dense_tensors(
             if shapes.setdefault(tensor, list(shape)) != list(shape):
                 raise StitchError(f"skills disagree on the shape of {tensor!r}: {shapes[tensor]} and {list(shape)}.")
     for tensor, shape in shapes.items():
-        covering = {s.name: s.regions[tensor] for s in ordered if tensor in s.regions and len(s.regions[tensor])}
+        covering = [s for s in ordered if (tensor in s.regions and len(s.regions[tensor])) or tensor in s.low_rank]
         if not covering:
             continue
         dense, count = {}, torch.zeros(math.prod(shape), dtype=torch.float32, device="cpu")
-        for name, region in covering.items():
+        for skill in covering:
             flat = torch.zeros(math.prod(shape), dtype=torch.float32, device="cpu")
-            indices = region.indices.to("cpu", torch.int64)
-            flat[indices] = region.values.to("cpu", torch.float32)
-            count[indices] += 1
-            dense[name] = flat.reshape(shape)
+            region = skill.regions.get(tensor)
+            if region is not None and len(region):
+                indices = region.indices.to("cpu", torch.int64)
+                flat[indices] = region.values.to("cpu", torch.float32)
+                count[indices] += 1
+            dense[skill.name] = flat.reshape(shape)
+            if tensor in skill.low_rank:  # the sparse region holds what the low-rank part leaves: they add up
+                dense[skill.name] += skill.low_rank[tensor].dense().cpu()
         first = next(iter(dense.values()))
-        yield tensor, dense, count.clamp_min(1).reshape(shape), is_matrix(tensor, first)
+        matrix = is_matrix(tensor, first)
+        if not matrix and any(tensor in s.low_rank for s in covering):
+            raise StitchError(f"a skill has a low-rank part of {tensor!r}, which is not a weight matrix; the skill is damaged.")
+        yield tensor, dense, count.clamp_min(1).reshape(shape), matrix

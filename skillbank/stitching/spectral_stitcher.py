@@ -184,8 +184,9 @@ class SpectralStitcher:
         if not isinstance(self.model, nn.Module):
             raise StitchError("calibration runs the model on the skills' examples: give the stitcher an nn.Module.")
         self._uncalibrate()
-        skills = {n: s for n, s in self._matrices.items() if any(len(r) for r in s.regions.values())}
-        names = align_names({t for s in self._skills.values() for t, r in s.regions.items() if len(r)}, self._tensors)
+        skills = {n: s for n, s in self._matrices.items() if s.low_rank or any(len(r) for r in s.regions.values())}
+        touched = {t for s in self._skills.values() for t, r in s.regions.items() if len(r) or t in s.low_rank}
+        names = align_names(touched, self._tensors)
         base = self._base_tensors(names)
         parts = {
             n: {names[t]: self.scale * part for t, part in p.items()}
@@ -207,7 +208,7 @@ class SpectralStitcher:
         if self.calibration is None:
             return
         self.calibration = None
-        touched = {src: r for s in self._matrices.values() for src, r in s.regions.items() if len(r)}
+        touched = {src: r for s in self._matrices.values() for src, r in s.regions.items() if len(r) or src in s.low_rank}
         self._write(self._composed(self._matrices, touched), touched)
 
     def _base_tensors(self, names: Mapping[str, str]) -> dict[str, Tensor]:
@@ -231,6 +232,17 @@ class SpectralStitcher:
             for src, region in skill.regions.items()
             if src in names and is_weight_matrix(src, torch.empty(shapes[src], device="meta"))
         }
+        for src, part in skill.low_rank.items():  # a low-rank part is dense over its matrix: composed here or refused
+            tensor = self._tensors.get(names.get(src, ""))
+            if tensor is None or src not in shapes or list(tensor.shape) != part.shape or part.shape != list(shapes[src]):
+                raise StitchError(
+                    f"skill {skill.name!r}: its low-rank part of {src!r} ({part.shape}) matches no weight matrix of the "
+                    "model of that shape; is it the right base?"
+                )
+            if not is_weight_matrix(src, tensor):
+                raise StitchError(f"skill {skill.name!r} has a low-rank part of {src!r}, which is not a weight matrix.")
+            empty = Region(torch.empty(0, dtype=torch.int64, device="cpu"), torch.empty(0, device="cpu"))
+            matrix.setdefault(src, skill.regions.get(src) or empty)
         for src, region in matrix.items():
             tensor = self._tensors[names[src]]
             if list(tensor.shape) != list(shapes[src]):
@@ -246,14 +258,18 @@ class SpectralStitcher:
             if not bool(torch.isfinite(region.values).all()):
                 raise StitchError(f"skill {skill.name!r} has NaN/Inf values in {src!r}; it cannot be stitched.")
         rest = {src: region for src, region in skill.regions.items() if src not in matrix}
-        return replace(skill, regions=matrix), replace(skill, regions=rest)
+        return replace(skill, regions=matrix), replace(skill, regions=rest, low_rank={})
 
     def _composed(self, skills: Mapping[str, Skill], touched: Mapping[str, Region]) -> dict[str, Tensor]:
         """``scale · merge`` of ``skills`` in each matrix of ``touched`` (computed before anything is written)."""
         covering = [
-            replace(s, regions={src: s.regions[src] for src in touched if src in s.regions})
+            replace(
+                s,
+                regions={src: s.regions[src] for src in touched if src in s.regions},
+                low_rank={src: s.low_rank[src] for src in touched if src in s.low_rank},
+            )
             for s in skills.values()
-            if any(src in s.regions and len(s.regions[src]) for src in touched)
+            if any((src in s.regions and len(s.regions[src])) or src in s.low_rank for src in touched)
         ]
         return spectral_delta(covering, self.merge, self.scale, matrices=lambda _n, _t: True) if covering else {}
 
@@ -282,4 +298,6 @@ def _alone(skill: Skill, base: Mapping[str, Tensor], names: Mapping[str, str]) -
             flat = base[dst].reshape(-1).clone()
             flat[region.indices.to(flat.device)] += region.values.to(flat.device, torch.float32)
             out[dst] = flat.reshape(base[dst].shape)
+    for src, part in skill.low_rank.items():
+        out[names[src]] = out[names[src]] + part.dense().to(base[names[src]].device)
     return out

@@ -394,6 +394,11 @@ class Stitcher:
             bank = self._require_bank(skill)
             sha = bank.entry(skill).sha256
             skill = bank.get(skill)
+        if skill.low_rank:
+            raise StitchError(
+                f"skill {skill.name!r} carries low-rank parts of {len(skill.low_rank)} weight matrices, dense over each: "
+                "compose it matrix by matrix (rule 'tsv_m', 'iso_c' or 'iso_cts'; SpectralStitcher), not entry by entry."
+            )
         names = self._match(skill)
         batch = self._flatten(skill.name, skill.regions, names)
         self._check_base(skill, names)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 __all__ = ["FORMAT_VERSION", "MANIFEST_VERSION", "VALUE_DTYPE_NAMES"]
 
-#: The newest skill file layout this release reads and writes (2: a skill may keep a few examples). Each file
-#: is written at the oldest version that holds it, so a skill without examples stays at 1.
+#: The newest skill file layout this release reads and writes (2: a skill may keep a few examples and low-rank
+#: parts). Each file is written at the oldest version that holds it, so a skill without either stays at 1.
 FORMAT_VERSION = 2
 #: The bank manifest's layout (unchanged since 1; written by this release, the newest it reads).
 MANIFEST_VERSION = 1

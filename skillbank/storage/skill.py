@@ -4,9 +4,10 @@ On disk a skill is one safetensors file: per shared parameter with a non-empty
 region, its sorted flat indices (compact code, see :mod:`skillbank.sparse`) and
 the task-vector values there; the head tensors; optionally its routing
 centroids (``route/centroids``, see :mod:`skillbank.stitching.routing`); optionally a few
-labelled examples (``examples/``, see :mod:`skillbank.storage.examples`); and a JSON
+labelled examples (``examples/``, see :mod:`skillbank.storage.examples`); optionally
+low-rank parts of weight matrices (``lowrank/``, see :mod:`skillbank.storage.low_rank`); and a JSON
 metadata header. Nothing is ever unpickled. A file is written at the oldest format
-version that holds what it holds (1 without examples, 2 with them), so older releases
+version that holds what it holds (1 without examples or low-rank parts, 2 with them), so older releases
 still read every skill they can.
 """
 
@@ -29,6 +30,7 @@ from skillbank.errors import SkillFileError
 from skillbank.sparse import decode_indices, encode_indices
 from skillbank.storage.examples import Examples
 from skillbank.storage.format import FORMAT_VERSION, VALUE_DTYPE_NAMES
+from skillbank.storage.low_rank import LowRank, low_rank_from_tensors, low_rank_tensors
 
 __all__ = ["FORMAT_VERSION", "MAX_CENTROIDS", "Region", "Skill", "SkillMetadata", "VALUE_DTYPES"]
 
@@ -114,7 +116,8 @@ class Skill:
     ``centroids`` (``[C, D]`` float32, or ``None``) are the base model's
     features of a few of the task's examples: what :class:`~skillbank.stitching.routing.SkillRouter`
     compares an input with when a request does not name its task. ``examples`` (or ``None``) are a few
-    tokenized, labelled examples kept to weigh this skill against others in a composition.
+    tokenized, labelled examples kept to weigh this skill against others in a composition. ``low_rank``
+    (base names) are weight matrices' low-rank parts, added to the sparse regions there.
     """
 
     metadata: SkillMetadata
@@ -122,6 +125,7 @@ class Skill:
     head: dict[str, Tensor] = field(default_factory=dict)
     centroids: Tensor | None = None
     examples: Examples | None = None
+    low_rank: dict[str, LowRank] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -132,6 +136,11 @@ class Skill:
     def num_entries(self) -> int:
         """How many task-vector entries the skill carries (``k``)."""
         return sum(len(r) for r in self.regions.values())
+
+    @property
+    def num_low_rank(self) -> int:
+        """How many values its low-rank parts hold (``Σ r·(m + n)``)."""
+        return sum(part.numel for part in self.low_rank.values())
 
     @property
     def num_shared(self) -> int:
@@ -154,8 +163,11 @@ class Skill:
         if self.centroids is not None:
             tensors[_CENTROIDS_KEY] = _checked_centroids(self.centroids, self.name).to("cpu", torch.float32).contiguous().clone()
         metadata = self.metadata
-        if self.examples is not None:  # format 2; a skill without them stays readable by releases that read 1
+        if self.low_rank:
+            tensors.update(low_rank_tensors(self.low_rank, value_dtype))
+        if self.examples is not None:
             tensors.update(self.examples.to_tensors())
+        if self.examples is not None or self.low_rank:  # format 2; a skill without either stays readable by 1's readers
             metadata = replace(metadata, format_version=max(metadata.format_version, 2))
         return st_save(tensors, metadata={_HEADER_KEY: metadata.to_json()})
 
@@ -186,8 +198,11 @@ class Skill:
         if centroids is not None:
             centroids = _checked_centroids(centroids, origin).float()
         examples = Examples.from_tensors({k: tensors.pop(k) for k in Examples.keys(list(tensors))}, origin)
-        if examples is not None and metadata.format_version < 2:
-            raise SkillFileError(f"{origin} holds examples but declares format {metadata.format_version}; it is damaged.")
+        low_rank = low_rank_from_tensors(tensors, metadata.shapes, origin)
+        if (examples is not None or low_rank) and metadata.format_version < 2:
+            raise SkillFileError(
+                f"{origin} holds examples or low-rank parts but declares format {metadata.format_version}; it is damaged."
+            )
         for key, tensor in tensors.items():
             kind, _, rest = key.partition("/")
             if kind == "head":
@@ -219,7 +234,7 @@ class Skill:
             regions[name] = Region(indices, values.float())
         if parts:
             raise SkillFileError(f"{origin} has regions for parameters its header does not list: {sorted(parts)[:5]}.")
-        return cls(metadata=metadata, regions=regions, head=head, centroids=centroids, examples=examples)
+        return cls(metadata=metadata, regions=regions, head=head, centroids=centroids, examples=examples, low_rank=low_rank)
 
     def save(self, path: str | Path) -> None:
         """Write the skill to ``path`` (not atomic; a :class:`SkillBank` writes atomically)."""

@@ -626,3 +626,30 @@ def test_stitch_calibrate_weighs_the_skills_on_their_kept_examples(folders, caps
     assert main(["drop-examples", bank, "t1"]) == 0
     assert main([*stitch, "--out", str(folders / "y"), "--calibrate", "labels"]) == 2
     assert "skills ['t1'] keep no examples" in capsys.readouterr().err and not (folders / "y").exists()
+
+
+def test_localize_low_rank_show_it_and_stitch_it_only_matrix_by_matrix(folders, capsys):
+    from helpers.models import tiny_tokenizer
+
+    bank = str(folders / "bank")
+    argv = ["localize", "--base", str(folders / "base"), "--finetuned", str(folders / "ft0"), "--bank", bank]
+    assert main([*argv, "--name", "lr", "--sparsity", "0.01", "--low-rank", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "low-rank parts: " in out and "rank 2" in out and "--rule tsv_m" in out
+    skill = SkillBank(bank).get("lr")
+    assert skill.metadata.format_version == 2 and {p.rank for p in skill.low_rank.values()} == {2}
+    assert main(["show", bank, "lr"]) == 0 and "low-rank  " in capsys.readouterr().out
+    assert main([*argv, "--name", "x", "--method", "learned", "--low-rank", "2"]) == 2
+    assert "made by the dataless method" in capsys.readouterr().err
+    stitch = ["stitch", "--base", str(folders / "base"), "--bank", bank]
+    assert main([*stitch, "--out", str(folders / "mean")]) == 2
+    assert "carries low-rank parts" in capsys.readouterr().err and not (folders / "mean").exists()
+    assert main([*stitch, "--rule", "iso_c", "--out", str(folders / "iso")]) == 0
+
+    # sized on validation data: each size's skill is scored alone, composed matrix by matrix
+    tiny_tokenizer([f"w{i}" for i in range(59)]).save_pretrained(folders / "ft0")
+    rows = [{"text": " ".join(f"w{(n * 3 + j) % 59}" for j in range(4)), "label": n % 2} for n in range(32)]
+    (folders / "val.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert main([*argv, "--name", "auto", "--sparsity", "auto", "--low-rank", "1", "--val-data", str(folders / "val.jsonl")]) == 0
+    auto = SkillBank(bank).get("auto")
+    assert auto.low_rank and auto.metadata.settings["auto"]["tried"]

@@ -89,6 +89,15 @@ def register(sub: Any) -> None:  # argparse's subparsers action
         "(default: --val-data, when given and --base is a model folder). Needs --base to be a model folder.",
     )
     p.add_argument(
+        "--low-rank",
+        type=int,
+        default=0,
+        metavar="R",
+        help="also keep each weight matrix's top R singular directions of tau as a low-rank part, the sparse mask "
+        "taken from what they leave (default: 0, none; dataless only). Such a skill is stitched matrix by matrix "
+        "(stitch --rule tsv_m, iso_c or iso_cts), not by the per-entry overlap rules",
+    )
+    p.add_argument(
         "--keep-examples",
         type=int,
         default=0,
@@ -177,6 +186,7 @@ def _localize(args: argparse.Namespace) -> int:
         head_patterns=args.head_pattern,
         value_dtype=args.value_dtype,
         routing_centroids=args.max_centroids,
+        low_rank=args.low_rank,
     )
     tokenizer = functools.cache(lambda: load_tokenizer(args.finetuned, args.base))  # read once, where needed
     with progress(total=2, desc=f"localize {args.name}", unit="step") as bar:
@@ -204,6 +214,12 @@ def _localize(args: argparse.Namespace) -> int:
         f"{'replaced' if args.replace else 'added'} {entry.name!r}: {entry.entries:,} of {skill.num_shared:,} entries "
         f"({entry.entries / skill.num_shared:.2%}), head {len(skill.head)} tensors, {entry.bytes:,} bytes -> {bank.path / entry.file}"
     )
+    if skill.low_rank:
+        ranks = sorted({part.rank for part in skill.low_rank.values()})
+        print(
+            f"low-rank parts: {len(skill.low_rank)} matrices, rank {'/'.join(map(str, ranks))}, "
+            f"{skill.num_low_rank:,} values (stitch them with --rule tsv_m, iso_c or iso_cts)"
+        )
     if skill.examples is not None:
         print(f"examples: {skill.examples.summary()} kept (skillbank drop-examples deletes them)")
     if skill.centroids is not None:

@@ -201,6 +201,7 @@ def _show(args: argparse.Namespace) -> int:
                 "head": {n: list(t.shape) for n, t in skill.head.items()},
                 "centroids": None if skill.centroids is None else list(skill.centroids.shape),
                 "examples": None if skill.examples is None else {"count": len(skill.examples), "tokens": skill.examples.length},
+                "low_rank": {n: part.rank for n, part in skill.low_rank.items()},
             }
         )
     print(f"skill {meta.name!r} (task {meta.task!r}) in {bank.path}")
@@ -223,6 +224,13 @@ def _show(args: argparse.Namespace) -> int:
             f"{len(skill.centroids)} centroids, {skill.centroids.shape[1]} wide" if skill.centroids is not None else "none",
         ),
         ("examples", skill.examples.summary() if skill.examples is not None else "none"),
+        (
+            "low-rank",
+            f"{len(skill.low_rank)} matrices, rank {max(p.rank for p in skill.low_rank.values())} at most, "
+            f"{skill.num_low_rank:,} values"
+            if skill.low_rank
+            else "none",
+        ),
     ]:
         print(f"  {key:<9} {escape(str(value))}")
     rows = [(n, "x".join(map(str, meta.shapes[n])), f"{len(r):,}") for n, r in skill.regions.items() if len(r)]

@@ -29,4 +29,8 @@ class DatalessMethod(LocalizationMethod):
     ) -> Skill:
         from skillbank.localization.localize import localize_dataless
 
+        if spec.low_rank:
+            from skillbank.localization.low_rank import localize_low_rank
+
+            return localize_low_rank(tv, spec.low_rank, sparsity, exclude=spec.exclude, **fields)
         return localize_dataless(tv, sparsity, exclude=spec.exclude, **fields)
