@@ -43,6 +43,7 @@ from skillbank.integrations.pulled.tasks import ALL_TASKS, TASKS, TextTask, load
 from skillbank.integrations.pulled.wheels import package_root, pull
 from skillbank.localization.auto_sparsity import DEFAULT_GRID, localize_auto, search_sparsity, stitched_scorer, with_choice
 from skillbank.localization.fewshot import balanced_indices, examples_from_batches
+from skillbank.localization.low_rank import localize_low_rank
 from skillbank.localization.mask_learner import MaskLearner
 from skillbank.localization.spec import LearnerSpec, LocalizationSpec
 from skillbank.stitching.heads import accuracy
@@ -276,17 +277,15 @@ def stage_localize(b: Bench) -> None:
             if name in bank:
                 continue
             start = time.perf_counter()
+            source = {"kind": "full finetune", "finetuned": str(b.finetuned_dir(name))}
             if method == "dataless":
                 tv = task_vector(base, b.finetuned_dir(name), device=b.device)
-                bank.add(
-                    localize_dataless(
-                        tv,
-                        b.args.sparsity,
-                        name=name,
-                        task=name,
-                        source={"kind": "full finetune", "finetuned": str(b.finetuned_dir(name))},
-                    )
-                )
+                bank.add(localize_dataless(tv, b.args.sparsity, name=name, task=name, source=source))
+                seconds = time.perf_counter() - start
+            elif method.startswith("lowrank-"):  # lowrank-R: rank R per matrix, --lowrank-sparsity of the rest
+                tv = task_vector(base, b.finetuned_dir(name), device=b.device)
+                rank = int(method.removeprefix("lowrank-"))
+                bank.add(localize_low_rank(tv, rank, b.args.lowrank_sparsity, name=name, task=name, source=source))
                 seconds = time.perf_counter() - start
             else:
                 skill, seconds = learn_skill(b, name, b.args.sparsity, base)
@@ -486,13 +485,16 @@ def stage_evaluate(b: Bench) -> None:
             return test
 
         run(merge.label, merged)
-    for method in BANKS:
+    low_rank = sorted(p.name for p in (b.work / "banks").glob("lowrank-*"))
+    for method in (*BANKS, *low_rank):
         folder = b.work / "banks" / method
         if not folder.is_dir() or not all(n in SkillBank(folder, create=False) for n in b.tasks):
             continue
         bank = SkillBank(folder, create=False)
         if method != "learned-context":  # its skills are meant to be stitched together, in order
             run(f"L&S {method}, skill alone", lambda bank=bank: _alone(b, live, base, bank))
+        if method in low_rank:
+            continue  # composed matrix by matrix only (--spectral-banks), not by the per-entry rules
         for rule in ("mean", *b.args.rules):
             key = f"L&S {method}" + ("" if rule == "mean" else f" [{rule}]")
             run(key, lambda bank=bank, rule=rule: _stitched(b, live, base, bank, rule))
@@ -702,7 +704,8 @@ def _correct(model: nn.Module, batch: dict) -> torch.Tensor:
 def _alone(b: Bench, live: nn.Module, base: dict, bank: SkillBank) -> dict[str, float]:
     out = {}
     for name in b.tasks:
-        stitcher = Stitcher(live, base, bank=bank)
+        spectral = bank.get(name).low_rank  # alone, TSV-M of one skill is that skill's own τ
+        stitcher = SpectralStitcher(live, base, bank=bank) if spectral else Stitcher(live, base, bank=bank)
         stitcher.add(name)
         with stitcher.use_head(name) as m:
             out[name] = b.acc(m, b.test(name))
@@ -1054,7 +1057,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--localize-methods",
         type=lambda s: s.split(","),
         default=["dataless", "learned"],
-        help="banks the localize stage fills at --sparsity (default: dataless,learned)",
+        help="banks the localize stage fills at --sparsity (default: dataless,learned; lowrank-R: rank-R parts per "
+        "matrix and a --lowrank-sparsity mask of the rest)",
+    )
+    p.add_argument(
+        "--lowrank-sparsity",
+        type=float,
+        default=0.01,
+        help="localize stage, lowrank-R banks (--localize-methods lowrank-16): the sparse mask's size beside the rank-R parts",
     )
     p.add_argument("--target-recovery", type=float, default=0.99, help="auto stage: recovery to keep (default %(default)s)")
     p.add_argument("--no-auto-learned", dest="auto_learned", action="store_false", help="auto stage: size dataless skills only")
