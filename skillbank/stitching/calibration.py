@@ -76,7 +76,7 @@ def learn_part_weights(
     model: nn.Module,
     base: Mapping[str, Tensor],
     parts: Mapping[str, Mapping[str, Tensor]],
-    alone: Mapping[str, Mapping[str, Tensor]],
+    alone: Callable[[str], Mapping[str, Tensor]] | None,
     heads: Mapping[str, Mapping[str, Tensor]],
     examples: Mapping[str, Examples],
     *,
@@ -92,8 +92,8 @@ def learn_part_weights(
         model: the live model (its other tensors as they are stitched); its parameters are not changed.
         base: ``{model tensor name: base value}`` of every tensor in ``parts``.
         parts: ``{skill: {model tensor name: that skill's part}}`` (the parts add up to the composition).
-        alone: ``{skill: {model tensor name: value}}``, the tensors of the base with that skill alone (the teacher
-            of ``"distill"``; unused otherwise).
+        alone: ``alone(skill)`` gives ``{model tensor name: value}``, the tensors of the base with that skill alone
+            (the teacher of ``"distill"``, made one skill at a time; unused otherwise).
         heads: each skill's head.
         examples: each skill's kept examples (every skill of ``parts`` needs some; labels for ``"labels"``).
         loss: ``"distill"``, ``"labels"`` or ``"entropy"``; per: ``"layer"`` or ``"skill"`` (one weight a skill).
@@ -113,7 +113,7 @@ def learn_part_weights(
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.eval().requires_grad_(False)  # only the weights learn; the model's own .grad stays untouched
     try:
-        teachers = _teachers(model, alone, heads, batches) if loss == "distill" else {}
+        teachers = _teachers(model, alone, heads, batches) if loss == "distill" and alone is not None else {}
         optimizer = torch.optim.Adam([weights], lr=lr)
         losses = []
         for step in range(steps + 1):
@@ -198,15 +198,17 @@ def _logits(model: nn.Module, params: Mapping[str, Tensor], batch: Mapping[str, 
 @torch.no_grad()
 def _teachers(
     model: nn.Module,
-    alone: Mapping[str, Mapping[str, Tensor]],
+    alone: Callable[[str], Mapping[str, Tensor]],
     heads: Mapping[str, Mapping[str, Tensor]],
     batches: Mapping[str, list[dict[str, Tensor]]],
 ) -> dict[str, list[Tensor]]:
-    """Each skill's log-probabilities on its own examples with the skill alone (and its head)."""
+    """Each skill's log-probabilities on its own examples with the skill alone (and its head), one skill's
+    tensors in memory at a time."""
     out = {}
     for n, skill_batches in batches.items():
+        params = alone(n)
         with use_head(model, heads[n]):
-            out[n] = [torch.log_softmax(_logits(model, alone[n], b).float(), -1) for b in skill_batches]
+            out[n] = [torch.log_softmax(_logits(model, params, b).float(), -1) for b in skill_batches]
     return out
 
 

@@ -192,11 +192,20 @@ class SpectralStitcher:
             n: {names[t]: self.scale * part for t, part in p.items()}
             for n, p in tsv_skill_parts(list(skills.values()), matrices=lambda _n, _t: True).items()
         }
-        alone = {n: _alone(skill, base, names) for n, skill in self._skills.items() if n in parts} if loss == "distill" else {}
         examples = {n: s.examples for n, s in self._skills.items() if s.examples is not None}
         heads = self._inner.heads
         tensors, self.calibration = learn_part_weights(
-            self.model, base, parts, alone, heads, examples, loss=loss, per=per, steps=steps, lr=lr, batch_size=batch_size
+            self.model,
+            base,
+            parts,
+            lambda n: _alone(self._skills[n], base, names),
+            heads,
+            examples,
+            loss=loss,
+            per=per,
+            steps=steps,
+            lr=lr,
+            batch_size=batch_size,
         )
         with torch.no_grad():
             for dst, value in tensors.items():
