@@ -228,8 +228,9 @@ def _labels_of(head: dict) -> int | None:
 
 
 def export_skill(base: str | Path, bank: SkillBank, name: str, out: str | Path) -> Path:
-    """Write skill ``name`` as a dense single-task model: ``θ_pre + γ ⊙ τ`` with the skill's head, in a folder
-    ``AutoModelForSequenceClassification.from_pretrained`` (or the base's own class) loads without skillbank.
+    """Write skill ``name`` as a dense single-task model: ``θ_pre + γ ⊙ τ`` (plus its low-rank parts) with the
+    skill's head, in a folder ``AutoModelForSequenceClassification.from_pretrained`` (or the base's own class) loads
+    without skillbank.
 
     ``base`` is the base model's ``save_pretrained`` folder (or ``pulled:<alias>``).
     """
@@ -244,8 +245,9 @@ def export_skill(base: str | Path, bank: SkillBank, name: str, out: str | Path) 
         raise SkillbankError(f"--base {base} is not a model folder; export needs the base's save_pretrained folder.")
     labels = _labels_of(skill.head)
     model: Any = load_classifier(base_path, labels).eval() if labels is not None else load_base_model(base_path)
-    stitcher = Stitcher(model, base_path, bank=bank)
-    stitcher.add(skill)
+    # a skill with low-rank parts is composed matrix by matrix; alone, TSV-M gives back its own τ exactly
+    alone = SpectralStitcher(model, base_path, bank=bank) if skill.low_rank else Stitcher(model, base_path, bank=bank)
+    alone.add(skill)
     params = dict(model.state_dict(keep_vars=True))
     names = align_names(skill.head, params)
     missing = sorted(set(skill.head) - set(names))

@@ -72,6 +72,8 @@ def tsv_parts(mats: list[Tensor]) -> list[Tensor]:
     singular vectors (the parts add up to the merge, so each task's share can be weighted on its own)."""
     import torch
 
+    if len(mats) == 1:  # one task keeps every direction, already orthonormal: its own matrix, exactly
+        return [mats[0].float()]
     rank = min(mats[0].shape)
     keep = max(1, rank // len(mats))  # each task's share of the rank (at least one direction)
     us, ss, vhs = [], [], []

@@ -629,6 +629,8 @@ def test_stitch_calibrate_weighs_the_skills_on_their_kept_examples(folders, caps
 
 
 def test_localize_low_rank_show_it_and_stitch_it_only_matrix_by_matrix(folders, capsys):
+    from safetensors.torch import load_file
+
     from helpers.models import tiny_tokenizer
 
     bank = str(folders / "bank")
@@ -645,6 +647,13 @@ def test_localize_low_rank_show_it_and_stitch_it_only_matrix_by_matrix(folders, 
     assert main([*stitch, "--out", str(folders / "mean")]) == 2
     assert "carries low-rank parts" in capsys.readouterr().err and not (folders / "mean").exists()
     assert main([*stitch, "--rule", "iso_c", "--out", str(folders / "iso")]) == 0
+    assert main(["export", bank, "lr", "--base", str(folders / "base"), "--out", str(folders / "alone")]) == 0
+    exported = load_file(str(folders / "alone" / "model.safetensors"))
+    name = "encoder.layer.1.attention.self.value.weight"
+    region, part = skill.regions[name], skill.low_rank[name]
+    tau = part.dense().reshape(-1).index_add(0, region.indices, region.values).reshape(part.shape)
+    base = load_file(str(folders / "base" / "model.safetensors"))[name]
+    assert torch.equal(exported["bert." + name], base + tau)  # base + low-rank part + sparse rest, exactly
 
     # sized on validation data: each size's skill is scored alone, composed matrix by matrix
     tiny_tokenizer([f"w{i}" for i in range(59)]).save_pretrained(folders / "ft0")
