@@ -30,7 +30,7 @@ def table_commands() -> list[str]:
     table = readme.split("From the shell", 1)[1].split("\n\n", 2)[1]
     commands = []
     for row in table.splitlines()[2:]:
-        words = re.match(r"\| `skillbank ([a-z]+)( [^`]*)?`", row)
+        words = re.match(r"\| `skillbank ([a-z-]+)( [^`]*)?`", row)
         assert words, row
         commands.append(words.group(1) + (" --replace" if "--replace" in (words.group(2) or "") else ""))
     return commands
@@ -101,8 +101,11 @@ def test_every_row_of_the_command_table_runs_in_order_after_the_setup(tmp_path, 
         "val.jsonl",
         "--routing-data",
         "val.jsonl",
+        "--keep-examples",
+        "2",
     )
     assert "routing: 2 centroids" in localized and "keeps the target" in localized
+    assert "examples: 4 examples, 2 classes" in localized
     run(
         "localize",
         "--base",
@@ -121,6 +124,7 @@ def test_every_row_of_the_command_table_runs_in_order_after_the_setup(tmp_path, 
     assert json.loads(run("show", f"{demo}/bank", "topic", "--json"))["entry"]["name"] == "topic"
     assert "mask overlap" in run("diff", f"{demo}/bank", "topic", "topic-2")
     run("remove", f"{demo}/bank", "topic-2")
+    assert "dropped 4 examples from 'reviews'" in run("drop-examples", "my-bank", "reviews")
     assert "all 5 skills ok" in run("verify", f"{demo}/bank")
     assert "nothing to remove" in run("gc", f"{demo}/bank")
     run("stitch", "--base", f"{demo}/base", "--bank", f"{demo}/bank", "--skills", "sentiment,topic", "--out", "stitched")
