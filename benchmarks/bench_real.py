@@ -704,9 +704,9 @@ def _correct(model: nn.Module, batch: dict) -> torch.Tensor:
 def _alone(b: Bench, live: nn.Module, base: dict, bank: SkillBank) -> dict[str, float]:
     out = {}
     for name in b.tasks:
-        spectral = bank.get(name).low_rank  # alone, TSV-M of one skill is that skill's own τ
-        stitcher = SpectralStitcher(live, base, bank=bank) if spectral else Stitcher(live, base, bank=bank)
-        stitcher.add(name)
+        skill = bank.get(name)  # read once; alone, TSV-M of one skill is that skill's own τ
+        stitcher = SpectralStitcher(live, base) if skill.low_rank else Stitcher(live, base)
+        stitcher.add(skill)
         with stitcher.use_head(name) as m:
             out[name] = b.acc(m, b.test(name))
         stitcher.remove(name)

@@ -11,6 +11,7 @@ size tried are recorded in the skill's metadata.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -143,10 +144,11 @@ def stitched_scorer(
     if metric is None:
         metric = accuracy
     plain = Stitcher(model)
+    # a skill with low-rank parts composes matrix by matrix; alone, TSV-M gives back its own τ there (made once, if needed)
+    spectral = functools.cache(lambda: SpectralStitcher(model, merge="tsv_m"))
 
     def score(skill: Skill) -> float:
-        # a skill with low-rank parts composes matrix by matrix; alone, TSV-M gives back its own τ there
-        stitcher = SpectralStitcher(model, merge="tsv_m") if skill.low_rank else plain
+        stitcher = spectral() if skill.low_rank else plain
         stitcher.add(skill)
         try:
             with stitcher.use_head(skill.name) as live:

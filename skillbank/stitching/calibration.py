@@ -116,11 +116,11 @@ def learn_part_weights(
         teachers = _teachers(model, alone, heads, batches) if loss == "distill" and alone is not None else {}
         optimizer = torch.optim.Adam([weights], lr=lr)
         losses = []
+        count = sum(len(b) for b in batches.values())  # batches of all skills: each batch's loss is divided by it
         for step in range(steps + 1):
             optimizer.zero_grad()
             total = 0.0
             params = _weighted(base, parts, names, weights, lambda t: index[group(t)])
-            count = sum(len(b) for b in batches.values())
             for n in names:
                 with use_head(model, heads[n]):
                     for i, batch in enumerate(batches[n]):
@@ -213,7 +213,7 @@ def _teachers(
 
 
 def _loss(kind: str, logits: Tensor, labels: Tensor | None, teacher: Tensor | None) -> Tensor:
-    """The batch's summed loss (divided by the example count by the caller)."""
+    """The batch's loss summed over its examples (the caller divides it by the number of batches)."""
     logp = torch.log_softmax(logits.float(), -1)
     if kind == "labels":
         assert labels is not None

@@ -88,7 +88,7 @@ def _dense_tensors(
             if shapes.setdefault(tensor, list(shape)) != list(shape):
                 raise StitchError(f"skills disagree on the shape of {tensor!r}: {shapes[tensor]} and {list(shape)}.")
     for tensor, shape in shapes.items():
-        covering = [s for s in ordered if (tensor in s.regions and len(s.regions[tensor])) or tensor in s.low_rank]
+        covering = [s for s in ordered if s.touches(tensor)]
         if not covering:
             continue
         dense, count = {}, torch.zeros(math.prod(shape), dtype=torch.float32, device="cpu")

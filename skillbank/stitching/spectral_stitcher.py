@@ -184,8 +184,8 @@ class SpectralStitcher:
         if not isinstance(self.model, nn.Module):
             raise StitchError("calibration runs the model on the skills' examples: give the stitcher an nn.Module.")
         self._uncalibrate()
-        skills = {n: s for n, s in self._matrices.items() if s.low_rank or any(len(r) for r in s.regions.values())}
-        touched = {t for s in self._skills.values() for t, r in s.regions.items() if len(r) or t in s.low_rank}
+        skills = {n: s for n, s in self._matrices.items() if any(map(s.touches, s.regions))}
+        touched = {t for s in self._skills.values() for t in s.regions if s.touches(t)}
         names = align_names(touched, self._tensors)
         base = self._base_tensors(names)
         parts = {
@@ -217,7 +217,7 @@ class SpectralStitcher:
         if self.calibration is None:
             return
         self.calibration = None
-        touched = {src: r for s in self._matrices.values() for src, r in s.regions.items() if len(r) or src in s.low_rank}
+        touched = {src: r for s in self._matrices.values() for src, r in s.regions.items() if s.touches(src)}
         self._write(self._composed(self._matrices, touched), touched)
 
     def _base_tensors(self, names: Mapping[str, str]) -> dict[str, Tensor]:
@@ -278,7 +278,7 @@ class SpectralStitcher:
                 low_rank={src: s.low_rank[src] for src in touched if src in s.low_rank},
             )
             for s in skills.values()
-            if any((src in s.regions and len(s.regions[src])) or src in s.low_rank for src in touched)
+            if any(map(s.touches, touched))
         ]
         return spectral_delta(covering, self.merge, self.scale, matrices=lambda _n, _t: True) if covering else {}
 

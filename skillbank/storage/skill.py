@@ -132,6 +132,11 @@ class Skill:
         """The skill's unique name in a bank."""
         return self.metadata.name
 
+    def touches(self, parameter: str) -> bool:
+        """Whether the skill changes ``parameter`` (base name): a non-empty region there, or a low-rank part."""
+        region = self.regions.get(parameter)
+        return parameter in self.low_rank or (region is not None and len(region) > 0)
+
     @property
     def num_entries(self) -> int:
         """How many task-vector entries the skill carries (``k``)."""
