@@ -6,7 +6,8 @@ Stages (each cached in --work, so a re-run resumes where it stopped):
 pull → finetune → localize (dataless + learned skills in two banks) → auto
 (skills sized to keep --target-recovery on validation: dataless, then learned
 from the dataless size) → context (learned masks in arrival order, each
-learned against the model holding the earlier ones) → evaluate (finetuned,
+learned against the model holding the earlier ones) → codes (the auto
+skills' values coded in 1, 2 or 4 bits or bfloat16) → evaluate (finetuned,
 base + head, linear probe, averaging, task arithmetic, TIES, consensus, dataless
 and learned L&S under each overlap rule; order independence; the 2025 merges, and the skills composed matrix
 by matrix) → calibrate (the TSV-M composition's per-skill, per-layer weights learned on a few labelled
@@ -60,6 +61,7 @@ STAGES = (
     "localize",
     "auto",
     "context",
+    "codes",
     "evaluate",
     "calibrate",
     "arrivals",
@@ -340,6 +342,28 @@ def stage_auto(b: Bench) -> None:
         )
 
 
+def _coded_banks(b: Bench) -> list[str]:
+    """The banks the codes stage wrote (``<bank>-<code>``), in the order of --code-banks and --value-codes."""
+    names = [f"{bank}-{code}" for bank in b.args.code_banks for code in b.args.value_codes]
+    return [n for n in names if (b.work / "banks" / n).is_dir()]
+
+
+def stage_codes(b: Bench) -> None:
+    """Each --code-banks bank's skills written again with their values in each --value-codes form (``<bank>-<code>``):
+    what a skill keeps, alone and stitched, against its bits per model parameter (read back, so the evaluate
+    stage sees the coded values)."""
+    for bank_name in b.args.code_banks:
+        source = SkillBank(b.work / "banks" / bank_name, create=False)
+        for code in b.args.value_codes:
+            coded = SkillBank(b.work / "banks" / f"{bank_name}-{code}")
+            for name in b.tasks:
+                if name not in coded:
+                    skill = source.get(name)
+                    coded.add(replace(skill, metadata=replace(skill.metadata, value_dtype=code)))
+            bits = [coded.entry(n).bits_per_parameter or 0.0 for n in b.tasks]
+            print(f"  {bank_name}-{code:<9} {sum(bits) / len(bits):.3f} bits per model parameter (mean over tasks)")
+
+
 def stage_context(b: Bench) -> None:
     """Learned masks in arrival order (--tasks order), each learned against the model holding the earlier ones,
     at the size the auto stage chose for its task (the first task has no context: its auto skill as is)."""
@@ -486,7 +510,7 @@ def stage_evaluate(b: Bench) -> None:
 
         run(merge.label, merged)
     low_rank = sorted(p.name for p in (b.work / "banks").glob("lowrank-*"))
-    for method in (*BANKS, *low_rank):
+    for method in (*BANKS, *_coded_banks(b), *low_rank):
         folder = b.work / "banks" / method
         if not folder.is_dir() or not all(n in SkillBank(folder, create=False) for n in b.tasks):
             continue
@@ -931,7 +955,7 @@ def stage_report(b: Bench) -> None:
         "Iso-C",
         "Iso-CTS",
     ]
-    for bank in BANKS:
+    for bank in (*BANKS, *_coded_banks(b)):
         order += [f"L&S {bank}, skill alone", f"L&S {bank}"] + [f"L&S {bank} [{r}]" for r in ("sum", "sign_mean")]
         order += [f"L&S {bank}, switched (task given)", f"L&S {bank}, routed (task not given)"]
     order += ["L&S dataless, pooler as head, skill alone", "L&S dataless, pooler as head"]
@@ -950,16 +974,17 @@ def stage_report(b: Bench) -> None:
             + f"; mean {_mean(accs, b.tasks):.3f}"
         )
     banks = [m for m in BANKS if (b.work / "banks" / m).is_dir()]
-    for method in banks:
+    for method in (*banks, *_coded_banks(b)):
         bank = SkillBank(b.work / "banks" / method, create=False)
         sizes = [bank.entry(n).bytes for n in b.tasks if n in bank]
         sparsities = [bank.entry(n).sparsity for n in b.tasks if n in bank]
         if not sizes:  # e.g. learned-auto after auto --no-auto-learned
             print(f"\n{method} skills: none of these tasks")
             continue
+        bits = [bank.entry(n).bits_per_parameter or 0.0 for n in b.tasks if n in bank]
         print(
-            f"\n{method} skills: {sum(sizes):,} bytes for {len(sizes)} skills ({sum(sizes) / len(sizes) / 1e6:.2f} MB each), "
-            f"mean sparsity {sum(sparsities) / len(sparsities):.4g}"
+            f"\n{method} skills: {sum(sizes):,} bytes for {len(sizes)} skills ({sum(sizes) / len(sizes) / 1e6:.2f} MB each, "
+            f"{sum(bits) / len(bits):.3f} bits per model parameter), mean sparsity {sum(sparsities) / len(sparsities):.4g}"
         )
         for n in b.tasks:
             auto = bank.get(n).metadata.settings.get("auto") if n in bank else None
@@ -1027,6 +1052,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_names,
         default=["dataless-auto"],
         help="evaluate stage: the banks whose skills are composed by each --spectral merge (default %(default)s)",
+    )
+    p.add_argument("--code-banks", type=_names, default=["dataless-auto"], help="codes stage: the banks whose skills it codes")
+    p.add_argument(
+        "--value-codes",
+        type=_names,
+        default=["1bit", "2bit", "4bit", "bfloat16"],
+        help="codes stage: the value forms each --code-banks skill is written in (default: %(default)s)",
     )
     p.add_argument("--calibrate-bank", default="dataless-auto", help="calibrate stage: the bank whose skills it composes")
     p.add_argument("--calibrate-shots", type=int, default=8, help="calibrate stage: labelled examples per class and task")

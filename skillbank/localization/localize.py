@@ -10,7 +10,8 @@ from torch import Tensor
 
 from skillbank.errors import TaskVectorError
 from skillbank.sparse import check_sparsity, global_topk, num_selected
-from skillbank.storage.skill import VALUE_DTYPES, Region, Skill, SkillMetadata
+from skillbank.storage.format import VALUE_FORMATS
+from skillbank.storage.skill import Region, Skill, SkillMetadata
 from skillbank.vectors.task_vectors import TaskVector, matches
 
 __all__ = [
@@ -73,8 +74,8 @@ def skill_from_regions(
     value_dtype: str = "float32",
 ) -> Skill:
     """Build a :class:`Skill` from its regions (one per shared parameter, in ``shapes``' order) and what it records."""
-    if value_dtype not in VALUE_DTYPES:
-        raise TaskVectorError(f"value_dtype must be one of {sorted(VALUE_DTYPES)}, got {value_dtype!r}.")
+    if value_dtype not in VALUE_FORMATS:
+        raise TaskVectorError(f"value_dtype must be one of {', '.join(VALUE_FORMATS)}, got {value_dtype!r}.")
     metadata = SkillMetadata(
         name=name,
         base_fingerprint=base_fingerprint,

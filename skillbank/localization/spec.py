@@ -13,7 +13,7 @@ from skillbank.localization.auto_sparsity import DEFAULT_GRID
 from skillbank.localization.mask_recipes import MaskRecipe, resolve_recipe
 from skillbank.localization.methods import get_method
 from skillbank.sparse import check_sparsity
-from skillbank.storage.format import VALUE_DTYPE_NAMES
+from skillbank.storage.format import VALUE_FORMATS
 
 __all__ = ["LearnerSpec", "LocalizationSpec"]
 
@@ -97,7 +97,8 @@ class LocalizationSpec:
         target_recovery, grid: the goal and the sizes of the ``auto`` search.
         exclude: regexes of parameters never selected.
         head_patterns: regexes of shared parameters treated as the task head.
-        value_dtype: the dtype the skill stores its values in.
+        value_dtype: how the skill stores its values: a float dtype, or ``1bit``/``2bit``/``4bit`` codes
+            (:mod:`skillbank.storage.value_codes`).
         learner: how a ``"learned"`` mask trains (a :class:`LearnerSpec`, or its fields).
         routing_centroids: with routing data, at most this many centroids of the base's features (one per label)
             are stored with the skill, so a :class:`~skillbank.stitching.routing.SkillRouter` can pick it.
@@ -129,8 +130,8 @@ class LocalizationSpec:
             check_sparsity(self.sparsity)
         if not 0 < self.target_recovery <= 1.5:
             raise SkillbankError(f"target_recovery must be in (0, 1.5], got {self.target_recovery}.")
-        if self.value_dtype not in VALUE_DTYPE_NAMES:
-            raise SkillbankError(f"value_dtype must be one of {', '.join(VALUE_DTYPE_NAMES)}, got {self.value_dtype!r}.")
+        if self.value_dtype not in VALUE_FORMATS:
+            raise SkillbankError(f"value_dtype must be one of {', '.join(VALUE_FORMATS)}, got {self.value_dtype!r}.")
         for name in ("grid", "exclude", "head_patterns"):
             value = getattr(self, name)
             if isinstance(value, str) or not isinstance(value, Sequence):

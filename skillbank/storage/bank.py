@@ -64,6 +64,7 @@ _SUMMARY: dict[str, type | tuple[type, ...]] = {
     "method": str,
     "sparsity": (int, float),
     "entries": int,
+    "shared": int,
     "value_dtype": str,
     "created": str,
     "metrics": dict,
@@ -96,11 +97,17 @@ class SkillEntry:
     method: str = ""
     sparsity: float = 0.0
     entries: int = 0
+    shared: int = 0  # the model entries the skill was localized over (0: a manifest from before this field)
     value_dtype: str = "float32"
     created: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
     note: str = ""
+
+    @property
+    def bits_per_parameter(self) -> float | None:
+        """The skill file's size in bits per model entry it covers (``None`` when the manifest predates ``shared``)."""
+        return self.bytes * 8 / self.shared if self.shared > 0 else None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SkillEntry:
@@ -688,6 +695,7 @@ def _entry_of(skill: Skill, data: bytes, file: str, tags: list[str], note: str) 
         method=meta.method,
         sparsity=meta.sparsity,
         entries=skill.num_entries,
+        shared=skill.num_shared,
         value_dtype=meta.value_dtype,
         created=meta.created,
         metrics=dict(meta.metrics),

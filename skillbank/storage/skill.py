@@ -29,8 +29,10 @@ from torch import Tensor
 from skillbank.errors import SkillFileError
 from skillbank.sparse import decode_indices, encode_indices
 from skillbank.storage.examples import Examples
-from skillbank.storage.format import FORMAT_VERSION, VALUE_DTYPE_NAMES
+from skillbank.storage.format import FORMAT_VERSION, VALUE_CODE_BITS, VALUE_DTYPE_NAMES, VALUE_FORMATS
 from skillbank.storage.low_rank import LowRank, low_rank_from_tensors, low_rank_tensors
+from skillbank.storage.position_codes import decode_positions, encode_positions
+from skillbank.storage.value_codes import decode_values, encode_values
 
 __all__ = ["FORMAT_VERSION", "MAX_CENTROIDS", "Region", "Skill", "SkillMetadata", "VALUE_DTYPES"]
 
@@ -153,16 +155,22 @@ class Skill:
         return sum(math.prod(s) for s in self.metadata.shapes.values())
 
     def to_bytes(self) -> bytes:
-        """Serialize to safetensors bytes (values in ``metadata.value_dtype``)."""
-        value_dtype = VALUE_DTYPES[self.metadata.value_dtype]
+        """Serialize to safetensors bytes (values in ``metadata.value_dtype``: a float dtype, or a code of a few
+        bits with positions in their smallest code and low-rank parts in bfloat16)."""
+        bits = VALUE_CODE_BITS.get(self.metadata.value_dtype)
+        value_dtype = torch.bfloat16 if bits else VALUE_DTYPES[self.metadata.value_dtype]
         tensors: dict[str, Tensor] = {}
         for name, region in self.regions.items():
             if not len(region):
                 continue
             numel = math.prod(self.metadata.shapes[name])
-            for part, code in encode_indices(region.indices, numel).items():
+            codes = encode_positions(region.indices, numel) if bits else encode_indices(region.indices, numel)
+            if bits:
+                codes.update(encode_values(region.values, bits))
+            else:
+                codes["val"] = region.values.detach().to("cpu", value_dtype)
+            for part, code in codes.items():
                 tensors[f"region/{name}/{part}"] = code.contiguous()
-            tensors[f"region/{name}/val"] = region.values.detach().to("cpu", value_dtype).contiguous()
         for name, tensor in self.head.items():
             tensors[f"head/{name}"] = tensor.detach().to("cpu").contiguous().clone()
         if self.centroids is not None:
@@ -174,6 +182,8 @@ class Skill:
             tensors.update(self.examples.to_tensors())
         if self.examples is not None or self.low_rank:  # format 2; a skill without either stays readable by 1's readers
             metadata = replace(metadata, format_version=max(metadata.format_version, 2))
+        if bits:  # format 3: coded values and positions
+            metadata = replace(metadata, format_version=3)
         return st_save(tensors, metadata={_HEADER_KEY: metadata.to_json()})
 
     @classmethod
@@ -208,6 +218,8 @@ class Skill:
             raise SkillFileError(
                 f"{origin} holds examples or low-rank parts but declares format {metadata.format_version}; it is damaged."
             )
+        if metadata.value_dtype in VALUE_CODE_BITS and metadata.format_version < 3:
+            raise SkillFileError(f"{origin} holds coded values but declares format {metadata.format_version}; it is damaged.")
         for key, tensor in tensors.items():
             kind, _, rest = key.partition("/")
             if kind == "head":
@@ -226,8 +238,16 @@ class Skill:
                 regions[name] = Region(torch.empty(0, dtype=torch.int64, device="cpu"), torch.empty(0, device="cpu"))
                 continue
             values = codes.pop("val", None)
+            coded: dict[str, Tensor] = {part: codes.pop(part) for part in ("val_code", "val_levels") if part in codes}
+            bits = VALUE_CODE_BITS.get(metadata.value_dtype)
+            if (bits is not None) != (values is None) or (coded and not bits):
+                raise SkillFileError(
+                    f"{origin}: region {name!r} stores its values in another form than the header's {metadata.value_dtype!r}."
+                )
             try:
-                indices = decode_indices(codes, math.prod(shape))
+                indices = decode_positions(codes, math.prod(shape)) if bits else decode_indices(codes, math.prod(shape))
+                if bits:
+                    values = decode_values(coded, indices.numel(), bits)
             except ValueError as exc:
                 raise SkillFileError(f"{origin}: region {name!r} is damaged: {exc}") from exc
             if values is None or values.numel() != indices.numel():
@@ -271,8 +291,8 @@ def _metadata_problem(data: dict[str, Any]) -> str:
     sparsity = data.get("sparsity")
     if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 <= sparsity <= 1:
         return "'sparsity' must be a number in [0, 1]"
-    if data.get("value_dtype", "float32") not in VALUE_DTYPES:
-        return f"'value_dtype' must be one of {', '.join(VALUE_DTYPES)}"
+    if data.get("value_dtype", "float32") not in VALUE_FORMATS:
+        return f"'value_dtype' must be one of {', '.join(VALUE_FORMATS)}"
     shapes = data["shapes"]
     if not isinstance(shapes, dict) or len(shapes) > _MAX_PARAMETERS:
         return f"'shapes' must map at most {_MAX_PARAMETERS:,} parameter names to shapes"

@@ -339,7 +339,7 @@ def test_json_outputs_follow_their_schema(folders, base_model, capsys):
     listed = json.loads(capsys.readouterr().out)
     assert listed["schema"] == "skillbank.list/1" and [e["name"] for e in listed["skills"]] == ["t0", "t1"]
     entry_keys = {"name", "file", "bytes", "sha256", "task", "method", "sparsity", "entries", "value_dtype", "created", "metrics"}
-    entry_keys |= {"tags", "note"}
+    entry_keys |= {"tags", "note", "shared"}
     assert all(set(e) == entry_keys for e in listed["skills"])
     assert listed["skills"][0]["sha256"] == bank.entry("t0").sha256
 

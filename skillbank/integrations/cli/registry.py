@@ -173,14 +173,20 @@ def _list(args: argparse.Namespace) -> int:
             f"{e.entries:,}",
             e.value_dtype,
             f"{e.bytes:,}",
+            _bits_cell(e.bits_per_parameter),
             e.created,
         )
         + ((",".join(e.tags),) if any_tags else ())
         for e in entries
     ]
-    headers = ("name", "task", "method", "sparsity", "recovery", "entries", "values", "bytes", "created")
+    headers = ("name", "task", "method", "sparsity", "recovery", "entries", "values", "bytes", "bits/param", "created")
     print(table(headers + (("tags",) if any_tags else ()), rows))
     return 0
+
+
+def _bits_cell(bits: float | None) -> str:
+    """Bits per model parameter for a table: two significant decimals below 10, "-" when unknown."""
+    return "-" if bits is None else f"{bits:.2f}" if bits < 10 else f"{bits:.0f}"
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -188,6 +194,7 @@ def _show(args: argparse.Namespace) -> int:
     entry = bank.entry(args.name)
     skill = bank.get(args.name)
     meta = skill.metadata
+    bits = entry.bytes * 8 / skill.num_shared if skill.num_shared else None
     if args.json:
         return print_json(
             {
@@ -197,6 +204,7 @@ def _show(args: argparse.Namespace) -> int:
                 "metadata": asdict(meta),
                 "entries": skill.num_entries,
                 "shared": skill.num_shared,
+                "bits_per_parameter": bits,
                 "regions": {n: len(r) for n, r in skill.regions.items() if len(r)},
                 "head": {n: list(t.shape) for n, t in skill.head.items()},
                 "centroids": None if skill.centroids is None else list(skill.centroids.shape),
@@ -210,7 +218,10 @@ def _show(args: argparse.Namespace) -> int:
         ("sparsity", meta.sparsity),
         ("entries", f"{skill.num_entries:,} of {skill.num_shared:,}"),
         ("values", meta.value_dtype),
-        ("file", f"{entry.file} ({entry.bytes:,} bytes, sha256 {entry.sha256[:16]}…)"),
+        (
+            "file",
+            f"{entry.file} ({entry.bytes:,} bytes, {_bits_cell(bits)} bits per parameter, sha256 {entry.sha256[:16]}…)",
+        ),
         ("base", f"{meta.base_fingerprint[:16]}…"),
         ("created", meta.created),
         ("tags", ", ".join(entry.tags) or "-"),
