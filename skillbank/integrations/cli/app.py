@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from skillbank.errors import SkillbankError
-from skillbank.integrations.cli import exporting, localizing, registry, running
+from skillbank.integrations.cli import exporting, localizing, registry, running, serving
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_BROKEN_PIPE", "EXIT_INTERRUPTED", "build_parser", "main"]
 
@@ -167,6 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="also show the libraries' own logs and progress bars (transformers, Hugging Face Hub)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (running, localizing, registry, exporting):
+    for group in (running, localizing, registry, exporting, serving):
         group.register(sub)
     return parser
