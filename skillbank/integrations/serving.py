@@ -2,8 +2,8 @@
 
 LitServe brings the HTTP layer, the worker process and the batching; this
 module says what a batch means here. :class:`SkillServer` (a ``LitAPI``) holds
-the base classifier, a :class:`~skillbank.Stitcher` and each bank skill
-*prepared* (checked and laid out once). A batch of requests is grouped by skill
+the base classifier, a :class:`~skillbank.stitching.single_skill.SingleSkillSwitcher`
+and each bank skill *prepared* (checked, decoded and laid out once). A batch of requests is grouped by skill
 and each group costs one switch: the skill held by the last group stays held
 when the next batch starts with it. A request that names no skill is routed
 to the skill whose routing centroids are nearest under the base
@@ -113,7 +113,7 @@ class SkillServer(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         """Load the base, its tokenizer and every bank skill, prepared (LitServe calls this in the worker)."""
-        from skillbank.stitching.stitcher import Stitcher
+        from skillbank.stitching.single_skill import SingleSkillSwitcher
         from skillbank.vectors.models import load_classifier, load_tokenizer
 
         # Ctrl-C reaches the whole process group: the server process stops this worker, so no traceback here
@@ -122,11 +122,10 @@ class SkillServer(ls.LitAPI):
         self.bank = SkillBank(self.bank_path, create=False)
         self.model = load_classifier(self.base_path).to(self.device).eval()
         self.tokenizer = load_tokenizer(self.tokenizer_path)
-        self.stitcher = Stitcher(self.model, self.base_path, bank=self.bank)
+        self.switcher = SingleSkillSwitcher(self.model, self.base_path, bank=self.bank)
         self.prepared: dict[str, Any] = {}
         self.centroids: dict[str, torch.Tensor] = {}
         self.metrics: dict[str, Any] = {"switches": 0, "batches": 0, "requests": 0, "skills": {}, "started": time.time()}
-        self.held: str | None = None
         self._looked = 0.0
         self._refresh(force=True)
 
@@ -141,7 +140,7 @@ class SkillServer(ls.LitAPI):
             self.centroids.pop(name, None)
         for name in [n for n in names if n not in self.prepared]:
             skill = self.bank.get(name)
-            self.prepared[name] = self.stitcher.prepare(skill)
+            self.prepared[name] = self.switcher.prepare(skill)
             if skill.centroids is not None:
                 self.centroids[name] = skill.centroids
         self.metrics["held"] = sorted(self.prepared)
@@ -172,16 +171,16 @@ class SkillServer(ls.LitAPI):
         groups: dict[str, list[int]] = {}
         for i, name in enumerate(chosen):
             groups.setdefault(str(name), []).append(i)
-        order = sorted(groups, key=lambda n: n != self.held)  # the held skill first: no switch for it
+        order = sorted(groups, key=lambda n: n != self.switcher.held)  # the held skill first: no switch for it
         for name in order:
             if name not in self.prepared:
                 raise SkillbankError(f"skill {name!r} left the bank before its requests were answered.")
-            if name != self.held:
-                self.stitcher.switch([self.prepared[name]])
-                self.held = name
+            skill = self.prepared[name]
+            if skill is not self.switcher.held_skill:  # by object: a skill replaced in the bank is switched to anew
+                self.switcher.switch(skill)
                 self.metrics["switches"] += 1
             members = groups[name]
-            with torch.no_grad(), self.stitcher.use_head(name) as model:
+            with torch.no_grad(), self.switcher.use_head(skill) as model:
                 logits = model(**self._tokens([requests[i].text for i in members])).logits.float().cpu()
             for i, row in zip(members, logits):
                 answers[i].update(skill=name, label=int(row.argmax()), logits=row.tolist())
@@ -202,9 +201,8 @@ class SkillServer(ls.LitAPI):
 
         if not self.centroids:
             raise SkillbankError("no skill of this bank has routing data; name the skill in each request.")
-        if self.held is not None:
-            self.stitcher.switch([])
-            self.held = None
+        if self.switcher.held is not None:
+            self.switcher.switch(None)
             self.metrics["switches"] += 1
         router = SkillRouter(self.centroids)
         with torch.no_grad():
