@@ -57,7 +57,7 @@ class DenseServer(ls.LitAPI):
         self.models = {name: load_classifier(folder).eval() for name, folder in self.folders.items()}
         self.tokenizer = load_tokenizer(self.tokenizer_path)
 
-    def decode_request(self, request: Any) -> dict:
+    def decode_request(self, request):  # noqa: ANN001, ANN201 - unannotated: LitServe then passes the JSON body
         return request
 
     def batch(self, inputs: list) -> list:

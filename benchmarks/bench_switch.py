@@ -3,12 +3,16 @@
     python benchmarks/bench_switch.py [--device cuda] [--repeats 21] [--out switch.json]
 
 A RoBERTa-base-sized model (about 125M parameters, random init from the default
-``RobertaConfig``) and random skills at 1% and 5% (uniform per tensor, as in
+``RobertaConfig``) and random skills at 1% and 10% (``--sparsities``; uniform per tensor, as in
 ``bench_stitch.py``). Measured in one run, median of ``--repeats``:
 
 * **skill switch**: the live model holds skill A; ``Stitcher.switch([B])``
   rewrites the union of A's and B's masks (skills in memory, and read from the
   bank: one file read + parse per switch);
+* **one-skill switch**: ``SingleSkillSwitcher`` (what ``skillbank serve`` uses) from A to
+  B, prepared (two scatters a tensor), and by name from a bank of the skills coded in
+  2 bits (read, decode, prepare, switch); and by name into banks of ``--bank-sizes``
+  2-bit 1% skills (median and slowest);
 * **dense reload**: ``load_weights`` of a whole finetuned checkpoint read from
   a safetensors file (what serving a task with its own finetune costs);
 * **PEFT hot-swap**: ``peft.utils.hotswap.hotswap_adapter`` of a LoRA adapter
@@ -24,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,6 +43,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_stitch import make_base, random_skill, sync  # noqa: E402
 from skillbank import SkillBank, Stitcher, base_fingerprint  # noqa: E402
+from skillbank.stitching.single_skill import SingleSkillSwitcher  # noqa: E402
 
 LINEAR_MODULES = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
@@ -64,7 +71,7 @@ def lora_rank_for(model: torch.nn.Module, target_bytes: int) -> int:
     return max(1, round(target_bytes / (4 * per_rank)))
 
 
-def bench(device: str, repeats: int, work: Path) -> dict:
+def bench(device: str, repeats: int, work: Path, sparsities: list[float], bank_sizes: list[int]) -> dict:
     model = make_base(device)
     base = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
     fingerprint = base_fingerprint(base)
@@ -81,7 +88,7 @@ def bench(device: str, repeats: int, work: Path) -> dict:
     }
     model.load_state_dict(base, strict=False)
     print(f"dense reload of a {dense_bytes / 1e6:.0f} MB checkpoint: {out['dense reload ms']:.0f} ms", flush=True)
-    for sparsity in (0.01, 0.05):
+    for sparsity in sparsities:
         bank = SkillBank(work / f"bank-{sparsity:g}")
         skills = [random_skill(base, fingerprint, f"s{i}", seed=i, sparsity=sparsity) for i in range(2)]
         for skill in skills:
@@ -98,28 +105,90 @@ def bench(device: str, repeats: int, work: Path) -> dict:
         in_memory = median_ms(lambda: flip(skills), repeats, device)
         from_bank = median_ms(lambda: flip(["s0", "s1"]), repeats, device)
         stitcher.switch([])
+        one = bench_one_skill(model, base, skills, work / f"coded-{sparsity:g}", repeats, device)
         lora = bench_lora(model, skill_bytes, work / f"lora-{sparsity:g}", repeats, device)
         out[f"{sparsity:g}"] = {
             "skill bytes": skill_bytes,
             "switch ms (skills in memory)": in_memory,
             "switch ms (read from the bank)": from_bank,
+            **one,
             **lora,
         }
         print(
             f"{sparsity:.0%} skills ({skill_bytes / 1e6:.1f} MB): switch {in_memory:.1f} ms in memory, "
-            f"{from_bank:.1f} ms from the bank; LoRA r={lora['lora rank']} ({lora['lora bytes'] / 1e6:.1f} MB): "
+            f"{from_bank:.1f} ms from the bank; one-skill path {one['one-skill switch ms (prepared)']:.1f} ms prepared, "
+            f"{one['one-skill switch ms (2bit, read from the bank)']:.1f} ms from a 2bit bank "
+            f"({one['2bit skill bytes'] / 1e6:.2f} MB); LoRA r={lora['lora rank']} ({lora['lora bytes'] / 1e6:.1f} MB): "
             f"hot-swap {lora['peft hotswap ms']:.1f} ms, set_adapter {lora['peft set_adapter ms']:.2f} ms",
             flush=True,
         )
+    out["bank sizes"] = bench_bank_sizes(model, base, fingerprint, bank_sizes, work / "bank-sizes", device)
     out["memory bytes"] = {
         str(n): {
             "base + N skills (1%)": dense_bytes + n * out["0.01"]["skill bytes"],
-            "base + N skills (5%)": dense_bytes + n * out["0.05"]["skill bytes"],
             "N dense finetunes": n * dense_bytes,
             "base + N LoRA (1%-sized)": dense_bytes + n * out["0.01"]["lora bytes"],
         }
         for n in (6, 100)
     }
+    return out
+
+
+def bench_one_skill(model: torch.nn.Module, base: dict, skills: list, folder: Path, repeats: int, device: str) -> dict:
+    """The one-skill serving path (``SingleSkillSwitcher``): A -> B between prepared skills, and by name from a bank of
+    the same skills coded in 2 bits (a read, a decode and a prepare each switch)."""
+    switcher = SingleSkillSwitcher(model, base)
+    prepared = [switcher.prepare(s) for s in skills]
+    state = {"at": 0}
+
+    def flip() -> None:
+        state["at"] ^= 1
+        switcher.switch(prepared[state["at"]])
+
+    fast = median_ms(flip, repeats, device)
+    switcher.switch(None)  # the base back before another switcher is made on the model
+    bank = SkillBank(folder)
+    for skill in skills:
+        bank.add(replace(skill, metadata=replace(skill.metadata, value_dtype="2bit")))
+    coded = SingleSkillSwitcher(model, base, bank=bank)
+
+    def by_name() -> None:
+        state["at"] ^= 1
+        coded.switch(coded.prepare(skills[state["at"]].name))
+
+    slow = median_ms(by_name, max(3, repeats // 3), device)
+    coded.switch(None)
+    return {
+        "one-skill switch ms (prepared)": fast,
+        "one-skill switch ms (2bit, read from the bank)": slow,
+        "2bit skill bytes": bank.entry(skills[0].name).bytes,
+        "prepared bytes": prepared[0].nbytes,
+    }
+
+
+def bench_bank_sizes(model: torch.nn.Module, base: dict, fingerprint: str, sizes: list[int], folder: Path, device: str) -> dict:
+    """One-skill switches by name into banks of 2bit 1% skills of growing size: median and slowest of 9 switches
+    to skills drawn at random (each a manifest lookup, a read, a decode, a prepare and the switch)."""
+    bank = SkillBank(folder)
+    switcher = SingleSkillSwitcher(model, base, bank=bank)
+    out = {}
+    rng = random.Random(0)
+    for size in sizes:
+        for i in range(len(bank.names()), size):
+            skill = random_skill(base, fingerprint, f"b{i}", seed=100 + i, sparsity=0.01)
+            bank.add(replace(skill, metadata=replace(skill.metadata, value_dtype="2bit")))
+        times = []
+        for name in [rng.choice(bank.names()) for _ in range(10)]:
+            start = time.perf_counter()
+            switcher.switch(switcher.prepare(name))
+            sync(device)
+            times.append(1e3 * (time.perf_counter() - start))
+        times = sorted(times[1:])  # the first warms up
+        out[str(size)] = {"median ms": statistics.median(times), "slowest ms": times[-1]}
+        print(
+            f"bank of {size} 2bit skills: switch by name median {out[str(size)]['median ms']:.0f} ms, slowest {times[-1]:.0f} ms"
+        )
+    switcher.switch(None)
     return out
 
 
@@ -162,10 +231,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=21, help="timed repeats per figure (median; default 21)")
     parser.add_argument("--out", help="write the figures as JSON here")
+    parser.add_argument("--sparsities", type=lambda t: [float(x) for x in t.split(",")], default=[0.01, 0.1])
+    parser.add_argument(
+        "--bank-sizes", type=lambda t: [int(x) for x in t.split(",")], default=[2, 10, 100], help="skills in the bank"
+    )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory(prefix="bench-switch-") as work:
-        result = bench(args.device, args.repeats, Path(work))
+        result = bench(args.device, args.repeats, Path(work), args.sparsities, args.bank_sizes)
     for n, row in result["memory bytes"].items():
         print(f"N = {n}: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in row.items()))
     if args.out:

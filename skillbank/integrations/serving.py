@@ -28,6 +28,7 @@ import os
 import signal
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from skillbank.errors import SkillbankError
+from skillbank.stitching.single_skill import SwitchableSkill
 from skillbank.storage.bank import SkillBank
 
 __all__ = ["MAX_TEXT_CHARS", "ServeRequest", "SkillServer", "build_server", "read_metrics"]
@@ -89,6 +91,8 @@ class SkillServer(ls.LitAPI):
         tokenizer: the tokenizer's folder (default: ``base``).
         max_length: tokens per text (longer texts are cut).
         refresh_seconds: how often the worker looks for new or removed bank skills.
+        max_prepared: skills kept prepared in memory (16 bytes an entry each); others are read from the bank and
+            prepared when a request names them, the least recently used one leaving.
         metrics_path: where the worker writes its metrics (JSON, replaced atomically after every batch).
         max_batch_size, batch_timeout: LitServe's batching.
     """
@@ -101,6 +105,7 @@ class SkillServer(ls.LitAPI):
         tokenizer: str | Path | None = None,
         max_length: int = 128,
         refresh_seconds: float = 2.0,
+        max_prepared: int = 64,
         metrics_path: str | Path | None = None,
         max_batch_size: int = 16,
         batch_timeout: float = 0.01,
@@ -108,7 +113,7 @@ class SkillServer(ls.LitAPI):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
         self.bank_path, self.base_path = Path(bank), Path(base)
         self.tokenizer_path = Path(tokenizer) if tokenizer is not None else self.base_path
-        self.max_length, self.refresh_seconds = max_length, refresh_seconds
+        self.max_length, self.refresh_seconds, self.max_prepared = max_length, refresh_seconds, max(1, max_prepared)
         self.metrics_path = Path(metrics_path) if metrics_path is not None else None
 
     def setup(self, device: str) -> None:
@@ -123,27 +128,56 @@ class SkillServer(ls.LitAPI):
         self.model = load_classifier(self.base_path).to(self.device).eval()
         self.tokenizer = load_tokenizer(self.tokenizer_path)
         self.switcher = SingleSkillSwitcher(self.model, self.base_path, bank=self.bank)
-        self.prepared: dict[str, Any] = {}
+        self.offered: set[str] = set()
+        self.prepared: OrderedDict[str, SwitchableSkill] = OrderedDict()  # least recently used first
         self.centroids: dict[str, torch.Tensor] = {}
-        self.metrics: dict[str, Any] = {"switches": 0, "batches": 0, "requests": 0, "skills": {}, "started": time.time()}
+        self.metrics: dict[str, Any] = {
+            "switches": 0,
+            "batches": 0,
+            "requests": 0,
+            "prepared on demand": 0,
+            "skills": {},
+            "started": time.time(),
+        }
         self._looked = 0.0
         self._refresh(force=True)
 
     def _refresh(self, force: bool = False) -> None:
-        """Prepare the bank's new skills and forget removed ones (a held one stays stitched until the next switch)."""
+        """Offer the bank's new skills (prepared while there is room) and forget removed ones (a held one stays
+        in the model until the next switch, so requests already in its batch are answered)."""
         if not force and time.monotonic() - self._looked < self.refresh_seconds:
             return
         self._looked = time.monotonic()
         names = self.bank.names()
-        for name in [n for n in self.prepared if n not in names]:
-            del self.prepared[name]
+        for name in [n for n in self.offered if n not in names]:
+            self.offered.discard(name)
+            self.prepared.pop(name, None)
             self.centroids.pop(name, None)
-        for name in [n for n in names if n not in self.prepared]:
+        for name in [n for n in names if n not in self.offered]:
             skill = self.bank.get(name)
-            self.prepared[name] = self.switcher.prepare(skill)
+            self.offered.add(name)
             if skill.centroids is not None:
                 self.centroids[name] = skill.centroids
-        self.metrics["held"] = sorted(self.prepared)
+            if len(self.prepared) < self.max_prepared:
+                self.prepared[name] = self.switcher.prepare(skill)
+        self.metrics["offered"] = sorted(self.offered)
+        self.metrics["prepared"] = len(self.prepared)
+
+    def _skill(self, name: str) -> SwitchableSkill:
+        """Skill ``name`` prepared: from the cache (now the most recently used), or read from the bank, the least
+        recently used skill leaving the cache when it is full."""
+        if name in self.prepared:
+            self.prepared.move_to_end(name)
+            return self.prepared[name]
+        if name not in self.offered:
+            raise SkillbankError(f"skill {name!r} left the bank before its requests were answered.")
+        skill = self.switcher.prepare(name)
+        self.metrics["prepared on demand"] += 1
+        while len(self.prepared) >= self.max_prepared:  # the held skill may leave too: the switcher keeps its own copy
+            self.prepared.popitem(last=False)
+        self.prepared[name] = skill
+        self.metrics["prepared"] = len(self.prepared)
+        return skill
 
     def decode_request(self, request: ServeRequest) -> ServeRequest:
         """The request as FastAPI parsed and checked it (see :class:`ServeRequest`)."""
@@ -159,7 +193,7 @@ class SkillServer(ls.LitAPI):
 
     def predict(self, requests: list[ServeRequest]) -> list[dict[str, Any]]:
         """Answer each request with its skill's model: route the unnamed ones, then one switch per skill group."""
-        self._refresh(force=any(r.skill is not None and r.skill not in self.prepared for r in requests))
+        self._refresh(force=any(r.skill is not None and r.skill not in self.offered for r in requests))
         start = time.perf_counter()
         answers: list[dict[str, Any]] = [{} for _ in requests]
         chosen: list[str | None] = [r.skill for r in requests]
@@ -173,9 +207,9 @@ class SkillServer(ls.LitAPI):
             groups.setdefault(str(name), []).append(i)
         order = sorted(groups, key=lambda n: n != self.switcher.held)  # the held skill first: no switch for it
         for name in order:
-            if name not in self.prepared:
-                raise SkillbankError(f"skill {name!r} left the bank before its requests were answered.")
-            skill = self.prepared[name]
+            held = self.switcher.held_skill
+            # a skill removed from the bank while held still answers the requests already in its batch (drained)
+            skill = held if held is not None and held.name == name and name not in self.offered else self._skill(name)
             if skill is not self.switcher.held_skill:  # by object: a skill replaced in the bank is switched to anew
                 self.switcher.switch(skill)
                 self.metrics["switches"] += 1

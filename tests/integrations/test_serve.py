@@ -43,7 +43,7 @@ def _skill(base: BertModel, seed: int, labels: int):  # noqa: ANN202 - a Skill
 
 
 @pytest.fixture
-def served(tmp_path):  # noqa: ANN201 - (url, bank folder, base folder, process)
+def served(tmp_path, request):  # noqa: ANN201 - (url, bank folder, base folder, process); request.param: more flags
     torch.manual_seed(0)
     base = BertModel(tiny_config()).eval()
     base.save_pretrained(tmp_path / "base")
@@ -56,7 +56,7 @@ def served(tmp_path):  # noqa: ANN201 - (url, bank folder, base folder, process)
         port = probe.getsockname()[1]
     command = [sys.executable, "-c", "from skillbank.integrations.cli import main; raise SystemExit(main())", "serve"]
     command += [str(tmp_path / "bank"), "--base", str(tmp_path / "base"), "--port", str(port), "--max-batch-size", "8"]
-    command += ["--refresh", "0.5"]
+    command += ["--refresh", "0.5", *getattr(request, "param", [])]
     log = (tmp_path / "server.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -118,7 +118,8 @@ def test_every_answer_is_its_skills_own_model(served):
     with urllib.request.urlopen(f"{url}/metrics", timeout=REQUEST) as response:
         metrics = json.loads(response.read())
     assert metrics["requests"] == 50 and sum(s["requests"] for s in metrics["skills"].values()) == 50
-    assert metrics["held"] == ["t0", "t1", "t2"] and 3 <= metrics["switches"] <= metrics["batches"] * 3
+    assert metrics["offered"] == ["t0", "t1", "t2"] and metrics["prepared"] == 3 and metrics["prepared on demand"] == 0
+    assert 3 <= metrics["switches"] <= metrics["batches"] * 3
 
     os.kill(process.pid, signal.SIGTERM)  # a process manager's stop: the server and every process it started end
     assert process.wait(timeout=STARTUP) == 0
@@ -173,3 +174,16 @@ def test_bad_requests_get_a_422_that_says_why_and_the_server_goes_on(served):
     bank.remove("t0")  # a removed one is no longer offered
     status, answer = _post(url, {"text": "w1", "skill": "t0"})
     assert status == 422 and "the bank holds: t1, t2, t3" in json.dumps(answer)
+
+
+@pytest.mark.parametrize("served", [["--max-prepared", "1"]], indirect=True)
+def test_skills_past_the_prepared_cache_are_read_from_the_bank_when_named(served):
+    url, folder, _, _ = served
+    texts, skills = [f"w{n} w{n + 1}" for n in range(9)], [f"t{n % 3}" for n in range(9)]
+    for text, skill, logits in zip(texts, skills, _expected(folder, texts, skills)):
+        status, answer = _post(url, {"text": text, "skill": skill})  # one at a time: every request a switch
+        assert status == 200 and answer["skill"] == skill
+        torch.testing.assert_close(torch.tensor(answer["logits"]), logits, rtol=1e-4, atol=1e-5)
+    with urllib.request.urlopen(f"{url}/metrics", timeout=REQUEST) as response:
+        metrics = json.loads(response.read())
+    assert metrics["prepared"] == 1 and metrics["prepared on demand"] == 8 and metrics["offered"] == ["t0", "t1", "t2"]

@@ -47,6 +47,13 @@ def register(sub: Any) -> None:  # argparse's subparsers action
         default=2.0,
         help="seconds between looks at the bank for new or removed skills (default: %(default)s)",
     )
+    p.add_argument(
+        "--max-prepared",
+        type=int,
+        default=64,
+        help="skills kept laid out in memory, 16 bytes an entry each (default: %(default)s); the others are read "
+        "and prepared when a request names them, the least recently used one leaving",
+    )
     p.set_defaults(run=_serve)
 
 
@@ -55,6 +62,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     if not 1 <= args.max_batch_size <= 4096 or not 1 <= args.max_length <= 1 << 16 or not 0 < args.port < 1 << 16:
         raise SkillbankError("--max-batch-size must be 1-4096, --max-length 1-65536 and --port 1-65535.")
+    if args.max_prepared < 1:
+        raise SkillbankError("--max-prepared must be at least 1.")
     from skillbank.vectors.models import load_tokenizer, model_path, require_safetensors
 
     require_safetensors(model_path(args.base))  # checked here, where the error is one line, not in the worker
@@ -71,6 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
             tokenizer=args.tokenizer,
             max_length=args.max_length,
             refresh_seconds=args.refresh,
+            max_prepared=args.max_prepared,
             metrics_path=Path(scratch) / "metrics.json",
             max_batch_size=args.max_batch_size,
             batch_timeout=args.batch_timeout,
