@@ -3,9 +3,11 @@
 LitServe brings the HTTP layer, the worker process and the batching; this
 module says what a batch means here. :class:`SkillServer` (a ``LitAPI``) holds
 the base classifier, a :class:`~skillbank.stitching.single_skill.SingleSkillSwitcher`
-and each bank skill *prepared* (checked, decoded and laid out once). A batch of requests is grouped by skill
-and each group costs one switch: the skill held by the last group stays held
-when the next batch starts with it. A request that names no skill is routed
+and up to ``max_prepared`` bank skills *prepared* (checked, decoded and laid out
+once; the others are read from the bank when a request names them, the least
+recently used one leaving). A batch of requests is grouped by skill and each
+group costs one switch: the skill held by the last group stays held when the
+next batch starts with it. A request that names no skill is routed
 to the skill whose routing centroids are nearest under the base
 (:class:`~skillbank.stitching.routing.SkillRouter`), and the answer says so.
 
@@ -18,7 +20,7 @@ Requests are checked before they reach a batch, in the HTTP process: a body
 that is not ``{"text": str, "skill": str | null}`` or names a skill the bank
 does not hold gets a 422 whose message says what is wrong (and lists the bank's
 skills), so one bad request never fails its batch. ``GET /metrics`` reports
-the skills held, switches, and request counts and latency per skill; LitServe's
+the skills offered and prepared, switches, and request counts and latency per skill; LitServe's
 ``GET /health`` says when the worker is ready.
 """
 

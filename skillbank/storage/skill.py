@@ -7,8 +7,9 @@ centroids (``route/centroids``, see :mod:`skillbank.stitching.routing`); optiona
 labelled examples (``examples/``, see :mod:`skillbank.storage.examples`); optionally
 low-rank parts of weight matrices (``lowrank/``, see :mod:`skillbank.storage.low_rank`); and a JSON
 metadata header. Nothing is ever unpickled. A file is written at the oldest format
-version that holds what it holds (1 without examples or low-rank parts, 2 with them), so older releases
-still read every skill they can.
+version that holds what it holds (1 without examples or low-rank parts, 2 with them, 3 with values coded in a
+few bits: :mod:`skillbank.storage.value_codes`, positions then in :mod:`skillbank.storage.position_codes`), so
+older releases still read every skill they can.
 """
 
 from __future__ import annotations
