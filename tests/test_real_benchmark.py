@@ -69,6 +69,8 @@ def test_two_task_miniature_end_to_end(tmp_path: Path) -> None:
         "L&S dataless-auto [Iso-C of the skills]",
         "L&S dataless-auto [TSV-M of the skills, calibrated (distill) on 8 a class]",
         "L&S dataless-auto [TSV-M of the skills, calibrated (labels) on 8 a class]",
+        "L&S dataless-auto-2bit, skill alone",  # the codes stage: the auto skills' values in 2 bits
+        "L&S dataless-auto-2bit",
     ):
         assert set(results[key]) == {"spam", "tweets"}, key
         assert all(0.0 <= v <= 1.0 for v in results[key].values())
