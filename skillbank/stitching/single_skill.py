@@ -116,9 +116,9 @@ class SingleSkillSwitcher:
                     self._tensors[dst].data.view(-1).index_copy_(0, indices, base)
                 self._held = None
             if skill is not None:
+                self._held = skill  # first: an interrupted write is undone by the next switch (base where unwritten)
                 for dst, indices, target, _ in skill.parts:
                     self._tensors[dst].data.view(-1).index_copy_(0, indices, target)
-                self._held = skill
 
     @contextmanager
     def active(self, skill: SwitchableSkill) -> Iterator[nn.Module]:
