@@ -119,7 +119,8 @@ class SkillServer(ls.LitAPI):
         self.metrics_path = Path(metrics_path) if metrics_path is not None else None
 
     def setup(self, device: str) -> None:
-        """Load the base, its tokenizer and every bank skill, prepared (LitServe calls this in the worker)."""
+        """Load the base and its tokenizer, offer every bank skill and prepare up to ``max_prepared`` of them (LitServe
+        calls this in the worker)."""
         from skillbank.stitching.single_skill import SingleSkillSwitcher
         from skillbank.vectors.models import load_classifier, load_tokenizer
 
