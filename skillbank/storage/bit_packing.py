@@ -56,8 +56,7 @@ def unpack_bits(packed: Tensor, count: int, width: int) -> Tensor:
         return torch.zeros(count, dtype=torch.int64, device="cpu")
     packed = packed.reshape(-1).to("cpu", torch.uint8)
     if 8 % width == 0:  # whole values in each byte: shift them out directly (several times faster)
-        shifts = torch.arange(0, 8, width, device="cpu", dtype=torch.uint8)
-        return ((packed[: packed_size(count, width), None] >> shifts) & ((1 << width) - 1)).reshape(-1)[:count].long()
+        return _byte_fields(packed, count, width).long()
     shifts = torch.arange(8, device="cpu", dtype=torch.uint8)
     weights = torch.tensor([1 << b for b in range(width)], dtype=torch.int64, device="cpu")
     parts = []
@@ -71,5 +70,10 @@ def unpack_bits(packed: Tensor, count: int, width: int) -> Tensor:
 
 def unpack_flags(packed: Tensor, count: int) -> Tensor:
     """The first ``count`` bits of ``packed`` as a bool tensor (a bitmap, least significant bit first)."""
-    shifts = torch.arange(8, device="cpu", dtype=torch.uint8)
-    return ((packed.reshape(-1).to("cpu", torch.uint8)[:, None] >> shifts) & 1).reshape(-1)[:count].bool()
+    return _byte_fields(packed.reshape(-1).to("cpu", torch.uint8), count, 1).bool()
+
+
+def _byte_fields(packed: Tensor, count: int, width: int) -> Tensor:
+    """The first ``count`` fields of ``width`` bits (a divisor of 8) of the uint8 ``packed``, as uint8."""
+    shifts = torch.arange(0, 8, width, device="cpu", dtype=torch.uint8)
+    return ((packed[: packed_size(count, width), None] >> shifts) & ((1 << width) - 1)).reshape(-1)[:count]
