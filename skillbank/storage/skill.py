@@ -165,11 +165,10 @@ class Skill:
             if not len(region):
                 continue
             numel = math.prod(self.metadata.shapes[name])
-            codes = encode_positions(region.indices, numel) if bits else encode_indices(region.indices, numel)
             if bits:
-                codes.update(encode_values(region.values, bits))
+                codes = {**encode_positions(region.indices, numel), **encode_values(region.values, bits)}
             else:
-                codes["val"] = region.values.detach().to("cpu", value_dtype)
+                codes = {**encode_indices(region.indices, numel), "val": region.values.detach().to("cpu", value_dtype)}
             for part, code in codes.items():
                 tensors[f"region/{name}/{part}"] = code.contiguous()
         for name, tensor in self.head.items():
@@ -219,7 +218,8 @@ class Skill:
             raise SkillFileError(
                 f"{origin} holds examples or low-rank parts but declares format {metadata.format_version}; it is damaged."
             )
-        if metadata.value_dtype in VALUE_CODE_BITS and metadata.format_version < 3:
+        bits = VALUE_CODE_BITS.get(metadata.value_dtype)
+        if bits is not None and metadata.format_version < 3:
             raise SkillFileError(f"{origin} holds coded values but declares format {metadata.format_version}; it is damaged.")
         for key, tensor in tensors.items():
             kind, _, rest = key.partition("/")
@@ -240,15 +240,16 @@ class Skill:
                 continue
             values = codes.pop("val", None)
             coded: dict[str, Tensor] = {part: codes.pop(part) for part in ("val_code", "val_levels") if part in codes}
-            bits = VALUE_CODE_BITS.get(metadata.value_dtype)
             if (bits is not None) != (values is None) or (coded and not bits):
                 raise SkillFileError(
                     f"{origin}: region {name!r} stores its values in another form than the header's {metadata.value_dtype!r}."
                 )
             try:
-                indices = decode_positions(codes, math.prod(shape)) if bits else decode_indices(codes, math.prod(shape))
                 if bits:
+                    indices = decode_positions(codes, math.prod(shape))
                     values = decode_values(coded, indices.numel(), bits)
+                else:
+                    indices = decode_indices(codes, math.prod(shape))
             except ValueError as exc:
                 raise SkillFileError(f"{origin}: region {name!r} is damaged: {exc}") from exc
             if values is None or values.numel() != indices.numel():
