@@ -38,6 +38,7 @@ import torch
 from skillbank import SkillBank
 from skillbank.integrations.pulled.tasks import TASKS, load_task
 from skillbank.integrations.pulled.wheels import resolve_model
+from skillbank.integrations.serving import run_until_stopped
 
 #: Seconds a server may take to start, and one request to be answered.
 STARTUP, REQUEST = 600.0, 120.0
@@ -245,15 +246,7 @@ def serve_dense() -> None:
     folders = {name: str(work / "finetuned" / name) for name in a.tasks}
     api = DenseServer(folders, str(resolve_model("pulled:minilm")), a.max_length, a.max_batch_size)
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=REQUEST)
-    owner = os.getpid()
-
-    def stop(signum: int, frame: object) -> None:
-        if os.getpid() != owner:
-            raise SystemExit(0)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    server.run(host="127.0.0.1", port=a.serve_dense, generate_client_file=False, log_level="warning")
+    run_until_stopped(server, "127.0.0.1", a.serve_dense)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from skillbank.errors import SkillbankError
 from skillbank.stitching.single_skill import SwitchableSkill
 from skillbank.storage.bank import SkillBank
 
-__all__ = ["MAX_TEXT_CHARS", "ServeRequest", "SkillServer", "build_server", "read_metrics"]
+__all__ = ["MAX_TEXT_CHARS", "ServeRequest", "SkillServer", "build_server", "read_metrics", "run_until_stopped"]
 
 #: The longest text a request may carry (characters; texts are cut to ``max_length`` tokens anyway).
 MAX_TEXT_CHARS = 100_000
@@ -151,12 +151,13 @@ class SkillServer(ls.LitAPI):
         if not force and time.monotonic() - self._looked < self.refresh_seconds:
             return
         self._looked = time.monotonic()
-        names = self.bank.names()
+        listed = self.bank.names()
+        names = set(listed)  # membership of every offered skill: a set, not the manifest's list
         for name in [n for n in self.offered if n not in names]:
             self.offered.discard(name)
             self.prepared.pop(name, None)
             self.centroids.pop(name, None)
-        for name in [n for n in names if n not in self.offered]:
+        for name in [n for n in listed if n not in self.offered]:
             skill = self.bank.get(name)
             self.offered.add(name)
             if skill.centroids is not None:
@@ -213,7 +214,7 @@ class SkillServer(ls.LitAPI):
             held = self.switcher.held_skill
             # a skill removed from the bank while held still answers the requests already in its batch (drained)
             skill = held if held is not None and held.name == name and name not in self.offered else self._skill(name)
-            if skill is not self.switcher.held_skill:  # by object: a skill replaced in the bank is switched to anew
+            if skill is not held:  # by object: a skill replaced in the bank is switched to anew
                 self.switcher.switch(skill)
                 self.metrics["switches"] += 1
             members = groups[name]
@@ -268,6 +269,8 @@ class SkillServer(ls.LitAPI):
 
 
 def _write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` at once for its readers; no fsync (``durable.atomic_write``'s two would cost every batch
+    time, and metrics need not outlive the server)."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".metrics.")
     with os.fdopen(handle, "w") as out:
         out.write(text)
@@ -297,3 +300,23 @@ def build_server(api: SkillServer, *, routable: bool, timeout: float = 60.0) -> 
     reader: Callable[[], dict[str, Any]] = (lambda: read_metrics(metrics_path)) if metrics_path else (lambda: {})
     server.app.add_api_route("/metrics", reader, methods=["GET"])
     return server
+
+
+def run_until_stopped(server: ls.LitServer, host: str, port: int) -> None:
+    """Run ``server`` until Ctrl-C or SIGTERM, then return once LitServe has stopped its worker and HTTP processes.
+
+    SIGTERM is turned into Ctrl-C in this process; in the HTTP processes, which fork from here and keep the
+    handler, it is a plain, quiet exit (uvicorn raises the signal it caught again when it stops).
+    """
+    owner = os.getpid()
+
+    def stop(signum: int, frame: object) -> None:
+        if os.getpid() != owner:
+            raise SystemExit(0)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        server.run(host=host, port=port, generate_client_file=False, log_level="warning")
+    finally:
+        signal.signal(signal.SIGTERM, previous)

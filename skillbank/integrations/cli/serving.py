@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -58,7 +56,7 @@ def register(sub: Any) -> None:  # argparse's subparsers action
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from skillbank.integrations.serving import SkillServer, build_server
+    from skillbank.integrations.serving import SkillServer, build_server, run_until_stopped
 
     if not 1 <= args.max_batch_size <= 4096 or not 1 <= args.max_length <= 1 << 16 or not 0 < args.port < 1 << 16:
         raise SkillbankError("--max-batch-size must be 1-4096, --max-length 1-65536 and --port 1-65535.")
@@ -91,19 +89,6 @@ def _serve(args: argparse.Namespace) -> int:
             f"{' (routing on)' if routable else ''}; Ctrl-C stops",
             flush=True,
         )
-        owner = os.getpid()
-
-        def stop(signum: int, frame: object) -> None:
-            """SIGTERM as Ctrl-C in this process, so LitServe stops its worker and HTTP processes before the command
-            returns; a plain, quiet exit in those (they fork from here and keep the handler)."""
-            if os.getpid() != owner:
-                raise SystemExit(0)
-            raise KeyboardInterrupt
-
-        previous = signal.signal(signal.SIGTERM, stop)
-        try:
-            server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+        run_until_stopped(server, args.host, args.port)
     print("server stopped", flush=True)
     return 0
