@@ -3,7 +3,10 @@
 The model is evaluated at ``θ_pre + σ(S) ⊙ τ`` through
 :func:`torch.func.functional_call`; ``θ_pre`` lives in the model's own (frozen)
 parameters, ``τ`` is one frozen flat tensor, and the flat scores ``S`` are the
-only trainable tensor, so DDP all-reduces mask gradients and nothing else.
+only trainable tensor, so DDP all-reduces mask gradients and nothing else. Under
+Lightning's ``ModelParallelStrategy`` (FSDP2) ``configure_model`` splits them tensor
+by tensor into the blocks that use them and shards those
+(:mod:`skillbank.localization.sharded_scores`), so each rank keeps ``1/world`` of them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from skillbank.devices import device_of
 from skillbank.errors import BaseMismatchError, SkillbankError, SkillNameError, TaskVectorError, TimeLimitError
 from skillbank.localization.causal_lm import NextTokenAccuracy, is_causal_lm, with_lm_labels
 from skillbank.localization.localize import skill_from_task_vector
+from skillbank.localization.sharded_scores import ShardedScores, shard_scores
 from skillbank.localization.spec import LocalizationSpec
 from skillbank.sparse import global_topk, num_selected, topk_positions
 from skillbank.stitching.overlap import get_rule
@@ -153,8 +157,10 @@ class MaskLearner(pl.LightningModule):
             self.register_buffer("scored", scored)  # ascending flat positions of the pool (checkpointed)
             self.register_buffer("_pool_local", scored - self._starts_of(scored), persistent=False)
             self._pool_counts = self._per_tensor_counts(scored)
+        self.pool_entries = tau.numel() if self.pooled else None
         self.tau = nn.Parameter(tau, requires_grad=False)
         self.scores = nn.Parameter(self._initial_scores(tau))
+        self.shards: ShardedScores | None = None  # set by configure_model under ModelParallelStrategy
         if context:
             acc, count = self._context_state(context, tv)
             self.register_buffer("context_acc", acc, persistent=False)
@@ -165,6 +171,8 @@ class MaskLearner(pl.LightningModule):
         self._updates = 0
         self._binary: Tensor | None = None
         self._binary_indices: dict[str, Tensor] = {}
+        self._chosen: list[Tensor] = []  # sharded: this rank's part of the epoch's binary mask
+        self._chosen_size = 0
         self._best: tuple[float, int, dict[str, Tensor]] | None = None  # (val_acc, epoch, indices)
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -222,10 +230,58 @@ class MaskLearner(pl.LightningModule):
     @property
     def state_nbytes(self) -> int:
         """Bytes of what the learner keeps per scored entry: ``τ``, the scores, Adam's two moments (the scores' size
-        each, whether or not a step has made them yet) and, with a pool, its global and local positions."""
+        each, whether or not a step has made them yet) and, with a pool, its global and local positions. Sharded:
+        this rank's part (the pool's positions within each tensor, and the best mask's bit per entry as a byte)."""
+        if self.shards is not None:
+            return self.shards.local_nbytes
         scores = self.scores.numel() * self.scores.element_size()
         pool = [self.scored, self._pool_local] if self.pooled else []
         return self.tau.numel() * self.tau.element_size() + 3 * scores + sum(t.numel() * t.element_size() for t in pool)
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2): give each scored tensor its slice of ``τ`` and of the scores and
+        shard the model block by block with them (``fully_shard``), so each rank keeps ``1/world`` of the base,
+        ``τ``, the scores and Adam's moments; any other strategy keeps the flat, replicated state."""
+        mesh = self.device_mesh
+        if mesh is None or self.shards is not None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        dims = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in dims and mesh["tensor_parallel"].size() > 1:
+            raise SkillbankError(
+                "the mask learner shards its state over data-parallel ranks only: use "
+                "ModelParallelStrategy(data_parallel_size=<number of devices>, tensor_parallel_size=1)."
+            )
+        if self.context_names:
+            raise SkillbankError("context= is not supported under ModelParallelStrategy: learn in context with DDP.")
+        data_mesh = mesh["data_parallel"] if "data_parallel" in dims else mesh
+        tau, scores = self.tau.detach(), self.scores.detach()
+        counts = self._pool_counts if self.pooled else [n for _, _, n in self._layout]
+        local = torch.split(self._pool_local, counts) if self.pooled else [None] * len(counts)
+        tensors = [
+            (b, t.clone(), s.clone(), None if p is None else p.clone())
+            for (b, _, _), t, s, p in zip(self._layout, torch.split(tau, counts), torch.split(scores, counts), local)
+            if t.numel()
+        ]
+        del self.tau, self.scores, tau, scores, local  # the flat copies go: each rank keeps its shards only
+        if self.pooled:
+            del self.scored, self._pool_local
+        shards = shard_scores(self.model, self._names, tensors, self._penalty, self.keep_best)
+        del tensors
+        units = [*_repeated_blocks(self.model), self.model]
+        for unit in units:
+            fully_shard(unit, mesh=data_mesh)
+        if len(shards.best):
+            fully_shard(shards, mesh=data_mesh)
+        shards.connect(data_mesh.get_group(), units)
+        self.shards = shards
+
+    def _penalty(self, gate: Tensor) -> Tensor:
+        """One sharded tensor's share of the recipe's penalty (the shares sum to :meth:`regularizer`'s)."""
+        if self.recipe.regularizer == "mean_sigmoid":
+            return self.recipe.l1 * gate.sum() / self.num_eligible
+        return -(self.recipe.l1 / self.recipe.lr) * (gate - 0.5).abs().sum()
 
     def _candidates(self, tau: Tensor) -> Tensor:
         """The pool: ascending flat positions of the top ``pool · k`` of ``|τ|``, plus small tensors whole."""
@@ -326,17 +382,23 @@ class MaskLearner(pl.LightningModule):
 
     def forward(self, batch: Any, gate: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(loss, logits, target)`` of the model at ``θ_pre + gate ⊙ τ`` (default gate ``σ(S)``)."""
-        gate = torch.sigmoid(self.scores) if gate is None else gate
-        weights = self.masked_weights(gate)
+        if self.shards is None:
+            weights = self.masked_weights(torch.sigmoid(self.scores) if gate is None else gate)
+
+        def run(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if self.shards is not None:  # the scored tensors' parametrizations give θ_pre + gate ⊙ τ
+                return self.model(*args, **kwargs)
+            return functional_call(self.model, weights, args=args, kwargs=kwargs, strict=False)
+
         if isinstance(batch, Mapping):
             if self.causal_lm:
                 batch = with_lm_labels(batch)  # input_ids as labels, padding ignored, unless the batch has its own
             target = batch.get("labels")
             inputs = dict(batch) if self.loss_fn is None else {k: v for k, v in batch.items() if k != "labels"}
-            out = functional_call(self.model, weights, args=(), kwargs=inputs, strict=False)
+            out = run((), inputs)
         else:
             *inputs, target = batch
-            out = functional_call(self.model, weights, args=tuple(inputs), strict=False)
+            out = run(tuple(inputs), {})
         logits = getattr(out, "logits", out)
         logits = logits[0] if isinstance(logits, (tuple, list)) else logits
         if self.loss_fn is not None:
@@ -352,7 +414,9 @@ class MaskLearner(pl.LightningModule):
         return loss, logits, target
 
     def regularizer(self) -> Tensor:
-        """The recipe's penalty on the scores."""
+        """The recipe's penalty on the scores (sharded: the sum of the shares the last training forward recorded)."""
+        if self.shards is not None:
+            return self.shards.penalty()
         gate = torch.sigmoid(self.scores)
         owned: Tensor | float = 0.0
         if self.owned_penalty and self.context_names:
@@ -366,6 +430,8 @@ class MaskLearner(pl.LightningModule):
 
     def binary_mask(self) -> dict[str, Tensor]:
         """Sorted flat indices per base name of the final mask (top-k of ``S``, or ``S > 0``)."""
+        if self.shards is not None:
+            raise SkillbankError("the scores are sharded: take the mask with to_skill(), which gathers it.")
         scores = self.scores.detach()
         if self.pooled:
             chosen = topk_positions(scores, self.k) if self.recipe.binarize == "topk" else torch.nonzero(scores > 0).squeeze(1)
@@ -384,9 +450,10 @@ class MaskLearner(pl.LightningModule):
     # ---- training -----------------------------------------------------------------------------
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        scores = [self.scores] if self.shards is None else list(self.shards.scores())
         if self.recipe.optimizer == "adam":
-            return torch.optim.Adam([self.scores], lr=self.recipe.lr)
-        return torch.optim.SGD([self.scores], lr=self.recipe.lr)
+            return torch.optim.Adam(scores, lr=self.recipe.lr)
+        return torch.optim.SGD(scores, lr=self.recipe.lr)
 
     def _group_size(self, batch_idx: int, total: float) -> tuple[int, bool]:
         """How many batches the current update averages, and whether this batch closes it."""
@@ -423,6 +490,8 @@ class MaskLearner(pl.LightningModule):
         when the whole fit would take longer (the time so far, projected over every
         step when the loader has a length): for callers that others wait on.
         """
+        if self.shards is not None:
+            raise SkillbankError("a sharded learner trains under its Trainer (ModelParallelStrategy), not learn().")
         optimizer = self.configure_optimizers()
         device = self.scores.device
         total = len(loader) if isinstance(loader, Sized) else float("inf")
@@ -451,35 +520,52 @@ class MaskLearner(pl.LightningModule):
                 f"more than the {limit / 60:.1f} min allowed."
             )
 
+    def _top_k(self) -> int | None:
+        """The binary mask's size: ``k`` for the top-k binarization, None for ``S > 0``."""
+        return self.k if self.recipe.binarize == "topk" else None
+
     def on_validation_epoch_start(self) -> None:
+        if self.shards is not None:
+            self._chosen, self._chosen_size = self.shards.choose(self._top_k())
+            return
         self._binary_indices = self.binary_mask()
         self._binary = self._gate_of(self._binary_indices)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():
             _, soft_logits, target = self(batch)
-            _, logits, _ = self(batch, gate=self._binary)
+            if self.shards is not None:
+                with self.shards.binary_gates():
+                    _, logits, _ = self(batch)
+            else:
+                _, logits, _ = self(batch, gate=self._binary)
         self.val_acc_soft(soft_logits, target)
         self.val_acc(logits, target)
         self.log("val_acc_soft", self.val_acc_soft, prog_bar=True)
         self.log("val_acc", self.val_acc, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
-        scores = self.scores.detach()
-        assert self._binary is not None  # made at the epoch's start
-        self.log("mask_density", float(self._binary.sum()) / self.num_eligible, rank_zero_only=True)
-        self.log("mask_density_round", float((scores > 0).sum()) / self.num_eligible, rank_zero_only=True)
+        if self.shards is not None:
+            size, positive = self._chosen_size, self.shards.count_positive()
+        else:
+            assert self._binary is not None  # made at the epoch's start
+            size, positive = int(self._binary.sum()), int((self.scores.detach() > 0).sum())
+        self.log("mask_density", size / self.num_eligible, rank_zero_only=True)
+        self.log("mask_density_round", positive / self.num_eligible, rank_zero_only=True)
         if not self.trainer.sanity_checking:
             value = float(self.val_acc.compute())  # synced over ranks, so every rank keeps the same mask
             if self._best is None or value >= self._best[0]:
                 self._best = (value, self.current_epoch, {b: i.clone() for b, i in self._binary_indices.items()})
-        self._binary, self._binary_indices = None, {}
+                if self.shards is not None and self.keep_best:
+                    self.shards.remember_best(self._chosen)  # each rank its part, saved with the scores
+        self._binary, self._binary_indices, self._chosen = None, {}, []
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep what the scores alone do not hold: the update count and the best-validating mask so far."""
         best = None
         if self._best is not None:
-            best = {"val_acc": self._best[0], "epoch": self._best[1], "indices": {b: i.cpu() for b, i in self._best[2].items()}}
+            indices = None if self.shards is not None else {b: i.cpu() for b, i in self._best[2].items()}
+            best = {"val_acc": self._best[0], "epoch": self._best[1], "indices": indices}
         checkpoint["mask_learner"] = {"updates": self._updates, "best": best}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -492,7 +578,7 @@ class MaskLearner(pl.LightningModule):
         self._best = (
             None
             if best is None
-            else (float(best["val_acc"]), int(best["epoch"]), {b: i.to(self.scores.device) for b, i in best["indices"].items()})
+            else (float(best["val_acc"]), int(best["epoch"]), {b: i.to(self.device) for b, i in (best["indices"] or {}).items()})
         )
 
     def setup(self, stage: str) -> None:
@@ -524,8 +610,15 @@ class MaskLearner(pl.LightningModule):
     def to_skill(self, name: str, **skill_fields: Any) -> Skill:
         """The learned mask as a :class:`Skill`, with the recipe and the validation metrics."""
         best = self._best if self.keep_best else None
-        indices = best[2] if best is not None else self.binary_mask()
-        chosen = sum(int(i.numel()) for i in indices.values())
+        if self.shards is not None:  # each rank's part of the mask, gathered tensor by tensor
+            local = self.shards.best_chosen() if best is not None else self.shards.choose(self._top_k())[0]
+            regions = self.shards.regions(local)
+            regions.update(
+                {b: Region(torch.empty(0, dtype=torch.int64), torch.empty(0)) for b in self._tv.shared if b not in regions}
+            )
+        else:
+            regions = self._regions(best[2] if best is not None else self.binary_mask())
+        chosen = sum(len(r) for r in regions.values())
         if chosen == 0:
             raise SkillbankError("the learned mask is empty (every score is below 0); use the 'topk' binarization.")
         metrics = {}
@@ -545,11 +638,11 @@ class MaskLearner(pl.LightningModule):
         if best is not None:
             metrics["val_acc"] = best[0]
         if self.pooled:
-            settings.update(pool=self.pool, pool_small=self.pool_small, pool_entries=int(self.scored.numel()))
+            settings.update(pool=self.pool, pool_small=self.pool_small, pool_entries=self.pool_entries)
         fields = {"task": self.task, "metrics": metrics, "value_dtype": self.value_dtype, **skill_fields}
         sparsity = self.sparsity if self.recipe.binarize == "topk" else chosen / self.num_eligible
         return skill_from_task_vector(
-            self._tv, self._regions(indices), name=name, sparsity=sparsity, method="learned", settings=settings, **fields
+            self._tv, regions, name=name, sparsity=sparsity, method="learned", settings=settings, **fields
         )
 
     def _regions(self, indices: Mapping[str, Tensor]) -> dict[str, Region]:
@@ -565,6 +658,14 @@ class MaskLearner(pl.LightningModule):
                 values = tau[torch.searchsorted(self.scored, flat) if self.pooled else flat]
             regions[b] = Region(idx, values.to("cpu", torch.float32))
         return regions
+
+
+def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks (the largest ``ModuleList``, e.g. a transformer's layers): one FSDP unit each."""
+    lists: list[nn.Module] = [m for m in model.modules() if type(m) is nn.ModuleList and len(m) > 1]
+    if not lists:
+        return []
+    return list(max(lists, key=lambda blocks: sum(p.numel() for p in blocks.parameters())).children())
 
 
 def _learned_spec(spec: LocalizationSpec | Mapping[str, Any] | None) -> LocalizationSpec:

@@ -1,0 +1,130 @@
+"""MaskLearner under ModelParallelStrategy (FSDP2) on 2 CPU processes: the flat learner's mask, from shards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertForSequenceClassification, BertModel
+
+from helpers import DDP_TIMEOUT
+from helpers.models import finetune_like, learned, make_skill, tiny_config
+from skillbank import MaskLearner, SkillBank, SkillbankError, localize_dataless, task_vector
+from skillbank.localization.sharded_scores import kth_largest, shard_scores
+from skillbank.sparse import topk_positions
+
+TESTS = Path(__file__).parent
+SCRIPT = str(TESTS / "mask_fsdp_run.py")
+
+
+def entries(skill) -> set[tuple[str, int]]:
+    return {(name, int(i)) for name, region in skill.regions.items() for i in region.indices}
+
+
+def prepared(tmp_path: Path, *names: str) -> list[str]:
+    """Banks (not yet made) beside one shared quick finetune of the demo sentiment task."""
+    first = str(tmp_path / names[0])
+    subprocess.run([sys.executable, str(TESTS / "mask_ddp_run.py"), "prepare", first], check=True, cwd=TESTS, capture_output=True)
+    for name in names[1:]:
+        shutil.copytree(first + ".finetuned", str(tmp_path / name) + ".finetuned")
+    return [str(tmp_path / name) for name in names]
+
+
+def run(devices: int, bank: str, mode: str, epochs: int, resume: str | None = None) -> dict:
+    args = [sys.executable, SCRIPT, str(devices), bank, mode, str(epochs), *([resume] if resume else [])]
+    done = subprocess.run(args, cwd=TESTS, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(Path(bank + ".json").read_text())
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+@pytest.mark.timeout(DDP_TIMEOUT)
+@pytest.mark.parametrize("mode", ["full", "pool"])
+def test_two_sharded_processes_learn_the_flat_learners_mask(tmp_path, mode):
+    one, two = prepared(tmp_path, "one", "two")
+    flat, sharded = run(1, one, mode, 30), run(2, two, mode, 30)
+    bank = SkillBank(two)
+    assert bank.names() == ["sentiment"] and bank.verify() == {"sentiment": "ok"}  # gathered, written once
+    a, b = SkillBank(one).get("sentiment"), bank.get("sentiment")
+    assert entries(a) == entries(b)
+    for name, region in a.regions.items():
+        assert torch.equal(region.values, b.regions[name].values), name  # τ read from each rank's shard
+    torch.testing.assert_close(torch.load(two + ".scores.pt"), torch.load(one + ".scores.pt"), atol=1e-4, rtol=0)
+    # each rank keeps half of τ, the scores and Adam's moments (a pool: its positions within each tensor, not two copies)
+    assert sharded["state_nbytes"] <= 0.51 * flat["state_nbytes"], (sharded, flat)
+    # the mask moved away from where it started, so agreeing is not trivial
+    torch.manual_seed(0)
+    start = localize_dataless(
+        task_vector(BertModel(tiny_config()), BertForSequenceClassification.from_pretrained(one + ".finetuned")),
+        0.05,
+        name="start",
+    )
+    assert len(entries(a) - entries(start)) >= 10
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+@pytest.mark.timeout(DDP_TIMEOUT)
+def test_a_run_resumed_from_its_sharded_checkpoint_keeps_the_best_mask(tmp_path):
+    first, resumed = prepared(tmp_path, "first", "resumed")
+    before = run(2, first, "best", 6)  # validation peaks at epoch 2 (a scripted metric), a checkpoint each epoch
+    checkpoint = Path(first + ".ckpt") / "last.ckpt"
+    assert checkpoint.is_dir() and len(list(checkpoint.glob("*.distcp"))) == 2  # one shard file per rank
+    after = run(2, resumed, "best", 12, resume=str(checkpoint))  # six more epochs, none validating better
+    assert before["selected_epoch"] == after["selected_epoch"] == 2
+    assert entries(SkillBank(resumed).get("sentiment")) == entries(SkillBank(first).get("sentiment"))
+    assert not after["last_equals_kept"]  # the scores moved on: the kept mask came from the checkpoint
+    assert not torch.equal(torch.load(resumed + ".scores.pt"), torch.load(first + ".scores.pt"))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kth_largest_is_the_flat_top_ks_threshold_over_every_rank(seed):
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randint(-3, 4, (300,), generator=generator).float() * 0.25  # many ties, zeros of both signs
+    values[::7] = -0.0
+    values[5] = -1e-40  # subnormal
+    parts = list(torch.split(values, [0, 120, 1, 179]))  # ranks' parts, one empty
+    for k in (1, 2, 57, 150, 299, 300):
+        threshold = kth_largest(parts, k, lambda t: t)  # one process holding every part sums them as the ranks would
+        expected = values[topk_positions(values, k)].min()
+        assert threshold == float(expected), k
+
+
+class FakeMesh:
+    """What configure_model reads of a device mesh before it shards anything: its dimensions' names and sizes."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.mesh_dim_names = names
+
+    def __getitem__(self, name: str) -> SimpleNamespace:
+        return SimpleNamespace(size=lambda: 2)
+
+
+def test_sharded_learner_refuses_tensor_parallel_meshes_and_context(tmp_path):
+    torch.manual_seed(0)
+    base = BertModel(tiny_config()).eval()
+    learner = MaskLearner(finetune_like(base, seed=1), base, spec=learned(0.05))
+    learner._device_mesh = FakeMesh(("data_parallel", "tensor_parallel"))
+    with pytest.raises(SkillbankError, match=r"data_parallel_size=<number of devices>, tensor_parallel_size=1"):
+        learner.configure_model()
+    in_context = MaskLearner(finetune_like(base, seed=1), base, spec=learned(0.05), context=[make_skill(base, "earlier", seed=3)])
+    in_context._device_mesh = FakeMesh(("data_parallel",))
+    with pytest.raises(SkillbankError, match="context= is not supported under ModelParallelStrategy"):
+        in_context.configure_model()
+    assert learner.shards is None and learner.scores.numel() == learner.num_eligible  # nothing was taken apart
+
+
+def test_a_tied_parameter_is_refused_with_the_exclude_that_avoids_it():
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False))
+    model[1].weight = model[0].weight  # tied, as a language model's input and output embeddings are
+    tau = torch.ones(15)
+    with pytest.raises(SkillbankError, match=r"tied to \['1.weight'\].*exclude=\['embed'\]"):
+        shard_scores(model, {"embed": "0.weight"}, [("embed", tau, tau.clone(), None)], lambda g: g.sum(), False)
