@@ -16,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor
 from torch.distributed.constants import default_pg_timeout
 from torch.utils.data import DataLoader
@@ -29,6 +30,7 @@ from skillbank.localization.fewshot import examples_from_batches
 from skillbank.localization.finetune import localize_finetune
 from skillbank.localization.methods import LocalizationInputs
 from skillbank.localization.spec import LearnerSpec, LocalizationSpec
+from skillbank.sharding import is_sharded, save_sharded_weights
 from skillbank.storage.bank import SkillBank
 from skillbank.storage.ranks import bank_on_rank_zero, raise_everywhere
 from skillbank.storage.skill import Skill
@@ -135,7 +137,14 @@ class SkillHarvester(Callback):
         keep_finetuned: keep that folder once the skill is banked (default: removed then).
 
     The run's final ``trainer.callback_metrics`` (validation accuracy, …) go into the
-    skill's metadata. Under DDP rank 0 localizes and writes; every rank waits for
+    skill's metadata. Under ``ModelParallelStrategy`` (FSDP2, the model sharded in
+    ``configure_model``) every rank takes part in writing the finetuned weights one tensor
+    at a time into safetensors shards (no rank gathers the whole model), and rank 0
+    streams a dataless mask of a fixed size from them: other methods, ``"auto"``,
+    ``low_rank``, ``routing`` and ``keep_examples`` need the whole model in one process
+    and are refused when fitting starts (run ``skillbank localize`` on the kept folder).
+    Give ``base=`` as a folder or file there: a captured base is a whole copy on rank 0.
+    Under DDP rank 0 localizes and writes; every rank waits for
     it and raises the same error if it fails. The skill is kept as ``self.skill`` on rank 0.
     A learned mask is learned on rank 0 alone, so it must be done within 80% of the
     process group's timeout (:func:`wait_budget`, 24 of torch's default 30 minutes):
@@ -205,6 +214,8 @@ class SkillHarvester(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            self._check_shardable()
         error = None
         if trainer.is_global_zero:
             try:
@@ -224,11 +235,48 @@ class SkillHarvester(Callback):
                 error = exc
         raise_everywhere(trainer.strategy, error, "SkillHarvester")
 
+    def _check_shardable(self) -> None:
+        """Under FSDP2 the skill streams from the saved shards: a dataless mask of one size, and nothing else."""
+        spec, unsupported = self.spec, []
+        if spec.method != "dataless" or spec.auto:
+            unsupported.append(f"method={spec.method!r} with sparsity={spec.sparsity!r}")
+        if spec.low_rank:
+            unsupported.append("low_rank")
+        if self.routing is not None:
+            unsupported.append("routing")
+        if self.keep_examples:
+            unsupported.append("keep_examples")
+        if self.base is not None and not isinstance(self.base, (str, Path)):
+            unsupported.append("a base given as a module or state dict")
+        if unsupported:
+            raise SkillbankError(
+                f"under ModelParallelStrategy the harvester streams a dataless mask of one size from the sharded "
+                f"weights; {', '.join(unsupported)} need(s) the whole model in one process. Harvest "
+                f"method='dataless' with a number as sparsity (base= a folder or file, or captured), keep_finetuned=True, "
+                f"then run skillbank localize on the kept folder for the rest."
+            )
+
+    def _save_sharded(self, trainer: pl.Trainer, model: torch.nn.Module) -> Path | None:
+        """Every rank: write the sharded model's weights (and a captured base) to the run's finetuned folder, which
+        rank 0 names; returns it on rank 0."""
+        named = self._finetuned_folder(trainer) if trainer.is_global_zero else None
+        folder = trainer.strategy.broadcast(named)  # every rank's copy of rank 0's choice
+        assert folder is not None
+        base = {BASE_FILE: self._captured} if self.base is None and self._captured is not None else None
+        save_sharded_weights(model, folder, trainer.strategy, extra_files=base)
+        return folder if trainer.is_global_zero else None
+
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.saved = None
+        model = wrapped_model(pl_module, self.model_attr)
+        sharded = is_sharded(model)
+        if sharded:  # a collective: the weights are on disk before anything else may fail
+            self.saved = self._save_sharded(trainer, model)
 
         def save_then_harvest() -> Skill:
+            if sharded:
+                return self.harvest(trainer, pl_module)
             merged = _plain_finetune(wrapped_model(pl_module, self.model_attr))
             base = None if self.base is not None else self._captured
             self.saved = save_finetune(merged[1], self._finetuned_folder(trainer), base)

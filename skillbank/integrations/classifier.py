@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from skillbank.errors import SkillbankError
+from skillbank.sharding import is_sharded, shard_model
 from skillbank.stitching.heads import use_head
 from skillbank.vectors.models import load_model
 
@@ -59,6 +60,12 @@ class SequenceClassifier(pl.LightningModule):
         self.weight_decay = weight_decay
         self.optimizer = optimizer
         self.val_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2): shard the model block by block over the data-parallel ranks
+        (:func:`~skillbank.sharding.shard_model`); any other strategy keeps it whole."""
+        if self.device_mesh is not None and not is_sharded(self.model):
+            shard_model(self.model, self.device_mesh)
 
     def forward(self, **batch: Tensor) -> object:
         return self.model(**batch)

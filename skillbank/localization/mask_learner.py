@@ -33,6 +33,7 @@ from skillbank.localization.causal_lm import NextTokenAccuracy, is_causal_lm, wi
 from skillbank.localization.localize import skill_from_task_vector
 from skillbank.localization.sharded_scores import ShardedScores, shard_scores
 from skillbank.localization.spec import LocalizationSpec
+from skillbank.sharding import data_parallel_mesh, shard_model
 from skillbank.sparse import global_topk, num_selected, topk_positions
 from skillbank.stitching.overlap import get_rule
 from skillbank.storage.bank import SkillBank, check_skill_name
@@ -247,15 +248,9 @@ class MaskLearner(pl.LightningModule):
             return
         from torch.distributed.fsdp import fully_shard
 
-        dims = mesh.mesh_dim_names or ()
-        if "tensor_parallel" in dims and mesh["tensor_parallel"].size() > 1:
-            raise SkillbankError(
-                "the mask learner shards its state over data-parallel ranks only: use "
-                "ModelParallelStrategy(data_parallel_size=<number of devices>, tensor_parallel_size=1)."
-            )
+        data_mesh = data_parallel_mesh(mesh)
         if self.context_names:
             raise SkillbankError("context= is not supported under ModelParallelStrategy: learn in context with DDP.")
-        data_mesh = mesh["data_parallel"] if "data_parallel" in dims else mesh
         tau, scores = self.tau.detach(), self.scores.detach()
         counts = self._pool_counts if self.pooled else [n for _, _, n in self._layout]
         local = torch.split(self._pool_local, counts) if self.pooled else [None] * len(counts)
@@ -269,9 +264,7 @@ class MaskLearner(pl.LightningModule):
             del self.scored, self._pool_local
         shards = shard_scores(self.model, self._names, tensors, self._penalty, self.keep_best)
         del tensors
-        units = [*_repeated_blocks(self.model), self.model]
-        for unit in units:
-            fully_shard(unit, mesh=data_mesh)
+        units = shard_model(self.model, data_mesh)
         if len(shards.best):
             fully_shard(shards, mesh=data_mesh)
         shards.connect(data_mesh.get_group(), units)
@@ -658,14 +651,6 @@ class MaskLearner(pl.LightningModule):
                 values = tau[torch.searchsorted(self.scored, flat) if self.pooled else flat]
             regions[b] = Region(idx, values.to("cpu", torch.float32))
         return regions
-
-
-def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks (the largest ``ModuleList``, e.g. a transformer's layers): one FSDP unit each."""
-    lists: list[nn.Module] = [m for m in model.modules() if type(m) is nn.ModuleList and len(m) > 1]
-    if not lists:
-        return []
-    return list(max(lists, key=lambda blocks: sum(p.numel() for p in blocks.parameters())).children())
 
 
 def _learned_spec(spec: LocalizationSpec | Mapping[str, Any] | None) -> LocalizationSpec:

@@ -215,3 +215,56 @@ def test_auto_harvest_records_the_size_search_and_needs_validation_data(base_mod
     )
     with pytest.raises(SkillbankError, match="needs validation data"):
         trainer.fit(module, task_loader())
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+@pytest.mark.timeout(DDP_TIMEOUT)
+def test_an_fsdp2_finetune_is_written_tensor_by_tensor_and_harvested_once(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from skillbank.callbacks.skill_harvester import BASE_FILE
+    from skillbank.vectors.weights import load_weights
+
+    script = Path(__file__).with_name("ddp_callbacks_run.py")
+    done = subprocess.run([sys.executable, str(script), "fsdp-harvest", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    bank = SkillBank(tmp_path / "bank")
+    assert bank.names() == ["sentiment"] and bank.verify() == {"sentiment": "ok"}  # written once, by rank 0
+    skill = bank.get("sentiment")
+    assert skill.metadata.source["global_step"] == 4
+    folder = tmp_path / "finetuned" / "sentiment"
+    files = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
+    assert len(files) >= 2 and all((folder / f).is_file() for f in files)  # file by file, never one whole copy
+    trained, saved = torch.load(tmp_path / "trained.pt"), load_weights(folder)
+    assert saved.keys() == trained.keys()
+    assert all(torch.equal(saved[k], trained[k]) for k in trained)  # the trained weights, gathered exactly
+    expected = localize_dataless(task_vector(folder / BASE_FILE, folder), 0.05, name="sentiment")  # in one process
+    assert skill.regions.keys() == expected.regions.keys()
+    for name, region in expected.regions.items():
+        assert torch.equal(skill.regions[name].indices, region.indices), name
+        assert torch.equal(skill.regions[name].values, region.values), name
+    assert skill.head.keys() == expected.head.keys()
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(sparsity="auto"), "method='dataless' with sparsity='auto'"),
+        (dict(low_rank=4), "low_rank"),
+        (dict(keep_examples=2), "keep_examples"),
+        (dict(base={"w": torch.zeros(1)}), "a base given as a module or state dict"),
+    ],
+)
+def test_under_fsdp2_what_needs_the_whole_model_is_refused_before_training(base_model, tmp_path, kwargs, words):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    harvester = SkillHarvester(tmp_path / "bank", "sentiment", **kwargs)
+    trainer = quiet_trainer(strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
+    module = SequenceClassifier(live_copy(base_model), num_labels=2)
+    with pytest.raises(SkillbankError, match=rf"under ModelParallelStrategy.*{words}.*skillbank localize on the kept folder"):
+        harvester.setup(trainer, module, "fit")
+    assert not (tmp_path / "bank").exists()
