@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from skillbank.callbacks._model import wrapped_model
+from skillbank.callbacks._sharded_weights import save_sharded_weights
 from skillbank.errors import SkillbankError, SkillNameError, TimeLimitError
 from skillbank.localization.auto_sparsity import DEFAULT_GRID
 from skillbank.localization.causal_lm import is_causal_lm
@@ -30,7 +31,7 @@ from skillbank.localization.fewshot import examples_from_batches
 from skillbank.localization.finetune import localize_finetune
 from skillbank.localization.methods import LocalizationInputs
 from skillbank.localization.spec import LearnerSpec, LocalizationSpec
-from skillbank.sharding import is_sharded, save_sharded_weights
+from skillbank.sharding import is_sharded
 from skillbank.storage.bank import SkillBank
 from skillbank.storage.ranks import bank_on_rank_zero, raise_everywhere
 from skillbank.storage.skill import Skill

@@ -254,8 +254,8 @@ class MaskLearner(pl.LightningModule):
         tau, scores = self.tau.detach(), self.scores.detach()
         counts = self._pool_counts if self.pooled else [n for _, _, n in self._layout]
         local = torch.split(self._pool_local, counts) if self.pooled else [None] * len(counts)
-        tensors = [
-            (b, t.clone(), s.clone(), None if p is None else p.clone())
+        tensors = [  # views of the flat tensors: fully_shard copies out each rank's part, then the flat ones are freed
+            (b, t, s, p)
             for (b, _, _), t, s, p in zip(self._layout, torch.split(tau, counts), torch.split(scores, counts), local)
             if t.numel()
         ]
@@ -607,7 +607,11 @@ class MaskLearner(pl.LightningModule):
             local = self.shards.best_chosen() if best is not None else self.shards.choose(self._top_k())[0]
             regions = self.shards.regions(local)
             regions.update(
-                {b: Region(torch.empty(0, dtype=torch.int64), torch.empty(0)) for b in self._tv.shared if b not in regions}
+                {
+                    b: Region(torch.empty(0, dtype=torch.int64, device="cpu"), torch.empty(0, device="cpu"))
+                    for b in self._tv.shared
+                    if b not in regions
+                }
             )
         else:
             regions = self._regions(best[2] if best is not None else self.binary_mask())

@@ -98,7 +98,7 @@ def _local(tensor: Tensor) -> Tensor:
 def _float_of_key(key: int) -> float:
     """The float32 whose order key is ``key`` (see :func:`kth_largest`)."""
     bits = key if key >= 0 else -key - 0x80000000
-    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
+    return float(torch.tensor([bits], dtype=torch.int32, device="cpu").view(torch.float32))
 
 
 def kth_largest(parts: Sequence[Tensor], k: int, all_reduce: Callable[[Tensor], Tensor]) -> float:
@@ -115,7 +115,8 @@ def kth_largest(parts: Sequence[Tensor], k: int, all_reduce: Callable[[Tensor], 
     while low < high:
         middle = (low + high + 1) // 2
         threshold = _float_of_key(middle)
-        count = all_reduce(torch.tensor([sum(int((p >= threshold).sum()) for p in parts)], dtype=torch.int64))
+        local = sum(int((p >= threshold).sum()) for p in parts)
+        count = all_reduce(torch.tensor([local], dtype=torch.int64, device="cpu"))
         if int(count) >= k:
             low = middle
         else:
@@ -146,18 +147,27 @@ class ShardedScores(nn.Module):
 
     # ---- collectives --------------------------------------------------------------------------
 
+    # small counts are made on the CPU and cross the group where its backend works (NCCL: the scores' GPU)
+
     def _all_reduce(self, tensor: Tensor) -> Tensor:
-        if self._group is not None:
-            dist.all_reduce(tensor, group=self._group)
-        return tensor
+        if self._group is None:
+            return tensor
+        tensor = tensor.to(self._device)
+        dist.all_reduce(tensor, group=self._group)
+        return tensor.cpu()
 
     def _all_gather(self, tensor: Tensor) -> Tensor:
-        """``[world, *tensor.shape]``: every rank's ``tensor`` (same shape on each)."""
+        """``[world, *tensor.shape]``: every rank's ``tensor`` (same shape on each), on the CPU."""
         if self._group is None:
             return tensor.unsqueeze(0)
+        tensor = tensor.to(self._device)
         parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(self._group))]
         dist.all_gather(parts, tensor, group=self._group)
-        return torch.stack(parts)
+        return torch.stack(parts).cpu()
+
+    @property
+    def _device(self) -> torch.device:
+        return self.local_scores(0).device if self._units else torch.device("cpu")
 
     def _all_gather_objects(self, obj: object) -> list[object]:
         if self._group is None:
@@ -169,8 +179,9 @@ class ShardedScores(nn.Module):
     def connect(self, group: dist.ProcessGroup | None, fsdp_modules: Sequence[nn.Module]) -> None:
         """After sharding: learn where this rank's part of each tensor starts (the sum of the earlier ranks' parts)."""
         self._group, self._fsdp_modules = group, list(fsdp_modules)
-        sizes = self._all_gather(torch.tensor([self.local_scores(i).numel() for i in range(len(self._units))]))
-        self._offsets = (sizes.cumsum(0) - sizes)[self.rank].tolist()
+        sizes = [self.local_scores(i).numel() for i in range(len(self._units))]
+        every = self._all_gather(torch.tensor(sizes, dtype=torch.int64, device="cpu"))
+        self._offsets = (every.cumsum(0) - every)[self.rank].tolist()
 
     @property
     def rank(self) -> int:
@@ -220,8 +231,8 @@ class ShardedScores(nn.Module):
         self._resharded()
         parts = [self.local_scores(i) for i in range(len(self._units))]
         threshold = 0.0 if k is None else kth_largest(parts, k, self._all_reduce)
-        counts = torch.tensor([[int((p > threshold).sum()), int((p == threshold).sum())] for p in parts], dtype=torch.int64)
-        every = self._all_gather(counts.reshape(-1, 2))  # [world, tensors, (greater, equal)]
+        counts = [[int((p > threshold).sum()), int((p == threshold).sum())] for p in parts]
+        every = self._all_gather(torch.tensor(counts, dtype=torch.int64, device="cpu").reshape(-1, 2))
         greater = int(every[..., 0].sum())
         ties_left = 0 if k is None else k - greater
         tensor_ties = every[..., 1].sum(0).tolist()
@@ -253,7 +264,7 @@ class ShardedScores(nn.Module):
         """How many scores are above 0 over all ranks."""
         self._resharded()
         local = sum(int((self.local_scores(i) > 0).sum()) for i in range(len(self._units)))
-        return int(self._all_reduce(torch.tensor([local], dtype=torch.int64)))
+        return int(self._all_reduce(torch.tensor([local], dtype=torch.int64, device="cpu")))
 
     def remember_best(self, chosen: Sequence[Tensor]) -> None:
         """Keep ``chosen`` (this rank's part of a mask) as the best mask."""

@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from helpers.ddp_teardown import teardown  # noqa: E402
 from helpers.models import live_copy, tiny_config  # noqa: E402
 from helpers.modules import Watcher, quiet_trainer, task_loader  # noqa: E402
-from skillbank import sharding  # noqa: E402
-from skillbank.callbacks import SkillHarvester, SkillStitcher  # noqa: E402
+from skillbank.callbacks import SkillHarvester, SkillStitcher, _sharded_weights  # noqa: E402
 from skillbank.integrations.classifier import SequenceClassifier  # noqa: E402
 from skillbank.vectors.weights import tensor_digest  # noqa: E402
 
@@ -52,7 +51,7 @@ def main(mode: str, workdir: Path) -> None:
         harvester = SkillHarvester(workdir / "bank", "sentiment", sparsity=0.05)
         quiet_trainer(max_steps=4, callbacks=[harvester], **ddp).fit(module, task_loader(), task_loader(n=32, seed=1))
     elif mode == "fsdp-harvest":
-        sharding.SHARD_BYTES = 20_000  # several files from a tiny model
+        _sharded_weights.SHARD_BYTES = 20_000  # several files from a tiny model
         module = SequenceClassifier(live_copy(base), num_labels=2, lr=0.05, optimizer="sgd")
         harvester = SkillHarvester(
             workdir / "bank", "sentiment", sparsity=0.05, finetuned_dir=workdir / "finetuned", keep_finetuned=True

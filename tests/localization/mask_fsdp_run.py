@@ -7,7 +7,8 @@ process data-parallel; Lightning relaunches the script once per extra rank. ``MO
 ``full`` (every entry scored), ``pool`` (a pool of 10·k, half of the entries) or ``best`` (a pool, keeping the
 best-validating mask, a checkpoint every epoch in ``BANK.ckpt``; the validation metric is
 scripted to peak at epoch :data:`BEST_EPOCH`, so the mask kept is not the last one).
-``RESUME`` (``best`` only): the checkpoint to resume from. Full-batch updates (see
+``RESUME`` (``best`` only): the checkpoint to resume from. With ``FSDP_ACCELERATOR=gpu`` in the
+environment the run is sharded on GPUs, one process included (``pytest -m cuda``). Full-batch updates (see
 ``mask_ddp_run.py``). Rank 0 writes the final scores (flat, in the flat learner's order)
 to ``BANK.scores.pt`` and the run's summary to ``BANK.json``.
 """
@@ -15,6 +16,7 @@ to ``BANK.scores.pt`` and the run's summary to ``BANK.json``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -75,10 +77,12 @@ def main(devices: int, bank: str, mode: str, epochs: int, resume: str | None) ->
     spec = learned(0.05, full_batch=True, lr=0.5, keep_best=mode == "best", pool=pool)
     metric = ScriptedMetric() if mode == "best" else None
     learner = MaskLearner(finetuned, base, spec=spec, bank=bank, skill_name="sentiment", metric=metric)
-    strategy = "auto" if devices == 1 else ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    accelerator = os.environ.get("FSDP_ACCELERATOR", "cpu")
+    sharded = devices > 1 or accelerator == "gpu"
+    strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1) if sharded else "auto"
     callbacks = [ModelCheckpoint(dirpath=f"{bank}.ckpt", save_last=True, save_top_k=0)] if mode == "best" else []
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=devices,
         strategy=strategy,
         max_epochs=epochs,
