@@ -374,7 +374,8 @@ class MaskLearner(pl.LightningModule):
         return out
 
     def forward(self, batch: Any, gate: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """``(loss, logits, target)`` of the model at ``θ_pre + gate ⊙ τ`` (default gate ``σ(S)``)."""
+        """``(loss, logits, target)`` of the model at ``θ_pre + gate ⊙ τ`` (default gate ``σ(S)``; sharded, the gate
+        is the parametrizations': ``σ(S)``, or the binary mask within ``shards.binary_gates()``)."""
         if self.shards is None:
             weights = self.masked_weights(torch.sigmoid(self.scores) if gate is None else gate)
 
@@ -601,18 +602,14 @@ class MaskLearner(pl.LightningModule):
             bank_on_rank_zero(self.trainer, self.bank, lambda: skill, "MaskLearner")
 
     def to_skill(self, name: str, **skill_fields: Any) -> Skill:
-        """The learned mask as a :class:`Skill`, with the recipe and the validation metrics."""
+        """The learned mask as a :class:`Skill`, with the recipe and the validation metrics (sharded: a collective,
+        called on every rank, each of which gets the skill)."""
         best = self._best if self.keep_best else None
         if self.shards is not None:  # each rank's part of the mask, gathered tensor by tensor
             local = self.shards.best_chosen() if best is not None else self.shards.choose(self._top_k())[0]
-            regions = self.shards.regions(local)
-            regions.update(
-                {
-                    b: Region(torch.empty(0, dtype=torch.int64, device="cpu"), torch.empty(0, device="cpu"))
-                    for b in self._tv.shared
-                    if b not in regions
-                }
-            )
+            gathered = self.shards.regions(local)
+            empty = Region(torch.empty(0, dtype=torch.int64, device="cpu"), torch.empty(0, device="cpu"))
+            regions = {b: gathered.get(b, empty) for b in self._tv.shared}  # the flat learner's order
         else:
             regions = self._regions(best[2] if best is not None else self.binary_mask())
         chosen = sum(len(r) for r in regions.values())

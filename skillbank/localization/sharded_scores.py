@@ -16,6 +16,10 @@ ties at it go to the earliest positions in the flat learner's order (tensor by t
 then by position), as :func:`~skillbank.sparse.topk_positions` breaks them. The final
 mask is gathered tensor by tensor, so no rank ever holds more than one tensor's
 chosen entries at a time beyond the skill itself.
+
+The recipe's penalty is summed over the tensors the forward used, so a scored tensor the
+model never uses gets none (the flat learner's regularizer reaches every score): leave such
+tensors out with ``exclude``.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -183,19 +186,21 @@ def test_a_model_kept_under_another_name_is_named_not_folded_into_the_task_vecto
     assert set(SkillBank(tmp_path / "b").get("s").head) == {"classifier.weight", "classifier.bias"}
 
 
+def harvested_by_two_processes(mode: str, workdir: Path) -> SkillBank:
+    """Run ``ddp_callbacks_run.py MODE`` (2 processes); its bank must hold the one skill, written once by rank 0."""
+    script = Path(__file__).with_name("ddp_callbacks_run.py")
+    done = subprocess.run([sys.executable, str(script), mode, str(workdir)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    bank = SkillBank(workdir / "bank")
+    assert bank.names() == ["sentiment"] and bank.verify() == {"sentiment": "ok"}
+    return bank
+
+
 @pytest.mark.ddp
 @pytest.mark.slow
 @pytest.mark.timeout(DDP_TIMEOUT)
 def test_ddp_finetune_is_harvested_once(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).with_name("ddp_callbacks_run.py")
-    done = subprocess.run([sys.executable, str(script), "harvest", str(tmp_path)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    bank = SkillBank(tmp_path / "bank")
-    assert bank.names() == ["sentiment"] and bank.verify() == {"sentiment": "ok"}
+    bank = harvested_by_two_processes("harvest", tmp_path)
     assert bank.get("sentiment").metadata.source["global_step"] == 4
 
 
@@ -222,19 +227,11 @@ def test_auto_harvest_records_the_size_search_and_needs_validation_data(base_mod
 @pytest.mark.timeout(DDP_TIMEOUT)
 def test_an_fsdp2_finetune_is_written_tensor_by_tensor_and_harvested_once(tmp_path):
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from skillbank.callbacks.skill_harvester import BASE_FILE
     from skillbank.vectors.weights import load_weights
 
-    script = Path(__file__).with_name("ddp_callbacks_run.py")
-    done = subprocess.run([sys.executable, str(script), "fsdp-harvest", str(tmp_path)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    bank = SkillBank(tmp_path / "bank")
-    assert bank.names() == ["sentiment"] and bank.verify() == {"sentiment": "ok"}  # written once, by rank 0
-    skill = bank.get("sentiment")
+    skill = harvested_by_two_processes("fsdp-harvest", tmp_path).get("sentiment")
     assert skill.metadata.source["global_step"] == 4
     folder = tmp_path / "finetuned" / "sentiment"
     files = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
