@@ -158,11 +158,14 @@ class SkillServer(ls.LitAPI):
             self.prepared.pop(name, None)
             self.centroids.pop(name, None)
         for name in [n for n in listed if n not in self.offered]:
-            skill = self.bank.get(name)
             self.offered.add(name)
+            room = len(self.prepared) < self.max_prepared
+            if not room and not self.bank.routable(name):
+                continue  # read when a request names it: a large bank is not read whole at start
+            skill = self.bank.get(name)
             if skill.centroids is not None:
                 self.centroids[name] = skill.centroids
-            if len(self.prepared) < self.max_prepared:
+            if room:
                 self.prepared[name] = self.switcher.prepare(skill)
         self.metrics["offered"] = sorted(self.offered)
         self.metrics["prepared"] = len(self.prepared)

@@ -219,6 +219,22 @@ class SkillBank:
         entry = snapshot.by_name.get(name) or self.entry(name)
         return self._load(entry, snapshot.base_fingerprint)
 
+    def routable(self, name: str) -> bool:
+        """Whether skill ``name`` carries routing centroids, told from its file's header alone: no tensor is read or
+        checked (:meth:`get` does that), so a server can tell whether to route without reading every skill."""
+        from skillbank.storage.skill import CENTROIDS_KEY
+
+        entry = self.entry(name)
+        path = self.path / entry.file
+        try:
+            with _open_regular(path, entry.bytes, MAX_SKILL_BYTES) as (fd, size):
+                header, _ = _safetensors_header(fd, size, path)
+        except FileNotFoundError as exc:
+            raise SkillFileError(f"skill {name!r}: its file {path} is missing.") from exc
+        except _Unreadable as exc:
+            raise SkillFileError(f"skill {name!r}: {exc}") from None
+        return CENTROIDS_KEY in header
+
     def verify(self) -> dict[str, str]:
         """Check every skill; returns ``{name: "ok" or what is wrong}``.
 
@@ -548,9 +564,10 @@ class _Unreadable(Exception):
     """A bank file that is not a regular file of the expected size (a link, a FIFO, a device, too large)."""
 
 
-def _read_regular(path: Path, expected: int | None, limit: int, *, digest: bool = True) -> tuple[bytes, str]:
-    """The bytes and sha256 (``""`` unless ``digest``) of the regular file ``path``: never through a symbolic link, never blocking on a FIFO,
-    and never more than ``limit`` bytes or other than ``expected`` bytes (checked before reading)."""
+@contextmanager
+def _open_regular(path: Path, expected: int | None, limit: int) -> Iterator[tuple[int, int]]:
+    """``(fd, size)`` of the regular file ``path``: never through a symbolic link, never blocking on a FIFO, and never
+    more than ``limit`` bytes or other than ``expected`` bytes (checked before anything is read)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
@@ -565,10 +582,18 @@ def _read_regular(path: Path, expected: int | None, limit: int, *, digest: bool 
             raise _Unreadable(f"{path} has {info.st_size} bytes, the manifest says {expected} (truncated or damaged)")
         if info.st_size > limit:
             raise _Unreadable(f"{path} has {info.st_size:,} bytes, more than the {limit:,} a bank reads")
-        if expected is not None and info.st_size > _CHECK_EXTENT_ABOVE:
+        yield fd, info.st_size
+    finally:
+        os.close(fd)
+
+
+def _read_regular(path: Path, expected: int | None, limit: int, *, digest: bool = True) -> tuple[bytes, str]:
+    """The bytes and sha256 (``""`` unless ``digest``) of the regular file ``path``, opened by :func:`_open_regular`."""
+    with _open_regular(path, expected, limit) as (fd, size):
+        if expected is not None and size > _CHECK_EXTENT_ABOVE:
             # a large skill file: its header must account for every byte before it is read whole
-            _check_safetensors_extent(fd, info.st_size, path)
-        hasher, chunks, left = hashlib.sha256() if digest else None, [], info.st_size
+            _check_safetensors_extent(fd, size, path)
+        hasher, chunks, left = hashlib.sha256() if digest else None, [], size
         while left:
             chunk = os.read(fd, min(left, 2**24))
             if not chunk:
@@ -578,25 +603,35 @@ def _read_regular(path: Path, expected: int | None, limit: int, *, digest: bool 
             chunks.append(chunk)
             left -= len(chunk)
         return b"".join(chunks), hasher.hexdigest() if hasher is not None else ""
-    finally:
-        os.close(fd)
 
 
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on a header
 _CHECK_EXTENT_ABOVE = 64 * 2**20  # smaller files are read whole at once; their sha256 says what is wrong
 
 
-def _check_safetensors_extent(fd: int, size: int, path: Path) -> None:
-    """Raise :class:`_Unreadable` unless the safetensors header read from ``fd`` declares tensors that end exactly at
-    ``size``: a crafted or sparse file of any declared size is refused after reading its header alone."""
+def _safetensors_header(fd: int, size: int, path: Path) -> tuple[dict[str, Any], int]:
+    """The safetensors header of the ``size``-byte file ``fd`` and its length, read alone (bounded by safetensors' own
+    limit); :class:`_Unreadable` when it is not one."""
     prefix = os.pread(fd, 8, 0)
     length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
     if not 2 <= length <= min(size - 8, _MAX_HEADER):
         raise _Unreadable(f"{path} is not a safetensors file (its header length is impossible)")
     try:
         header = json.loads(os.pread(fd, length, 8))
+    except (ValueError, RecursionError):
+        raise _Unreadable(f"{path} is not a safetensors file (its header is damaged)") from None
+    if not isinstance(header, dict):
+        raise _Unreadable(f"{path} is not a safetensors file (its header is damaged)")
+    return header, length
+
+
+def _check_safetensors_extent(fd: int, size: int, path: Path) -> None:
+    """Raise :class:`_Unreadable` unless the safetensors header read from ``fd`` declares tensors that end exactly at
+    ``size``: a crafted or sparse file of any declared size is refused after reading its header alone."""
+    header, length = _safetensors_header(fd, size, path)
+    try:
         end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         raise _Unreadable(f"{path} is not a safetensors file (its header is damaged)") from None
     if 8 + length + end != size:
         raise _Unreadable(f"{path} declares {8 + length + end:,} bytes of header and tensors but holds {size:,} (damaged)")

@@ -35,14 +35,15 @@ from skillbank.storage.low_rank import LowRank, low_rank_from_tensors, low_rank_
 from skillbank.storage.position_codes import decode_positions, encode_positions
 from skillbank.storage.value_codes import decode_values, encode_values
 
-__all__ = ["FORMAT_VERSION", "MAX_CENTROIDS", "Region", "Skill", "SkillMetadata", "VALUE_DTYPES"]
+__all__ = ["CENTROIDS_KEY", "FORMAT_VERSION", "MAX_CENTROIDS", "Region", "Skill", "SkillMetadata", "VALUE_DTYPES"]
 
 _HEADER_KEY = "skillbank"
 #: Value dtypes a skill may store its task-vector entries in.
 VALUE_DTYPES = {name: getattr(torch, name) for name in VALUE_DTYPE_NAMES}
 #: The most routing centroids one skill may carry, and the widest feature they may have (reads stay bounded).
 MAX_CENTROIDS, MAX_FEATURE_DIM = 256, 65536
-_CENTROIDS_KEY = "route/centroids"
+#: The skill file's tensor holding the routing centroids.
+CENTROIDS_KEY = "route/centroids"
 
 
 @dataclass
@@ -174,7 +175,7 @@ class Skill:
         for name, tensor in self.head.items():
             tensors[f"head/{name}"] = tensor.detach().to("cpu").contiguous().clone()
         if self.centroids is not None:
-            tensors[_CENTROIDS_KEY] = _checked_centroids(self.centroids, self.name).to("cpu", torch.float32).contiguous().clone()
+            tensors[CENTROIDS_KEY] = _checked_centroids(self.centroids, self.name).to("cpu", torch.float32).contiguous().clone()
         metadata = self.metadata
         if self.low_rank:
             tensors.update(low_rank_tensors(self.low_rank, value_dtype))
@@ -209,7 +210,7 @@ class Skill:
             raise SkillFileError(f"{origin} has an unreadable skill header ({str(exc)[:120]}).") from None
         parts: dict[str, dict[str, Tensor]] = {}
         head: dict[str, Tensor] = {}
-        centroids = tensors.pop(_CENTROIDS_KEY, None)
+        centroids = tensors.pop(CENTROIDS_KEY, None)
         if centroids is not None:
             centroids = _checked_centroids(centroids, origin).float()
         examples = Examples.from_tensors({k: tensors.pop(k) for k in Examples.keys(list(tensors))}, origin)

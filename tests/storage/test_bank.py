@@ -262,3 +262,25 @@ def test_replacing_a_skill_with_an_older_nested_chain_flattens_it(tmp_path, base
     assert source["versions"] == 21 and len(chain) == 16  # the old version and the 20 it nested, 16 kept
     assert chain[0]["source"]["run"] == 20 and [v["sha256"] for v in chain[1:3]] == [f"{20:064x}", f"{19:064x}"]
     assert all("replaces" not in (v["source"] or {}) for v in chain)
+
+
+def test_whether_a_skill_routes_is_told_from_its_header_alone(tmp_path, base_model, monkeypatch):
+    from skillbank.stitching.routing import with_routing
+
+    bank = SkillBank(tmp_path / "bank")
+    bank.add(with_routing(make_skill(base_model, "routed", seed=1), torch.randn(2, 32)))
+    bank.add(make_skill(base_model, "plain", seed=2))
+    import skillbank.storage.bank as bank_module
+
+    real_read = bank_module._read_regular
+
+    def manifest_only(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        assert path.suffix != ".safetensors", f"{path} was read whole"
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(bank_module, "_read_regular", manifest_only)
+    assert bank.routable("routed") and not bank.routable("plain")
+    with pytest.raises(AssertionError, match="was read whole"):
+        bank.get("plain")  # what routable does not do
+    with pytest.raises(SkillNameError, match="no skill named 'gone'"):
+        bank.routable("gone")

@@ -121,6 +121,8 @@ def test_a_skill_file_that_is_a_link_fifo_or_huge_is_refused_without_reading(ban
     _replace_file(bank, "a", make)
     with pytest.raises(SkillFileError, match=problem):
         bank.get("a")
+    with pytest.raises(SkillFileError, match=problem):
+        bank.routable("a")  # the header alone is read as carefully
     report = bank.verify()
     assert report["b"] == "ok" and report["a"] != "ok"  # every skill checked, the damaged one reported
 

@@ -70,7 +70,7 @@ def _serve(args: argparse.Namespace) -> int:
     names = bank.names()
     if not names:
         raise SkillbankError(f"{args.bank} holds no skills yet; add one (skillbank localize) before serving it.")
-    routable = any(bank.get(n).centroids is not None for n in names)
+    routable = any(bank.routable(n) for n in names)  # headers only: the worker reads the skills it needs
     with tempfile.TemporaryDirectory(prefix="skillbank-serve-") as scratch:
         api = SkillServer(
             args.bank,
