@@ -9,7 +9,11 @@ process) on the pulled MiniLM, and sends --clients concurrent clients x --reques
 - **sorted**: each client's requests are sorted by skill (a batch mostly holds one skill);
 - **one skill**: every request names the first task's skill (no switch after the first);
 - **dense finetunes**: the same mixed traffic on a LitServe server holding every task's dense finetune (no switch,
-  one model per task in memory) — what serving per task costs without a bank.
+  one model per task in memory) — what serving per task costs without a bank;
+- **peft adapters**: the same mixed traffic on a LitServe server holding the base encoder with one LoRA adapter a
+  task (PEFT, every linear layer, the rank that gives the served skills' mean bytes) and each task's head; a group
+  switches with ``set_adapter``, PEFT's switch between loaded adapters. The adapters are untrained (LoRA's B = 0):
+  this row measures speed only, its accuracy is the base's with each task's head.
 
 Per pattern: throughput, p50 and p99 latency, accuracy against the labels, and the server's switches. Requests are
 bounded in count and each in time; the servers are stopped at the end (SIGTERM).
@@ -30,7 +34,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import litserve as ls
 import torch
@@ -44,19 +48,12 @@ from skillbank.integrations.serving import run_until_stopped
 STARTUP, REQUEST = 600.0, 120.0
 
 
-class DenseServer(ls.LitAPI):
-    """The baseline: one dense finetuned classifier per task in memory, each request answered by its task's model."""
+class _GroupedServer(ls.LitAPI):
+    """A baseline server: JSON in and out, each batch grouped by skill and each group answered by :meth:`logits`."""
 
-    def __init__(self, folders: dict[str, str], tokenizer: str, max_length: int, max_batch_size: int) -> None:
+    def __init__(self, max_length: int, max_batch_size: int) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=0.01)
-        self.folders, self.tokenizer_path, self.max_length = folders, tokenizer, max_length
-
-    def setup(self, device: str) -> None:
-        from skillbank.vectors.models import load_classifier, load_tokenizer
-
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        self.models = {name: load_classifier(folder).eval() for name, folder in self.folders.items()}
-        self.tokenizer = load_tokenizer(self.tokenizer_path)
+        self.max_length = max_length
 
     def decode_request(self, request):  # noqa: ANN001, ANN201 - unannotated: LitServe then passes the JSON body
         return request
@@ -67,27 +64,82 @@ class DenseServer(ls.LitAPI):
     def unbatch(self, output: list) -> list:
         return output
 
+    def logits(self, skill: str, tokens: dict) -> torch.Tensor:
+        raise NotImplementedError
+
     def predict(self, requests: list[dict]) -> list[dict]:
         answers: list[dict] = [{} for _ in requests]
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(r["skill"], []).append(i)
         for name, members in groups.items():
-            tokens = self.tokenizer(
-                [requests[i]["text"] for i in members],
-                truncation=True,
-                max_length=self.max_length,
-                padding=True,
-                return_tensors="pt",
-            )
+            texts = [requests[i]["text"] for i in members]
+            tokens = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
             with torch.no_grad():
-                logits = self.models[name](**tokens).logits
+                logits = self.logits(name, tokens)
             for i, row in zip(members, logits):
                 answers[i] = {"skill": name, "label": int(row.argmax())}
         return answers
 
     def encode_response(self, output: dict) -> dict:
         return output
+
+
+class DenseServer(_GroupedServer):
+    """The baseline: one dense finetuned classifier per task in memory, each request answered by its task's model."""
+
+    def __init__(self, folders: dict[str, str], tokenizer: str, max_length: int, max_batch_size: int) -> None:
+        super().__init__(max_length, max_batch_size)
+        self.folders, self.tokenizer_path = folders, tokenizer
+
+    def setup(self, device: str) -> None:
+        from skillbank.vectors.models import load_classifier, load_tokenizer
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.models = {name: load_classifier(folder).eval() for name, folder in self.folders.items()}
+        self.tokenizer = load_tokenizer(self.tokenizer_path)
+
+    def logits(self, skill: str, tokens: dict) -> torch.Tensor:
+        return self.models[skill](**tokens).logits
+
+
+class PeftServer(_GroupedServer):
+    """The PEFT baseline: the base encoder with a LoRA adapter a task, switched per group with ``set_adapter``."""
+
+    def __init__(
+        self, base: str, heads: dict[str, str], lora_bytes: int, max_length: int, max_batch_size: int, info: str | None
+    ) -> None:
+        super().__init__(max_length, max_batch_size)
+        self.base, self.heads_from, self.lora_bytes, self.info = base, heads, lora_bytes, info
+
+    def setup(self, device: str) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        from skillbank.vectors.models import load_classifier, load_tokenizer
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.tokenizer = load_tokenizer(self.base)
+        encoder = load_classifier(self.base, num_labels=2).base_model.eval()  # the base's encoder and pooler
+        targets = [m for m in encoder.modules() if isinstance(m, torch.nn.Linear)]
+        per_rank = 4 * sum(m.in_features + m.out_features for m in targets)  # fp32 bytes of A and B at rank 1
+        rank = max(1, round(self.lora_bytes / per_rank))
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=["query", "key", "value", "dense"])
+        names = list(self.heads_from)
+        self.model = get_peft_model(encoder, config, adapter_name=names[0])
+        for name in names[1:]:
+            self.model.add_adapter(name, config)
+        self.model.eval()
+        # each task's head on the pooled features, as its finetune has it
+        self.heads = {name: cast(torch.nn.Module, load_classifier(folder).classifier) for name, folder in self.heads_from.items()}
+        self.active = names[0]
+        if self.info:
+            Path(self.info).write_text(json.dumps({"lora rank": rank, "lora bytes": rank * per_rank}))
+
+    def logits(self, skill: str, tokens: dict) -> torch.Tensor:
+        if skill != self.active:
+            self.model.set_adapter(skill)
+            self.active = skill
+        return self.heads[skill](self.model(**tokens).pooler_output)
 
 
 def _free_port() -> int:
@@ -169,7 +221,11 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=100, help="requests per client and pattern")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64, help="tokens per text (bench_real's default)")
-    p.add_argument("--patterns", type=lambda s: s.split(","), default=["mixed", "sorted", "one skill", "dense finetunes"])
+    p.add_argument(
+        "--patterns",
+        type=lambda s: s.split(","),
+        default=["mixed", "sorted", "one skill", "dense finetunes", "peft adapters"],
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON results (default <work>/serve.json)")
     a = p.parse_args()
@@ -195,11 +251,11 @@ def main() -> None:
         "one skill": [[draw(a.tasks[0]) for _ in range(a.requests)] for _ in range(a.clients)],
     }
     plans["sorted"] = [sorted(plan, key=lambda r: a.tasks.index(r[0])) for plan in plans["mixed"]]
-    plans["dense finetunes"] = plans["mixed"]
+    plans["dense finetunes"] = plans["peft adapters"] = plans["mixed"]
     results: dict[str, Any] = {"bank": a.bank, "tasks": a.tasks, "clients": a.clients, "requests": a.requests}
     bits = [bank.entry(n).bits_per_parameter or 0.0 for n in a.tasks]
     results["bits per parameter"] = round(sum(bits) / len(bits), 3)
-    skill_patterns = [q for q in a.patterns if q != "dense finetunes"]
+    skill_patterns = [q for q in a.patterns if q not in ("dense finetunes", "peft adapters")]
     if skill_patterns:
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
@@ -217,15 +273,22 @@ def main() -> None:
                 print(pattern, json.dumps(results[pattern]), flush=True)
         finally:
             _stop(process)
-    if "dense finetunes" in a.patterns:
+    entries = [bank.entry(n) for n in a.tasks]  # the skills' shared parts (their heads aside), which LoRA stands for
+    skill_bytes = int(sum((e.bits_per_parameter or 0.0) * e.shared / 8 for e in entries) / len(entries))
+    for pattern, flag in (("dense finetunes", "--serve-dense"), ("peft adapters", "--serve-peft")):
+        if pattern not in a.patterns:
+            continue
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, __file__, "--work", str(work), "--tasks", ",".join(a.tasks), "--serve-dense", str(port)]
+        command = [sys.executable, __file__, "--work", str(work), "--tasks", ",".join(a.tasks), flag, str(port)]
         command += ["--max-batch-size", str(a.max_batch_size), "--max-length", str(a.max_length)]
-        process = _start(command, url, work / "serve-dense.log")
+        command += ["--lora-bytes", str(skill_bytes), "--info", str(work / "serve-peft.json")]
+        process = _start(command, url, work / f"serve-{flag[8:]}.log")
         try:
-            results["dense finetunes"] = _traffic(url, plans["dense finetunes"])
-            print("dense finetunes", json.dumps(results["dense finetunes"]), flush=True)
+            results[pattern] = _traffic(url, plans[pattern])
+            if pattern == "peft adapters":  # the adapters' rank and bytes, as the server's worker chose them
+                results[pattern].update(json.loads((work / "serve-peft.json").read_text()))
+            print(pattern, json.dumps(results[pattern]), flush=True)
         finally:
             _stop(process)
     out = Path(a.out) if a.out else work / "serve.json"
@@ -233,24 +296,32 @@ def main() -> None:
     print(f"results in {out}")
 
 
-def serve_dense() -> None:
-    """The dense baseline's server process (``--serve-dense PORT``)."""
+def serve_baseline() -> None:
+    """A baseline's server process: ``--serve-dense PORT`` (the dense finetunes) or ``--serve-peft PORT`` (LoRA)."""
     p = argparse.ArgumentParser()
     p.add_argument("--work", required=True)
     p.add_argument("--tasks", type=lambda s: s.split(","), required=True)
-    p.add_argument("--serve-dense", type=int, required=True)
+    p.add_argument("--serve-dense", type=int, default=None)
+    p.add_argument("--serve-peft", type=int, default=None)
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--lora-bytes", type=int, default=2_000_000)
+    p.add_argument("--info", default=None, help="where the PEFT server writes its adapters' rank and bytes")
     a = p.parse_args()
     work = Path(a.work)
     folders = {name: str(work / "finetuned" / name) for name in a.tasks}
-    api = DenseServer(folders, str(resolve_model("pulled:minilm")), a.max_length, a.max_batch_size)
+    base = str(resolve_model("pulled:minilm"))
+    api: ls.LitAPI
+    if a.serve_peft is not None:
+        api = PeftServer(base, folders, a.lora_bytes, a.max_length, a.max_batch_size, a.info)
+    else:
+        api = DenseServer(folders, base, a.max_length, a.max_batch_size)
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=REQUEST)
-    run_until_stopped(server, "127.0.0.1", a.serve_dense)
+    run_until_stopped(server, "127.0.0.1", a.serve_peft if a.serve_peft is not None else a.serve_dense)
 
 
 if __name__ == "__main__":
-    if "--serve-dense" in sys.argv:
-        serve_dense()
+    if "--serve-dense" in sys.argv or "--serve-peft" in sys.argv:
+        serve_baseline()
     else:
         main()
