@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 from skillbank.errors import SkillbankError
@@ -55,7 +56,6 @@ def save_sharded_weights(
     so it is complete or absent; a failure on rank 0 is raised on every rank, after every
     rank has taken part in every gather (none is left waiting).
     """
-    from safetensors.torch import save_file
     from torch.distributed.tensor import DTensor
 
     _reshard(model)
@@ -66,21 +66,21 @@ def save_sharded_weights(
         except Exception as exc:  # noqa: BLE001 - raised everywhere once every gather is done
             error = exc
     seen: set[int] = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # a collective: every rank, same order
-        if writer is not None and error is None:
-            try:
-                writer.add(name, whole.detach())
-            except Exception as exc:  # noqa: BLE001
-                error = exc
-        del whole
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # a collective: every rank, in order
+            if writer is not None and error is None:
+                try:
+                    writer.add(name, whole.detach())
+                except Exception as exc:  # noqa: BLE001
+                    error = exc
+            del whole
     if writer is not None and error is None:
         try:
-            config = getattr(model, "config", None)
-            writer.finish(config, {n: dict(t) for n, t in (extra_files or {}).items()}, save_file)
+            writer.finish(getattr(model, "config", None), extra_files or {})
         except Exception as exc:  # noqa: BLE001
             error = exc
     if writer is not None and error is not None:
@@ -99,7 +99,9 @@ class _ShardWriter:
         self.staged = folder.with_name(f".{folder.name}.partial-{uuid.uuid4().hex}")
         self.staged.mkdir(parents=True)
         self.pending: dict[str, Tensor] = {}
-        self.pending_bytes, self.files, self.weight_map, self.total = 0, [], {}, 0  # type: ignore[var-annotated]
+        self.pending_bytes = self.total = 0
+        self.files: list[str] = []
+        self.weight_map: dict[str, str] = {}
 
     def add(self, name: str, tensor: Tensor) -> None:
         self.pending[name] = tensor.to("cpu", copy=True).contiguous()
@@ -119,7 +121,11 @@ class _ShardWriter:
         self.total += self.pending_bytes
         self.pending, self.pending_bytes = {}, 0
 
-    def finish(self, config: Any, extra_files: Mapping[str, Mapping[str, Tensor]], save_file: Any) -> None:
+    def finish(self, config: Any, extra_files: Mapping[str, Mapping[str, Tensor]]) -> None:
+        """The last file, the index (or the one file renamed ``model.safetensors``), the config, the extra files; then
+        the staged folder takes its name."""
+        from safetensors.torch import save_file
+
         self._flush()
         if len(self.files) == 1:
             (self.staged / self.files[0]).rename(self.staged / "model.safetensors")

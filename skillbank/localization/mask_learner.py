@@ -378,6 +378,8 @@ class MaskLearner(pl.LightningModule):
         is the parametrizations': ``σ(S)``, or the binary mask within ``shards.binary_gates()``)."""
         if self.shards is None:
             weights = self.masked_weights(torch.sigmoid(self.scores) if gate is None else gate)
+        else:
+            self.shards.state.penalties.clear()  # this forward's shares only (regularizer() sums them)
 
         def run(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if self.shards is not None:  # the scored tensors' parametrizations give θ_pre + gate ⊙ τ
