@@ -1,13 +1,13 @@
 """Memory per rank of mask learning: one process, DDP and FSDP2 (ModelParallelStrategy) on CPU processes (issue 33).
 
-    python benchmarks/bench_sharded_masks.py --out /tmp/sharded [--layers 12] [--steps 3]
+    python benchmarks/bench_sharded_masks.py --out /tmp/sharded [--layers 12] [--steps 3] [--configs fsdp-4]
 
 A BERT-base-shaped classifier (hidden 768, 12 layers, vocabulary 30522: ~110M
 parameters, random init; no download) and a "finetune" of it (the base plus seeded
-noise on every entry). Each configuration runs in its own processes: the flat
-learner in one process, the flat learner replicated over 2 DDP processes, and the
+noise on every entry). Each configuration runs in its own processes: by default the
+flat learner in one process, the flat learner replicated over 2 DDP processes, and the
 sharded learner (``ModelParallelStrategy(data_parallel_size=N)``) over 1 and 2
-processes; each with full scoring and with a pool of 30·k, at 1%, for ``--steps``
+processes (``--configs`` names others); each with full scoring and with a pool of 30·k, at 1%, for ``--steps``
 Adam updates on random tokens (4 sequences of 64 a rank). Every rank reports:
 
 * ``state_bytes``: ``MaskLearner.state_nbytes`` (its part of τ, the scores, Adam's
@@ -37,12 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = [  # (name, processes, strategy)
-    ("one process (flat)", 1, "flat"),
-    ("DDP (flat, replicated)", 2, "ddp"),
-    ("FSDP2", 1, "fsdp"),
-    ("FSDP2", 2, "fsdp"),
-]
+CONFIGS = {"flat": "one process (flat)", "ddp": "DDP (flat, replicated)", "fsdp": "FSDP2"}  # --configs' strategies
 
 
 def _status(key: str) -> int:
@@ -137,6 +132,11 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder for the per-rank reports and sharded_masks.json")
     parser.add_argument("--layers", type=int, default=12, help="encoder layers (12: BERT-base, ~110M parameters)")
     parser.add_argument("--steps", type=int, default=3, help="Adam updates a run")
+    parser.add_argument(
+        "--configs",
+        default="flat-1,ddp-2,fsdp-1,fsdp-2",
+        help="STRATEGY-PROCESSES pairs to run (flat, ddp, fsdp; default %(default)s), e.g. fsdp-4",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--strategy", default="flat", help=argparse.SUPPRESS)
@@ -152,7 +152,9 @@ def main() -> None:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     rows = []
     for scoring in ("full", "pool"):
-        for name, processes, strategy in CONFIGS:
+        for tag in args.configs.split(","):
+            strategy, processes = tag.split("-")[0], int(tag.split("-")[1])
+            name = CONFIGS[strategy]
             tag = f"{strategy}-{processes}-{scoring}"
             command = [sys.executable, __file__, "--child", "--out", args.out, "--layers", str(args.layers)]
             command += ["--steps", str(args.steps), "--processes", str(processes), "--strategy", strategy]
