@@ -142,3 +142,26 @@ def test_a_tied_parameter_is_refused_with_the_exclude_that_avoids_it():
     tau = torch.ones(15)
     with pytest.raises(SkillbankError, match=r"tied to \['1.weight'\].*exclude=\['embed'\]"):
         shard_scores(model, {"embed": "0.weight"}, [("embed", tau, tau.clone(), None)], lambda g: g.sum(), False)
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+@pytest.mark.timeout(DDP_TIMEOUT)
+def test_a_causal_lm_with_tied_embeddings_is_sharded_once_they_are_excluded(tmp_path):
+    script = str(TESTS / "causal_fsdp_run.py")
+
+    def learn(devices: int, *exclude: str) -> subprocess.CompletedProcess:
+        out = str(tmp_path / f"mask-{devices}-{len(exclude)}.pt")
+        return subprocess.run([sys.executable, script, str(devices), out, *exclude], cwd=TESTS, capture_output=True, text=True)
+
+    refused = learn(2)  # the tied embedding cannot be sharded as one scored tensor: said before any training
+    assert refused.returncode != 0
+    assert "'model.embed_tokens.weight' is tied to ['lm_head.weight']" in refused.stderr
+    assert "exclude=['model.embed_tokens.weight']" in refused.stderr
+    for devices in (1, 2):
+        done = learn(devices, "embed_tokens")
+        assert done.returncode == 0, done.stderr[-3000:]
+    flat, sharded = torch.load(tmp_path / "mask-1-1.pt"), torch.load(tmp_path / "mask-2-1.pt")
+    assert flat.keys() == sharded.keys() and "model.embed_tokens.weight" in flat
+    assert all(torch.equal(flat[name], sharded[name]) for name in flat)  # next-token loss, buffers (rotary) and all
+    assert len(flat["model.embed_tokens.weight"]) == 0 and sum(len(i) for i in flat.values()) > 0
