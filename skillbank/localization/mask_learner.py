@@ -150,6 +150,7 @@ class MaskLearner(pl.LightningModule):
         tv = finetuned if isinstance(finetuned, TaskVector) else task_vector(base, own if finetuned is None else finetuned)
         self._names = self._reset_to_base(tv, base, finetuned is not None)
         self._tv, self._layout, tau = self._flatten(tv)
+        del tv  # its τ now lives in the flat tensor alone (unless the caller holds the TaskVector it gave)
         self.num_eligible = tau.numel()
         self.k = num_selected(self.sparsity, self.num_eligible)
         if self.pooled:
@@ -163,7 +164,7 @@ class MaskLearner(pl.LightningModule):
         self.scores = nn.Parameter(self._initial_scores(tau))
         self.shards: ShardedScores | None = None  # set by configure_model under ModelParallelStrategy
         if context:
-            acc, count = self._context_state(context, tv)
+            acc, count = self._context_state(context, self._tv)
             self.register_buffer("context_acc", acc, persistent=False)
             self.register_buffer("context_count", count, persistent=False)
         self.val_acc = metric if metric is not None else self._default_metric(num_labels)
@@ -328,7 +329,7 @@ class MaskLearner(pl.LightningModule):
     def _initial_scores(self, tau: Tensor) -> Tensor:
         start = self.recipe.init_sparsity or self.sparsity
         # the start's size counts every eligible entry; a pool holds the top of |τ|, so its top is the global top
-        chosen = global_topk({"tau": tau.abs()}, min(tau.numel(), num_selected(start, self.num_eligible)))["tau"]
+        chosen = topk_positions(tau.abs(), min(tau.numel(), num_selected(start, self.num_eligible)))
         scores = torch.full_like(tau, -self.recipe.init_scale)
         scores[chosen] = self.recipe.init_scale
         return scores
