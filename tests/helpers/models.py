@@ -8,24 +8,27 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import BertConfig, BertForSequenceClassification, BertModel
+from transformers import BertConfig, BertForSequenceClassification, BertModel, LlamaConfig
 
 from skillbank import Skill, localize_dataless, task_vector
 from skillbank.localization.spec import LearnerSpec, LocalizationSpec
 
+#: The tiny models' shapes: a two-layer BERT classifier and a two-layer Llama (grouped-query attention, rotary).
+TINY_BERT: dict[str, Any] = dict(
+    vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, max_position_embeddings=32
+)
+TINY_LLAMA: dict[str, Any] = dict(
+    vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
+)
 
-def tiny_config(**overrides) -> BertConfig:
-    settings = dict(
-        vocab_size=64,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        num_labels=2,
-    )
-    settings.update(overrides)
-    return BertConfig(**settings)
+
+def tiny_config(**overrides: Any) -> BertConfig:
+    return BertConfig(**{**TINY_BERT, "num_labels": 2, **overrides})
+
+
+def tiny_llama_config(**overrides: Any) -> LlamaConfig:
+    """A two-layer Llama's config, for causal-LM tests."""
+    return LlamaConfig(**{**TINY_LLAMA, "max_position_embeddings": 32, **overrides})
 
 
 def finetune_like(base: BertModel, seed: int, scale: float = 0.02, num_labels: int = 2) -> BertForSequenceClassification:

@@ -17,26 +17,18 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
 from helpers.ddp_teardown import teardown  # noqa: E402
-from helpers.models import learned  # noqa: E402
+from helpers.models import learned, tiny_llama_config  # noqa: E402
 from skillbank import MaskLearner  # noqa: E402
 
 
 def main(devices: int, out: str, exclude: list[str]) -> None:
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
+    config = tiny_llama_config(tie_word_embeddings=True)
     base = LlamaForCausalLM(config).eval()
     finetuned = LlamaForCausalLM(config).eval()
     finetuned.load_state_dict(base.state_dict())

@@ -9,9 +9,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
-from helpers.models import learned
+from helpers.models import learned, tiny_llama_config
 from skillbank import MaskLearner, SkillBank, Stitcher, localize_dataless, task_vector
 from skillbank.localization.causal_lm import LM_EXCLUDE, NextTokenAccuracy, with_lm_labels
 from skillbank.vectors.models import load_model
@@ -21,18 +21,7 @@ VOCAB = 40
 
 def llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        num_hidden_layers=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=32,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    config = tiny_llama_config(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return LlamaForCausalLM(config).eval()
 
 
