@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from skillbank.errors import SkillbankError
+from skillbank.sharding import reshard
 from skillbank.storage.ranks import raise_everywhere
 
 if TYPE_CHECKING:
@@ -28,15 +29,6 @@ __all__ = ["SHARD_BYTES", "save_sharded_weights"]
 
 #: Bytes of weights per safetensors file :func:`save_sharded_weights` writes (Hugging Face's own default is 5 GB).
 SHARD_BYTES = 2 << 30
-
-
-def _reshard(model: nn.Module) -> None:
-    """Every FSDP unit back to its shards (FSDP keeps the root gathered after a forward without a backward)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
 
 
 def save_sharded_weights(
@@ -58,7 +50,7 @@ def save_sharded_weights(
     """
     from torch.distributed.tensor import DTensor
 
-    _reshard(model)
+    reshard(model)
     writer, error = None, None
     if strategy.is_global_zero:
         try:

@@ -15,7 +15,7 @@ from skillbank.errors import SkillbankError
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["data_parallel_mesh", "is_sharded", "repeated_blocks", "shard_model"]
+__all__ = ["data_parallel_mesh", "is_sharded", "repeated_blocks", "reshard", "shard_model"]
 
 
 def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
@@ -45,10 +45,21 @@ def shard_model(model: nn.Module, mesh: DeviceMesh) -> list[nn.Module]:
     """
     from torch.distributed.fsdp import fully_shard
 
+    data_mesh = data_parallel_mesh(mesh)
     units = [*repeated_blocks(model), model]
     for unit in units:
-        fully_shard(unit, mesh=data_parallel_mesh(mesh))
+        fully_shard(unit, mesh=data_mesh)
     return units
+
+
+def reshard(model: nn.Module) -> None:
+    """Every FSDP unit of ``model`` back to its shards: FSDP keeps the root gathered after a forward without a backward,
+    so a reader of the local shards calls this first."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -265,10 +265,10 @@ class MaskLearner(pl.LightningModule):
             del self.scored, self._pool_local
         shards = shard_scores(self.model, self._names, tensors, self._penalty, self.keep_best)
         del tensors
-        units = shard_model(self.model, data_mesh)
+        shard_model(self.model, data_mesh)
         if len(shards.best):
             fully_shard(shards, mesh=data_mesh)
-        shards.connect(data_mesh.get_group(), units)
+        shards.connect(data_mesh.get_group(), self.model)
         self.shards = shards
 
     def _penalty(self, gate: Tensor) -> Tensor:

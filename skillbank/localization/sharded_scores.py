@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from skillbank.errors import SkillbankError
+from skillbank.sharding import reshard
 from skillbank.storage.skill import Region
 
 __all__ = ["GateState", "ScoredTensor", "ShardedScores", "kth_largest", "shard_scores"]
@@ -147,7 +148,7 @@ class ShardedScores(nn.Module):
         )
         self._offsets: list[int] = [0] * len(units)
         self._group: dist.ProcessGroup | None = None
-        self._fsdp_modules: list[nn.Module] = []
+        self._model: list[nn.Module] = []
 
     # ---- collectives --------------------------------------------------------------------------
 
@@ -180,9 +181,10 @@ class ShardedScores(nn.Module):
         dist.all_gather_object(out, obj, group=self._group)
         return out
 
-    def connect(self, group: dist.ProcessGroup | None, fsdp_modules: Sequence[nn.Module]) -> None:
-        """After sharding: learn where this rank's part of each tensor starts (the sum of the earlier ranks' parts)."""
-        self._group, self._fsdp_modules = group, list(fsdp_modules)
+    def connect(self, group: dist.ProcessGroup | None, model: nn.Module) -> None:
+        """After sharding ``model``: learn where this rank's part of each tensor starts (the sum of the earlier ranks'
+        parts)."""
+        self._group, self._model = group, [model]  # in a list: a plain attribute, not a submodule
         sizes = [self.local_scores(i).numel() for i in range(len(self._units))]
         every = self._all_gather(torch.tensor(sizes, dtype=torch.int64, device="cpu"))
         self._offsets = (every.cumsum(0) - every)[self.rank].tolist()
@@ -194,9 +196,9 @@ class ShardedScores(nn.Module):
     # ---- this rank's parts --------------------------------------------------------------------
 
     def _resharded(self) -> None:
-        """Back to the shards: FSDP leaves the root's parameters gathered after a forward without a backward."""
-        for module in self._fsdp_modules:
-            module.reshard()  # type: ignore[operator]
+        """Back to the shards before the local parts are read (:func:`~skillbank.sharding.reshard`)."""
+        if self._model:
+            reshard(self._model[0])
 
     def local_scores(self, i: int) -> Tensor:
         return _local(self._units[i][1].scores).detach().float()

@@ -36,6 +36,7 @@ from helpers.ddp_teardown import teardown  # noqa: E402
 from helpers.models import learned, tiny_config  # noqa: E402
 from skillbank import MaskLearner  # noqa: E402
 from skillbank.localization.fewshot import balanced_indices  # noqa: E402
+from skillbank.sharding import reshard  # noqa: E402
 from skillbank.testbed.synthetic import DEMO_TASKS, TokenDataset  # noqa: E402
 
 BEST_EPOCH = 2
@@ -60,7 +61,7 @@ def flat_scores(learner: MaskLearner) -> torch.Tensor:
     """The scores in the flat learner's order (sharded ones gathered: a collective, every rank calls it)."""
     if learner.shards is None:
         return learner.scores.detach().clone()
-    learner.shards._resharded()
+    reshard(learner.model)  # after validation FSDP keeps the root gathered
     return torch.cat([s.full_tensor().detach() for s in learner.shards.scores()])
 
 
