@@ -226,13 +226,8 @@ class SkillBank:
 
         entry = self.entry(name)
         path = self.path / entry.file
-        try:
-            with _open_regular(path, entry.bytes, MAX_SKILL_BYTES) as (fd, size):
-                header, _ = _safetensors_header(fd, size, path)
-        except FileNotFoundError as exc:
-            raise SkillFileError(f"skill {name!r}: its file {path} is missing.") from exc
-        except _Unreadable as exc:
-            raise SkillFileError(f"skill {name!r}: {exc}") from None
+        with _skill_file_errors(name, path), _open_regular(path, entry.bytes, MAX_SKILL_BYTES) as (fd, size):
+            header, _ = _safetensors_header(fd, size, path)
         return CENTROIDS_KEY in header
 
     def verify(self) -> dict[str, str]:
@@ -516,12 +511,8 @@ class SkillBank:
 
     def _load(self, entry: SkillEntry, base: str | None) -> Skill:
         path = self.path / entry.file
-        try:
+        with _skill_file_errors(entry.name, path):
             data, digest = _read_regular(path, entry.bytes, MAX_SKILL_BYTES)
-        except FileNotFoundError as exc:
-            raise SkillFileError(f"skill {entry.name!r}: its file {path} is missing.") from exc
-        except _Unreadable as exc:
-            raise SkillFileError(f"skill {entry.name!r}: {exc}") from None
         if digest != entry.sha256:
             raise SkillFileError(
                 f"skill {entry.name!r}: {path} fails its sha256 check (corrupted); restore it or remove the skill."
@@ -562,6 +553,17 @@ class SkillBank:
 
 class _Unreadable(Exception):
     """A bank file that is not a regular file of the expected size (a link, a FIFO, a device, too large)."""
+
+
+@contextmanager
+def _skill_file_errors(name: str, path: Path) -> Iterator[None]:
+    """Within: a missing or unreadable file of skill ``name`` becomes a :class:`SkillFileError` that names both."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise SkillFileError(f"skill {name!r}: its file {path} is missing.") from exc
+    except _Unreadable as exc:
+        raise SkillFileError(f"skill {name!r}: {exc}") from None
 
 
 @contextmanager
