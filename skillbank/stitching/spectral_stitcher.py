@@ -83,6 +83,7 @@ class SpectralStitcher:
         self._matrices: dict[str, Skill] = {}  # each stitched skill's regions in weight matrices (all are kept)
         self._skills: dict[str, Skill] = {}  # each stitched skill whole (the teacher of a calibration)
         self._base: dict[str, Tensor] = {}  # model tensor name -> its base value, while a skill touches it
+        self._units: dict[str, Tensor] | None = None  # after a rescale: each touched matrix's composition at scale 1
         self.calibration: Calibration | None = None  # what calibrate() learned, until the next add or remove
 
     @property
@@ -134,13 +135,13 @@ class SpectralStitcher:
         matrices, rest = self._split(skill)
         self._inner.add(rest)  # checks names, shapes and the base fingerprint of the whole skill's header
         try:
-            delta = self._composed({**self._matrices, skill.name: matrices}, matrices.regions)
+            units = self._composed({**self._matrices, skill.name: matrices}, matrices.regions)
         except BaseException:
             self._inner.remove(skill.name)  # exact: the mean rule takes a skill out bit for bit
             raise
         self._matrices[skill.name] = matrices
         self._skills[skill.name] = skill
-        self._write(delta, matrices.regions)
+        self._write(units, matrices.regions)
         self._uncalibrate()
 
     def remove(self, name: str) -> None:
@@ -148,10 +149,10 @@ class SpectralStitcher:
         if name not in self._matrices:
             self._inner.remove(name)  # names the error
         touched = self._matrices[name].regions
-        delta = self._composed({n: s for n, s in self._matrices.items() if n != name}, touched)
+        units = self._composed({n: s for n, s in self._matrices.items() if n != name}, touched)
         self._inner.remove(name)
         del self._matrices[name], self._skills[name]
-        self._write(delta, touched)
+        self._write(units, touched)
         self._uncalibrate()
 
     def reset(self) -> None:
@@ -161,9 +162,34 @@ class SpectralStitcher:
             for dst, value in self._base.items():
                 self._tensors[dst].data.copy_(value)
         self._base.clear()
+        self._units = None
         self._matrices.clear()
         self._skills.clear()
         self.calibration = None
+
+    def rescale(self, scale: float) -> None:
+        """Write every stitched matrix again at ``scale`` (e.g. one chosen on validation after an arrival).
+
+        The model then holds exactly what a stitcher made at ``scale`` with the same skills holds, bit for bit, so
+        add and remove stay exact. The first call composes every matrix a stitched skill touches once, at scale 1,
+        and keeps those compositions (one float32 copy of each touched matrix, until :meth:`reset`), so further
+        calls, and adds and removes, only rewrite: a sweep over scales costs one composition. A calibration is
+        dropped, as by :meth:`add`.
+
+        Raises:
+            StitchError: ``scale`` is not a positive finite number (nothing changes).
+        """
+        if not math.isfinite(scale) or scale <= 0:
+            raise StitchError(f"scale must be a positive number, got {scale}.")
+        touched = {src: r for s in self._matrices.values() for src, r in s.regions.items() if s.touches(src)}
+        if self._units is None:
+            units = self._composed(self._matrices, touched)  # may fail: nothing has changed yet
+            self._units = {}
+        else:
+            units = {src: u for src, u in self._units.items() if src in touched}
+        self.scale = float(scale)
+        self.calibration = None
+        self._write(units, touched)
 
     def calibrate(
         self, *, loss: str = "distill", per: str = "layer", steps: int = 30, lr: float = 0.02, batch_size: int = 32
@@ -270,7 +296,7 @@ class SpectralStitcher:
         return replace(skill, regions=matrix), replace(skill, regions=rest, low_rank={})
 
     def _composed(self, skills: Mapping[str, Skill], touched: Mapping[str, Region]) -> dict[str, Tensor]:
-        """``scale · merge`` of ``skills`` in each matrix of ``touched`` (computed before anything is written)."""
+        """``merge`` of ``skills`` in each matrix of ``touched``, at scale 1 (computed before anything is written)."""
         covering = [
             replace(
                 s,
@@ -280,10 +306,11 @@ class SpectralStitcher:
             for s in skills.values()
             if any(map(s.touches, touched))
         ]
-        return spectral_delta(covering, self.merge, self.scale, matrices=lambda _n, _t: True) if covering else {}
+        return spectral_delta(covering, self.merge, 1.0, matrices=lambda _n, _t: True) if covering else {}
 
-    def _write(self, delta: Mapping[str, Tensor], touched: Mapping[str, Region]) -> None:
-        """``base + delta`` into each matrix of ``touched`` (the base, where no skill touches it any more)."""
+    def _write(self, units: Mapping[str, Tensor], touched: Mapping[str, Region]) -> None:
+        """``base + scale · unit`` into each matrix of ``touched`` (the base, where no skill touches it any more);
+        the compositions kept for :meth:`rescale` follow."""
         names = align_names(list(touched), self._tensors)
         with torch.no_grad():
             for src in touched:
@@ -291,11 +318,15 @@ class SpectralStitcher:
                 target = self._tensors[dst]
                 if dst not in self._base:
                     self._base[dst] = target.detach().clone()
-                if src in delta:
-                    merged = self._base[dst].float() + delta[src].to(target.device)
+                if src in units:
+                    merged = self._base[dst].float() + (self.scale * units[src]).to(target.device)
                     target.data.copy_(merged.to(target.dtype))
+                    if self._units is not None:
+                        self._units[src] = units[src]
                 else:
                     target.data.copy_(self._base.pop(dst))
+                    if self._units is not None:
+                        self._units.pop(src, None)
 
 
 def _alone(skill: Skill, base: Mapping[str, Tensor], names: Mapping[str, str]) -> dict[str, Tensor]:

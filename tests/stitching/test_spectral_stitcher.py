@@ -60,6 +60,46 @@ def test_any_arrival_order_and_any_removal_give_the_same_model_bit_for_bit(base_
     assert _equal(stitched([0, 1, 2], remove=[0, 2, 1]), _state(base_model))  # every skill gone: the base, bit for bit
 
 
+@pytest.mark.parametrize("merge", ["tsv_m", "iso_c"])
+def test_rescale_gives_what_a_stitcher_made_at_that_scale_holds_bit_for_bit(base_model, skills, merge, monkeypatch):
+    def stitched(scale, rescale=None):  # noqa: ANN001, ANN202
+        model = copy.deepcopy(base_model)
+        stitcher = SpectralStitcher(model, merge=merge, scale=scale)
+        for skill in skills[:2]:
+            stitcher.add(skill)
+        if rescale is not None:
+            stitcher.rescale(rescale)
+        return model, stitcher
+
+    fresh, _ = stitched(2.5)
+    model, stitcher = stitched(1.0, rescale=2.5)
+    assert stitcher.scale == 2.5 and _equal(_state(model), _state(fresh))
+    assert not _equal(_state(model), _state(stitched(1.0)[0]))  # the scale did change the model
+    stitcher.add(skills[2])  # later arrivals compose at the new scale
+    stitcher.remove(skills[0].name)
+    expected, other = stitched(2.5)
+    other.add(skills[2])
+    other.remove(skills[0].name)
+    assert _equal(_state(model), _state(expected))
+    fresh_at_1_5, _ = stitched(1.5)
+    model_b, stitcher_b = stitched(1.0, rescale=2.0)
+    import skillbank.stitching.spectral_stitcher as module
+
+    monkeypatch.setattr(module, "spectral_delta", None)  # a sweep after the first rescale composes nothing again
+    stitcher_b.rescale(3.0)
+    stitcher_b.rescale(1.5)
+    assert _equal(_state(model_b), _state(fresh_at_1_5))
+    monkeypatch.undo()
+    before = _state(model)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(StitchError, match="scale must be a positive number"):
+            stitcher.rescale(bad)
+    assert _equal(_state(model), before) and stitcher.scale == 2.5
+    for name in list(stitcher.stitched):
+        stitcher.remove(name)
+    assert _equal(_state(model), _state(base_model))
+
+
 def test_reset_and_heads_and_the_bank(base_model, skills, tmp_path):
     bank = SkillBank(tmp_path / "bank")
     for skill in skills:
@@ -135,7 +175,9 @@ def test_a_composition_that_fails_leaves_the_model_and_the_stitcher_as_they_were
         stitcher.add(skills[2])
     with pytest.raises(torch.linalg.LinAlgError):
         stitcher.remove("s0")  # s1 still touches its matrices: they would be recomputed
-    assert _equal(_state(model), before) and stitcher.stitched == ["s0", "s1"]
+    with pytest.raises(torch.linalg.LinAlgError):
+        stitcher.rescale(2.0)
+    assert _equal(_state(model), before) and stitcher.stitched == ["s0", "s1"] and stitcher.scale == 1.0
     monkeypatch.undo()
     stitcher.add(skills[2])  # and it goes on as if nothing had happened
     again = copy.deepcopy(base_model)
