@@ -30,6 +30,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from skillbank.devices import device_of
 from skillbank.errors import BaseMismatchError, SkillbankError, SkillNameError, TaskVectorError, TimeLimitError
 from skillbank.localization.causal_lm import NextTokenAccuracy, is_causal_lm, with_lm_labels
+from skillbank.localization.context_loss import ContextExamples
 from skillbank.localization.localize import skill_from_task_vector
 from skillbank.localization.sharded_scores import ShardedScores, shard_scores
 from skillbank.localization.spec import LocalizationSpec
@@ -83,6 +84,8 @@ class MaskLearner(pl.LightningModule):
             earlier skills combined with the new one by ``spec.learner.rule``
             (differentiably in the soft mask, exactly at a binary one), so the mask is
             chosen for where it will live. Earlier skills are read only, never changed.
+            With ``spec.learner.context_weight`` > 0 their loss on the examples they keep
+            joins the objective (:mod:`~skillbank.localization.context_loss`).
 
     The learner works on its model's device (``τ`` computed elsewhere is brought
     there); a Trainer then moves all of it to its accelerator, as with any module.
@@ -138,6 +141,9 @@ class MaskLearner(pl.LightningModule):
         self.rule = get_rule(learner.rule)
         self.owned_penalty = float(learner.owned_penalty)
         self.context_names = [c.name for c in context]
+        self.context_weight = float(learner.context_weight)
+        self.context_examples = ContextExamples.of(context, learner.context_loss) if self.context_weight else None
+        self.last_context_loss: float | None = None
         if learner.pool is not None and context:
             raise SkillbankError("a pool with context= is not supported: learn in context over every entry.")
         self.pool, self.pool_small = learner.pool, int(learner.pool_small)
@@ -410,6 +416,20 @@ class MaskLearner(pl.LightningModule):
             loss = own_loss
         return loss, logits, target
 
+    def context_loss(self) -> Tensor:
+        """The earlier skills' loss on the examples they keep, in the model holding them and this skill's mask.
+
+        The loss is taken at the binary mask the scores give now (their top k), what the skill will stitch, with
+        the soft mask's gradient (a straight-through estimate): at the soft mask a smaller ``σ(S)`` everywhere
+        would lower it without changing which k entries are chosen."""
+        assert self.context_examples is not None
+        soft = torch.sigmoid(self.scores)
+        binary = torch.zeros_like(soft).index_fill_(0, topk_positions(self.scores.detach(), self.k), 1.0)
+        gate = binary + soft - soft.detach()
+        return self.context_examples.loss(
+            self.model, self.masked_weights(gate), lambda: self.masked_weights(torch.zeros_like(gate))
+        )
+
     def regularizer(self) -> Tensor:
         """The recipe's penalty on the scores (sharded: the sum of the shares the last training forward recorded)."""
         if self.shards is not None:
@@ -464,7 +484,12 @@ class MaskLearner(pl.LightningModule):
         """Loss and backward of one batch; an optimizer step when it closes the update's group."""
         task_loss, _, _ = self(batch)
         size, last = self._group_size(batch_idx, total)
-        backward((task_loss + self.regularizer()) / size)
+        loss = (task_loss + self.regularizer()) / size
+        if last and self.context_examples is not None:  # once an update: the earlier skills' kept examples
+            context_loss = self.context_loss()
+            self.last_context_loss = float(context_loss.detach())
+            loss = loss + self.context_weight * context_loss
+        backward(loss)
         if last:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -474,6 +499,8 @@ class MaskLearner(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         task_loss = self._step(batch, batch_idx, self.trainer.num_training_batches, self.optimizers(), self.manual_backward)
         self.log("train_loss", task_loss, prog_bar=True)
+        if self.last_context_loss is not None:
+            self.log("context_loss", self.last_context_loss)
         return task_loss
 
     def learn(
@@ -632,6 +659,8 @@ class MaskLearner(pl.LightningModule):
         }
         if self.context_names:
             settings.update(context=self.context_names, rule=self.rule.name, owned_penalty=self.owned_penalty)
+            if self.context_examples is not None:
+                settings.update(context_weight=self.context_weight, context_loss=self.context_examples.loss_kind)
         if best is not None:
             metrics["val_acc"] = best[0]
         if self.pooled:

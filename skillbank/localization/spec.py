@@ -4,12 +4,14 @@ says how a learned mask trains (what :class:`~skillbank.MaskLearner` takes)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from skillbank.errors import SkillbankError
 from skillbank.localization.auto_sparsity import DEFAULT_GRID
+from skillbank.localization.context_loss import CONTEXT_LOSSES
 from skillbank.localization.mask_recipes import MaskRecipe, resolve_recipe
 from skillbank.localization.methods import get_method
 from skillbank.sparse import check_sparsity
@@ -32,6 +34,10 @@ class LearnerSpec:
             ``"sum"``: rules with a differentiable form).
         owned_penalty: with context, an extra ``owned_penalty · mean(σ(S))`` over the entries earlier skills own,
             so the mask pays for diluting them.
+        context_weight: with context skills that keep examples, the weight of their loss on those examples in the
+            objective (:mod:`skillbank.localization.context_loss`), so the mask pays for what it costs them;
+            0 (default): the new task's loss alone.
+        context_loss: that loss: ``"distill"`` (default; from the model before this skill) or ``"labels"``.
         pool: score only a candidate pool, the top ``pool · k`` entries of ``|τ|`` (30 kept full scoring's quality
             on the real benchmark, 10 did not): ``τ``, the scores and the optimizer's state follow the pool, not the
             model. ``None`` (default): every entry.
@@ -51,6 +57,8 @@ class LearnerSpec:
     keep_best: bool = True
     rule: str = "mean"
     owned_penalty: float = 0.0
+    context_weight: float = 0.0
+    context_loss: str = "distill"
     pool: float | None = None
     pool_small: int = 0
 
@@ -62,6 +70,10 @@ class LearnerSpec:
         self.mask_recipe()  # an unknown recipe or a bad override fails now
         if not self.owned_penalty >= 0:
             raise SkillbankError(f"owned_penalty must be >= 0, got {self.owned_penalty}.")
+        if not (self.context_weight >= 0 and math.isfinite(self.context_weight)):
+            raise SkillbankError(f"context_weight must be a number >= 0, got {self.context_weight}.")
+        if self.context_loss not in CONTEXT_LOSSES:
+            raise SkillbankError(f"context_loss must be one of {', '.join(CONTEXT_LOSSES)}, got {self.context_loss!r}.")
         if self.pool is not None and not self.pool >= 1:
             raise SkillbankError(f"pool must be >= 1 (the pool holds pool·k entries), got {self.pool}.")
         if int(self.pool_small) != self.pool_small or self.pool_small < 0:
