@@ -37,7 +37,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from skillbank import SkillBank, Stitcher, localize_dataless, task_vector, use_head
 from skillbank.comparison.arrivals import arrival_metrics
 from skillbank.comparison.baselines import arrivals, magmax, opcm_steps, task_arithmetic, ties
-from skillbank.comparison.merges import MERGES, get_merge
+from skillbank.comparison.merges import MERGES, Merge, get_merge
 from skillbank.integrations.classifier import SequenceClassifier
 from skillbank.integrations.labelled_text import task_loader
 from skillbank.integrations.pulled.tasks import ALL_TASKS, TASKS, TextTask, load_task
@@ -51,6 +51,7 @@ from skillbank.stitching.heads import accuracy
 from skillbank.stitching.routing import SkillRouter, mean_pooled_features, routing_centroids
 from skillbank.stitching.spectral import spectral_delta
 from skillbank.stitching.spectral_stitcher import SpectralStitcher
+from skillbank.storage.examples import Examples
 from skillbank.testbed.demo import quiet as quiet_demo
 from skillbank.vectors.models import apply_delta
 from skillbank.vectors.spectral import MATRIX_MERGES
@@ -73,7 +74,7 @@ STAGES = (
 )
 CURVE = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 #: The banks the evaluate stage stitches when they hold every task (see the localize, auto and context stages).
-BANKS = ("dataless", "learned", "dataless-auto", "learned-auto", "learned-context")
+BANKS = ("dataless", "learned", "dataless-auto", "learned-auto", "learned-context", "learned-context-kept")
 
 
 def _quiet() -> None:
@@ -366,22 +367,37 @@ def stage_codes(b: Bench) -> None:
 
 def stage_context(b: Bench) -> None:
     """Learned masks in arrival order (--tasks order), each learned against the model holding the earlier ones,
-    at the size the auto stage chose for its task (the first task has no context: its auto skill as is)."""
+    at the size the --context-from bank chose for its task (the first task has no context: that bank's skill as
+    is). With --context-weight the earlier skills keep --calibrate-shots training examples a class and their
+    --context-loss on them joins each new mask's objective (bank ``learned-context-kept``)."""
+    a = b.args
     live = b.classifier()
     base = b.base_state(live)
-    auto = SkillBank(b.work / "banks" / "learned-auto", create=False)
-    bank = SkillBank(b.work / "banks" / "learned-context")
+    source = SkillBank(b.work / "banks" / a.context_from, create=False)
+    bank = SkillBank(b.work / "banks" / ("learned-context-kept" if a.context_weight else "learned-context"))
     for i, name in enumerate(b.tasks):
         if name in bank:
             continue
         context = [bank.get(t) for t in b.tasks[:i]]
         if not context:
-            bank.add(auto.get(name))
+            bank.add(source.get(name))
             continue
-        skill, seconds = learn_skill(b, name, auto.get(name).metadata.sparsity, base, context=context)
+        options = {}
+        if a.context_weight:
+            context = [replace(s, examples=_kept_examples(b, s.name)) for s in context]
+            options = {"context_weight": a.context_weight, "context_loss": a.context_loss}
+        skill, seconds = learn_skill(b, name, source.get(name).metadata.sparsity, base, context=context, **options)
         bank.add(skill)
-        b.timed(f"context learned {name}", seconds)
+        b.timed(f"context learned {bank.path.name} {name}", seconds)
         print(f"  in context {name:<13} after {len(context)} skills  ({seconds:.0f} s)")
+
+
+def _kept_examples(b: Bench, name: str) -> Examples:
+    """--calibrate-shots training examples a class of task ``name``, as ``skillbank localize --keep-examples``
+    keeps them with a skill."""
+    train = b.task(name).train
+    idx = balanced_indices(torch.tensor(train.labels), b.args.calibrate_shots, seed=b.args.seed + 1)
+    return examples_from_batches(b.loader(name, "train", indices=idx), b.args.calibrate_shots, seed=b.args.seed)
 
 
 def _eval_heads(
@@ -405,33 +421,41 @@ def _heads(b: Bench) -> dict[str, dict[str, torch.Tensor]]:
     raise SystemExit(f"no bank in {b.work / 'banks'} holds every task yet: run the localize stage first.")
 
 
+def _choose_scale(score: Callable[[float], float], grid: Sequence[float]) -> float:
+    """The scale of ``grid`` with the best ``score`` (ties: the smaller). When the best is the grid's largest (or
+    its smallest, above 0), the grid is widened that way by a factor of 1.5 (up to 4 times), so the chosen scale
+    is never at an end of what was tried."""
+    tried: dict[float, float] = {}
+
+    def tried_at(scale: float) -> None:
+        tried[scale] = score(scale)
+        print(f"    scale {scale:<6g} validation mean {tried[scale]:.4f}")
+
+    for scale in grid:
+        tried_at(scale)
+    for _ in range(4):
+        best = max(tried, key=lambda s: (tried[s], -s))
+        if len(tried) > 1 and best == max(tried):
+            tried_at(round(best * 1.5, 4))
+        elif len(tried) > 1 and best == min(tried):
+            tried_at(round(best / 1.5, 4))
+        else:
+            break
+    return max(tried, key=lambda s: (tried[s], -s))
+
+
 def _sweep(
     b: Bench, live: nn.Module, base: dict, heads: dict, make: Callable[[float], dict], grid: Sequence[float], test: bool = True
 ) -> tuple[float, dict]:
-    """Pick the scale with the best mean validation accuracy; return it and the test accuracies (if ``test``).
-
-    When the best scale is the grid's largest (or its smallest, above 0), the grid is widened that way by a
-    factor of 1.5 (up to 4 times), so the chosen scale is never at an end of what was tried."""
-    tried: dict[float, float] = {}
+    """Pick the scale with the best mean validation accuracy (:func:`_choose_scale`); return it and the test
+    accuracies (if ``test``)."""
 
     def score(scale: float) -> float:
         apply_delta(live, base, make(scale))
         val = _eval_heads(b, live, heads, b.validation)
-        tried[scale] = sum(val.values()) / len(val)
-        print(f"    scale {scale:<6g} validation mean {tried[scale]:.4f}")
-        return tried[scale]
+        return sum(val.values()) / len(val)
 
-    for scale in grid:
-        score(scale)
-    for _ in range(4):
-        best = max(tried, key=lambda s: (tried[s], -s))  # ties: the smaller scale
-        if len(tried) > 1 and best == max(tried):
-            score(round(best * 1.5, 4))
-        elif len(tried) > 1 and best == min(tried):
-            score(round(best / 1.5, 4))
-        else:
-            break
-    best = max(tried, key=lambda s: (tried[s], -s))
+    best = _choose_scale(score, grid)
     if not test:
         apply_delta(live, base, {})
         return best, {}
@@ -515,7 +539,7 @@ def stage_evaluate(b: Bench) -> None:
         if not folder.is_dir() or not all(n in SkillBank(folder, create=False) for n in b.tasks):
             continue
         bank = SkillBank(folder, create=False)
-        if method != "learned-context":  # its skills are meant to be stitched together, in order
+        if not method.startswith("learned-context"):  # its skills are meant to be stitched together, in order
             run(f"L&S {method}, skill alone", lambda bank=bank: _alone(b, live, base, bank))
         if method in low_rank:
             continue  # composed matrix by matrix only (--spectral-banks), not by the per-entry rules
@@ -563,10 +587,7 @@ def stage_calibrate(b: Bench) -> None:
         live = b.classifier()
         stitcher = SpectralStitcher(live, bank=bank, merge="tsv_m", scale=scale)
         for name in b.tasks:
-            train = b.task(name).train
-            idx = balanced_indices(torch.tensor(train.labels), a.calibrate_shots, seed=a.seed + 1)
-            kept = examples_from_batches(b.loader(name, "train", indices=idx), a.calibrate_shots, seed=a.seed)
-            stitcher.add(replace(bank.get(name), examples=kept))
+            stitcher.add(replace(bank.get(name), examples=_kept_examples(b, name)))
         start = time.perf_counter()
         record = stitcher.calibrate(loss=loss, per=a.calibrate_groups, steps=a.calibrate_epochs, lr=a.calibrate_lr)
         b.timed(f"calibrate {a.calibrate_bank} {loss}", time.perf_counter() - start)
@@ -579,9 +600,11 @@ def stage_calibrate(b: Bench) -> None:
 def stage_arrivals(b: Bench) -> None:
     """Tasks arrive one at a time (--tasks order); after each arrival every method's merged model is tested on
     the tasks seen so far (--arrival-test-size examples each): each bank's skills under the mean rule, --rules,
-    and (--spectral-banks) composed matrix by matrix by each --spectral merge at its evaluated scale; running
-    TA, TIES and the 2025 merges recomputed over the tasks so far; MagMax; OPCM. Writes arrivals.json for
-    ``skillbank plot arrivals``."""
+    and (--spectral-banks, the low-rank banks among them) composed matrix by matrix by each --spectral merge;
+    running TA, TIES and the 2025 merges recomputed over the tasks so far; MagMax; OPCM. A scaled method uses
+    the scale the evaluate stage chose for every task, or with --arrival-scales validation one chosen at each
+    arrival on the validation examples of the tasks seen so far (rows marked "scale per arrival"; the chosen
+    scales are kept in arrivals.json). Writes arrivals.json for ``skillbank plot arrivals``."""
     a = b.args
     data = b.read("arrivals.json")
     live = b.classifier()
@@ -595,6 +618,9 @@ def stage_arrivals(b: Bench) -> None:
         data["finetuned"] = {n: b.acc(b.classifier(b.finetuned_dir(n), b.task(n).num_labels), test[n]) for n in order}
         b.write("arrivals.json", data)
     scales = b.read("results.json").get("chosen scales", {})
+    per_arrival = a.arrival_scales == "validation"
+    suffix = " (scale per arrival)" if per_arrival else ""
+    validation: dict[str, list] = {}
     taus = None
 
     def shared_taus() -> list[dict]:
@@ -602,6 +628,22 @@ def stage_arrivals(b: Bench) -> None:
         if taus is None:
             taus = [task_vector(base, b.finetuned_dir(n), device=b.device).shared for n in order]
         return taus
+
+    def chosen(label: str, seen: int, grid: Sequence[float], rescale: Callable[[float], None]) -> float:
+        """The scale with the best mean validation accuracy over the first ``seen`` tasks (the model left at it)."""
+        names = order[:seen]
+        for n in names:
+            validation.setdefault(n, list(b.loader(n, "validation", a.arrival_val_size or a.val_size)))
+
+        def score(scale: float) -> float:
+            rescale(scale)
+            val = _eval_heads(b, live, heads, validation.__getitem__, names)
+            return sum(val.values()) / len(val)
+
+        scale = _choose_scale(score, grid)
+        rescale(scale)
+        data.setdefault("arrival scales", {}).setdefault(label, []).append(scale)
+        return scale
 
     def merged_runs(deltas) -> list[dict]:  # noqa: ANN001
         out = []
@@ -611,54 +653,75 @@ def stage_arrivals(b: Bench) -> None:
         apply_delta(live, base, {})
         return out
 
-    def stitched_runs(bank: SkillBank, rule: str = "mean") -> list[dict]:
+    def rescaled_runs(label: str, merge: Merge) -> list[dict]:  # a global merge, its scale chosen at each arrival
+        data.get("arrival scales", {}).pop(label, None)
+        out = []
+        for t in range(len(order)):
+            unit = merge.unit(shared_taus()[: t + 1])
+            chosen(label, t + 1, merge.scales, lambda s, unit=unit: apply_delta(live, base, {n: s * v for n, v in unit.items()}))
+            out.append(_eval_heads(b, live, heads, test.__getitem__, order[: t + 1]))
+        apply_delta(live, base, {})
+        return out
+
+    def stitched_runs(label: str, bank: SkillBank, rule: str = "mean") -> list[dict]:
+        stitcher: Stitcher | SpectralStitcher
         if rule in MATRIX_MERGES:  # the skills composed matrix by matrix, recomputed at each arrival
-            label = f"L&S {bank.path.name} [{get_merge(rule).label} of the skills]"
-            stitcher = SpectralStitcher(live, base, bank=bank, merge=rule, scale=scales.get(label, 1.0))
+            key = f"L&S {bank.path.name} [{get_merge(rule).label} of the skills]"
+            stitcher = SpectralStitcher(live, base, bank=bank, merge=rule, scale=scales.get(key, 1.0))
         else:
             stitcher = Stitcher(live, base, bank=bank, rule=rule)
+        data.get("arrival scales", {}).pop(label, None)
         out = []
         for t, name in enumerate(order):
             stitcher.add(name)
+            if per_arrival and isinstance(stitcher, SpectralStitcher):
+                chosen(label, t + 1, get_merge(rule).scales, stitcher.rescale)
             out.append(_eval_heads(b, live, heads, test.__getitem__, order[: t + 1]))
         for name in reversed(order):
             stitcher.remove(name)
         return out
 
     methods: dict[str, Callable[[], list[dict]]] = {}
-    for bank_name, label in (
-        ("learned-auto", "L&S learned auto"),
-        ("learned-context", "L&S learned in context"),
-        ("learned", "L&S learned 1%"),
-        ("dataless-auto", "L&S dataless auto"),
-    ):
+    banks = {"learned-auto": "L&S learned auto", "learned-context": "L&S learned in context", "learned": "L&S learned 1%"}
+    banks["learned-context-kept"] = "L&S learned in context, earlier skills' kept examples in the loss"
+    banks["dataless-auto"] = "L&S dataless auto"
+    banks |= {m: f"L&S {m}" for m in a.spectral_banks if m not in banks}
+    for bank_name, name in banks.items():
         folder = b.work / "banks" / bank_name
         if folder.is_dir() and all(n in SkillBank(folder, create=False) for n in order):
             spectral = [m for m in a.spectral if bank_name in a.spectral_banks]
-            for rule in ("mean", *a.rules, *spectral):
+            per_entry = () if bank_name.startswith("lowrank-") or per_arrival else ("mean", *a.rules)
+            for rule in (*per_entry, *spectral):
                 shown = get_merge(rule).label + " of the skills" if rule in MATRIX_MERGES else rule
-                methods[label if rule == "mean" else f"{label} [{shown}]"] = lambda folder=folder, rule=rule: stitched_runs(
-                    SkillBank(folder, create=False), rule
+                label = name if rule == "mean" else f"{name} [{shown}]{suffix if rule in MATRIX_MERGES else ''}"
+                methods[label] = lambda folder=folder, rule=rule, label=label: stitched_runs(
+                    label, SkillBank(folder, create=False), rule
                 )
-    ta, ti = scales.get("task arithmetic", 0.5), scales.get("TIES (top-20%)", 1.0)
-    methods[f"running TA (λ={ta:g})"] = lambda: merged_runs(arrivals(lambda ts: task_arithmetic(ts, ta), shared_taus()))
-    methods[f"running TIES (λ={ti:g})"] = lambda: merged_runs(arrivals(lambda ts: ties(ts, 0.2, ti), shared_taus()))
-    methods[f"OPCM (α={a.opcm_alpha:g})"] = lambda: merged_runs(opcm_steps(shared_taus(), a.opcm_alpha))
-    for name in ("tsv_m", "iso_c", "iso_cts"):  # recomputed over the tasks seen so far at each arrival
-        merge = get_merge(name)
-        if merge.label in scales and name in a.merges:
-            scale = scales[merge.label]
-            methods[f"running {merge.label} (λ={scale:g})"] = lambda merge=merge, scale=scale: merged_runs(
-                arrivals(lambda ts: merge(ts, scale), shared_taus())
-            )
+    if per_arrival:
+        for merge_name in ("task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts", "magmax"):
+            merge = get_merge(merge_name)
+            label = f"running {merge.label}{suffix}" if merge_name != "magmax" else f"MagMax{suffix}"
+            methods[label] = lambda label=label, merge=merge: rescaled_runs(label, merge)
+    else:
+        ta, ti = scales.get("task arithmetic", 0.5), scales.get("TIES (top-20%)", 1.0)
+        methods[f"running TA (λ={ta:g})"] = lambda: merged_runs(arrivals(lambda ts: task_arithmetic(ts, ta), shared_taus()))
+        methods[f"running TIES (λ={ti:g})"] = lambda: merged_runs(arrivals(lambda ts: ties(ts, 0.2, ti), shared_taus()))
+        methods[f"OPCM (α={a.opcm_alpha:g})"] = lambda: merged_runs(opcm_steps(shared_taus(), a.opcm_alpha))
+        for merge_name in ("tsv_m", "iso_c", "iso_cts"):  # recomputed over the tasks seen so far at each arrival
+            merge = get_merge(merge_name)
+            if merge.label in scales and merge_name in a.merges:
+                scale = scales[merge.label]
+                methods[f"running {merge.label} (λ={scale:g})"] = lambda merge=merge, scale=scale: merged_runs(
+                    arrivals(lambda ts: merge(ts, scale), shared_taus())
+                )
 
-    def magmax_runs() -> list[dict]:
-        unit = magmax(shared_taus())
-        scale, _ = _sweep(b, live, base, heads, lambda s: {n: s * t for n, t in unit.items()}, a.magmax_grid, test=False)
-        data["magmax scale"] = scale
-        return merged_runs(arrivals(lambda ts: magmax(ts, scale), shared_taus()))
+        def magmax_runs() -> list[dict]:
+            unit = magmax(shared_taus())
+            scale, _ = _sweep(b, live, base, heads, lambda s: {n: s * t for n, t in unit.items()}, a.magmax_grid, test=False)
+            data["magmax scale"] = scale
+            return merged_runs(arrivals(lambda ts: magmax(ts, scale), shared_taus()))
 
-    methods["MagMax"] = magmax_runs
+        methods["MagMax"] = magmax_runs
     for label, fn in methods.items():
         if label in data["methods"]:
             continue
@@ -667,9 +730,13 @@ def stage_arrivals(b: Bench) -> None:
         b.timed(f"arrivals {label}", time.perf_counter() - start)
         b.write("arrivals.json", data)
         m = arrival_metrics(data["methods"][label], order, data["finetuned"])
+        picked = data.get("arrival scales", {}).get(label)
         print(
-            f"  {label:<28} average " + " ".join(f"{x:.3f}" for x in m["average"]) + f"  final BWT {m['bwt'][-1]:+.3f}"
-            f"  ({time.perf_counter() - start:.0f} s)"
+            f"  {label:<28} average "
+            + " ".join(f"{x:.3f}" for x in m["average"])
+            + f"  final BWT {m['bwt'][-1]:+.3f}"
+            + (f"  scales {picked}" if picked else "")
+            + f"  ({time.perf_counter() - start:.0f} s)"
         )
 
 
@@ -1108,6 +1175,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-rule", default="mean", help="context stage: the overlap rule masks are learned against")
     p.add_argument("--owned-penalty", type=float, default=0.0, help="context stage: penalty on entries earlier skills own")
     p.add_argument(
+        "--context-from",
+        choices=("learned-auto", "dataless-auto"),
+        default="learned-auto",
+        help="context stage: the bank whose sizes the masks are learned at (and whose first skill is kept as is)",
+    )
+    p.add_argument(
+        "--context-weight",
+        type=float,
+        default=0.0,
+        help="context stage: weight of the earlier skills' loss on --calibrate-shots kept examples a class "
+        "(0: the new task's loss alone; >0 fills the learned-context-kept bank)",
+    )
+    p.add_argument(
+        "--context-loss", choices=("distill", "labels"), default="distill", help="context stage: that loss (--context-weight)"
+    )
+    p.add_argument(
         "--switch-bank",
         default="learned-auto",
         choices=BANKS,
@@ -1126,6 +1209,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate stage: semicolon-separated rows not to compute (e.g. 'linear probe;consensus (TALL, k=2)')",
     )
     p.add_argument("--arrival-test-size", type=int, default=500, help="arrivals stage: test examples per task")
+    p.add_argument(
+        "--arrival-scales",
+        choices=("evaluated", "validation"),
+        default="evaluated",
+        help="arrivals stage: each scaled method at the scale the evaluate stage chose for every task (evaluated), "
+        "or at one chosen at each arrival on the validation examples of the tasks seen so far (validation)",
+    )
+    p.add_argument(
+        "--arrival-val-size",
+        type=int,
+        default=0,
+        help="arrivals stage, --arrival-scales validation: validation examples per task (default --val-size)",
+    )
     p.add_argument("--opcm-alpha", type=float, default=0.5, help="arrivals stage: OPCM's split of the singular values")
     p.add_argument(
         "--magmax-grid",
