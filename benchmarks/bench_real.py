@@ -698,7 +698,7 @@ def stage_arrivals(b: Bench) -> None:
                     label, SkillBank(folder, create=False), rule
                 )
     if per_arrival:
-        for merge_name in ("task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts", "magmax"):
+        for merge_name in [m for m in ("task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts", "magmax") if m in a.merges]:
             merge = get_merge(merge_name)
             label = f"running {merge.label}{suffix}" if merge_name != "magmax" else f"MagMax{suffix}"
             methods[label] = lambda label=label, merge=merge: rescaled_runs(label, merge)
