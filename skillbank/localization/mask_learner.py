@@ -419,12 +419,16 @@ class MaskLearner(pl.LightningModule):
     def context_loss(self) -> Tensor:
         """The earlier skills' loss on the examples they keep, in the model holding them and this skill's mask.
 
-        The loss is taken at the binary mask the scores give now (their top k), what the skill will stitch, with
-        the soft mask's gradient (a straight-through estimate): at the soft mask a smaller ``σ(S)`` everywhere
-        would lower it without changing which k entries are chosen."""
+        The loss is taken at the binary mask the scores give now (their top k, or ``S > 0``), what the skill will
+        stitch, with the soft mask's gradient (a straight-through estimate): at the soft mask a smaller ``σ(S)``
+        everywhere would lower it without changing which k entries are chosen."""
         assert self.context_examples is not None
+        scores = self.scores.detach()
         soft = torch.sigmoid(self.scores)
-        binary = torch.zeros_like(soft).index_fill_(0, topk_positions(self.scores.detach(), self.k), 1.0)
+        if self.recipe.binarize == "topk":
+            binary = torch.zeros_like(soft).index_fill_(0, topk_positions(scores, self.k), 1.0)
+        else:
+            binary = (scores > 0).to(soft.dtype)
         gate = binary + soft - soft.detach()
         return self.context_examples.loss(
             self.model, self.masked_weights(gate), lambda: self.masked_weights(torch.zeros_like(gate))
