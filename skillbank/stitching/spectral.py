@@ -22,14 +22,14 @@ independent of the order they arrived in (they are taken in name order).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 
 import torch
 from torch import Tensor
 
 from skillbank.errors import StitchError
 from skillbank.storage.skill import Skill
-from skillbank.vectors.spectral import MATRIX_MERGES, is_weight_matrix, tsv_parts
+from skillbank.vectors.spectral import MATRIX_MERGES, Factors, is_weight_matrix, top_factors, tsv_keep, tsv_parts
 
 __all__ = ["spectral_delta", "tsv_skill_parts"]
 
@@ -39,11 +39,16 @@ def spectral_delta(
     merge: str = "tsv_m",
     scale: float = 1.0,
     matrices: Callable[[str, Tensor], bool] | None = None,
+    factors: MutableMapping[tuple[str, str], Factors] | None = None,
 ) -> dict[str, Tensor]:
     """The offset from the base that composing ``skills`` by ``merge`` gives, by (base) tensor name, float32 on the
     CPU: for each weight matrix (2-D, outside the embeddings, unless ``matrices`` says otherwise) ``scale`` times
     ``merge`` of the skills that touch it; elsewhere the mean of the skills covering each entry, as the ``mean``
     overlap rule stitches it (unscaled).
+
+    ``factors`` (TSV-M): each ``(skill, tensor)``'s top singular triplets, read where they are there and enough,
+    written (trimmed to what this composition keeps) where they are not: a later composition that shares skills
+    skips their SVDs and gives the same result, bit for bit (a skill's τ, so its SVD, never changes).
 
     Raises:
         StitchError: an unknown merge, skills of different shapes for one tensor, or two skills of one name.
@@ -51,11 +56,29 @@ def spectral_delta(
     combine = MATRIX_MERGES[merge]  # an unknown name is refused before any work
     delta = {}
     for tensor, dense, counts, is_matrix in _dense_tensors(skills, matrices):
-        if is_matrix:
+        if is_matrix and merge == "tsv_m" and factors is not None and len(dense) > 1:
+            delta[tensor] = scale * torch.stack(tsv_parts(list(dense.values()), _known(dense, tensor, factors))).sum(0)
+        elif is_matrix:
             delta[tensor] = scale * combine(list(dense.values()))
         else:
             delta[tensor] = torch.stack(list(dense.values())).sum(0) / counts
     return delta
+
+
+def _known(dense: Mapping[str, Tensor], tensor: str, factors: MutableMapping[tuple[str, str], Factors]) -> list[Factors]:
+    """Each skill's top TSV-M singular triplets of ``tensor``: from ``factors`` where it holds enough, else computed;
+    ``factors`` keeps exactly what this composition keeps (memory: about two copies of the matrix over all skills)."""
+    keep = tsv_keep(list(dense.values()))
+    out = []
+    for name, matrix in dense.items():
+        known = factors.get((name, tensor))
+        if known is None or known[1].numel() < keep:
+            known = top_factors(matrix, keep)
+        elif known[1].numel() > keep:
+            known = (known[0][:, :keep].clone(), known[1][:keep].clone(), known[2][:keep].clone())
+        factors[(name, tensor)] = known
+        out.append(known)
+    return out
 
 
 def tsv_skill_parts(

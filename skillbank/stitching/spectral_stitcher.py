@@ -42,7 +42,7 @@ from skillbank.stitching.spectral import spectral_delta, tsv_skill_parts
 from skillbank.stitching.stitcher import Stitcher
 from skillbank.storage.bank import SkillBank
 from skillbank.storage.skill import Region, Skill, SkillMetadata
-from skillbank.vectors.spectral import MATRIX_MERGES, is_weight_matrix
+from skillbank.vectors.spectral import MATRIX_MERGES, Factors, is_weight_matrix
 from skillbank.vectors.weights import WeightsSource, align_names
 
 __all__ = ["SpectralStitcher"]
@@ -84,6 +84,7 @@ class SpectralStitcher:
         self._skills: dict[str, Skill] = {}  # each stitched skill whole (the teacher of a calibration)
         self._base: dict[str, Tensor] = {}  # model tensor name -> its base value, while a skill touches it
         self._units: dict[str, Tensor] | None = None  # after a rescale: each touched matrix's composition at scale 1
+        self._factors: dict[tuple[str, str], Factors] = {}  # TSV-M: each (skill, matrix)'s kept singular triplets
         self.calibration: Calibration | None = None  # what calibrate() learned, until the next add or remove
 
     @property
@@ -152,6 +153,8 @@ class SpectralStitcher:
         units = self._composed({n: s for n, s in self._matrices.items() if n != name}, touched)
         self._inner.remove(name)
         del self._matrices[name], self._skills[name]
+        for key in [k for k in self._factors if k[0] == name]:
+            del self._factors[key]
         self._write(units, touched)
         self._uncalibrate()
 
@@ -163,6 +166,7 @@ class SpectralStitcher:
                 self._tensors[dst].data.copy_(value)
         self._base.clear()
         self._units = None
+        self._factors.clear()
         self._matrices.clear()
         self._skills.clear()
         self.calibration = None
@@ -306,7 +310,10 @@ class SpectralStitcher:
             for s in skills.values()
             if any(map(s.touches, touched))
         ]
-        return spectral_delta(covering, self.merge, 1.0, matrices=lambda _n, _t: True) if covering else {}
+        if not covering:
+            return {}
+        factors = self._factors if self.merge == "tsv_m" else None
+        return spectral_delta(covering, self.merge, 1.0, matrices=lambda _n, _t: True, factors=factors)
 
     def _write(self, units: Mapping[str, Tensor], touched: Mapping[str, Region]) -> None:
         """``base + scale · unit`` into each matrix of ``touched`` (the base, where no skill touches it any more);

@@ -18,7 +18,7 @@ Pure functions of a list of same-shaped matrices, in float32. Whole models are m
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,14 +28,20 @@ from skillbank.registry import Registry
 if TYPE_CHECKING:  # the CLI's --help lists the merges without torch
     from torch import Tensor
 
+#: A matrix's top singular triplets ``(U, σ, Vᵀ)``.
+Factors = tuple["Tensor", "Tensor", "Tensor"]
+
 __all__ = [
     "MATRIX_MERGES",
+    "Factors",
     "MatrixMerge",
     "is_weight_matrix",
     "iso_c_matrix",
     "iso_cts_matrix",
     "nearest_orthonormal",
     "svd",
+    "top_factors",
+    "tsv_keep",
     "tsv_matrix",
     "tsv_parts",
 ]
@@ -67,21 +73,32 @@ def nearest_orthonormal(a: Tensor) -> Tensor:
     return p @ qh
 
 
-def tsv_parts(mats: list[Tensor]) -> list[Tensor]:
+def tsv_keep(mats: Sequence[Tensor]) -> int:
+    """How many singular directions TSV-M keeps of each of ``mats``: its share of the rank, at least one."""
+    return max(1, min(mats[0].shape) // len(mats))
+
+
+def top_factors(a: Tensor, keep: int) -> Factors:
+    """``a``'s top ``keep`` singular triplets ``(U, σ, Vᵀ)``, each its own tensor (no view of the whole SVD)."""
+    u, s, vh = svd(a)
+    return u[:, :keep].clone(), s[:keep].clone(), vh[:keep].clone()
+
+
+def tsv_parts(mats: list[Tensor], factors: Sequence[Factors] | None = None) -> list[Tensor]:
     """Each task's part of :func:`tsv_matrix`: its kept singular values between its columns of the decorrelated
-    singular vectors (the parts add up to the merge, so each task's share can be weighted on its own)."""
+    singular vectors (the parts add up to the merge, so each task's share can be weighted on its own).
+
+    ``factors``: each task's top singular triplets where they are known already (at least :func:`tsv_keep` of
+    them, as :func:`top_factors` gives them): the same parts, bit for bit, without those tasks' SVDs."""
     import torch
 
     if len(mats) == 1:  # one task keeps every direction, already orthonormal: its own matrix, exactly
         return [mats[0].float()]
-    rank = min(mats[0].shape)
-    keep = max(1, rank // len(mats))  # each task's share of the rank (at least one direction)
-    us, ss, vhs = [], [], []
-    for m in mats:
-        u, s, vh = svd(m)
-        us.append(u[:, :keep])
-        ss.append(s[:keep])
-        vhs.append(vh[:keep])
+    keep = tsv_keep(mats)
+    known = list(factors) if factors is not None else [top_factors(m, keep) for m in mats]
+    us = [u[:, :keep] for u, _, _ in known]
+    ss = [s[:keep] for _, s, _ in known]
+    vhs = [vh[:keep] for _, _, vh in known]
     u, vh = nearest_orthonormal(torch.cat(us, 1)), nearest_orthonormal(torch.cat(vhs, 0))
     blocks = [slice(i * keep, (i + 1) * keep) for i in range(len(mats))]
     return [u[:, b] @ torch.diag(s) @ vh[b] for b, s in zip(blocks, ss)]

@@ -202,3 +202,51 @@ def test_an_svd_that_float32_cannot_converge_on_is_taken_in_float64(monkeypatch)
     u, s, vh = spectral.svd(matrix)
     assert s.dtype == torch.float32 and s.tolist() == [3.0, 1.0]
     torch.testing.assert_close(u @ torch.diag(s) @ vh, matrix)
+
+
+def test_tsv_m_arrivals_reuse_each_skills_singular_directions_and_stay_exact(base_model, skills, monkeypatch):
+    import skillbank.stitching.spectral as module
+
+    calls: list[str] = []
+    real = module.top_factors
+
+    def counted(a, keep):  # noqa: ANN001, ANN202
+        calls.append(f"{tuple(a.shape)}:{keep}")
+        return real(a, keep)
+
+    monkeypatch.setattr(module, "top_factors", counted)
+    model = copy.deepcopy(base_model)
+    stitcher = SpectralStitcher(model, merge="tsv_m", scale=1.5)
+    stitcher.add(skills[0])
+    assert calls == []  # one skill alone is its own τ: no SVD
+    stitcher.add(skills[1])
+    matrices = len(calls) // 2  # both skills' SVDs, once each, in every matrix they share
+    assert matrices > 0
+    calls.clear()
+    stitcher.add(skills[2])
+    assert len(calls) == matrices  # the newcomer's alone: the others' directions were kept
+    fresh = copy.deepcopy(base_model)
+    reference = SpectralStitcher(fresh, merge="tsv_m", scale=1.5)  # no cache yet: every SVD taken
+    for skill in skills:
+        reference.add(skill)
+    assert _equal(_state(model), _state(fresh))
+    calls.clear()
+    stitcher.remove("s1")  # each survivor keeps more directions now: taken again, exactly
+    assert len(calls) == 2 * matrices
+    again = copy.deepcopy(base_model)
+    rebuilt = SpectralStitcher(again, merge="tsv_m", scale=1.5)
+    for skill in (skills[2], skills[0]):
+        rebuilt.add(skill)
+    assert _equal(_state(model), _state(again))
+    assert {k[0] for k in stitcher._factors} == {"s0", "s2"}  # a removed skill's directions are dropped
+
+
+def test_tsv_parts_from_known_factors_are_the_same_bits():
+    from skillbank.vectors.spectral import top_factors, tsv_keep, tsv_parts
+
+    torch.manual_seed(0)
+    mats = [torch.randn(6, 4) for _ in range(3)]
+    keep = tsv_keep(mats)
+    wider = [top_factors(m, keep + 1) for m in mats]  # more than kept: sliced to the share
+    for known, plain in zip(tsv_parts(mats, wider), tsv_parts(mats)):
+        assert torch.equal(known, plain)
