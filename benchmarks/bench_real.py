@@ -374,7 +374,7 @@ def stage_context(b: Bench) -> None:
     live = b.classifier()
     base = b.base_state(live)
     source = SkillBank(b.work / "banks" / a.context_from, create=False)
-    bank = SkillBank(b.work / "banks" / ("learned-context-kept" if a.context_weight else "learned-context"))
+    bank = SkillBank(b.work / "banks" / (a.context_bank or ("learned-context-kept" if a.context_weight else "learned-context")))
     for i, name in enumerate(b.tasks):
         if name in bank:
             continue
@@ -684,6 +684,8 @@ def stage_arrivals(b: Bench) -> None:
     methods: dict[str, Callable[[], list[dict]]] = {}
     banks = {"learned-auto": "L&S learned auto", "learned-context": "L&S learned in context", "learned": "L&S learned 1%"}
     banks["learned-context-kept"] = "L&S learned in context, earlier skills' kept examples in the loss"
+    for folder in sorted((b.work / "banks").glob("learned-context-*")):  # --context-bank names
+        banks.setdefault(folder.name, f"L&S {folder.name}")
     banks["dataless-auto"] = "L&S dataless auto"
     banks |= {m: f"L&S {m}" for m in a.spectral_banks if m not in banks}
     for bank_name, name in banks.items():
@@ -1189,6 +1191,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--context-loss", choices=("distill", "labels"), default="distill", help="context stage: that loss (--context-weight)"
+    )
+    p.add_argument(
+        "--context-bank",
+        default="",
+        help="context stage: the bank it fills (default learned-context, or learned-context-kept with --context-weight); "
+        "arrivals run every learned-context-* bank",
     )
     p.add_argument(
         "--switch-bank",
