@@ -47,7 +47,7 @@ def _stitched_logits(base_model, skills, head: str, examples: Examples) -> torch
     stitcher = Stitcher(live, rule="mean")
     for skill in skills:
         stitcher.add(skill)
-    inputs = {k: v for k, v in examples.inputs.items()}
+    inputs = dict(examples.inputs)
     with torch.no_grad(), stitcher.use_head(head) as model:
         return model(**inputs).logits
 
