@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from skillbank.errors import SkillbankError
+from skillbank.stitching.calibration import example_loss, logits_with
 from skillbank.stitching.heads import use_head
 from skillbank.storage.skill import Skill
 
@@ -98,26 +98,19 @@ class ContextExamples:
                 for head, batches in zip(self.heads, self.batches):
                     with use_head(model, head):
                         self._teachers.append(
-                            [torch.log_softmax(_logits(model, earlier, b, device).float(), -1) for b in batches]
+                            [torch.log_softmax(logits_with(model, earlier, _on(b, device)).float(), -1) for b in batches]
                         )
         total = torch.zeros((), device=device)
         for i, (head, batches) in enumerate(zip(self.heads, self.batches)):
             count = sum(len(next(iter(b.values()))) for b in batches)
             with use_head(model, head):
                 for j, batch in enumerate(batches):
-                    logp = torch.log_softmax(_logits(model, weights, batch, device).float(), -1)
-                    if self.loss_kind == "labels":
-                        value = nn.functional.nll_loss(logp, batch["labels"].to(device), reduction="sum")
-                    else:
-                        assert self._teachers is not None
-                        teacher = self._teachers[i][j]
-                        value = (teacher.exp() * (teacher - logp)).sum()
+                    batch = _on(batch, device)
+                    teacher = self._teachers[i][j] if self._teachers is not None else None
+                    value = example_loss(self.loss_kind, logits_with(model, weights, batch), batch.get("labels"), teacher)
                     total = total + value / count
         return total / len(self.heads)
 
 
-def _logits(model: nn.Module, weights: Mapping[str, Tensor], batch: Mapping[str, Tensor], device: torch.device) -> Tensor:
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-    output = functional_call(model, dict(weights), args=(), kwargs=inputs, strict=False)
-    logits = getattr(output, "logits", output)
-    return logits[0] if isinstance(logits, (tuple, list)) else logits
+def _on(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}

@@ -423,13 +423,8 @@ class MaskLearner(pl.LightningModule):
         stitch, with the soft mask's gradient (a straight-through estimate): at the soft mask a smaller ``σ(S)``
         everywhere would lower it without changing which k entries are chosen."""
         assert self.context_examples is not None
-        scores = self.scores.detach()
         soft = torch.sigmoid(self.scores)
-        if self.recipe.binarize == "topk":
-            binary = torch.zeros_like(soft).index_fill_(0, topk_positions(scores, self.k), 1.0)
-        else:
-            binary = (scores > 0).to(soft.dtype)
-        gate = binary + soft - soft.detach()
+        gate = self._gate_of(self.binary_mask()) + soft - soft.detach()
         return self.context_examples.loss(
             self.model, self.masked_weights(gate), lambda: self.masked_weights(torch.zeros_like(gate))
         )

@@ -32,7 +32,7 @@ from skillbank.errors import StitchError
 from skillbank.stitching.heads import use_head
 from skillbank.storage.examples import Examples
 
-__all__ = ["CALIBRATION_LOSSES", "Calibration", "layer_group", "learn_part_weights"]
+__all__ = ["CALIBRATION_LOSSES", "Calibration", "example_loss", "layer_group", "learn_part_weights", "logits_with"]
 
 #: The losses calibration can learn the weights on.
 CALIBRATION_LOSSES = ("distill", "labels", "entropy")
@@ -125,7 +125,7 @@ def learn_part_weights(
                 with use_head(model, heads[n]):
                     for i, batch in enumerate(batches[n]):
                         teacher = teachers[n][i] if teachers else None
-                        value = _loss(loss, _logits(model, params, batch), batch.get("labels"), teacher) / count
+                        value = example_loss(loss, logits_with(model, params, batch), batch.get("labels"), teacher) / count
                         if step < steps:
                             value.backward(retain_graph=True)
                         total += float(value.detach())
@@ -189,10 +189,12 @@ def _weighted(
     return {t: base[t] + v for t, v in out.items()}
 
 
-def _logits(model: nn.Module, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
+def logits_with(model: nn.Module, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
+    """``model``'s logits on ``batch`` (its ``labels`` left out) with ``params`` in place of its own tensors."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     output = torch.func.functional_call(model, dict(params), args=(), kwargs=inputs)
-    return output.logits if hasattr(output, "logits") else output
+    logits = getattr(output, "logits", output)
+    return logits[0] if isinstance(logits, (tuple, list)) else logits
 
 
 @torch.no_grad()
@@ -208,12 +210,13 @@ def _teachers(
     for n, skill_batches in batches.items():
         params = alone(n)
         with use_head(model, heads[n]):
-            out[n] = [torch.log_softmax(_logits(model, params, b).float(), -1) for b in skill_batches]
+            out[n] = [torch.log_softmax(logits_with(model, params, b).float(), -1) for b in skill_batches]
     return out
 
 
-def _loss(kind: str, logits: Tensor, labels: Tensor | None, teacher: Tensor | None) -> Tensor:
-    """The batch's loss summed over its examples (the caller divides it by the number of batches)."""
+def example_loss(kind: str, logits: Tensor, labels: Tensor | None, teacher: Tensor | None) -> Tensor:
+    """The batch's ``"labels"`` (cross-entropy), ``"distill"`` (KL from the ``teacher``'s log-probabilities) or
+    ``"entropy"`` loss, summed over its examples (the caller divides it)."""
     logp = torch.log_softmax(logits.float(), -1)
     if kind == "labels":
         assert labels is not None
