@@ -185,7 +185,7 @@ class SpectralStitcher:
         """
         if not math.isfinite(scale) or scale <= 0:
             raise StitchError(f"scale must be a positive number, got {scale}.")
-        touched = {src: r for s in self._matrices.values() for src, r in s.regions.items() if s.touches(src)}
+        touched = self._touched()
         if self._units is None:
             units = self._composed(self._matrices, touched)  # may fail: nothing has changed yet
             self._units = {}
@@ -247,8 +247,12 @@ class SpectralStitcher:
         if self.calibration is None:
             return
         self.calibration = None
-        touched = {src: r for s in self._matrices.values() for src, r in s.regions.items() if s.touches(src)}
+        touched = self._touched()
         self._write(self._composed(self._matrices, touched), touched)
+
+    def _touched(self) -> dict[str, Region]:
+        """Every matrix a stitched skill touches (a region of it, by base name)."""
+        return {src: r for s in self._matrices.values() for src, r in s.regions.items() if s.touches(src)}
 
     def _base_tensors(self, names: Mapping[str, str]) -> dict[str, Tensor]:
         """The base value (float32) of every model tensor in ``names``' values: the model's with its base entries back."""
