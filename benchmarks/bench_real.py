@@ -49,7 +49,7 @@ from skillbank.localization.mask_learner import MaskLearner
 from skillbank.localization.spec import LearnerSpec, LocalizationSpec
 from skillbank.stitching.heads import accuracy
 from skillbank.stitching.routing import SkillRouter, mean_pooled_features, routing_centroids
-from skillbank.stitching.spectral import spectral_delta
+from skillbank.stitching.spectral import compose_spectral
 from skillbank.stitching.spectral_stitcher import SpectralStitcher
 from skillbank.storage.examples import Examples
 from skillbank.testbed.demo import quiet as quiet_demo
@@ -556,9 +556,9 @@ def stage_evaluate(b: Bench) -> None:
             def composed(folder=folder, merge=merge, label=label) -> dict:  # noqa: ANN001
                 bank = SkillBank(folder, create=False)
                 start = time.perf_counter()
-                unit = spectral_delta([bank.get(n) for n in b.tasks], merge)
+                composed = compose_spectral([bank.get(n) for n in b.tasks], merge)
                 b.timed(f"compose {merge} {folder.name}", time.perf_counter() - start)
-                scale, test = _sweep(b, live, base, heads, lambda s: {n: s * t for n, t in unit.items()}, get_merge(merge).scales)
+                scale, test = _sweep(b, live, base, heads, composed.at, get_merge(merge).scales)
                 results.setdefault("chosen scales", {})[label] = scale
                 return test
 

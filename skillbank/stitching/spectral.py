@@ -4,8 +4,9 @@ The overlap rules combine skills per entry. A spectral composition treats each w
 the skills that touch it are densified there (their sparse ``τ``), and a merge of
 :data:`~skillbank.vectors.spectral.MATRIX_MERGES` decorrelates their singular directions (TSV-M) or flattens
 the spectrum (Iso-C, Iso-CTS). Every other tensor takes the mean of the skills covering each entry, as the
-``mean`` rule does. It is a pure function of the set of skills: recomputed exactly from them, deterministic,
-independent of the order they arrived in (they are taken in name order).
+``mean`` rule does. A scale multiplies the merged matrices only; under Iso-C and Iso-CTS a matrix one skill
+alone touches is that skill's own τ, unscaled. It is a pure function of the set of skills: recomputed exactly
+from them, deterministic, independent of the order they arrived in (they are taken in name order).
 
 >>> import torch
 >>> from skillbank.storage.skill import Region, Skill, SkillMetadata
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -31,20 +33,34 @@ from skillbank.errors import StitchError
 from skillbank.storage.skill import Skill
 from skillbank.vectors.spectral import MATRIX_MERGES, Factors, is_weight_matrix, top_factors, tsv_keep, tsv_parts
 
-__all__ = ["spectral_delta", "tsv_skill_parts"]
+__all__ = ["SpectralComposition", "compose_spectral", "spectral_delta", "tsv_skill_parts"]
 
 
-def spectral_delta(
+@dataclass(frozen=True)
+class SpectralComposition:
+    """Skills composed matrix by matrix, at scale 1: each tensor's offset from the base (float32, on the CPU), and
+    the tensors a scale multiplies (the matrices a merge composed; not the covering means, nor a matrix a flattening
+    merge takes as its one skill's own τ)."""
+
+    units: dict[str, Tensor]
+    scaled: frozenset[str]
+
+    def at(self, scale: float) -> dict[str, Tensor]:
+        """The offsets at ``scale``: the scaled tensors times ``scale``, every other tensor as it is."""
+        return {name: scale * unit if name in self.scaled else unit for name, unit in self.units.items()}
+
+
+def compose_spectral(
     skills: Sequence[Skill],
     merge: str = "tsv_m",
-    scale: float = 1.0,
     matrices: Callable[[str, Tensor], bool] | None = None,
     factors: MutableMapping[tuple[str, str], Factors] | None = None,
-) -> dict[str, Tensor]:
-    """The offset from the base that composing ``skills`` by ``merge`` gives, by (base) tensor name, float32 on the
-    CPU: for each weight matrix (2-D, outside the embeddings, unless ``matrices`` says otherwise) ``scale`` times
-    ``merge`` of the skills that touch it; elsewhere the mean of the skills covering each entry, as the ``mean``
-    overlap rule stitches it (unscaled).
+) -> SpectralComposition:
+    """``skills`` composed by ``merge`` at scale 1: each weight matrix (2-D, outside the embeddings, unless
+    ``matrices`` says otherwise) is ``merge`` of the skills that touch it; elsewhere the mean of the skills covering
+    each entry, as the ``mean`` overlap rule stitches it. Under a merge that flattens the spectrum (Iso-C, Iso-CTS) a
+    matrix one skill alone touches is that skill's own τ, unscaled: with nothing to balance, flattening one skill's
+    spectrum only distorts it (TSV-M gives one skill back as itself anyway). :meth:`SpectralComposition.at` scales.
 
     ``factors`` (TSV-M): each ``(skill, tensor)``'s top singular triplets, read where they are there and enough,
     written (trimmed to what this composition keeps) where they are not: a later composition that shares skills
@@ -54,15 +70,33 @@ def spectral_delta(
         StitchError: an unknown merge, skills of different shapes for one tensor, or two skills of one name.
     """
     combine = MATRIX_MERGES[merge]  # an unknown name is refused before any work
-    delta = {}
+    units, scaled = {}, set()
     for tensor, dense, counts, is_matrix in _dense_tensors(skills, matrices):
+        if is_matrix and combine.flattens and len(dense) == 1:
+            units[tensor] = next(iter(dense.values()))
+            continue
         if is_matrix and merge == "tsv_m" and factors is not None and len(dense) > 1:
-            delta[tensor] = scale * torch.stack(tsv_parts(list(dense.values()), _known(dense, tensor, factors))).sum(0)
+            units[tensor] = torch.stack(tsv_parts(list(dense.values()), _known(dense, tensor, factors))).sum(0)
         elif is_matrix:
-            delta[tensor] = scale * combine(list(dense.values()))
+            units[tensor] = combine(list(dense.values()))
         else:
-            delta[tensor] = torch.stack(list(dense.values())).sum(0) / counts
-    return delta
+            units[tensor] = torch.stack(list(dense.values())).sum(0) / counts
+            continue
+        scaled.add(tensor)
+    return SpectralComposition(units, frozenset(scaled))
+
+
+def spectral_delta(
+    skills: Sequence[Skill],
+    merge: str = "tsv_m",
+    scale: float = 1.0,
+    matrices: Callable[[str, Tensor], bool] | None = None,
+    factors: MutableMapping[tuple[str, str], Factors] | None = None,
+) -> dict[str, Tensor]:
+    """The offset from the base that composing ``skills`` by ``merge`` at ``scale`` gives, by (base) tensor name,
+    float32 on the CPU: :func:`compose_spectral` (the same arguments) at ``scale``. The scale multiplies the matrices
+    a merge composed, never the covering means (biases, LayerNorms, embeddings) nor a lone skill's own τ."""
+    return compose_spectral(skills, merge, matrices, factors).at(scale)
 
 
 def _known(dense: Mapping[str, Tensor], tensor: str, factors: MutableMapping[tuple[str, str], Factors]) -> list[Factors]:

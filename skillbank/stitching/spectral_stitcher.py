@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from skillbank.errors import StitchError
 from skillbank.stitching.calibration import Calibration, learn_part_weights
-from skillbank.stitching.spectral import spectral_delta, tsv_skill_parts
+from skillbank.stitching.spectral import SpectralComposition, compose_spectral, tsv_skill_parts
 from skillbank.stitching.stitcher import Stitcher
 from skillbank.storage.bank import SkillBank
 from skillbank.storage.skill import Region, Skill, SkillMetadata
@@ -83,7 +83,8 @@ class SpectralStitcher:
         self._matrices: dict[str, Skill] = {}  # each stitched skill's regions in weight matrices (all are kept)
         self._skills: dict[str, Skill] = {}  # each stitched skill whole (the teacher of a calibration)
         self._base: dict[str, Tensor] = {}  # model tensor name -> its base value, while a skill touches it
-        self._units: dict[str, Tensor] | None = None  # after a rescale: each touched matrix's composition at scale 1
+        self._units: dict[str, tuple[Tensor, bool]] | None = None  # after a rescale: each touched matrix's composition
+        # at scale 1, and whether the scale multiplies it
         self._factors: dict[tuple[str, str], Factors] = {}  # TSV-M: each (skill, matrix)'s kept singular triplets
         self.calibration: Calibration | None = None  # what calibrate() learned, until the next add or remove
 
@@ -136,13 +137,13 @@ class SpectralStitcher:
         matrices, rest = self._split(skill)
         self._inner.add(rest)  # checks names, shapes and the base fingerprint of the whole skill's header
         try:
-            units = self._composed({**self._matrices, skill.name: matrices}, matrices.regions)
+            composed = self._composed({**self._matrices, skill.name: matrices}, matrices.regions)
         except BaseException:
             self._inner.remove(skill.name)  # exact: the mean rule takes a skill out bit for bit
             raise
         self._matrices[skill.name] = matrices
         self._skills[skill.name] = skill
-        self._write(units, matrices.regions)
+        self._write(composed, matrices.regions)
         self._uncalibrate()
 
     def remove(self, name: str) -> None:
@@ -150,12 +151,12 @@ class SpectralStitcher:
         if name not in self._matrices:
             self._inner.remove(name)  # names the error
         touched = self._matrices[name].regions
-        units = self._composed({n: s for n, s in self._matrices.items() if n != name}, touched)
+        composed = self._composed({n: s for n, s in self._matrices.items() if n != name}, touched)
         self._inner.remove(name)
         del self._matrices[name], self._skills[name]
         for key in [k for k in self._factors if k[0] == name]:
             del self._factors[key]
-        self._write(units, touched)
+        self._write(composed, touched)
         self._uncalibrate()
 
     def reset(self) -> None:
@@ -187,13 +188,16 @@ class SpectralStitcher:
             raise StitchError(f"scale must be a positive number, got {scale}.")
         touched = self._touched()
         if self._units is None:
-            units = self._composed(self._matrices, touched)  # may fail: nothing has changed yet
+            composed = self._composed(self._matrices, touched)  # may fail: nothing has changed yet
             self._units = {}
         else:
-            units = {src: u for src, u in self._units.items() if src in touched}
+            kept = {src: unit for src, unit in self._units.items() if src in touched}
+            composed = SpectralComposition(
+                {src: u for src, (u, _) in kept.items()}, frozenset(src for src, (_, scaled) in kept.items() if scaled)
+            )
         self.scale = float(scale)
         self.calibration = None
-        self._write(units, touched)
+        self._write(composed, touched)
 
     def calibrate(
         self, *, loss: str = "distill", per: str = "layer", steps: int = 30, lr: float = 0.02, batch_size: int = 32
@@ -303,7 +307,7 @@ class SpectralStitcher:
         rest = {src: region for src, region in skill.regions.items() if src not in matrix}
         return replace(skill, regions=matrix), replace(skill, regions=rest, low_rank={})
 
-    def _composed(self, skills: Mapping[str, Skill], touched: Mapping[str, Region]) -> dict[str, Tensor]:
+    def _composed(self, skills: Mapping[str, Skill], touched: Mapping[str, Region]) -> SpectralComposition:
         """``merge`` of ``skills`` in each matrix of ``touched``, at scale 1 (computed before anything is written)."""
         covering = [
             replace(
@@ -315,13 +319,13 @@ class SpectralStitcher:
             if any(map(s.touches, touched))
         ]
         if not covering:
-            return {}
+            return SpectralComposition({}, frozenset())
         factors = self._factors if self.merge == "tsv_m" else None
-        return spectral_delta(covering, self.merge, 1.0, matrices=lambda _n, _t: True, factors=factors)
+        return compose_spectral(covering, self.merge, matrices=lambda _n, _t: True, factors=factors)
 
-    def _write(self, units: Mapping[str, Tensor], touched: Mapping[str, Region]) -> None:
-        """``base + scale · unit`` into each matrix of ``touched`` (the base, where no skill touches it any more);
-        the compositions kept for :meth:`rescale` follow."""
+    def _write(self, composed: SpectralComposition, touched: Mapping[str, Region]) -> None:
+        """``base + scale · unit`` into each matrix of ``touched`` (``base + unit`` where the composition leaves it
+        unscaled; the base, where no skill touches it any more); the compositions kept for :meth:`rescale` follow."""
         names = align_names(list(touched), self._tensors)
         with torch.no_grad():
             for src in touched:
@@ -329,11 +333,12 @@ class SpectralStitcher:
                 target = self._tensors[dst]
                 if dst not in self._base:
                     self._base[dst] = target.detach().clone()
-                if src in units:
-                    merged = self._base[dst].float() + (self.scale * units[src]).to(target.device)
+                if src in composed.units:
+                    unit, scaled = composed.units[src], src in composed.scaled
+                    merged = self._base[dst].float() + ((self.scale if scaled else 1.0) * unit).to(target.device)
                     target.data.copy_(merged.to(target.dtype))
                     if self._units is not None:
-                        self._units[src] = units[src]
+                        self._units[src] = (unit, scaled)
                 else:
                     target.data.copy_(self._base.pop(dst))
                     if self._units is not None:

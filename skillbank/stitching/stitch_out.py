@@ -201,6 +201,8 @@ def _composition(stitcher: Stitcher | SpectralStitcher, rule: str) -> list[str]:
             "",
             f"Composition: `{merge.name}` — {merge.summary}; scale s = {stitcher.scale:g}.",
         ]
+        if merge.flattens:
+            lines += ["", "A weight matrix only one skill touches holds that skill's own τ, unscaled."]
         record = stitcher.calibration
         if record is not None:
             lines += [

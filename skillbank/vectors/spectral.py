@@ -148,11 +148,15 @@ def iso_cts_matrix(mats: list[Tensor], common_fraction: float = 0.8) -> Tensor:
 
 @dataclass(frozen=True)
 class MatrixMerge:
-    """A spectral merge of one weight matrix: its name, one line for ``--help``, and the function."""
+    """A spectral merge of one weight matrix: its name, one line for ``--help``, and the function.
+
+    ``flattens``: the merge flattens the spectrum (Iso-C, Iso-CTS), so one matrix alone does not come back as
+    itself (TSV-M's does): a composition of skills takes a matrix only one skill touches as that skill's own τ."""
 
     name: str
     summary: str
     merge: Callable[[list[Tensor]], Tensor]
+    flattens: bool = False
 
     def __call__(self, mats: list[Tensor]) -> Tensor:
         """The merged matrix of the task vectors ``mats`` (scale 1)."""
@@ -164,7 +168,12 @@ class MatrixMerge:
 MATRIX_MERGES: Registry[MatrixMerge] = Registry("spectral merge", StitchError)
 for _merge in (
     MatrixMerge("tsv_m", "each skill's top r/T singular directions, decorrelated (TSV-M, CVPR 2025)", tsv_matrix),
-    MatrixMerge("iso_c", "the sum of the skills with a flat spectrum (Iso-C, ICML 2025)", iso_c_matrix),
-    MatrixMerge("iso_cts", "the sum's and each skill's own directions, decorrelated, flat spectrum (Iso-CTS)", iso_cts_matrix),
+    MatrixMerge("iso_c", "the sum of the skills with a flat spectrum (Iso-C, ICML 2025)", iso_c_matrix, flattens=True),
+    MatrixMerge(
+        "iso_cts",
+        "the sum's and each skill's own directions, decorrelated, flat spectrum (Iso-CTS)",
+        iso_cts_matrix,
+        flattens=True,
+    ),
 ):
     MATRIX_MERGES.add(_merge.name, _merge)

@@ -8,8 +8,9 @@ import torch
 from helpers.models import make_skill
 from skillbank import StitchError, localize_dataless, task_vector
 from skillbank.comparison.spectral import iso_c, tsv_m
-from skillbank.stitching.spectral import spectral_delta, tsv_skill_parts
+from skillbank.stitching.spectral import compose_spectral, spectral_delta, tsv_skill_parts
 from skillbank.storage.skill import Region, Skill, SkillMetadata
+from skillbank.vectors.spectral import MATRIX_MERGES
 
 
 def _dense(skill: Skill) -> dict[str, torch.Tensor]:
@@ -86,3 +87,41 @@ def test_each_skills_tsv_part_adds_up_to_the_composition(base_model):
     ranks = [int(torch.linalg.matrix_rank(p[matrix])) for p in parts.values()]
     keep = min(delta[matrix].shape) // 3  # each skill keeps r // T directions
     assert keep > 0 and ranks == [keep] * 3
+
+
+def _lone_and_shared() -> tuple[Skill, Skill]:
+    """``a`` alone touches ``layer.weight`` (singular values 3 and 1); ``a`` and ``b`` share ``other.weight``."""
+    shapes = {"layer.weight": [2, 3], "other.weight": [2, 3], "layer.bias": [3]}
+    a = Skill(
+        SkillMetadata("a", "fp", 0.5, shapes),
+        {
+            "layer.weight": Region(torch.tensor([0, 4]), torch.tensor([3.0, 1.0])),
+            "other.weight": Region(torch.tensor([1]), torch.tensor([2.0])),
+            "layer.bias": Region(torch.tensor([0]), torch.tensor([1.0])),
+        },
+    )
+    b = Skill(SkillMetadata("b", "fp", 0.5, shapes), {"other.weight": Region(torch.tensor([3, 5]), torch.tensor([1.0, -2.0]))})
+    return a, b
+
+
+@pytest.mark.parametrize("merge", ["iso_c", "iso_cts"])
+def test_a_flattening_merge_takes_a_matrix_one_skill_touches_as_its_own_tau_unscaled(merge):
+    a, b = _lone_and_shared()
+    composed = compose_spectral([a, b], merge)
+    assert composed.scaled == {"other.weight"}
+    delta = spectral_delta([a, b], merge, scale=3.0)
+    assert torch.equal(delta["layer.weight"], torch.tensor([[3.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))  # not flattened to 2, 2
+    shared = MATRIX_MERGES[merge]([_dense(a)["other.weight"], _dense(b)["other.weight"]])
+    assert torch.equal(delta["other.weight"], 3.0 * shared) and not torch.equal(shared, _dense(a)["other.weight"])
+    assert torch.equal(delta["layer.bias"], torch.tensor([1.0, 0.0, 0.0]))  # the covering mean, unscaled
+    alone = spectral_delta([a], merge, scale=3.0)  # one skill: itself in every matrix, as the skill alone gives it
+    assert all(torch.equal(alone[n], _dense(a)[n]) for n in alone)
+    # the paper's merge of one task vector still flattens it: only the skills' composition takes a lone skill as itself
+    assert torch.linalg.svdvals(MATRIX_MERGES[merge]([_dense(a)["layer.weight"]])).tolist() == pytest.approx([2.0, 2.0])
+
+
+def test_tsv_m_gives_a_lone_skill_back_as_itself_and_scales_it():
+    a, b = _lone_and_shared()
+    delta = spectral_delta([a, b], "tsv_m", scale=3.0)
+    assert torch.equal(delta["layer.weight"], 3.0 * _dense(a)["layer.weight"])
+    assert compose_spectral([a, b], "tsv_m").scaled == {"layer.weight", "other.weight"}

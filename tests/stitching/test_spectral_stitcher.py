@@ -13,7 +13,7 @@ from helpers.models import live_copy, make_skill, tiny_config
 from skillbank import BaseMismatchError, SkillBank, StitchError
 from skillbank.stitching.spectral import spectral_delta
 from skillbank.stitching.spectral_stitcher import SpectralStitcher
-from skillbank.storage.skill import Region
+from skillbank.storage.skill import Region, Skill, SkillMetadata
 
 
 def _state(model) -> dict[str, torch.Tensor]:  # noqa: ANN001
@@ -85,7 +85,7 @@ def test_rescale_gives_what_a_stitcher_made_at_that_scale_holds_bit_for_bit(base
     model_b, stitcher_b = stitched(1.0, rescale=2.0)
     import skillbank.stitching.spectral_stitcher as module
 
-    monkeypatch.setattr(module, "spectral_delta", None)  # a sweep after the first rescale composes nothing again
+    monkeypatch.setattr(module, "compose_spectral", None)  # a sweep after the first rescale composes nothing again
     stitcher_b.rescale(3.0)
     stitcher_b.rescale(1.5)
     assert _equal(_state(model_b), _state(fresh_at_1_5))
@@ -170,7 +170,7 @@ def test_a_composition_that_fails_leaves_the_model_and_the_stitcher_as_they_were
     def failing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise torch.linalg.LinAlgError("did not converge")
 
-    monkeypatch.setattr(module, "spectral_delta", failing)
+    monkeypatch.setattr(module, "compose_spectral", failing)
     with pytest.raises(torch.linalg.LinAlgError):
         stitcher.add(skills[2])
     with pytest.raises(torch.linalg.LinAlgError):
@@ -250,3 +250,47 @@ def test_tsv_parts_from_known_factors_are_the_same_bits():
     wider = [top_factors(m, keep + 1) for m in mats]  # more than kept: sliced to the share
     for known, plain in zip(tsv_parts(mats, wider), tsv_parts(mats)):
         assert torch.equal(known, plain)
+
+
+@pytest.mark.parametrize("merge", ["iso_c", "iso_cts"])
+def test_a_matrix_one_skill_touches_holds_its_own_tau_through_adds_rescales_and_removes(merge):
+    from skillbank.vectors.spectral import MATRIX_MERGES
+    from skillbank.vectors.weights import base_fingerprint
+
+    torch.manual_seed(0)
+    base = {"layer.weight": torch.randn(2, 3), "other.weight": torch.randn(2, 3), "layer.bias": torch.zeros(3)}
+    model = {k: v.clone() for k, v in base.items()}
+    shapes = {k: list(v.shape) for k, v in base.items()}
+    fingerprint = base_fingerprint(base)
+    a = Skill(
+        SkillMetadata("a", fingerprint, 0.5, shapes),
+        {
+            "layer.weight": Region(torch.tensor([0, 4]), torch.tensor([3.0, 1.0])),
+            "other.weight": Region(torch.tensor([1]), torch.tensor([2.0])),
+        },
+    )
+    b = Skill(
+        SkillMetadata("b", fingerprint, 0.5, shapes), {"other.weight": Region(torch.tensor([3, 5]), torch.tensor([1.0, -2.0]))}
+    )
+
+    def dense(skill: Skill, matrix: str) -> torch.Tensor:
+        region = skill.regions[matrix]
+        return torch.zeros(6).index_put_((region.indices,), region.values).reshape(2, 3)
+
+    stitcher = SpectralStitcher(model, merge=merge, scale=2.0)
+    stitcher.add(a)  # alone: itself everywhere, as the skill alone (not flattened, not scaled)
+    assert torch.equal(model["layer.weight"], base["layer.weight"] + dense(a, "layer.weight"))
+    assert torch.equal(model["other.weight"], base["other.weight"] + dense(a, "other.weight"))
+    stitcher.add(b)  # the shared matrix is merged and scaled; the one only a touches is left as it was
+    shared = MATRIX_MERGES[merge]([dense(a, "other.weight"), dense(b, "other.weight")])
+    assert torch.equal(model["other.weight"], base["other.weight"] + 2.0 * shared)
+    assert torch.equal(model["layer.weight"], base["layer.weight"] + dense(a, "layer.weight"))
+    stitcher.rescale(5.0)
+    assert torch.equal(model["other.weight"], base["other.weight"] + 5.0 * shared)
+    assert torch.equal(model["layer.weight"], base["layer.weight"] + dense(a, "layer.weight"))
+    stitcher.remove("b")  # a alone again, after a rescale: its own τ, unscaled, as a fresh stitcher at 5 gives it
+    fresh = {k: v.clone() for k, v in base.items()}
+    SpectralStitcher(fresh, merge=merge, scale=5.0).add(a)
+    assert _equal(model, fresh) and torch.equal(model["other.weight"], base["other.weight"] + dense(a, "other.weight"))
+    stitcher.remove("a")
+    assert _equal(model, base)
