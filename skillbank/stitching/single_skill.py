@@ -89,10 +89,9 @@ class SingleSkillSwitcher:
     def prepare(self, skill: Skill | str) -> SwitchableSkill:
         """Check ``skill`` and lay it out: its indices, ``base + τ`` and the base values, per tensor, on the model's
         device. The base values are read from the model (the held skill's entries from what it keeps)."""
-        prepared = self._checker.prepare(skill)
-        batch, placed = prepared.batch, prepared.batch.placed
-        local = placed.local if placed is not None else batch.local
-        values = placed.values if placed is not None else batch.values
+        prepared = self._checker.prepare(skill, place=False)  # checked; the union table's layout is not needed here
+        batch = prepared.batch
+        local, values = batch.local, batch.values
         parts = []
         with torch.no_grad():
             for dst, start, n in batch.spans:

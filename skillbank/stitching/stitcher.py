@@ -291,16 +291,19 @@ class Stitcher:
             names=names, skill=None if sha is not None else kept, sha256=sha, head=head, metadata=metadata, prepared=prepared
         )
 
-    def prepare(self, skill: Skill | str) -> PreparedSkill:
+    def prepare(self, skill: Skill | str, *, place: bool = True) -> PreparedSkill:
         """Check ``skill`` against this model and lay its entries out on the model's device, once.
 
         ``add(prepared)``, its removal and switches to it then do only the
         stitching: no bank read, no checks, no copy to the device (on a GPU, what
         makes an add take about a millisecond). Holds about 24 bytes per entry on
-        the device for as long as it is kept.
+        the device for as long as it is kept. ``place=False``: checked only, its
+        entries left on the CPU and out of the union table's layout (for a caller
+        that writes them itself, as :class:`~skillbank.SingleSkillSwitcher` does;
+        an add of it lays them out then).
         """
         kept, sha, names, batch = self._checked(skill)
-        if batch.spans:
+        if batch.spans and place:
             placed = self._place(batch, self._device_of(batch), self._one_launch(batch))
             batch = _Batch(batch.spans, placed.local, placed.values, batch.name, placed)
         return PreparedSkill(kept.metadata, kept.head, sha, names, batch, id(self))

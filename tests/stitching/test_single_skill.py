@@ -43,6 +43,19 @@ def test_each_switch_holds_exactly_what_the_stitcher_holds_for_that_skill_and_no
         assert torch.equal(value, base[key]), key
 
 
+def test_a_skill_checked_without_the_union_layout_adds_as_a_placed_one(base_model):
+    skill = make_skill(base_model, "a", 1, sparsity=0.3)
+    lazy_model, eager_model = live_copy(base_model), live_copy(base_model)
+    lazy, eager = Stitcher(lazy_model), Stitcher(eager_model)
+    checked = lazy.prepare(skill, place=False)  # what the switcher prepares from: checked, not laid out
+    placed = eager.prepare(skill)
+    assert checked.batch.placed is None and placed.batch.placed is not None
+    assert torch.equal(checked.batch.local, placed.batch.local) and torch.equal(checked.batch.values, placed.batch.values)
+    lazy.add(checked)  # laid out at the add
+    eager.add(placed)
+    assert all(torch.equal(v, _state(eager_model)[k]) for k, v in _state(lazy_model).items())
+
+
 def test_a_skill_prepared_while_another_is_held_reads_the_base_values(base_model):
     a, b = make_skill(base_model, "a", 1, sparsity=0.3), make_skill(base_model, "b", 2, sparsity=0.3)
     model = live_copy(base_model)
