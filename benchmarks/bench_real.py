@@ -556,9 +556,9 @@ def stage_evaluate(b: Bench) -> None:
             def composed(folder=folder, merge=merge, label=label) -> dict:  # noqa: ANN001
                 bank = SkillBank(folder, create=False)
                 start = time.perf_counter()
-                composed = compose_spectral([bank.get(n) for n in b.tasks], merge)
+                composition = compose_spectral([bank.get(n) for n in b.tasks], merge)  # scaled as the package scales it
                 b.timed(f"compose {merge} {folder.name}", time.perf_counter() - start)
-                scale, test = _sweep(b, live, base, heads, composed.at, get_merge(merge).scales)
+                scale, test = _sweep(b, live, base, heads, composition.at, get_merge(merge).scales)
                 results.setdefault("chosen scales", {})[label] = scale
                 return test
 

@@ -2,7 +2,8 @@
 
 Every other tensor (biases, LayerNorms, embeddings) is stitched by an inner :class:`Stitcher` with the
 ``mean`` rule, exactly and incrementally. A weight matrix is recomputed whenever a skill touching it arrives
-or leaves: ``base + scale · merge(the dense τ of the skills touching it, in name order)`` — exact,
+or leaves: ``base + scale · merge(the dense τ of the skills touching it, in name order)`` (under Iso-C and
+Iso-CTS, a matrix one skill alone touches is ``base + τ``, as that skill alone gives it) — exact,
 deterministic and independent of arrival order (it is a function of the set of skills), but it rewrites
 the whole matrix, not only the new skill's entries. What holds as for the overlap rules: checks before any
 write (a refused skill leaves the model as it was), removing every skill gives back the base bit for bit
