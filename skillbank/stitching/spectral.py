@@ -72,17 +72,16 @@ def compose_spectral(
     combine = MATRIX_MERGES[merge]  # an unknown name is refused before any work
     units, scaled = {}, set()
     for tensor, dense, counts, is_matrix in _dense_tensors(skills, matrices):
-        if is_matrix and combine.flattens and len(dense) == 1:
-            units[tensor] = next(iter(dense.values()))
-            continue
-        if is_matrix and merge == "tsv_m" and factors is not None and len(dense) > 1:
-            units[tensor] = torch.stack(tsv_parts(list(dense.values()), _known(dense, tensor, factors))).sum(0)
-        elif is_matrix:
-            units[tensor] = combine(list(dense.values()))
-        else:
+        if not is_matrix:
             units[tensor] = torch.stack(list(dense.values())).sum(0) / counts
-            continue
-        scaled.add(tensor)
+        elif combine.flattens and len(dense) == 1:
+            units[tensor] = next(iter(dense.values()))
+        else:
+            if merge == "tsv_m" and factors is not None and len(dense) > 1:
+                units[tensor] = torch.stack(tsv_parts(list(dense.values()), _known(dense, tensor, factors))).sum(0)
+            else:
+                units[tensor] = combine(list(dense.values()))
+            scaled.add(tensor)
     return SpectralComposition(units, frozenset(scaled))
 
 
