@@ -323,6 +323,15 @@ def stage_auto(b: Bench) -> None:
             b.timed(f"auto dataless {name}", time.perf_counter() - start)
         auto = dataless.get(name).metadata.settings["auto"]
         print(f"  dataless {name:<13} sparsity {auto['sparsity']:g}  recovery {auto['recovery']:.3f}  tried {auto['tried']}")
+        for block in a.auto_blocks:  # the same search, choosing runs of `block` entries
+            runs = SkillBank(b.work / "banks" / f"dataless-auto-b{block}")
+            if name not in runs:
+                start = time.perf_counter()
+                source = {"kind": "full finetune", "finetuned": str(b.finetuned_dir(name))}
+                runs.add(localize_auto(tv, live, val, name=name, target=a.target_recovery, task=name, source=source, block=block))
+                b.timed(f"auto dataless b{block} {name}", time.perf_counter() - start)
+            chosen = runs.get(name).metadata.settings["auto"]
+            print(f"    runs of {block:<4} sparsity {chosen['sparsity']:g}  recovery {chosen['recovery']:.3f}")
         if name in learned or not a.auto_learned:
             continue
         start = time.perf_counter()
@@ -341,6 +350,11 @@ def stage_auto(b: Bench) -> None:
             f"  learned  {name:<13} sparsity {choice.sparsity:g}  recovery {choice.recovery:.3f}  "
             f"tried {choice.to_dict()['tried']}  ({time.perf_counter() - start:.0f} s)"
         )
+
+
+def _run_banks(b: Bench) -> list[str]:
+    """The banks of skills of whole runs the auto stage wrote (``dataless-auto-b<B>``; not ``-bfloat16``)."""
+    return [p.name for p in (b.work / "banks").glob("dataless-auto-b*") if p.name.rpartition("-b")[2].isdigit()]
 
 
 def _coded_banks(b: Bench) -> list[str]:
@@ -534,7 +548,8 @@ def stage_evaluate(b: Bench) -> None:
 
         run(merge.label, merged)
     low_rank = sorted(p.name for p in (b.work / "banks").glob("lowrank-*"))
-    for method in (*BANKS, *_coded_banks(b), *low_rank):
+    runs = sorted(_run_banks(b), key=lambda n: int(n.rpartition("-b")[2]))
+    for method in (*BANKS, *_coded_banks(b), *runs, *low_rank):
         folder = b.work / "banks" / method
         if not folder.is_dir() or not all(n in SkillBank(folder, create=False) for n in b.tasks):
             continue
@@ -1024,7 +1039,7 @@ def stage_report(b: Bench) -> None:
         "Iso-C",
         "Iso-CTS",
     ]
-    for bank in (*BANKS, *_coded_banks(b)):
+    for bank in (*BANKS, *_coded_banks(b), *_run_banks(b)):
         order += [f"L&S {bank}, skill alone", f"L&S {bank}"] + [f"L&S {bank} [{r}]" for r in ("sum", "sign_mean")]
         order += [f"L&S {bank}, switched (task given)", f"L&S {bank}, routed (task not given)"]
     order += ["L&S dataless, pooler as head, skill alone", "L&S dataless, pooler as head"]
@@ -1043,7 +1058,7 @@ def stage_report(b: Bench) -> None:
             + f"; mean {_mean(accs, b.tasks):.3f}"
         )
     banks = [m for m in BANKS if (b.work / "banks" / m).is_dir()]
-    for method in (*banks, *_coded_banks(b)):
+    for method in (*banks, *_coded_banks(b), *_run_banks(b)):
         bank = SkillBank(b.work / "banks" / method, create=False)
         sizes = [bank.entry(n).bytes for n in b.tasks if n in bank]
         sparsities = [bank.entry(n).sparsity for n in b.tasks if n in bank]
@@ -1142,7 +1157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate-lr", type=float, default=0.02, help="calibrate stage: Adam's learning rate")
     p.add_argument(
         "--merges",
-        type=lambda s: s.split(","),
+        type=_names,
         default=["average", "task_arithmetic", "ties", "consensus", "tsv_m", "iso_c", "iso_cts"],
         help=f"evaluate stage: global merges, scales chosen on validation (known: {', '.join(sorted(MERGES))})",
     )
@@ -1169,6 +1184,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--target-recovery", type=float, default=0.99, help="auto stage: recovery to keep (default %(default)s)")
     p.add_argument("--no-auto-learned", dest="auto_learned", action="store_false", help="auto stage: size dataless skills only")
+    p.add_argument(
+        "--auto-blocks",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        default=[],
+        help="auto stage: also size dataless skills of whole runs of B entries, one bank each (dataless-auto-bB); "
+        "the evaluate stage scores them alone and stitched",
+    )
     p.add_argument(
         "--auto-step-down",
         action="store_true",

@@ -12,7 +12,8 @@ A RoBERTa-base-sized model (about 125M parameters, random init from the default
 * **one-skill switch**: ``SingleSkillSwitcher`` (what ``skillbank serve`` uses) from A to
   B, prepared (two scatters a tensor), and by name from a bank of the skills coded in
   2 bits (read, decode, prepare, switch); and by name into banks of ``--bank-sizes``
-  2-bit 1% skills (median and slowest);
+  2-bit 1% skills (median and slowest); and prepared, between random skills of whole
+  runs of ``--blocks`` entries (what ``LocalizationSpec(block=B)`` makes);
 * **dense reload**: ``load_weights`` of a whole finetuned checkpoint read from
   a safetensors file (what serving a task with its own finetune costs);
 * **PEFT hot-swap**: ``peft.utils.hotswap.hotswap_adapter`` of a LoRA adapter
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import sys
@@ -42,7 +44,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_stitch import make_base, random_skill, sync  # noqa: E402
-from skillbank import SkillBank, Stitcher, base_fingerprint  # noqa: E402
+from skillbank import Region, Skill, SkillBank, SkillMetadata, Stitcher, base_fingerprint  # noqa: E402
 from skillbank.stitching.single_skill import SingleSkillSwitcher  # noqa: E402
 
 LINEAR_MODULES = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -71,7 +73,7 @@ def lora_rank_for(model: torch.nn.Module, target_bytes: int) -> int:
     return max(1, round(target_bytes / (4 * per_rank)))
 
 
-def bench(device: str, repeats: int, work: Path, sparsities: list[float], bank_sizes: list[int]) -> dict:
+def bench(device: str, repeats: int, work: Path, sparsities: list[float], bank_sizes: list[int], blocks: list[int]) -> dict:
     model = make_base(device)
     base = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
     fingerprint = base_fingerprint(base)
@@ -106,6 +108,9 @@ def bench(device: str, repeats: int, work: Path, sparsities: list[float], bank_s
         from_bank = median_ms(lambda: flip(["s0", "s1"]), repeats, device)
         stitcher.switch([])
         one = bench_one_skill(model, base, skills, work / f"coded-{sparsity:g}", repeats, device)
+        for block in blocks:  # skills of whole runs (LocalizationSpec(block=B)): the switch writes runs
+            runs = [random_run_skill(base, fingerprint, f"r{i}", seed=i, sparsity=sparsity, block=block) for i in range(2)]
+            one[f"one-skill switch ms (prepared, runs of {block})"] = bench_prepared(model, base, runs, repeats, device)[0]
         lora = bench_lora(model, skill_bytes, work / f"lora-{sparsity:g}", repeats, device)
         out[f"{sparsity:g}"] = {
             "skill bytes": skill_bytes,
@@ -114,11 +119,12 @@ def bench(device: str, repeats: int, work: Path, sparsities: list[float], bank_s
             **one,
             **lora,
         }
+        runs_text = "".join(f", runs of {b} {one[f'one-skill switch ms (prepared, runs of {b})']:.1f} ms" for b in blocks)
         print(
             f"{sparsity:.0%} skills ({skill_bytes / 1e6:.1f} MB): switch {in_memory:.1f} ms in memory, "
             f"{from_bank:.1f} ms from the bank; one-skill path {one['one-skill switch ms (prepared)']:.1f} ms prepared, "
             f"{one['one-skill switch ms (2bit, read from the bank)']:.1f} ms from a 2bit bank "
-            f"({one['2bit skill bytes'] / 1e6:.2f} MB); LoRA r={lora['lora rank']} ({lora['lora bytes'] / 1e6:.1f} MB): "
+            f"({one['2bit skill bytes'] / 1e6:.2f} MB){runs_text}; LoRA r={lora['lora rank']} ({lora['lora bytes'] / 1e6:.1f} MB): "
             f"hot-swap {lora['peft hotswap ms']:.1f} ms, set_adapter {lora['peft set_adapter ms']:.2f} ms",
             flush=True,
         )
@@ -134,9 +140,24 @@ def bench(device: str, repeats: int, work: Path, sparsities: list[float], bank_s
     return out
 
 
-def bench_one_skill(model: torch.nn.Module, base: dict, skills: list, folder: Path, repeats: int, device: str) -> dict:
-    """The one-skill serving path (``SingleSkillSwitcher``): A -> B between prepared skills, and by name from a bank of
-    the same skills coded in 2 bits (a read, a decode and a prepare each switch)."""
+def random_run_skill(state: dict, fingerprint: str, name: str, seed: int, sparsity: float, block: int) -> Skill:
+    """A random skill of whole runs ``[j·block, (j + 1)·block)``: ``ceil(k / block)`` runs a tensor drawn uniformly,
+    ``k = ceil(sparsity · numel)`` (the last run of a tensor may be short)."""
+    gen = torch.Generator().manual_seed(seed)
+    regions = {}
+    for pname, tensor in state.items():
+        count = -(-tensor.numel() // block)
+        chosen = torch.randperm(count, generator=gen)[: -(-math.ceil(sparsity * tensor.numel()) // block)].sort().values
+        entries = (chosen.unsqueeze(1) * block + torch.arange(block)).reshape(-1)
+        entries = entries[entries < tensor.numel()]
+        regions[pname] = Region(entries, torch.randn(entries.numel(), generator=gen) * 1e-3)
+    meta = SkillMetadata(name, fingerprint, sparsity, {k: list(v.shape) for k, v in state.items()})
+    return Skill(meta, regions)
+
+
+def bench_prepared(model: torch.nn.Module, base: dict, skills: list, repeats: int, device: str) -> tuple[float, int]:
+    """Median ms of a ``SingleSkillSwitcher`` switch A -> B between the two prepared ``skills``, and the bytes one
+    prepared skill holds; the base back after."""
     switcher = SingleSkillSwitcher(model, base)
     prepared = [switcher.prepare(s) for s in skills]
     state = {"at": 0}
@@ -147,6 +168,14 @@ def bench_one_skill(model: torch.nn.Module, base: dict, skills: list, folder: Pa
 
     fast = median_ms(flip, repeats, device)
     switcher.switch(None)  # the base back before another switcher is made on the model
+    return fast, prepared[0].nbytes
+
+
+def bench_one_skill(model: torch.nn.Module, base: dict, skills: list, folder: Path, repeats: int, device: str) -> dict:
+    """The one-skill serving path (``SingleSkillSwitcher``): A -> B between prepared skills, and by name from a bank of
+    the same skills coded in 2 bits (a read, a decode and a prepare each switch)."""
+    fast, prepared_bytes = bench_prepared(model, base, skills, repeats, device)
+    state = {"at": 0}
     bank = SkillBank(folder)
     for skill in skills:
         bank.add(replace(skill, metadata=replace(skill.metadata, value_dtype="2bit")))
@@ -162,7 +191,7 @@ def bench_one_skill(model: torch.nn.Module, base: dict, skills: list, folder: Pa
         "one-skill switch ms (prepared)": fast,
         "one-skill switch ms (2bit, read from the bank)": slow,
         "2bit skill bytes": bank.entry(skills[0].name).bytes,
-        "prepared bytes": prepared[0].nbytes,
+        "prepared bytes": prepared_bytes,
     }
 
 
@@ -235,10 +264,16 @@ def main() -> None:
     parser.add_argument(
         "--bank-sizes", type=lambda t: [int(x) for x in t.split(",")], default=[2, 10, 100], help="skills in the bank"
     )
+    parser.add_argument(
+        "--blocks",
+        type=lambda t: [int(x) for x in t.split(",") if x],
+        default=[16, 64, 256],
+        help="also switch skills of whole runs of these lengths (LocalizationSpec(block=B)), prepared",
+    )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory(prefix="bench-switch-") as work:
-        result = bench(args.device, args.repeats, Path(work), args.sparsities, args.bank_sizes)
+        result = bench(args.device, args.repeats, Path(work), args.sparsities, args.bank_sizes, args.blocks)
     for n, row in result["memory bytes"].items():
         print(f"N = {n}: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in row.items()))
     if args.out:

@@ -20,6 +20,7 @@ __all__ = [
     "check_sparsity",
     "decode_indices",
     "encode_indices",
+    "global_top_runs",
     "global_topk",
     "num_selected",
     "topk_positions",
@@ -93,6 +94,40 @@ def global_topk(scores: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
     offsets = torch.tensor([0, *sizes], device=chosen.device).cumsum(0)
     cuts = torch.searchsorted(chosen, offsets).tolist()
     return {n: chosen[cuts[i] : cuts[i + 1]] - offsets[i] for i, n in enumerate(names)}
+
+
+def global_top_runs(scores: Mapping[str, Tensor], k: int, block: int) -> dict[str, Tensor]:
+    """Sorted flat indices of whole runs ``[j·b, (j + 1)·b)`` of each tensor (the last one shorter where ``b`` does
+    not divide it): the fewest runs, in order of their summed score, that hold at least ``k`` entries.
+
+    Ties go to the earlier run, in the mapping's order, then position, as in :func:`global_topk`.
+
+    >>> global_top_runs({"a": torch.tensor([3., 1., 0., 0., 2.]), "b": torch.tensor([1., 2.])}, 3, 2)
+    {'a': tensor([0, 1]), 'b': tensor([0, 1])}
+    """
+    names = list(scores)
+    sums, lengths = [], []
+    for n in names:
+        flat = scores[n].detach().reshape(-1).float()
+        sums.append(torch.nn.functional.pad(flat, (0, -flat.numel() % block)).view(-1, block).sum(1))
+        length = torch.full_like(sums[-1], block, dtype=torch.int64)
+        if length.numel():  # the last run is short where block does not divide the tensor
+            length[-1] = flat.numel() - block * (length.numel() - 1)
+        lengths.append(length)
+    total = sum(int(t.sum()) for t in lengths)
+    if not 1 <= k <= total:
+        raise SkillbankError(f"cannot select {k} entries out of {total}.")
+    order = torch.sort(torch.cat(sums), descending=True, stable=True).indices  # equal sums keep the earlier run first
+    held = torch.cat(lengths)[order].cumsum(0)
+    chosen = order[: int(torch.searchsorted(held, k)) + 1].sort().values
+    offsets = torch.tensor([0, *(t.numel() for t in lengths)], device=chosen.device).cumsum(0)
+    cuts = torch.searchsorted(chosen, offsets).tolist()
+    out = {}
+    for i, n in enumerate(names):
+        first = (chosen[cuts[i] : cuts[i + 1]] - offsets[i]) * block
+        entries = (first.unsqueeze(1) + torch.arange(block, device=first.device)).reshape(-1)
+        out[n] = entries[entries < scores[n].numel()]
+    return out
 
 
 def encode_indices(indices: Tensor, numel: int) -> dict[str, Tensor]:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from skillbank.errors import SkillbankError
-from skillbank.sparse import check_sparsity, decode_indices, encode_indices, global_topk, num_selected
+from skillbank.sparse import check_sparsity, decode_indices, encode_indices, global_top_runs, global_topk, num_selected
 
 
 def reference_topk(scores: dict, k: int) -> dict:
@@ -38,6 +38,35 @@ def test_global_topk_matches_reference_with_ties(sizes, data):
     got = global_topk(scores, k)
     assert {n: v.tolist() for n, v in got.items()} == reference_topk(scores, k)
     assert sum(v.numel() for v in got.values()) == k
+
+
+def reference_top_runs(scores: dict, k: int, block: int) -> dict:
+    """Every run with its sum, largest first, earliest on ties; the shortest prefix holding k entries."""
+    runs, order = [], 0
+    for name, t in scores.items():
+        values = t.reshape(-1).tolist()
+        for start in range(0, len(values), block):
+            runs.append((-sum(values[start : start + block]), order, name, range(start, min(start + block, len(values)))))
+            order += 1
+    chosen, held = [], 0
+    for run in sorted(runs):
+        if held >= k:
+            break
+        chosen.append(run)
+        held += len(run[3])
+    return {name: sorted(i for *_, n, entries in chosen if n == name for i in entries) for name in scores}
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(1, 30), min_size=1, max_size=4), block=st.integers(1, 8), data=st.data())
+def test_global_top_runs_matches_reference_with_ties_and_short_last_runs(sizes, block, data):
+    scores = {f"p{i}": torch.tensor(data.draw(st.lists(small_values, min_size=n, max_size=n))) for i, n in enumerate(sizes)}
+    k = data.draw(st.integers(1, sum(sizes)))
+    got = global_top_runs(scores, k, block)
+    assert {n: v.tolist() for n, v in got.items()} == reference_top_runs(scores, k, block)
+    assert sum(v.numel() for v in got.values()) >= k
+    if block == 1:
+        assert all(torch.equal(got[n], v) for n, v in global_topk(scores, k).items())
 
 
 def test_global_topk_rejects_impossible_k():

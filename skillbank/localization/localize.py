@@ -9,12 +9,13 @@ import torch
 from torch import Tensor
 
 from skillbank.errors import TaskVectorError
-from skillbank.sparse import check_sparsity, global_topk, num_selected
+from skillbank.sparse import check_sparsity, global_top_runs, global_topk, num_selected
 from skillbank.storage.format import VALUE_FORMATS
 from skillbank.storage.skill import Region, Skill, SkillMetadata
 from skillbank.vectors.task_vectors import TaskVector, matches
 
 __all__ = [
+    "check_block",
     "dataless_settings",
     "eligible_names",
     "localize_dataless",
@@ -98,6 +99,7 @@ def localize_dataless(
     *,
     name: str,
     exclude: Sequence[str] = (),
+    block: int = 1,
     **skill_fields: Any,
 ) -> Skill:
     """The dataless mask: the top ``ceil(s·P)`` entries of ``|τ|`` over all shared parameters.
@@ -108,16 +110,29 @@ def localize_dataless(
         name: the skill's name.
         exclude: regexes of parameter names never selected (e.g. ``"embeddings"``);
             ``P`` counts only the eligible entries.
+        block: choose whole runs of ``block`` consecutive flat entries (``[j·b, (j + 1)·b)`` of each tensor, the
+            last one shorter where ``b`` does not divide it), the ``ceil(k / b)`` runs of largest ``Σ|τ|``: a skill a
+            :class:`~skillbank.stitching.single_skill.SingleSkillSwitcher` writes run by run. 1 (default): entries.
         **skill_fields: ``task``, ``metrics``, ``source``, ``value_dtype``, as in
             :func:`skill_from_mask`.
     """
     check_sparsity(sparsity)
+    check_block(block)
     eligible = {p: tv.shared[p].abs() for p in eligible_names(tv.shared, exclude)}
     k = num_selected(sparsity, sum(t.numel() for t in eligible.values()))
-    indices = global_topk(eligible, k)
-    return skill_from_mask(
-        tv, indices, name=name, sparsity=sparsity, method="dataless", settings=dataless_settings(k, exclude), **skill_fields
-    )
+    if block == 1:
+        indices = global_topk(eligible, k)
+    else:
+        indices = global_top_runs(eligible, k, block)
+    settings = dataless_settings(sum(int(i.numel()) for i in indices.values()), exclude) | ({"block": block} if block > 1 else {})
+    return skill_from_mask(tv, indices, name=name, sparsity=sparsity, method="dataless", settings=settings, **skill_fields)
+
+
+def check_block(block: int) -> int:
+    """``block`` if it is a whole number >= 1, else a clear error."""
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise TaskVectorError(f"block must be a whole number >= 1 (1: entries one by one), got {block!r}.")
+    return block
 
 
 def eligible_names(shared: Iterable[str], exclude: Sequence[str]) -> list[str]:

@@ -53,6 +53,17 @@ def test_auto_picks_the_smallest_size_that_keeps_the_target():
     assert loose.metadata.sparsity == 0.005
 
 
+def test_auto_sizes_runs_of_entries_by_what_they_keep_too():
+    base, finetuned, batches = known_task()
+    tv = task_vector(base.state_dict(), finetuned.state_dict())
+    skill = localize_auto(tv, base, batches, name="t", target=0.99, block=4)
+    # each class's entry needs a run of 4 of its own: 10 runs, 40 entries; 2% holds 5 runs, 5% holds 13
+    assert skill.metadata.sparsity == 0.05 and skill.num_entries == 52 and skill.metadata.settings["block"] == 4
+    assert skill.metadata.settings["auto"]["tried"]["0.02"] < 0.99
+    diagonal = torch.arange(CLASSES) * 101
+    assert bool(torch.isin(diagonal, skill.regions["weight"].indices).all())
+
+
 def test_auto_without_validation_data_says_what_to_do():
     base, finetuned, _ = known_task()
     tv = task_vector(base.state_dict(), finetuned.state_dict())
