@@ -13,7 +13,7 @@ A RoBERTa-base-sized model (about 125M parameters, random init from the default
   B, prepared (two scatters a tensor), and by name from a bank of the skills coded in
   2 bits (read, decode, prepare, switch); and by name into banks of ``--bank-sizes``
   2-bit 1% skills (median and slowest); and prepared, between random skills of whole
-  runs of ``--blocks`` entries (what ``LocalizationSpec(block=B)`` makes);
+  runs of ``--blocks`` entries (what ``localize_dataless(block=B)`` makes);
 * **dense reload**: ``load_weights`` of a whole finetuned checkpoint read from
   a safetensors file (what serving a task with its own finetune costs);
 * **PEFT hot-swap**: ``peft.utils.hotswap.hotswap_adapter`` of a LoRA adapter
@@ -108,7 +108,7 @@ def bench(device: str, repeats: int, work: Path, sparsities: list[float], bank_s
         from_bank = median_ms(lambda: flip(["s0", "s1"]), repeats, device)
         stitcher.switch([])
         one = bench_one_skill(model, base, skills, work / f"coded-{sparsity:g}", repeats, device)
-        for block in blocks:  # skills of whole runs (LocalizationSpec(block=B)): the switch writes runs
+        for block in blocks:  # skills of whole runs (localize_dataless(block=B)): the switch writes runs
             runs = [random_run_skill(base, fingerprint, f"r{i}", seed=i, sparsity=sparsity, block=block) for i in range(2)]
             one[f"one-skill switch ms (prepared, runs of {block})"] = bench_prepared(model, base, runs, repeats, device)[0]
         lora = bench_lora(model, skill_bytes, work / f"lora-{sparsity:g}", repeats, device)
@@ -268,7 +268,7 @@ def main() -> None:
         "--blocks",
         type=lambda t: [int(x) for x in t.split(",") if x],
         default=[16, 64, 256],
-        help="also switch skills of whole runs of these lengths (LocalizationSpec(block=B)), prepared",
+        help="also switch skills of whole runs of these lengths (localize_dataless(block=B)), prepared",
     )
     args = parser.parse_args()
     torch.set_grad_enabled(False)

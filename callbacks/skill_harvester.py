@@ -128,8 +128,6 @@ class SkillHarvester(Callback):
         routing_centroids: at most this many centroids are kept.
         low_rank: with the dataless method, also keep each weight matrix's top ``low_rank`` singular directions of τ as a
             low-rank part (:mod:`skillbank.localization.low_rank`); such a skill composes matrix by matrix.
-        block: with the dataless method, choose whole runs of ``block`` consecutive entries instead of single ones,
-            so a one-skill switch (``skillbank serve``) writes runs; 1 (default): entries.
         keep_examples: keep this many tokenized examples a class in the skill (default 0: none), from
             ``examples`` (default: ``few_shot``, else the validation data): a calibration set with which a
             composition of several skills can weigh them later (:mod:`skillbank.stitching.calibration`).
@@ -144,7 +142,7 @@ class SkillHarvester(Callback):
     ``configure_model``) every rank takes part in writing the finetuned weights one tensor
     at a time into safetensors shards (no rank gathers the whole model), and rank 0
     streams a dataless mask of a fixed size from them: other methods, ``"auto"``,
-    ``low_rank``, ``block``, ``routing`` and ``keep_examples`` need the whole model in one process
+    ``low_rank``, ``routing`` and ``keep_examples`` need the whole model in one process
     and are refused when fitting starts (run ``skillbank localize`` on the kept folder).
     Give ``base=`` as a folder or file there: a captured base is a whole copy on rank 0.
     Under DDP rank 0 localizes and writes; every rank waits for
@@ -177,7 +175,6 @@ class SkillHarvester(Callback):
         keep_examples: int = 0,
         examples: Iterable[Any] | None = None,
         low_rank: int = 0,
-        block: int = 1,
         finetuned_dir: str | Path | None = None,
         keep_finetuned: bool = False,
     ) -> None:
@@ -193,7 +190,6 @@ class SkillHarvester(Callback):
             learner=LearnerSpec.of(learner),
             routing_centroids=routing_centroids,
             low_rank=low_rank,
-            block=block,
         )
         if method == "learned" and few_shot is None:
             raise SkillbankError("method='learned' needs few_shot=: a dataloader of labelled examples (e.g. 64 per class).")
@@ -247,8 +243,6 @@ class SkillHarvester(Callback):
             unsupported.append(f"method={spec.method!r} with sparsity={spec.sparsity!r}")
         if spec.low_rank:
             unsupported.append("low_rank")
-        if spec.block > 1:
-            unsupported.append("block")
         if self.routing is not None:
             unsupported.append("routing")
         if self.keep_examples:

@@ -73,7 +73,7 @@ def _localize(
     inputs: LocalizationInputs,
     fields: dict[str, Any],
 ) -> Skill:
-    if method.name == "dataless" and not (spec.auto or spec.low_rank or spec.block > 1) and _streamable(base, finetuned):
+    if method.name == "dataless" and not spec.auto and not spec.low_rank and _streamable(base, finetuned):
         from skillbank.localization.streaming import localize_streaming
 
         assert isinstance(base, (str, Path)) and isinstance(finetuned, (str, Path))

@@ -111,8 +111,10 @@ def localize_dataless(
         exclude: regexes of parameter names never selected (e.g. ``"embeddings"``);
             ``P`` counts only the eligible entries.
         block: choose whole runs of ``block`` consecutive flat entries (``[j·b, (j + 1)·b)`` of each tensor, the
-            last one shorter where ``b`` does not divide it), the ``ceil(k / b)`` runs of largest ``Σ|τ|``: a skill a
-            :class:`~skillbank.stitching.single_skill.SingleSkillSwitcher` writes run by run. 1 (default): entries.
+            last one shorter where ``b`` does not divide it), the fewest runs of largest ``Σ|τ|`` that hold ``k``: a
+            skill a :class:`~skillbank.stitching.single_skill.SingleSkillSwitcher` writes run by run, several times
+            faster. 1 (default): entries. A measurement, not a recommendation: on the real text tasks runs need
+            several times the entries to keep what entries keep (benchmarks/RESULTS.md).
         **skill_fields: ``task``, ``metrics``, ``source``, ``value_dtype``, as in
             :func:`skill_from_mask`.
     """

@@ -116,9 +116,6 @@ class LocalizationSpec:
             are stored with the skill, so a :class:`~skillbank.stitching.routing.SkillRouter` can pick it.
         low_rank: with ``method="dataless"``, each weight matrix's top ``low_rank`` singular directions of τ kept as a
             low-rank part, the mask taken from what they leave (:mod:`skillbank.localization.low_rank`); 0: none.
-        block: with ``method="dataless"``, choose whole runs of ``block`` consecutive entries of a tensor (by their
-            ``Σ|τ|``) instead of single entries, so a one-skill switch writes runs (64: about a tenth of the time of a
-            1% switch at RoBERTa-base size; benchmarks/RESULTS.md); 1 (default): entries.
 
     >>> spec = LocalizationSpec(method="learned", sparsity="auto", learner={"pool": 30})
     >>> LocalizationSpec.from_dict(spec.to_dict()) == spec
@@ -135,7 +132,6 @@ class LocalizationSpec:
     learner: LearnerSpec = field(default_factory=LearnerSpec)
     routing_centroids: int = 16
     low_rank: int = 0
-    block: int = 1
 
     def __post_init__(self) -> None:
         get_method(self.method)  # an unknown name lists the known ones
@@ -163,13 +159,6 @@ class LocalizationSpec:
         if self.low_rank and self.method != "dataless":
             raise SkillbankError(
                 f"a low-rank part (low_rank={self.low_rank}) is made by the dataless method, not {self.method!r}."
-            )
-        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
-            raise SkillbankError(f"block must be a whole number >= 1 (1: entries one by one), got {self.block!r}.")
-        if self.block > 1 and (self.method != "dataless" or self.low_rank):
-            raise SkillbankError(
-                f"runs of entries (block={self.block}) are chosen by the dataless method without a low-rank part, "
-                f"not by {self.method!r}" + (f" with low_rank={self.low_rank}." if self.low_rank else ".")
             )
 
     @property

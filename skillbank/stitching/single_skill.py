@@ -13,7 +13,7 @@ decoded once, when prepared, straight into those values.
 It holds 16 bytes per prepared entry (indices, values, base values), against
 the Stitcher's union state and float64 plan; a switch costs what its scatters
 cost, whatever the number of prepared skills. Where a tensor's entries are whole
-aligned runs (blocks of 4 to 256 entries, as ``LocalizationSpec(block=…)`` makes
+aligned runs (blocks of 4 to 256 entries, as ``localize_dataless(block=…)`` makes
 them), it keeps one index a run and writes whole runs: the same entries and
 values, a fraction of the scattered writes (a random 1% scatter is bound by one
 cache miss an entry).

@@ -252,7 +252,6 @@ def test_an_fsdp2_finetune_is_written_tensor_by_tensor_and_harvested_once(tmp_pa
     [
         (dict(sparsity="auto"), "method='dataless' with sparsity='auto'"),
         (dict(low_rank=4), "low_rank"),
-        (dict(block=16), "block"),
         (dict(keep_examples=2), "keep_examples"),
         (dict(base={"w": torch.zeros(1)}), "a base given as a module or state dict"),
     ],

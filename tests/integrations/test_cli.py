@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from helpers.models import finetune_like, live_copy, make_skill
-from skillbank import SkillBank, Stitcher, localize_dataless, task_vector
+from skillbank import SkillBank, Stitcher
 from skillbank.integrations.cli import main
 
 
@@ -626,18 +626,6 @@ def test_stitch_calibrate_weighs_the_skills_on_their_kept_examples(folders, caps
     assert main(["drop-examples", bank, "t1"]) == 0
     assert main([*stitch, "--out", str(folders / "y"), "--calibrate", "labels"]) == 2
     assert "skills ['t1'] keep no examples" in capsys.readouterr().err and not (folders / "y").exists()
-
-
-def test_localize_runs_of_entries_from_folders_as_the_library_does(folders, base_model, capsys):
-    bank = str(folders / "bank")
-    argv = ["localize", "--base", str(folders / "base"), "--finetuned", str(folders / "ft0"), "--bank", bank]
-    assert main([*argv, "--name", "runs", "--sparsity", "0.05", "--block", "16"]) == 0
-    skill = SkillBank(bank).get("runs")
-    expected = localize_dataless(task_vector(base_model, folders / "ft0"), 0.05, name="runs", block=16)
-    assert skill.metadata.settings["block"] == 16 and skill.metadata.settings["spec"]["block"] == 16
-    assert all(torch.equal(skill.regions[n].indices, r.indices) for n, r in expected.regions.items())
-    assert main([*argv, "--name", "x", "--method", "learned", "--block", "16"]) == 2
-    assert "chosen by the dataless method" in capsys.readouterr().err and "x" not in SkillBank(bank)
 
 
 def test_localize_low_rank_show_it_and_stitch_it_only_matrix_by_matrix(folders, capsys):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from helpers.models import finetune_like, live_copy
-from skillbank import LocalizationSpec, Stitcher, localize_dataless, task_vector
-from skillbank.errors import SkillbankError, TaskVectorError
+from skillbank import Stitcher, localize_dataless, task_vector
+from skillbank.errors import TaskVectorError
 from skillbank.stitching.single_skill import SingleSkillSwitcher, run_length
 from skillbank.vectors.task_vectors import TaskVector
 
@@ -32,17 +32,6 @@ def test_runs_are_chosen_by_their_summed_magnitude_and_a_short_last_run_counts_i
     assert localize_dataless(tv, 1.0, name="t", block=8).num_entries == 13  # every run: every entry once
     with pytest.raises(TaskVectorError, match="block must be a whole number >= 1"):
         localize_dataless(tv, 0.5, name="t", block=0)
-
-
-def test_block_is_a_dataless_spec_field_without_a_low_rank_part():
-    spec = LocalizationSpec(block=64)
-    assert LocalizationSpec.from_dict(spec.to_dict()) == spec
-    with pytest.raises(SkillbankError, match="chosen by the dataless method without a low-rank part, not by 'learned'"):
-        LocalizationSpec(method="learned", block=4)
-    with pytest.raises(SkillbankError, match="with low_rank=2"):
-        LocalizationSpec(block=4, low_rank=2)
-    with pytest.raises(SkillbankError, match="block must be a whole number"):
-        LocalizationSpec(block=True)
 
 
 def test_run_length_is_the_longest_whole_aligned_run():

@@ -98,15 +98,6 @@ def register(sub: Any) -> None:  # argparse's subparsers action
         "(stitch --rule tsv_m, iso_c or iso_cts), not by the per-entry overlap rules",
     )
     p.add_argument(
-        "--block",
-        type=int,
-        default=1,
-        metavar="B",
-        help="choose whole runs of B consecutive entries of a tensor, by their summed |tau|, instead of single "
-        "entries (default: 1, entries; dataless only). `skillbank serve` switches such a skill run by run: "
-        "64 makes a 1%% switch about ten times faster at RoBERTa-base size",
-    )
-    p.add_argument(
         "--keep-examples",
         type=int,
         default=0,
@@ -198,7 +189,6 @@ def _localize(args: argparse.Namespace) -> int:
         value_dtype=args.value_dtype,
         routing_centroids=args.max_centroids,
         low_rank=args.low_rank,
-        block=args.block,
     )
     tokenizer = functools.cache(lambda: load_tokenizer(args.finetuned, args.base))  # read once, where needed
     with progress(total=2, desc=f"localize {args.name}", unit="step") as bar:

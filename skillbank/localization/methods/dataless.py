@@ -33,4 +33,4 @@ class DatalessMethod(LocalizationMethod):
             from skillbank.localization.low_rank import localize_low_rank
 
             return localize_low_rank(tv, spec.low_rank, sparsity, exclude=spec.exclude, **fields)
-        return localize_dataless(tv, sparsity, exclude=spec.exclude, block=spec.block, **fields)
+        return localize_dataless(tv, sparsity, exclude=spec.exclude, **fields)
