@@ -73,7 +73,15 @@ def lora_rank_for(model: torch.nn.Module, target_bytes: int) -> int:
     return max(1, round(target_bytes / (4 * per_rank)))
 
 
-def bench(device: str, repeats: int, work: Path, sparsities: list[float], bank_sizes: list[int], blocks: list[int]) -> dict:
+def bench(
+    device: str,
+    repeats: int,
+    work: Path,
+    sparsities: list[float],
+    bank_sizes: list[int],
+    blocks: list[int],
+    prepared_only: bool = False,
+) -> dict:
     model = make_base(device)
     base = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
     fingerprint = base_fingerprint(base)
@@ -91,8 +99,18 @@ def bench(device: str, repeats: int, work: Path, sparsities: list[float], bank_s
     model.load_state_dict(base, strict=False)
     print(f"dense reload of a {dense_bytes / 1e6:.0f} MB checkpoint: {out['dense reload ms']:.0f} ms", flush=True)
     for sparsity in sparsities:
-        bank = SkillBank(work / f"bank-{sparsity:g}")
         skills = [random_skill(base, fingerprint, f"s{i}", seed=i, sparsity=sparsity) for i in range(2)]
+        if prepared_only:  # the one-skill path between prepared skills: entries, and runs
+            row = {"one-skill switch ms (prepared)": bench_prepared(model, base, skills, repeats, device)[0]}
+            for block in blocks:
+                runs = [random_run_skill(base, fingerprint, f"r{i}", seed=i, sparsity=sparsity, block=block) for i in range(2)]
+                row[f"one-skill switch ms (prepared, runs of {block})"] = bench_prepared(model, base, runs, repeats, device)[0]
+            out[f"{sparsity:g}"] = row
+            print(
+                f"{sparsity:.0%} skills, prepared: " + ", ".join(f"{k.partition('(')[2][:-1]} {v:.1f} ms" for k, v in row.items())
+            )
+            continue
+        bank = SkillBank(work / f"bank-{sparsity:g}")
         for skill in skills:
             bank.add(skill)
         skill_bytes = bank.entry("s0").bytes
@@ -128,6 +146,8 @@ def bench(device: str, repeats: int, work: Path, sparsities: list[float], bank_s
             f"hot-swap {lora['peft hotswap ms']:.1f} ms, set_adapter {lora['peft set_adapter ms']:.2f} ms",
             flush=True,
         )
+    if prepared_only:
+        return out
     out["bank sizes"] = bench_bank_sizes(model, base, fingerprint, bank_sizes, work / "bank-sizes", device)
     out["memory bytes"] = {
         str(n): {
@@ -270,11 +290,16 @@ def main() -> None:
         default=[16, 64, 256],
         help="also switch skills of whole runs of these lengths (localize_dataless(block=B)), prepared",
     )
+    parser.add_argument(
+        "--prepared-only",
+        action="store_true",
+        help="only the one-skill switch between prepared skills (entries and --blocks runs), e.g. at large sizes",
+    )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory(prefix="bench-switch-") as work:
-        result = bench(args.device, args.repeats, Path(work), args.sparsities, args.bank_sizes, args.blocks)
-    for n, row in result["memory bytes"].items():
+        result = bench(args.device, args.repeats, Path(work), args.sparsities, args.bank_sizes, args.blocks, args.prepared_only)
+    for n, row in result.get("memory bytes", {}).items():
         print(f"N = {n}: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in row.items()))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
