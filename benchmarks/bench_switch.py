@@ -106,9 +106,8 @@ def bench(
                 runs = [random_run_skill(base, fingerprint, f"r{i}", seed=i, sparsity=sparsity, block=block) for i in range(2)]
                 row[f"one-skill switch ms (prepared, runs of {block})"] = bench_prepared(model, base, runs, repeats, device)[0]
             out[f"{sparsity:g}"] = row
-            print(
-                f"{sparsity:.0%} skills, prepared: " + ", ".join(f"{k.partition('(')[2][:-1]} {v:.1f} ms" for k, v in row.items())
-            )
+            cells = [f"{k.partition(', ')[2][:-1] or 'entries'} {v:.1f} ms" for k, v in row.items()]
+            print(f"{sparsity:.0%} skills, prepared: " + ", ".join(cells), flush=True)
             continue
         bank = SkillBank(work / f"bank-{sparsity:g}")
         for skill in skills:
