@@ -437,8 +437,9 @@ def _heads(b: Bench) -> dict[str, dict[str, torch.Tensor]]:
 
 def _choose_scale(score: Callable[[float], float], grid: Sequence[float]) -> float:
     """The scale of ``grid`` with the best ``score`` (ties: the smaller). When the best is the grid's largest (or
-    its smallest, above 0), the grid is widened that way by a factor of 1.5 (up to 4 times), so the chosen scale
-    is never at an end of what was tried."""
+    its smallest, above 0) and scores above its neighbour, the grid is widened that way by a factor of 1.5 (up to
+    4 times), so the chosen scale is never at an end of what was tried; a flat score (one Iso-composed skill,
+    which every scale leaves as itself) is not widened."""
     tried: dict[float, float] = {}
 
     def tried_at(scale: float) -> None:
@@ -449,9 +450,10 @@ def _choose_scale(score: Callable[[float], float], grid: Sequence[float]) -> flo
         tried_at(scale)
     for _ in range(4):
         best = max(tried, key=lambda s: (tried[s], -s))
-        if len(tried) > 1 and best == max(tried):
+        ordered = sorted(tried)
+        if len(tried) > 1 and best == ordered[-1]:  # strictly above every smaller scale, by the tie rule
             tried_at(round(best * 1.5, 4))
-        elif len(tried) > 1 and best == min(tried):
+        elif len(tried) > 1 and best == ordered[0] and tried[best] > tried[ordered[1]]:
             tried_at(round(best / 1.5, 4))
         else:
             break
