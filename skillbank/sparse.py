@@ -90,7 +90,11 @@ def global_topk(scores: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
         raise SkillbankError(f"cannot select {k} entries out of {total}.")
     chosen = topk_positions(flat, k)
     del flat
-    sizes = [scores[n].numel() for n in names]
+    return _split_positions(chosen, names, [scores[n].numel() for n in names])
+
+
+def _split_positions(chosen: Tensor, names: list[str], sizes: list[int]) -> dict[str, Tensor]:
+    """Ascending positions over tensors laid end to end (``sizes`` each, in ``names``' order), as each tensor's own."""
     offsets = torch.tensor([0, *sizes], device=chosen.device).cumsum(0)
     cuts = torch.searchsorted(chosen, offsets).tolist()
     return {n: chosen[cuts[i] : cuts[i + 1]] - offsets[i] for i, n in enumerate(names)}
@@ -120,12 +124,9 @@ def global_top_runs(scores: Mapping[str, Tensor], k: int, block: int) -> dict[st
     order = torch.sort(torch.cat(sums), descending=True, stable=True).indices  # equal sums keep the earlier run first
     held = torch.cat(lengths)[order].cumsum(0)
     chosen = order[: int(torch.searchsorted(held, k)) + 1].sort().values
-    offsets = torch.tensor([0, *(t.numel() for t in lengths)], device=chosen.device).cumsum(0)
-    cuts = torch.searchsorted(chosen, offsets).tolist()
     out = {}
-    for i, n in enumerate(names):
-        first = (chosen[cuts[i] : cuts[i + 1]] - offsets[i]) * block
-        entries = (first.unsqueeze(1) + torch.arange(block, device=first.device)).reshape(-1)
+    for n, runs in _split_positions(chosen, names, [t.numel() for t in lengths]).items():
+        entries = (runs.unsqueeze(1) * block + torch.arange(block, device=runs.device)).reshape(-1)
         out[n] = entries[entries < scores[n].numel()]
     return out
 
