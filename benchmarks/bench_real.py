@@ -307,19 +307,10 @@ def stage_auto(b: Bench) -> None:
     for name in b.tasks:
         val = list(b.validation(name))  # tokenized once, scored at every size
         tv = task_vector(base, b.finetuned_dir(name), device=b.device)
+        source = {"kind": "full finetune", "finetuned": str(b.finetuned_dir(name))}
         if name not in dataless:
             start = time.perf_counter()
-            dataless.add(
-                localize_auto(
-                    tv,
-                    live,
-                    val,
-                    name=name,
-                    target=a.target_recovery,
-                    task=name,
-                    source={"kind": "full finetune", "finetuned": str(b.finetuned_dir(name))},
-                )
-            )
+            dataless.add(localize_auto(tv, live, val, name=name, target=a.target_recovery, task=name, source=source))
             b.timed(f"auto dataless {name}", time.perf_counter() - start)
         auto = dataless.get(name).metadata.settings["auto"]
         print(f"  dataless {name:<13} sparsity {auto['sparsity']:g}  recovery {auto['recovery']:.3f}  tried {auto['tried']}")
@@ -327,7 +318,6 @@ def stage_auto(b: Bench) -> None:
             runs = SkillBank(b.work / "banks" / f"dataless-auto-b{block}")
             if name not in runs:
                 start = time.perf_counter()
-                source = {"kind": "full finetune", "finetuned": str(b.finetuned_dir(name))}
                 runs.add(localize_auto(tv, live, val, name=name, target=a.target_recovery, task=name, source=source, block=block))
                 b.timed(f"auto dataless b{block} {name}", time.perf_counter() - start)
             chosen = runs.get(name).metadata.settings["auto"]
@@ -353,8 +343,9 @@ def stage_auto(b: Bench) -> None:
 
 
 def _run_banks(b: Bench) -> list[str]:
-    """The banks of skills of whole runs the auto stage wrote (``dataless-auto-b<B>``; not ``-bfloat16``)."""
-    return [p.name for p in (b.work / "banks").glob("dataless-auto-b*") if p.name.rpartition("-b")[2].isdigit()]
+    """The banks of skills of whole runs the auto stage wrote (``dataless-auto-b<B>``; not ``-bfloat16``), by run length."""
+    names = [p.name for p in (b.work / "banks").glob("dataless-auto-b*") if p.name.rpartition("-b")[2].isdigit()]
+    return sorted(names, key=lambda n: int(n.rpartition("-b")[2]))
 
 
 def _coded_banks(b: Bench) -> list[str]:
@@ -550,8 +541,7 @@ def stage_evaluate(b: Bench) -> None:
 
         run(merge.label, merged)
     low_rank = sorted(p.name for p in (b.work / "banks").glob("lowrank-*"))
-    runs = sorted(_run_banks(b), key=lambda n: int(n.rpartition("-b")[2]))
-    for method in (*BANKS, *_coded_banks(b), *runs, *low_rank):
+    for method in (*BANKS, *_coded_banks(b), *_run_banks(b), *low_rank):
         folder = b.work / "banks" / method
         if not folder.is_dir() or not all(n in SkillBank(folder, create=False) for n in b.tasks):
             continue

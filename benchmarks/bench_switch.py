@@ -102,9 +102,7 @@ def bench(
         skills = [random_skill(base, fingerprint, f"s{i}", seed=i, sparsity=sparsity) for i in range(2)]
         if prepared_only:  # the one-skill path between prepared skills: entries, and runs
             row = {"one-skill switch ms (prepared)": bench_prepared(model, base, skills, repeats, device)[0]}
-            for block in blocks:
-                runs = [random_run_skill(base, fingerprint, f"r{i}", seed=i, sparsity=sparsity, block=block) for i in range(2)]
-                row[f"one-skill switch ms (prepared, runs of {block})"] = bench_prepared(model, base, runs, repeats, device)[0]
+            row |= bench_runs(model, base, fingerprint, sparsity, blocks, repeats, device)
             out[f"{sparsity:g}"] = row
             cells = [f"{k.partition(', ')[2][:-1] or 'entries'} {v:.1f} ms" for k, v in row.items()]
             print(f"{sparsity:.0%} skills, prepared: " + ", ".join(cells), flush=True)
@@ -125,9 +123,7 @@ def bench(
         from_bank = median_ms(lambda: flip(["s0", "s1"]), repeats, device)
         stitcher.switch([])
         one = bench_one_skill(model, base, skills, work / f"coded-{sparsity:g}", repeats, device)
-        for block in blocks:  # skills of whole runs (localize_dataless(block=B)): the switch writes runs
-            runs = [random_run_skill(base, fingerprint, f"r{i}", seed=i, sparsity=sparsity, block=block) for i in range(2)]
-            one[f"one-skill switch ms (prepared, runs of {block})"] = bench_prepared(model, base, runs, repeats, device)[0]
+        one |= bench_runs(model, base, fingerprint, sparsity, blocks, repeats, device)
         lora = bench_lora(model, skill_bytes, work / f"lora-{sparsity:g}", repeats, device)
         out[f"{sparsity:g}"] = {
             "skill bytes": skill_bytes,
@@ -188,6 +184,18 @@ def bench_prepared(model: torch.nn.Module, base: dict, skills: list, repeats: in
     fast = median_ms(flip, repeats, device)
     switcher.switch(None)  # the base back before another switcher is made on the model
     return fast, prepared[0].nbytes
+
+
+def bench_runs(
+    model: torch.nn.Module, base: dict, fingerprint: str, sparsity: float, blocks: list[int], repeats: int, device: str
+) -> dict:
+    """The prepared one-skill switch between two random skills of whole runs of each length of ``blocks``
+    (what ``localize_dataless(block=B)`` makes): the switch writes runs."""
+    out = {}
+    for block in blocks:
+        runs = [random_run_skill(base, fingerprint, f"r{i}", seed=i, sparsity=sparsity, block=block) for i in range(2)]
+        out[f"one-skill switch ms (prepared, runs of {block})"] = bench_prepared(model, base, runs, repeats, device)[0]
+    return out
 
 
 def bench_one_skill(model: torch.nn.Module, base: dict, skills: list, folder: Path, repeats: int, device: str) -> dict:
