@@ -15,7 +15,6 @@ from skillbank.storage.skill import Region, Skill, SkillMetadata
 from skillbank.vectors.task_vectors import TaskVector, matches
 
 __all__ = [
-    "check_block",
     "dataless_settings",
     "eligible_names",
     "localize_dataless",
@@ -119,7 +118,7 @@ def localize_dataless(
             :func:`skill_from_mask`.
     """
     check_sparsity(sparsity)
-    check_block(block)
+    _check_block(block)
     eligible = {p: tv.shared[p].abs() for p in eligible_names(tv.shared, exclude)}
     k = num_selected(sparsity, sum(t.numel() for t in eligible.values()))
     if block == 1:
@@ -130,7 +129,7 @@ def localize_dataless(
     return skill_from_mask(tv, indices, name=name, sparsity=sparsity, method="dataless", settings=settings, **skill_fields)
 
 
-def check_block(block: int) -> int:
+def _check_block(block: int) -> int:
     """``block`` if it is a whole number >= 1, else a clear error."""
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise TaskVectorError(f"block must be a whole number >= 1 (1: entries one by one), got {block!r}.")
